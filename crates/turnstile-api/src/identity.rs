@@ -1,0 +1,126 @@
+//! Who is who: the system roles of processes in a cluster, and what a user
+//! certificate carries beyond its principals (in extensions signed by the CA).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Certificate extension: the Turnstile user name.
+pub const EXT_USER: &str = "turnstile-user@turnstile";
+/// Certificate extension: comma-separated role names.
+pub const EXT_ROLES: &str = "turnstile-roles@turnstile";
+/// Certificate extension: comma-separated logins given to the user (for `{{internal.logins}}`).
+pub const EXT_LOGINS: &str = "turnstile-logins@turnstile";
+
+/// The standard OpenSSH extensions every user certificate carries, so a stock
+/// sshd with `TrustedUserCAKeys` accepts it with the usual permissions.
+pub const STANDARD_USER_EXTENSIONS: &[&str] = &[
+    "permit-X11-forwarding",
+    "permit-agent-forwarding",
+    "permit-port-forwarding",
+    "permit-pty",
+    "permit-user-rc",
+];
+
+/// What a process is to the cluster; carried in its TLS certificate (OU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemRole {
+    Auth,
+    Node,
+    Proxy,
+    Admin,
+}
+
+impl SystemRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemRole::Auth => "auth",
+            SystemRole::Node => "node",
+            SystemRole::Proxy => "proxy",
+            SystemRole::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for SystemRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SystemRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auth" => Ok(SystemRole::Auth),
+            "node" => Ok(SystemRole::Node),
+            "proxy" => Ok(SystemRole::Proxy),
+            "admin" => Ok(SystemRole::Admin),
+            other => Err(format!("unknown system role {other:?}")),
+        }
+    }
+}
+
+/// The user behind a certificate, read from its CA-signed extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserIdentity {
+    pub user: String,
+    pub roles: Vec<String>,
+    pub logins: Vec<String>,
+}
+
+impl UserIdentity {
+    /// The extensions to sign into a certificate.
+    pub fn extensions(&self) -> BTreeMap<String, String> {
+        let mut ext: BTreeMap<String, String> = STANDARD_USER_EXTENSIONS
+            .iter()
+            .map(|e| (e.to_string(), String::new()))
+            .collect();
+        ext.insert(EXT_USER.into(), self.user.clone());
+        ext.insert(EXT_ROLES.into(), self.roles.join(","));
+        ext.insert(EXT_LOGINS.into(), self.logins.join(","));
+        ext
+    }
+
+    /// Reads the identity back; `None` if the certificate is not Turnstile's.
+    pub fn from_extensions<'a>(
+        mut get: impl FnMut(&str) -> Option<&'a str>,
+    ) -> Option<UserIdentity> {
+        let split = |s: &str| -> Vec<String> {
+            s.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let user = get(EXT_USER)?.to_string();
+        if user.is_empty() {
+            return None;
+        }
+        let roles = split(get(EXT_ROLES)?);
+        let logins = split(get(EXT_LOGINS).unwrap_or(""));
+        Some(UserIdentity {
+            user,
+            roles,
+            logins,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_through_extensions() {
+        let id = UserIdentity {
+            user: "alice".into(),
+            roles: vec!["access".into(), "dev".into()],
+            logins: vec!["alice".into(), "root".into()],
+        };
+        let ext = id.extensions();
+        assert!(ext.contains_key("permit-pty"));
+        let back = UserIdentity::from_extensions(|k| ext.get(k).map(String::as_str)).unwrap();
+        assert_eq!(back, id);
+        assert!(UserIdentity::from_extensions(|_| None).is_none());
+    }
+}

@@ -1,0 +1,15 @@
+//! Turnstile's shared vocabulary: what the services say to each other and what
+//! operators write, with no I/O. Every other crate of the workspace depends on
+//! this one; this one depends on no crate of ours.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod duration;
+pub mod error;
+pub mod identity;
+pub mod labels;
+pub mod role;
+pub mod rpc;
+
+/// The version every process reports, shared so mismatches are visible in `Ping`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

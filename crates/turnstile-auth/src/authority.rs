@@ -1,0 +1,573 @@
+//! The auth service's state and rules: CAs, users, roles and node presence,
+//! stored in the backend. Everything the RPC layer does lands here; this module
+//! knows nothing of gRPC or of who is calling (the RPC layer checks that).
+//!
+//! Backend layout: `authorities/{user,host,tls}`, `roles/<name>`,
+//! `users/<name>`, `nodes/<host id>`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::{Certificate, PublicKey};
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use turnstile_api::clock::Clock;
+use turnstile_api::error::{ApiError, ErrorKind};
+use turnstile_api::identity::{SystemRole, UserIdentity};
+use turnstile_api::labels::Labels;
+use turnstile_api::role::{BUILTIN_ACCESS_ROLE, Role, RoleSet, validate_name};
+
+use crate::backend::{Backend, BackendError};
+use crate::ca::{SshCa, StoredSshCa, TlsCa, TlsIdentityPem};
+
+/// How long host and process TLS certificates live.
+pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 86400);
+/// Certificates are valid from a little before they are issued, for clock skew.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The longest a node registration may live without a heartbeat.
+pub const MAX_NODE_TTL: Duration = Duration::from_secs(3600);
+
+const USER_CA_KEY: &str = "authorities/user";
+const HOST_CA_KEY: &str = "authorities/host";
+const TLS_CA_KEY: &str = "authorities/tls";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub logins: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    pub created_unix: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub name: String,
+    pub addr: String,
+    pub labels: Labels,
+    #[serde(default)]
+    pub expires_unix: i64,
+}
+
+/// A signed user certificate and what it says.
+#[derive(Debug, Clone)]
+pub struct IssuedUserCert {
+    pub certificate: Certificate,
+    pub principals: Vec<String>,
+    pub valid_before: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct Authority {
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    cluster_name: String,
+    user_ca: SshCa,
+    host_ca: SshCa,
+    tls_ca: TlsCa,
+}
+
+fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(value)
+        .map_err(|e| ApiError::internal(format!("stored record {key:?} is corrupt: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Authority {
+    /// Loads the CAs from the backend, creating them on first start. Safe when
+    /// several auth servers start at once: the first `create` wins, the others
+    /// read what it wrote.
+    pub async fn open(
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        cluster_name: &str,
+    ) -> Result<Self, ApiError> {
+        let user_ca = load_or_create_ssh_ca(backend.as_ref(), USER_CA_KEY).await?;
+        let host_ca = load_or_create_ssh_ca(backend.as_ref(), HOST_CA_KEY).await?;
+        let tls_ca = match backend.get(TLS_CA_KEY).await {
+            Ok(item) => decode::<TlsCa>(TLS_CA_KEY, &item.value)?,
+            Err(BackendError::NotFound(_)) => {
+                let fresh = TlsCa::generate(cluster_name, clock.now())?;
+                match backend.create(TLS_CA_KEY, encode(&fresh), None).await {
+                    Ok(_) => fresh,
+                    Err(BackendError::AlreadyExists(_)) => {
+                        decode(TLS_CA_KEY, &backend.get(TLS_CA_KEY).await?.value)?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let authority = Self {
+            backend,
+            clock,
+            cluster_name: cluster_name.to_string(),
+            user_ca,
+            host_ca,
+            tls_ca,
+        };
+        Ok(authority)
+    }
+
+    pub fn cluster_name(&self) -> &str {
+        &self.cluster_name
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn user_ca(&self) -> &SshCa {
+        &self.user_ca
+    }
+
+    pub fn host_ca(&self) -> &SshCa {
+        &self.host_ca
+    }
+
+    pub fn tls_ca(&self) -> &TlsCa {
+        &self.tls_ca
+    }
+
+    /// Issues a TLS identity to a process of this cluster.
+    pub fn issue_tls(
+        &self,
+        role: SystemRole,
+        host_id: &str,
+        public_key_der: Option<&[u8]>,
+    ) -> Result<TlsIdentityPem, ApiError> {
+        self.tls_ca.issue(
+            &self.cluster_name,
+            role,
+            host_id,
+            public_key_der,
+            self.clock.now(),
+            HOST_CERT_TTL,
+        )
+    }
+
+    /// Signs a host certificate whose principals are the host id and `names`.
+    pub fn generate_host_cert(
+        &self,
+        host_id: &str,
+        public_key: &PublicKey,
+        names: &[String],
+    ) -> Result<Certificate, ApiError> {
+        let mut principals = vec![host_id.to_string()];
+        for name in names {
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ApiError::bad_parameter(format!(
+                    "host principal {name:?} is empty or has whitespace"
+                )));
+            }
+            if !principals.contains(name) {
+                principals.push(name.clone());
+            }
+        }
+        let now = self.clock.now();
+        self.host_ca
+            .sign_host(public_key, host_id, &principals, now - CLOCK_SKEW, now + HOST_CERT_TTL)
+    }
+
+    // ---- roles ----
+
+    pub async fn upsert_role(&self, role: Role, create_only: bool) -> Result<bool, ApiError> {
+        role.validate()
+            .map_err(|e| ApiError::bad_parameter(format!("role {:?}: {e}", role.name())))?;
+        if role.name() == BUILTIN_ACCESS_ROLE {
+            return Err(ApiError::bad_parameter(format!(
+                "role {BUILTIN_ACCESS_ROLE:?} is built in and cannot be changed; create a role with another name"
+            )));
+        }
+        let key = format!("roles/{}", role.name());
+        if create_only {
+            match self.backend.create(&key, encode(&role), None).await {
+                Ok(_) => Ok(true),
+                Err(BackendError::AlreadyExists(_)) => Err(ApiError::already_exists(format!(
+                    "role {:?} already exists; remove it first or pick another name",
+                    role.name()
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            let existed = self.backend.get(&key).await.is_ok();
+            self.backend.put(&key, encode(&role), None).await?;
+            Ok(!existed)
+        }
+    }
+
+    pub async fn get_role(&self, name: &str) -> Result<Role, ApiError> {
+        if name == BUILTIN_ACCESS_ROLE {
+            return Ok(Role::builtin_access());
+        }
+        let key = format!("roles/{name}");
+        match self.backend.get(&key).await {
+            Ok(item) => decode(&key, &item.value),
+            Err(BackendError::NotFound(_)) => {
+                Err(ApiError::not_found(format!("role {name:?} not found")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every role, the built-in ones first.
+    pub async fn list_roles(&self) -> Result<Vec<Role>, ApiError> {
+        let mut roles = vec![Role::builtin_access()];
+        for item in self.backend.range("roles/").await? {
+            roles.push(decode(&item.key, &item.value)?);
+        }
+        Ok(roles)
+    }
+
+    pub async fn delete_role(&self, name: &str) -> Result<(), ApiError> {
+        if name == BUILTIN_ACCESS_ROLE {
+            return Err(ApiError::bad_parameter(format!(
+                "role {BUILTIN_ACCESS_ROLE:?} is built in and cannot be removed"
+            )));
+        }
+        let users: Vec<String> = self
+            .list_users()
+            .await?
+            .into_iter()
+            .filter(|u| u.roles.iter().any(|r| r == name))
+            .map(|u| u.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::bad_parameter(format!(
+                "role {name:?} is given to user(s) {}; take it from them first",
+                users.join(", ")
+            )));
+        }
+        match self.backend.delete(&format!("roles/{name}")).await {
+            Ok(()) => Ok(()),
+            Err(BackendError::NotFound(_)) => {
+                Err(ApiError::not_found(format!("role {name:?} not found")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The roles named, as a set; a missing role is an error naming it.
+    pub async fn role_set(&self, names: &[String]) -> Result<RoleSet, ApiError> {
+        let mut roles = Vec::with_capacity(names.len());
+        for name in names {
+            roles.push(self.get_role(name).await?);
+        }
+        Ok(RoleSet::new(roles))
+    }
+
+    // ---- users ----
+
+    pub async fn upsert_user(&self, user: UserRecord, create_only: bool) -> Result<bool, ApiError> {
+        validate_name("user name", &user.name).map_err(ApiError::bad_parameter)?;
+        if user.roles.is_empty() {
+            return Err(ApiError::bad_parameter(format!(
+                "user {:?} has no roles; give at least one with --roles (for example --roles access)",
+                user.name
+            )));
+        }
+        for login in &user.logins {
+            validate_name("login", login).map_err(ApiError::bad_parameter)?;
+        }
+        for role in &user.roles {
+            match self.get_role(role).await {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    return Err(ApiError::bad_parameter(format!(
+                        "role {role:?} does not exist; create it with `turnstile admin roles create -f FILE` or see `turnstile admin roles ls`"
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let key = format!("users/{}", user.name);
+        if create_only {
+            match self.backend.create(&key, encode(&user), None).await {
+                Ok(_) => Ok(true),
+                Err(BackendError::AlreadyExists(_)) => Err(ApiError::already_exists(format!(
+                    "user {:?} already exists",
+                    user.name
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            let existed = self.backend.get(&key).await.is_ok();
+            self.backend.put(&key, encode(&user), None).await?;
+            Ok(!existed)
+        }
+    }
+
+    pub async fn get_user(&self, name: &str) -> Result<UserRecord, ApiError> {
+        let key = format!("users/{name}");
+        match self.backend.get(&key).await {
+            Ok(item) => decode(&key, &item.value),
+            Err(BackendError::NotFound(_)) => {
+                Err(ApiError::not_found(format!("user {name:?} not found")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserRecord>, ApiError> {
+        self.backend
+            .range("users/")
+            .await?
+            .iter()
+            .map(|item| decode(&item.key, &item.value))
+            .collect()
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<(), ApiError> {
+        match self.backend.delete(&format!("users/{name}")).await {
+            Ok(()) => Ok(()),
+            Err(BackendError::NotFound(_)) => {
+                Err(ApiError::not_found(format!("user {name:?} not found")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A user certificate for `public_key`, its TTL capped by the roles'
+    /// `max_session_ttl` (`ttl` zero: the cap itself).
+    pub async fn generate_user_cert(
+        &self,
+        user: &str,
+        public_key: &PublicKey,
+        ttl: Duration,
+    ) -> Result<IssuedUserCert, ApiError> {
+        let record = self.get_user(user).await?;
+        let roles = self.role_set(&record.roles).await?;
+        let principals = roles.allowed_logins(&record.logins);
+        let cap = roles.limits().max_session_ttl;
+        let ttl = if ttl.is_zero() { cap } else { ttl.min(cap) };
+        let identity = UserIdentity {
+            user: record.name.clone(),
+            roles: record.roles.clone(),
+            logins: record.logins.clone(),
+        };
+        let now = self.clock.now();
+        let valid_before = now + ttl;
+        let certificate =
+            self.user_ca
+                .sign_user(public_key, &identity, &principals, now - CLOCK_SKEW, valid_before)?;
+        Ok(IssuedUserCert {
+            certificate,
+            principals,
+            valid_before,
+        })
+    }
+
+    // ---- nodes ----
+
+    /// Registers or refreshes a node; it disappears after `ttl` without another call.
+    pub async fn upsert_node(&self, node: NodeRecord, ttl: Duration) -> Result<(), ApiError> {
+        validate_name("node name", &node.name).map_err(ApiError::bad_parameter)?;
+        if node.addr.ends_with(":0") || node.addr.is_empty() {
+            return Err(ApiError::bad_parameter(format!(
+                "node {:?} advertises address {:?}; a node must advertise the real address it listens on",
+                node.name, node.addr
+            )));
+        }
+        for other in self.list_nodes().await? {
+            if other.name == node.name && other.id != node.id {
+                return Err(ApiError::already_exists(format!(
+                    "node name {:?} is already used by node {}; give this node another ssh_service.node_name",
+                    node.name, other.id
+                )));
+            }
+        }
+        let expires = self.clock.now() + ttl.min(MAX_NODE_TTL);
+        let record = NodeRecord {
+            expires_unix: unix_secs(expires),
+            ..node
+        };
+        self.backend
+            .put(&format!("nodes/{}", record.id), encode(&record), Some(expires))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, ApiError> {
+        let mut nodes: Vec<NodeRecord> = self
+            .backend
+            .range("nodes/")
+            .await?
+            .iter()
+            .map(|item| decode(&item.key, &item.value))
+            .collect::<Result<_, _>>()?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+
+    /// Labels by node, for access checks in listings.
+    pub async fn node_labels(&self) -> Result<BTreeMap<String, Labels>, ApiError> {
+        Ok(self
+            .list_nodes()
+            .await?
+            .into_iter()
+            .map(|n| (n.name, n.labels))
+            .collect())
+    }
+
+    pub fn now_unix(&self) -> i64 {
+        unix_secs(self.clock.now())
+    }
+}
+
+async fn load_or_create_ssh_ca(backend: &dyn Backend, key: &str) -> Result<SshCa, ApiError> {
+    match backend.get(key).await {
+        Ok(item) => SshCa::from_stored(&decode::<StoredSshCa>(key, &item.value)?),
+        Err(BackendError::NotFound(_)) => {
+            let fresh = SshCa::generate();
+            match backend.create(key, encode(&fresh.to_stored()?), None).await {
+                Ok(_) => Ok(fresh),
+                Err(BackendError::AlreadyExists(_)) => {
+                    SshCa::from_stored(&decode(key, &backend.get(key).await?.value)?)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::ca::generate_ed25519;
+    use turnstile_api::clock::SystemClock;
+
+    async fn authority() -> Authority {
+        Authority::open(Arc::new(MemoryBackend::new()), Arc::new(SystemClock), "main")
+            .await
+            .unwrap()
+    }
+
+    fn user(name: &str, roles: &[&str], logins: &[&str]) -> UserRecord {
+        UserRecord {
+            name: name.into(),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+            logins: logins.iter().map(|s| s.to_string()).collect(),
+            password_hash: None,
+            created_unix: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn cas_are_created_once() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let a = Authority::open(backend.clone(), Arc::new(SystemClock), "main").await.unwrap();
+        let b = Authority::open(backend, Arc::new(SystemClock), "main").await.unwrap();
+        assert_eq!(a.user_ca().fingerprint(), b.user_ca().fingerprint());
+        assert_eq!(a.tls_ca().pin().unwrap(), b.tls_ca().pin().unwrap());
+        assert_ne!(a.user_ca().fingerprint(), a.host_ca().fingerprint());
+    }
+
+    #[tokio::test]
+    async fn refused_requests_change_nothing() {
+        let a = authority().await;
+        a.upsert_user(user("alice", &["access"], &["root"]), true).await.unwrap();
+        let before = a.get_user("alice").await.unwrap();
+        let err = a
+            .upsert_user(user("alice", &["nope"], &["root"]), false)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("role \"nope\" does not exist"), "{err}");
+        assert_eq!(a.get_user("alice").await.unwrap(), before);
+        let err = a.upsert_user(user("alice", &["access"], &[]), true).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
+        assert_eq!(a.get_user("alice").await.unwrap(), before);
+
+        let mut bad = Role::new("dev");
+        bad.spec.options.max_sessions = Some(-3);
+        let err = a.upsert_role(bad, true).await.unwrap_err();
+        assert!(err.message.contains("spec.options.max_sessions"), "{err}");
+        assert!(a.get_role("dev").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn roles_in_use_and_builtin_roles_are_kept() {
+        let a = authority().await;
+        a.upsert_role(Role::new("dev"), true).await.unwrap();
+        a.upsert_user(user("bob", &["dev"], &[]), true).await.unwrap();
+        let err = a.delete_role("dev").await.unwrap_err();
+        assert!(err.message.contains("bob"), "{err}");
+        assert!(a.delete_role("access").await.is_err());
+        assert!(a.upsert_role(Role::builtin_access(), false).await.is_err());
+        a.delete_user("bob").await.unwrap();
+        a.delete_role("dev").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn user_certs_are_capped_by_max_session_ttl() {
+        let a = authority().await;
+        let mut short = Role::new("short");
+        short.spec.allow.logins = Some(vec!["deploy".into()]);
+        short.spec.options.max_session_ttl =
+            Some(turnstile_api::duration::WrittenDuration(Duration::from_secs(600)));
+        a.upsert_role(short, true).await.unwrap();
+        a.upsert_user(user("carol", &["access", "short"], &["carol"]), true)
+            .await
+            .unwrap();
+        let key = generate_ed25519();
+        let issued = a
+            .generate_user_cert("carol", key.public_key(), Duration::from_secs(86400))
+            .await
+            .unwrap();
+        let lifetime = issued.certificate.valid_before() - issued.certificate.valid_after();
+        assert!(lifetime <= 600 + 60, "{lifetime}");
+        assert_eq!(issued.principals, vec!["carol", "deploy"]);
+    }
+
+    #[tokio::test]
+    async fn nodes_expire_and_names_are_unique() {
+        let clock = Arc::new(turnstile_api::clock::ManualClock::new(SystemTime::now()));
+        let a = Authority::open(
+            Arc::new(MemoryBackend::with_clock(clock.clone())),
+            clock.clone(),
+            "main",
+        )
+        .await
+        .unwrap();
+        let node = |id: &str, addr: &str| NodeRecord {
+            id: id.into(),
+            name: "web1".into(),
+            addr: addr.into(),
+            labels: Labels::new(),
+            expires_unix: 0,
+        };
+        let err = a
+            .upsert_node(node("n1", "127.0.0.1:0"), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("real address"), "{err}");
+        a.upsert_node(node("n1", "127.0.0.1:3022"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let err = a
+            .upsert_node(node("n2", "127.0.0.1:4022"), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
+        assert_eq!(a.list_nodes().await.unwrap().len(), 1);
+        clock.advance(Duration::from_secs(61));
+        assert!(a.list_nodes().await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,14 @@
+//! The auth service: the cluster's certificate authorities, users, roles and
+//! node presence, kept in a [`backend::Backend`] and served over gRPC on mutual
+//! TLS. Nodes, proxies and the admin CLI reach it only through that API.
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod backend;
+pub mod ca;
+pub mod rpc;
+pub mod service;
+
+pub use authority::Authority;
+
+pub use service::{AuthService, AuthServiceConfig};

@@ -1,0 +1,305 @@
+//! The gRPC face of the [`Authority`]: decodes requests, identifies the caller
+//! from its TLS certificate, checks the caller's system role may do this, and
+//! maps results onto wire messages. No rule of the cluster lives here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PublicKey;
+use tonic::{Request, Response, Status};
+use turnstile_api::error::ApiError;
+use turnstile_api::identity::SystemRole;
+use turnstile_api::role::Role;
+use turnstile_api::rpc::proto;
+
+use crate::authority::{Authority, NodeRecord, UserRecord};
+use crate::ca::peer_identity;
+
+/// Who is calling, from the TLS client certificate.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub role: SystemRole,
+    pub id: String,
+}
+
+pub fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let (role, id) = peer_identity(leaf.as_ref())?;
+    Ok(Caller { role, id })
+}
+
+fn require<T>(req: &Request<T>, allowed: &[SystemRole]) -> Result<Caller, Status> {
+    let c = caller(req)?;
+    if c.role == SystemRole::Auth || allowed.contains(&c.role) {
+        Ok(c)
+    } else {
+        Err(Status::permission_denied(format!(
+            "a {} identity may not do this",
+            c.role
+        )))
+    }
+}
+
+const ANY: &[SystemRole] = &[SystemRole::Admin, SystemRole::Node, SystemRole::Proxy];
+const ADMIN: &[SystemRole] = &[SystemRole::Admin];
+const HOSTS: &[SystemRole] = &[SystemRole::Node, SystemRole::Proxy];
+
+fn parse_public_key(s: &str) -> Result<PublicKey, Status> {
+    PublicKey::from_openssh(s.trim())
+        .map_err(|e| Status::invalid_argument(format!("public key is not in OpenSSH form: {e}")))
+}
+
+fn role_from_json(json: &str) -> Result<Role, Status> {
+    serde_json::from_str(json).map_err(|e| Status::invalid_argument(format!("role: {e}")))
+}
+
+fn user_to_proto(u: UserRecord) -> proto::User {
+    proto::User {
+        name: u.name,
+        roles: u.roles,
+        logins: u.logins,
+        created_unix: u.created_unix,
+    }
+}
+
+fn node_to_proto(n: NodeRecord) -> proto::Node {
+    proto::Node {
+        id: n.id,
+        name: n.name,
+        addr: n.addr,
+        labels: n.labels.into_iter().collect(),
+        expires_unix: n.expires_unix,
+    }
+}
+
+/// How long a node registration lives without a heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct PresencePolicy {
+    pub node_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthApi {
+    authority: Arc<Authority>,
+    presence: PresencePolicy,
+}
+
+impl AuthApi {
+    pub fn new(authority: Arc<Authority>, presence: PresencePolicy) -> Self {
+        Self {
+            authority,
+            presence,
+        }
+    }
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+fn ok<T>(v: T) -> RpcResult<T> {
+    Ok(Response::new(v))
+}
+
+fn fail(e: ApiError) -> Status {
+    e.into()
+}
+
+#[tonic::async_trait]
+impl proto::auth_server::Auth for AuthApi {
+    async fn ping(&self, req: Request<proto::PingRequest>) -> RpcResult<proto::PingResponse> {
+        let c = require(&req, ANY)?;
+        ok(proto::PingResponse {
+            cluster_name: self.authority.cluster_name().to_string(),
+            server_version: turnstile_api::VERSION.to_string(),
+            caller_role: c.role.to_string(),
+            caller_id: c.id,
+        })
+    }
+
+    async fn get_authorities(
+        &self,
+        req: Request<proto::GetAuthoritiesRequest>,
+    ) -> RpcResult<proto::Authorities> {
+        require(&req, ANY)?;
+        let a = &self.authority;
+        ok(proto::Authorities {
+            cluster_name: a.cluster_name().to_string(),
+            user_ca: vec![a.user_ca().public_key_openssh()],
+            host_ca: vec![a.host_ca().public_key_openssh()],
+            tls_ca_pem: a.tls_ca().cert_pem.clone(),
+        })
+    }
+
+    async fn upsert_role(
+        &self,
+        req: Request<proto::UpsertRoleRequest>,
+    ) -> RpcResult<proto::UpsertRoleResponse> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let role = role_from_json(&r.role_json)?;
+        let created = self
+            .authority
+            .upsert_role(role, r.create_only)
+            .await
+            .map_err(fail)?;
+        ok(proto::UpsertRoleResponse { created })
+    }
+
+    async fn get_roles(&self, req: Request<proto::GetRolesRequest>) -> RpcResult<proto::RoleList> {
+        require(&req, ANY)?;
+        let names = req.into_inner().names;
+        let roles = if names.is_empty() {
+            self.authority.list_roles().await.map_err(fail)?
+        } else {
+            let mut roles = Vec::new();
+            for name in &names {
+                roles.push(self.authority.get_role(name).await.map_err(fail)?);
+            }
+            roles
+        };
+        ok(proto::RoleList {
+            role_json: roles
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap_or_default())
+                .collect(),
+        })
+    }
+
+    async fn delete_role(&self, req: Request<proto::DeleteRequest>) -> RpcResult<proto::DeleteResponse> {
+        require(&req, ADMIN)?;
+        self.authority
+            .delete_role(&req.into_inner().name)
+            .await
+            .map_err(fail)?;
+        ok(proto::DeleteResponse {})
+    }
+
+    async fn upsert_user(
+        &self,
+        req: Request<proto::UpsertUserRequest>,
+    ) -> RpcResult<proto::UpsertUserResponse> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let u = r
+            .user
+            .ok_or_else(|| Status::invalid_argument("user is missing"))?;
+        let existing = self.authority.get_user(&u.name).await.ok();
+        let record = UserRecord {
+            name: u.name,
+            roles: u.roles,
+            logins: u.logins,
+            password_hash: existing.as_ref().and_then(|e| e.password_hash.clone()),
+            created_unix: existing
+                .as_ref()
+                .map_or_else(|| self.authority.now_unix(), |e| e.created_unix),
+        };
+        let created = self
+            .authority
+            .upsert_user(record, r.create_only)
+            .await
+            .map_err(fail)?;
+        ok(proto::UpsertUserResponse { created })
+    }
+
+    async fn list_users(&self, req: Request<proto::ListUsersRequest>) -> RpcResult<proto::UserList> {
+        require(&req, ADMIN)?;
+        let users = self.authority.list_users().await.map_err(fail)?;
+        ok(proto::UserList {
+            users: users.into_iter().map(user_to_proto).collect(),
+        })
+    }
+
+    async fn delete_user(&self, req: Request<proto::DeleteRequest>) -> RpcResult<proto::DeleteResponse> {
+        require(&req, ADMIN)?;
+        self.authority
+            .delete_user(&req.into_inner().name)
+            .await
+            .map_err(fail)?;
+        ok(proto::DeleteResponse {})
+    }
+
+    async fn generate_user_cert(
+        &self,
+        req: Request<proto::GenerateUserCertRequest>,
+    ) -> RpcResult<proto::GenerateUserCertResponse> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let key = parse_public_key(&r.public_key)?;
+        let issued = self
+            .authority
+            .generate_user_cert(&r.user, &key, Duration::from_secs(r.ttl_seconds))
+            .await
+            .map_err(fail)?;
+        ok(proto::GenerateUserCertResponse {
+            certificate: issued
+                .certificate
+                .to_openssh()
+                .map_err(|e| Status::internal(e.to_string()))?,
+            valid_before_unix: issued.certificate.valid_before(),
+            principals: issued.principals,
+        })
+    }
+
+    async fn generate_host_cert(
+        &self,
+        req: Request<proto::GenerateHostCertRequest>,
+    ) -> RpcResult<proto::GenerateHostCertResponse> {
+        let c = require(&req, HOSTS)?;
+        let r = req.into_inner();
+        let key = parse_public_key(&r.public_key)?;
+        // A host may not claim a name another registered node holds.
+        let nodes = self.authority.list_nodes().await.map_err(fail)?;
+        for p in &r.principals {
+            if let Some(other) = nodes.iter().find(|n| &n.name == p && n.id != c.id) {
+                return Err(Status::permission_denied(format!(
+                    "principal {p:?} belongs to node {}",
+                    other.id
+                )));
+            }
+        }
+        let cert = self
+            .authority
+            .generate_host_cert(&c.id, &key, &r.principals)
+            .map_err(fail)?;
+        ok(proto::GenerateHostCertResponse {
+            certificate: cert.to_openssh().map_err(|e| Status::internal(e.to_string()))?,
+        })
+    }
+
+    async fn upsert_node(&self, req: Request<proto::Node>) -> RpcResult<proto::UpsertNodeResponse> {
+        let c = require(&req, &[SystemRole::Node])?;
+        let n = req.into_inner();
+        if n.id != c.id {
+            return Err(Status::permission_denied(format!(
+                "node {} may not register as {}",
+                c.id, n.id
+            )));
+        }
+        self.authority
+            .upsert_node(
+                NodeRecord {
+                    id: n.id,
+                    name: n.name,
+                    addr: n.addr,
+                    labels: n.labels.into_iter().collect(),
+                    expires_unix: 0,
+                },
+                self.presence.node_ttl,
+            )
+            .await
+            .map_err(fail)?;
+        ok(proto::UpsertNodeResponse {})
+    }
+
+    async fn list_nodes(&self, req: Request<proto::ListNodesRequest>) -> RpcResult<proto::NodeList> {
+        require(&req, ANY)?;
+        let nodes = self.authority.list_nodes().await.map_err(fail)?;
+        ok(proto::NodeList {
+            nodes: nodes.into_iter().map(node_to_proto).collect(),
+        })
+    }
+}
