@@ -1,0 +1,304 @@
+//! The client behind `turnstile ssh`: connects to the proxy with the user's
+//! certificate, asks for a tunnel to the node by name, and runs a second,
+//! end-to-end SSH handshake with the node through it, as `ssh -J` does. Both
+//! hops must present a host certificate from the cluster's host CA naming the
+//! host we meant; there is no trust-on-first-use prompt.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle, Handler};
+use russh::keys::ssh_key::certificate::CertType;
+use russh::keys::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelId, ChannelOpenFailure};
+use tokio::net::TcpStream;
+
+mod session;
+pub mod terminal;
+
+pub use session::{SessionRequest, run_session};
+
+/// Why a connection failed, naming whose fault it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the proxy at {addr}: {source}")]
+    ProxyUnreachable {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{host} failed host verification: {reason}")]
+    HostRejected { host: String, reason: String },
+    #[error("{host} refused the certificate: {reason}")]
+    AuthRefused { host: String, reason: String },
+    #[error("{0}")]
+    ChannelRefused(String),
+    #[error("SSH with {host} failed: {message}")]
+    Protocol { host: String, message: String },
+}
+
+/// The user's key and certificate.
+#[derive(Debug, Clone)]
+pub struct UserCredentials {
+    pub key: Arc<PrivateKey>,
+    pub certificate: Certificate,
+}
+
+impl UserCredentials {
+    /// The Turnstile user this certificate is for (its key id).
+    pub fn user(&self) -> &str {
+        self.certificate.key_id()
+    }
+
+    /// A local check before connecting, so an expired certificate is named
+    /// as such instead of as "authentication refused".
+    pub fn check_fresh(&self, now_unix: u64) -> Result<(), ClientError> {
+        if now_unix >= self.certificate.valid_before() {
+            return Err(ClientError::AuthRefused {
+                host: "the cluster".into(),
+                reason: format!(
+                    "your certificate expired at {}; get a new one with `turnstile login` or `turnstile admin sign`",
+                    humanize_unix(self.certificate.valid_before())
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn humanize_unix(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
+}
+
+/// Checks host certificates against the cluster's host CA, for one expected name.
+pub struct HostChecker {
+    host_ca: Vec<PublicKey>,
+    expected: String,
+    refusal: Arc<Mutex<Option<String>>>,
+    open_failure: Arc<Mutex<Option<String>>>,
+}
+
+impl HostChecker {
+    fn new(host_ca: &[PublicKey], expected: &str) -> Self {
+        Self {
+            host_ca: host_ca.to_vec(),
+            expected: expected.to_string(),
+            refusal: Arc::default(),
+            open_failure: Arc::default(),
+        }
+    }
+
+    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
+        let cert = match key {
+            PublicKeyOrCertificate::Certificate(cert) => cert,
+            PublicKeyOrCertificate::PublicKey { .. } => {
+                return Err("it presented a bare host key, not a host certificate of the cluster".into());
+            }
+        };
+        let fingerprints: Vec<_> = self.host_ca.iter().map(|k| k.fingerprint(HashAlg::Sha256)).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        cert.validate_at(now, &fingerprints)
+            .map_err(|_| "its host certificate is not signed by the cluster's host CA, or has expired".to_string())?;
+        if cert.cert_type() != CertType::Host {
+            return Err("it presented a user certificate as its host certificate".into());
+        }
+        if !cert.valid_principals().iter().any(|p| p == &self.expected) {
+            return Err(format!(
+                "its host certificate is for {} , not {:?}",
+                cert.valid_principals().join(", "),
+                self.expected
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Handler for HostChecker {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        match self.verify(key) {
+            Ok(()) => Ok(true),
+            Err(reason) => {
+                *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn channel_open_failure(
+        &mut self,
+        _channel: ChannelId,
+        reason: ChannelOpenFailure,
+        description: &str,
+        _language: &str,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let text = if description.is_empty() {
+            reason.description().to_string()
+        } else {
+            description.to_string()
+        };
+        *self.open_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+        Ok(())
+    }
+}
+
+fn client_config() -> Arc<client::Config> {
+    let mut preferred = russh::Preferred::default();
+    preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
+    Arc::new(client::Config {
+        preferred,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// A connection to a node, through the proxy.
+pub struct NodeConnection {
+    pub handle: Handle<HostChecker>,
+    open_failure: Arc<Mutex<Option<String>>>,
+    // Keeps the proxy hop alive for as long as the node connection lives.
+    _proxy: Handle<HostChecker>,
+}
+
+impl NodeConnection {
+    /// The text of the last refused channel open, for the user.
+    pub fn take_open_failure(&self) -> Option<String> {
+        self.open_failure.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+fn host_of(addr: &str) -> &str {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => addr,
+    }
+}
+
+async fn handshake<S>(
+    stream: S,
+    host: &str,
+    expected: &str,
+    login: &str,
+    creds: &UserCredentials,
+    host_ca: &[PublicKey],
+) -> Result<(Handle<HostChecker>, Arc<Mutex<Option<String>>>), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let checker = HostChecker::new(host_ca, expected);
+    let refusal = checker.refusal.clone();
+    let open_failure = checker.open_failure.clone();
+    let mut handle = client::connect_stream(client_config(), stream, checker)
+        .await
+        .map_err(|e| match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(reason) => ClientError::HostRejected {
+                host: host.to_string(),
+                reason,
+            },
+            None => ClientError::Protocol {
+                host: host.to_string(),
+                message: e.to_string(),
+            },
+        })?;
+    let result = handle
+        .authenticate_openssh_cert(login, creds.key.clone(), creds.certificate.clone())
+        .await
+        .map_err(|e| ClientError::Protocol {
+            host: host.to_string(),
+            message: e.to_string(),
+        })?;
+    if !result.success() {
+        return Err(ClientError::AuthRefused {
+            host: host.to_string(),
+            reason: "the certificate was not accepted (is it from this cluster, and still valid?)".into(),
+        });
+    }
+    Ok((handle, open_failure))
+}
+
+/// Connects to `node` as `login` through the proxy at `proxy_addr`.
+pub async fn connect_via_proxy(
+    proxy_addr: &str,
+    node: &str,
+    login: &str,
+    creds: &UserCredentials,
+    host_ca: &[PublicKey],
+) -> Result<NodeConnection, ClientError> {
+    let tcp = TcpStream::connect(proxy_addr)
+        .await
+        .map_err(|source| ClientError::ProxyUnreachable {
+            addr: proxy_addr.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let proxy_name = format!("the proxy at {proxy_addr}");
+    let (proxy, proxy_failure) = handshake(
+        tcp,
+        &proxy_name,
+        host_of(proxy_addr),
+        creds.user(),
+        creds,
+        host_ca,
+    )
+    .await?;
+    let channel = proxy
+        .channel_open_direct_tcpip(node, 22, "127.0.0.1", 0)
+        .await
+        .map_err(|e| {
+            let text = proxy_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| e.to_string());
+            ClientError::ChannelRefused(text)
+        })?;
+    let node_name = format!("node {node:?}");
+    let (handle, open_failure) =
+        handshake(channel.into_stream(), &node_name, node, login, creds, host_ca).await?;
+    Ok(NodeConnection {
+        handle,
+        open_failure,
+        _proxy: proxy,
+    })
+}
+
+/// Reads the host CA keys from `@cert-authority` lines of a known_hosts file.
+pub fn parse_cert_authorities(known_hosts: &str) -> Vec<PublicKey> {
+    known_hosts
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("@cert-authority"))
+        .filter_map(|rest| {
+            let mut fields = rest.split_whitespace();
+            let _hosts = fields.next()?;
+            let algo = fields.next()?;
+            let data = fields.next()?;
+            PublicKey::from_openssh(&format!("{algo} {data}")).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_strips_ports_and_brackets() {
+        assert_eq!(host_of("127.0.0.1:3023"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:3023"), "::1");
+        assert_eq!(host_of("proxy.example.com"), "proxy.example.com");
+    }
+
+    #[test]
+    fn cert_authority_lines_are_read() {
+        let key = crate::identity::generate_ed25519();
+        let line = format!("@cert-authority * {}\n# comment\n", key.public_key().to_openssh().unwrap());
+        let keys = parse_cert_authorities(&line);
+        assert_eq!(keys, vec![key.public_key().clone()]);
+    }
+}

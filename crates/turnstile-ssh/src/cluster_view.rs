@@ -1,0 +1,239 @@
+//! What nodes and proxies know of the cluster: the CAs, the roles and the node
+//! list, fetched from auth over the gRPC API and cached, so that users without
+//! limits keep working while auth is briefly unreachable. The cache refreshes
+//! in the background; a miss (an unknown role or node) refreshes once at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::Fingerprint;
+use russh::keys::{HashAlg, PublicKey};
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use turnstile_api::error::{ApiError, ErrorKind};
+use turnstile_api::labels::Labels;
+use turnstile_api::role::{Role, RoleSet};
+use turnstile_api::rpc::{AUTH_SERVER_NAME, AuthClient, proto};
+
+use crate::identity::TlsIdentity;
+
+/// A gRPC client of the auth service at `addr`, authenticated by `tls`. It
+/// connects on first use and reconnects by itself after an outage.
+pub fn auth_client(addr: &str, tls: &TlsIdentity) -> Result<AuthClient<Channel>, ApiError> {
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .domain_name(AUTH_SERVER_NAME);
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| ApiError::bad_parameter(format!("auth server address {addr:?}: {e}")))?
+        .tls_config(config)
+        .map_err(|e| ApiError::bad_parameter(format!("TLS identity: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .tcp_nodelay(true);
+    Ok(AuthClient::new(endpoint.connect_lazy()))
+}
+
+/// A registered node as the proxy routes to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub addr: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    user_ca: Vec<PublicKey>,
+    host_ca: Vec<PublicKey>,
+    cluster_name: String,
+    roles: HashMap<String, Role>,
+    nodes: Vec<NodeInfo>,
+    loaded: bool,
+}
+
+#[derive(Debug)]
+pub struct ClusterView {
+    client: AuthClient<Channel>,
+    snapshot: RwLock<Snapshot>,
+    refresh_lock: tokio::sync::Mutex<()>,
+}
+
+fn parse_keys(keys: &[String]) -> Result<Vec<PublicKey>, ApiError> {
+    keys.iter()
+        .map(|k| {
+            PublicKey::from_openssh(k)
+                .map_err(|e| ApiError::internal(format!("auth sent a bad CA key: {e}")))
+        })
+        .collect()
+}
+
+impl ClusterView {
+    pub fn new(client: AuthClient<Channel>) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            snapshot: RwLock::new(Snapshot::default()),
+            refresh_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn client(&self) -> AuthClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Fetches everything from auth; on failure the previous snapshot stays.
+    pub async fn refresh(&self) -> Result<(), ApiError> {
+        let _one_at_a_time = self.refresh_lock.lock().await;
+        let mut client = self.client.clone();
+        let authorities = client
+            .get_authorities(proto::GetAuthoritiesRequest {})
+            .await?
+            .into_inner();
+        let roles = client
+            .get_roles(proto::GetRolesRequest { names: vec![] })
+            .await?
+            .into_inner();
+        let nodes = client
+            .list_nodes(proto::ListNodesRequest {})
+            .await?
+            .into_inner();
+        let mut parsed_roles = HashMap::new();
+        for json in roles.role_json {
+            let role: Role = serde_json::from_str(&json)
+                .map_err(|e| ApiError::internal(format!("auth sent a bad role: {e}")))?;
+            parsed_roles.insert(role.metadata.name.clone(), role);
+        }
+        let fresh = Snapshot {
+            user_ca: parse_keys(&authorities.user_ca)?,
+            host_ca: parse_keys(&authorities.host_ca)?,
+            cluster_name: authorities.cluster_name,
+            roles: parsed_roles,
+            nodes: nodes
+                .nodes
+                .into_iter()
+                .map(|n| NodeInfo {
+                    id: n.id,
+                    name: n.name,
+                    addr: n.addr,
+                    labels: n.labels.into_iter().collect(),
+                })
+                .collect(),
+            loaded: true,
+        };
+        *self.snapshot.write().await = fresh;
+        Ok(())
+    }
+
+    /// Refreshes every `every` until `shutdown`, logging (once per outage) when auth is unreachable.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let view = self.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match view.refresh().await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("auth service reachable again; cluster view refreshed");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot refresh the cluster view from auth; serving cached data");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    async fn ensure_loaded(&self) -> Result<(), ApiError> {
+        if self.snapshot.read().await.loaded {
+            return Ok(());
+        }
+        self.refresh().await
+    }
+
+    pub async fn cluster_name(&self) -> Result<String, ApiError> {
+        self.ensure_loaded().await?;
+        Ok(self.snapshot.read().await.cluster_name.clone())
+    }
+
+    pub async fn user_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {
+        self.ensure_loaded().await?;
+        Ok(self
+            .snapshot
+            .read()
+            .await
+            .user_ca
+            .iter()
+            .map(|k| k.fingerprint(HashAlg::Sha256))
+            .collect())
+    }
+
+    pub async fn host_ca_keys(&self) -> Result<Vec<PublicKey>, ApiError> {
+        self.ensure_loaded().await?;
+        Ok(self.snapshot.read().await.host_ca.clone())
+    }
+
+    /// The named roles; a role unknown to the cache triggers one refresh.
+    pub async fn role_set(&self, names: &[String]) -> Result<RoleSet, ApiError> {
+        self.ensure_loaded().await?;
+        for attempt in 0..2 {
+            let snapshot = self.snapshot.read().await;
+            let found: Vec<Role> = names
+                .iter()
+                .filter_map(|n| snapshot.roles.get(n).cloned())
+                .collect();
+            if found.len() == names.len() {
+                return Ok(RoleSet::new(found));
+            }
+            drop(snapshot);
+            if attempt == 0 {
+                self.refresh().await?;
+            }
+        }
+        let snapshot = self.snapshot.read().await;
+        let missing: Vec<&str> = names
+            .iter()
+            .filter(|n| !snapshot.roles.contains_key(*n))
+            .map(String::as_str)
+            .collect();
+        Err(ApiError::new(
+            ErrorKind::AccessDenied,
+            format!("role(s) {} no longer exist", missing.join(", ")),
+        ))
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
+        self.ensure_loaded().await?;
+        Ok(self.snapshot.read().await.nodes.clone())
+    }
+
+    /// The node registered under `name` (or id); an unknown name triggers one refresh.
+    pub async fn find_node(&self, name: &str) -> Result<Option<NodeInfo>, ApiError> {
+        self.ensure_loaded().await?;
+        for attempt in 0..2 {
+            if let Some(n) = self
+                .snapshot
+                .read()
+                .await
+                .nodes
+                .iter()
+                .find(|n| n.name == name || n.id == name)
+            {
+                return Ok(Some(n.clone()));
+            }
+            if attempt == 0 && self.refresh().await.is_err() {
+                break;
+            }
+        }
+        Ok(None)
+    }
+}

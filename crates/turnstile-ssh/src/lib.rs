@@ -1,0 +1,11 @@
+//! Everything on russh: the node that runs sessions, the proxy users enter
+//! through, the client behind `turnstile ssh`, and the cached view of the
+//! cluster they share. Reaches auth only through its gRPC API.
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod cluster_view;
+pub mod identity;
+pub mod node;
+pub mod proxy;
+pub mod user_cert;

@@ -1,0 +1,311 @@
+//! One session channel on a node: collects `pty-req` and `env`, starts the
+//! shell, command or subsystem, moves bytes both ways with the channel's flow
+//! control, forwards resizes and signals, and reports the exit status after the
+//! last byte of output. A closed channel hangs up the session's processes.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelId, ChannelMsg, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::process::{Launch, LocalUser, spawn_piped, spawn_pty};
+
+/// How long output may keep flowing after the process exits (background jobs
+/// holding the terminal) before the exit status is sent anyway.
+const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Environment variables a client may set, as OpenSSH's `AcceptEnv LANG LC_*`.
+fn env_allowed(name: &str) -> bool {
+    matches!(name, "LANG" | "TZ" | "COLORTERM") || name.starts_with("LC_")
+}
+
+const SFTP_SERVERS: &[&str] = &["/usr/lib/openssh/sftp-server", "/usr/lib/sftp-server", "/usr/libexec/sftp-server"];
+
+/// Who the session is for.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    pub sid: String,
+    pub user: String,
+    pub local_user: LocalUser,
+}
+
+enum Input {
+    Data(Bytes),
+    Resize(pty_process::Size),
+}
+
+struct Running {
+    child: Child,
+    input: Option<mpsc::Sender<Input>>,
+    output: Vec<JoinHandle<()>>,
+}
+
+fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
+    let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX).max(1);
+    pty_process::Size::new(clamp(rows), clamp(cols))
+}
+
+fn to_signal(sig: &Sig) -> Option<Signal> {
+    Some(match sig {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => match name.as_str() {
+            "USR2" => Signal::SIGUSR2,
+            "CONT" => Signal::SIGCONT,
+            "STOP" => Signal::SIGSTOP,
+            "TSTP" => Signal::SIGTSTP,
+            "WINCH" => Signal::SIGWINCH,
+            _ => return None,
+        },
+    })
+}
+
+fn from_signal(signal: i32) -> Sig {
+    match Signal::try_from(signal) {
+        Ok(Signal::SIGABRT) => Sig::ABRT,
+        Ok(Signal::SIGALRM) => Sig::ALRM,
+        Ok(Signal::SIGFPE) => Sig::FPE,
+        Ok(Signal::SIGHUP) => Sig::HUP,
+        Ok(Signal::SIGILL) => Sig::ILL,
+        Ok(Signal::SIGINT) => Sig::INT,
+        Ok(Signal::SIGKILL) => Sig::KILL,
+        Ok(Signal::SIGPIPE) => Sig::PIPE,
+        Ok(Signal::SIGQUIT) => Sig::QUIT,
+        Ok(Signal::SIGSEGV) => Sig::SEGV,
+        Ok(Signal::SIGTERM) => Sig::TERM,
+        Ok(Signal::SIGUSR1) => Sig::USR1,
+        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
+        Err(_) => Sig::Custom(signal.to_string()),
+    }
+}
+
+/// Copies `from` into `to` until end of file; a read error (EIO from a PTY
+/// whose last holder closed it) is the end too.
+async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.flush().await;
+}
+
+/// Serves one session channel until it closes or its process exits.
+pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionContext) {
+    let id = channel.id();
+    let (mut reader, writer) = channel.split();
+    let mut pty: Option<(String, pty_process::Size)> = None;
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut running: Option<Running> = None;
+
+    let reply = |ok: bool, want: bool| {
+        let handle = handle.clone();
+        async move {
+            if want {
+                let _ = if ok {
+                    handle.channel_success(id).await
+                } else {
+                    handle.channel_failure(id).await
+                };
+            }
+        }
+    };
+
+    loop {
+        let exited = async {
+            match running.as_mut() {
+                Some(r) => r.child.wait().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = exited => {
+                let Some(mut r) = running.take() else { break };
+                drop(r.input.take());
+                let drain = futures::future::join_all(r.output.drain(..));
+                let _ = tokio::time::timeout(OUTPUT_DRAIN_GRACE, drain).await;
+                if let Some(status) = status {
+                    if let Some(code) = status.code() {
+                        let _ = writer.exit_status(u32::try_from(code).unwrap_or(255)).await;
+                    } else if let Some(signal) = status.signal() {
+                        let _ = handle
+                            .exit_signal_request(id, from_signal(signal), status.core_dumped(), String::new(), String::new())
+                            .await;
+                    }
+                }
+                let _ = writer.eof().await;
+                let _ = writer.close().await;
+                break;
+            }
+            msg = reader.wait() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    ChannelMsg::RequestPty { want_reply, term, col_width, row_height, .. } => {
+                        let ok = running.is_none();
+                        if ok {
+                            pty = Some((term, pty_size(col_width, row_height)));
+                        }
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::SetEnv { want_reply, variable_name, variable_value } => {
+                        let ok = env_allowed(&variable_name);
+                        if ok {
+                            env.push((variable_name, variable_value));
+                        }
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::RequestShell { want_reply } => {
+                        let launch = Launch { command: None, program: None, env: env.clone(), term: None };
+                        let ok = running.is_none() && start(&mut running, &ctx, launch, &pty, &writer, id).is_ok();
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::Exec { want_reply, command } => {
+                        let command = String::from_utf8_lossy(&command).into_owned();
+                        let launch = Launch { command: Some(command), program: None, env: env.clone(), term: None };
+                        let ok = running.is_none() && start(&mut running, &ctx, launch, &pty, &writer, id).is_ok();
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::RequestSubsystem { want_reply, name } => {
+                        let program = (name == "sftp")
+                            .then(|| SFTP_SERVERS.iter().find(|p| std::path::Path::new(p).exists()))
+                            .flatten();
+                        let ok = match program {
+                            Some(p) if running.is_none() => {
+                                let launch = Launch { command: None, program: Some(p.into()), env: env.clone(), term: None };
+                                start(&mut running, &ctx, launch, &None, &writer, id).is_ok()
+                            }
+                            _ => false,
+                        };
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::WindowChange { col_width, row_height, .. } => {
+                        if let Some((_, size)) = pty.as_mut() {
+                            *size = pty_size(col_width, row_height);
+                        }
+                        if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
+                            let _ = input.send(Input::Resize(pty_size(col_width, row_height))).await;
+                        }
+                    }
+                    ChannelMsg::Signal { signal } => {
+                        if let (Some(r), Some(sig)) = (running.as_ref(), to_signal(&signal))
+                            && let Some(pid) = r.child.id()
+                        {
+                            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig);
+                        }
+                    }
+                    ChannelMsg::Data { data } => {
+                        if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
+                            let _ = input.send(Input::Data(data)).await;
+                        }
+                    }
+                    ChannelMsg::Eof => {
+                        // Closing the input lets `cat`-like commands finish.
+                        if let Some(r) = running.as_mut()
+                            && pty.is_none()
+                        {
+                            r.input = None;
+                        }
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+    // The channel is gone: hang up whatever still runs.
+    if let Some(r) = running.as_mut()
+        && let Some(pid) = r.child.id()
+    {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGHUP);
+    }
+    tracing::debug!(sid = %ctx.sid, user = %ctx.user, "session channel finished");
+}
+
+fn start(
+    running: &mut Option<Running>,
+    ctx: &SessionContext,
+    mut launch: Launch,
+    pty: &Option<(String, pty_process::Size)>,
+    writer: &russh::ChannelWriteHalf<Msg>,
+    id: ChannelId,
+) -> std::io::Result<()> {
+    launch
+        .env
+        .push(("TURNSTILE_SESSION_ID".to_string(), ctx.sid.clone()));
+    let (tx, mut rx) = mpsc::channel::<Input>(64);
+    let result = match pty {
+        Some((term, size)) => {
+            launch.term = Some(term.clone());
+            let (child, pty) = spawn_pty(&ctx.local_user, &launch, *size)?;
+            let (read, mut write) = pty.into_split();
+            let out = tokio::spawn(pump(read, writer.make_writer()));
+            tokio::spawn(async move {
+                while let Some(input) = rx.recv().await {
+                    match input {
+                        Input::Data(d) => {
+                            if write.write_all(&d).await.is_err() {
+                                break;
+                            }
+                        }
+                        Input::Resize(size) => {
+                            let _ = write.resize(size);
+                        }
+                    }
+                }
+            });
+            Running {
+                child,
+                input: Some(tx),
+                output: vec![out],
+            }
+        }
+        None => {
+            let p = spawn_piped(&ctx.local_user, &launch)?;
+            let out = tokio::spawn(pump(p.stdout, writer.make_writer()));
+            let err = tokio::spawn(pump(p.stderr, writer.make_writer_ext(Some(1))));
+            let mut stdin = p.stdin;
+            tokio::spawn(async move {
+                while let Some(input) = rx.recv().await {
+                    if let Input::Data(d) = input
+                        && stdin.write_all(&d).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                // Dropping stdin here closes the process's input.
+            });
+            Running {
+                child: p.child,
+                input: Some(tx),
+                output: vec![out, err],
+            }
+        }
+    };
+    tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
+    *running = Some(result);
+    Ok(())
+}

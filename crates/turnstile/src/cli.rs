@@ -1,0 +1,177 @@
+//! The command line: every subcommand, flag and help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "turnstile",
+    version,
+    about = "An SSH access plane: short-lived certificates, per-user session limits, recorded sessions",
+    long_about = "Turnstile lets people reach servers through a proxy with short-lived SSH certificates.\n\n\
+Start a one-node cluster in an empty folder with `turnstile start`; it prints the commands that add \
+a user and connect. The same binary is the client (`turnstile ssh`) and the operator's tool \
+(`turnstile admin`).\n\nLogs go to stderr; set RUST_LOG=debug for more."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the cluster's services: auth, proxy and node (all three without a config file).
+    Start(StartArgs),
+    /// Run a command, or an interactive shell, on a node through the proxy.
+    Ssh(SshArgs),
+    /// Operator commands for the local cluster (roles, users, nodes, identities).
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// YAML config (see examples/turnstile.yaml). Without it: auth, proxy and
+    /// node on 127.0.0.1:3025/3023/3022.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where state is kept (default ./turnstile-data, or turnstile.data_dir of the config).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Identity written by `turnstile admin sign --out PATH` (key, certificate,
+    /// host CA and proxy address).
+    #[arg(short = 'i', long = "identity", value_name = "PATH", global = true)]
+    pub identity: Option<PathBuf>,
+    /// The proxy to go through, HOST:PORT (overrides the identity's).
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    pub proxy: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: the remote command's, or 255 when Turnstile itself fails \
+(cannot connect, authentication refused, access denied).\n\nExamples:\n  \
+turnstile ssh -i alice root@web1 -- uptime\n  turnstile ssh -i alice web1"
+)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Allocate a PTY even when standard input is not a terminal.
+    #[arg(short = 't', conflicts_with = "no_tty")]
+    pub tty: bool,
+    /// Never allocate a PTY.
+    #[arg(short = 'T')]
+    pub no_tty: bool,
+    /// [LOGIN@]NODE: the node by name; LOGIN defaults to the user's first login.
+    #[arg(value_name = "[LOGIN@]NODE")]
+    pub destination: String,
+    /// The command to run; without one, an interactive shell.
+    #[arg(value_name = "COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The cluster's config file; admin finds the data dir and auth address in it.
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// The auth server's data dir, where the admin identity lives (default ./turnstile-data).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create, list and remove roles (Teleport v3 YAML).
+    #[command(subcommand)]
+    Roles(RolesCommand),
+    /// Add, list and remove users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Registered nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Write a user identity: key, certificate, known_hosts and ssh_config for OpenSSH.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCommand {
+    /// Create a role from a YAML file.
+    Create {
+        /// The role's YAML (kind: role, version: v3).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Replace the role if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List roles.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove a role no user has.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Add a user.
+    Add {
+        name: String,
+        /// Comma-separated roles, e.g. access,dev.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Comma-separated logins for {{internal.logins}}, e.g. root,alice.
+        #[arg(long, value_delimiter = ',')]
+        logins: Vec<String>,
+    },
+    /// List users.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove a user.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List registered nodes.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Writes PATH (private key, 0600), PATH-cert.pub, PATH.known_hosts and \
+PATH.ssh_config. Then:\n  ssh -F PATH.ssh_config NODE uptime\n  turnstile ssh -i PATH NODE")]
+pub struct SignArgs {
+    /// The user to sign for.
+    #[arg(long)]
+    pub user: String,
+    /// Certificate lifetime, e.g. 1h (capped by the roles' max_session_ttl).
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    /// The proxy the identity points at, HOST:PORT (default: the local proxy's address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub proxy: Option<String>,
+    /// Path prefix of the files to write.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}

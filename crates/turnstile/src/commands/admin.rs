@@ -1,0 +1,385 @@
+//! `turnstile admin`: the operator's tool. It reaches the local auth service
+//! over the gRPC API with the admin identity that auth keeps in its data dir,
+//! the way `tctl` does on an auth host.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tonic::transport::Channel;
+use turnstile_api::identity::SystemRole;
+use turnstile_api::labels::{DisplayLabels, Labels};
+use turnstile_api::role::Role;
+use turnstile_api::rpc::{AuthClient, proto};
+use turnstile_ssh::cluster_view::auth_client;
+use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
+
+use crate::cli::{AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, UsersCommand};
+use crate::config::{self, resolve};
+use crate::identity_file::{self, NewIdentity};
+use crate::process::{AUTH_ADDR_FILE, PROXY_ADDR_FILE};
+
+struct Admin {
+    client: AuthClient<Channel>,
+    data_dir: PathBuf,
+    auth_addr: String,
+}
+
+/// Turns an RPC failure into a message for the operator.
+fn rpc_error(admin: &Admin, status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!(
+            "cannot reach the auth service at {}: {}; is `turnstile start` running with data dir {}?",
+            admin.auth_addr,
+            status.message(),
+            admin.data_dir.display()
+        ),
+        _ => anyhow::anyhow!("{}", status.message()),
+    }
+}
+
+fn connect(config_path: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow::Result<Admin> {
+    let (data_dir, configured_addr) = match config_path {
+        Some(path) => {
+            let c = config::load(Some(path), data_dir)?;
+            let addr = c.auth.as_ref().map(|a| a.listen_addr.to_string());
+            (c.data_dir, addr)
+        }
+        None => (
+            data_dir.unwrap_or_else(|| PathBuf::from(resolve::DEFAULT_DATA_DIR)),
+            None,
+        ),
+    };
+    let identity = TlsIdentity::load(&data_dir, SystemRole::Admin)?.with_context(|| {
+        format!(
+            "no admin identity in {}; run `turnstile admin` on the auth server with --data-dir (or --config) pointing at its data dir",
+            data_dir.join("identity/admin").display()
+        )
+    })?;
+    let auth_addr = std::fs::read_to_string(data_dir.join(AUTH_ADDR_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or(configured_addr)
+        .unwrap_or_else(|| resolve::DEFAULT_AUTH_ADDR.to_string());
+    let client = auth_client(&auth_addr, &identity)?;
+    Ok(Admin {
+        client,
+        data_dir,
+        auth_addr,
+    })
+}
+
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let mut admin = connect(args.config.as_deref(), args.data_dir)?;
+    match args.command {
+        AdminCommand::Roles(cmd) => roles(&mut admin, cmd).await,
+        AdminCommand::Users(cmd) => users(&mut admin, cmd).await,
+        AdminCommand::Nodes(NodesCommand::Ls { format }) => nodes_ls(&mut admin, format).await,
+        AdminCommand::Sign(args) => sign(&mut admin, args).await,
+    }
+}
+
+/// Parses a role file; errors name the field, line and column.
+pub fn parse_role(path: &Path) -> anyhow::Result<Role> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read role file {}", path.display()))?;
+    let role: Role = serde_norway::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("role file {}: {e}", path.display()))?;
+    role.validate()
+        .map_err(|e| anyhow::anyhow!("role file {}: {e}", path.display()))?;
+    Ok(role)
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn limit(v: Option<i64>) -> String {
+    match v {
+        None | Some(0) => "-".into(),
+        Some(n) => n.to_string(),
+    }
+}
+
+async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
+    match cmd {
+        RolesCommand::Create { file, force } => {
+            let role = parse_role(&file)?;
+            for field in role.unimplemented_fields() {
+                eprintln!(
+                    "warning: role {:?}: {field} is a Teleport setting Turnstile does not implement; it is ignored",
+                    role.name()
+                );
+            }
+            let resp = admin
+                .client
+                .upsert_role(proto::UpsertRoleRequest {
+                    role_json: serde_json::to_string(&role)?,
+                    create_only: !force,
+                })
+                .await
+                .map_err(|s| rpc_error(admin, s))?
+                .into_inner();
+            if resp.created {
+                println!("role {:?} created", role.name());
+            } else {
+                println!("role {:?} replaced", role.name());
+            }
+        }
+        RolesCommand::Ls { format } => {
+            let list = admin
+                .client
+                .get_roles(proto::GetRolesRequest { names: vec![] })
+                .await
+                .map_err(|s| rpc_error(admin, s))?
+                .into_inner();
+            let roles: Vec<Role> = list
+                .role_json
+                .iter()
+                .map(|j| serde_json::from_str(j))
+                .collect::<Result<_, _>>()?;
+            if format == Format::Json {
+                for r in &roles {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = roles
+                .iter()
+                .map(|r| {
+                    let o = &r.spec.options;
+                    vec![
+                        r.name().to_string(),
+                        r.spec.allow.logins.clone().unwrap_or_default().join(","),
+                        r.spec.allow.node_labels.as_ref().map_or("(all)".into(), |s| {
+                            s.iter()
+                                .map(|(k, v)| format!("{k}={}", v.values().join("|")))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        }),
+                        limit(o.max_connections),
+                        limit(o.max_sessions),
+                        o.max_session_ttl.map_or("-".into(), |d| d.to_string()),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["NAME", "LOGINS", "NODE LABELS", "MAX CONNECTIONS", "MAX SESSIONS", "MAX TTL"],
+                &rows,
+            );
+        }
+        RolesCommand::Rm { name } => {
+            admin
+                .client
+                .delete_role(proto::DeleteRequest { name: name.clone() })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            println!("role {name:?} removed");
+        }
+    }
+    Ok(())
+}
+
+async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
+    match cmd {
+        UsersCommand::Add {
+            name,
+            roles,
+            logins,
+        } => {
+            let roles: Vec<String> = roles.into_iter().filter(|r| !r.is_empty()).collect();
+            let logins: Vec<String> = logins.into_iter().filter(|l| !l.is_empty()).collect();
+            admin
+                .client
+                .upsert_user(proto::UpsertUserRequest {
+                    user: Some(proto::User {
+                        name: name.clone(),
+                        roles: roles.clone(),
+                        logins: logins.clone(),
+                        created_unix: 0,
+                    }),
+                    create_only: true,
+                })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            println!(
+                "user {name:?} added (roles: {}; logins: {})",
+                roles.join(", "),
+                if logins.is_empty() { "none".into() } else { logins.join(", ") }
+            );
+            println!(
+                "Give them an identity: turnstile admin sign --user {name} --out {name} --data-dir {}",
+                admin.data_dir.display()
+            );
+        }
+        UsersCommand::Ls { format } => {
+            let users = admin
+                .client
+                .list_users(proto::ListUsersRequest {})
+                .await
+                .map_err(|s| rpc_error(admin, s))?
+                .into_inner()
+                .users;
+            if format == Format::Json {
+                for u in &users {
+                    println!(
+                        "{}",
+                        json!({"user": u.name, "roles": u.roles, "logins": u.logins, "created": rfc3339(u.created_unix)})
+                    );
+                }
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = users
+                .iter()
+                .map(|u| vec![u.name.clone(), u.roles.join(","), u.logins.join(",")])
+                .collect();
+            print_table(&["USER", "ROLES", "LOGINS"], &rows);
+        }
+        UsersCommand::Rm { name } => {
+            admin
+                .client
+                .delete_user(proto::DeleteRequest { name: name.clone() })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            println!("user {name:?} removed");
+        }
+    }
+    Ok(())
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn nodes_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
+    let nodes = admin
+        .client
+        .list_nodes(proto::ListNodesRequest {})
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .nodes;
+    if format == Format::Json {
+        for n in &nodes {
+            println!(
+                "{}",
+                json!({"name": n.name, "id": n.id, "addr": n.addr, "labels": n.labels, "expires": rfc3339(n.expires_unix)})
+            );
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let labels: Labels = n.labels.clone().into_iter().collect();
+            vec![
+                n.name.clone(),
+                n.addr.clone(),
+                DisplayLabels(&labels).to_string(),
+                n.id.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "ADDRESS", "LABELS", "ID"], &rows);
+    Ok(())
+}
+
+async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
+    let ttl = turnstile_api::duration::parse(&args.ttl)
+        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    if ttl.is_zero() {
+        bail!("--ttl: must be longer than zero, e.g. 1h");
+    }
+    let proxy = match args.proxy {
+        Some(p) => p,
+        None => std::fs::read_to_string(admin.data_dir.join(PROXY_ADDR_FILE))
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .context("no proxy address known in this data dir; pass --proxy HOST:PORT")?,
+    };
+    let users = admin
+        .client
+        .list_users(proto::ListUsersRequest {})
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .users;
+    let user = users
+        .iter()
+        .find(|u| u.name == args.user)
+        .with_context(|| format!("user {:?} not found; add them with `turnstile admin users add`", args.user))?;
+    let key = generate_ed25519();
+    let issued = admin
+        .client
+        .generate_user_cert(proto::GenerateUserCertRequest {
+            user: args.user.clone(),
+            public_key: key.public_key().to_openssh()?,
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner();
+    let certificate = russh::keys::Certificate::from_openssh(&issued.certificate)?;
+    let authorities = admin
+        .client
+        .get_authorities(proto::GetAuthoritiesRequest {})
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner();
+    let default_login = user
+        .logins
+        .iter()
+        .find(|l| issued.principals.contains(l))
+        .or(issued.principals.first())
+        .cloned()
+        .unwrap_or_default();
+    let paths = identity_file::write(
+        &args.out,
+        &NewIdentity {
+            user: &args.user,
+            cluster_name: &authorities.cluster_name,
+            key: &key,
+            certificate: &certificate,
+            host_ca: &authorities.host_ca,
+            proxy: &proxy,
+            default_login: &default_login,
+        },
+    )?;
+    println!(
+        "Identity of user {:?} written, valid until {} (logins: {}):",
+        args.user,
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(issued.valid_before_unix)),
+        issued.principals.join(", ")
+    );
+    for p in [&paths.key, &paths.cert, &paths.known_hosts, &paths.ssh_config] {
+        println!("  {}", p.display());
+    }
+    println!("Connect with:");
+    println!("  ssh -F {} NODE", paths.ssh_config.display());
+    println!("  turnstile ssh -i {} NODE", paths.key.display());
+    Ok(())
+}

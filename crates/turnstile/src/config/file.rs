@@ -1,0 +1,95 @@
+//! The YAML file as operators write it, shaped like teleport.yaml. Every
+//! section refuses unknown keys, so a typo is an error naming the key, its line
+//! and column, never a setting silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use turnstile_api::duration::WrittenDuration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub turnstile: GlobalSection,
+    pub auth_service: Option<AuthSection>,
+    pub proxy_service: Option<ProxySection>,
+    pub ssh_service: Option<SshSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalSection {
+    pub data_dir: Option<PathBuf>,
+    pub auth_servers: Option<Vec<String>>,
+    pub join_token: Option<String>,
+    pub ca_pin: Option<String>,
+    pub storage: Option<StorageSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<PathBuf>,
+    pub peers: Option<Vec<String>>,
+    pub prefix: Option<String>,
+    pub audit_sessions_uri: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub enabled: Option<bool>,
+    pub listen_addr: Option<String>,
+    pub cluster_name: Option<String>,
+    pub session_recording: Option<String>,
+    pub session_control_timeout: Option<WrittenDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub enabled: Option<bool>,
+    pub listen_addr: Option<String>,
+    pub public_addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSection {
+    pub enabled: Option<bool>,
+    pub listen_addr: Option<String>,
+    pub public_addr: Option<String>,
+    pub node_name: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// Parses the YAML text; the error names the key, line and column.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_norway::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_key_line_and_column() {
+        let err = parse("turnstile:\n  data_dir: /tmp/x\n  dta_dir: /tmp/y\n").unwrap_err();
+        assert!(err.contains("dta_dir"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("column"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_name_the_field() {
+        let err = parse("auth_service:\n  session_control_timeout: 2 minutes\n").unwrap_err();
+        assert!(err.contains("session_control_timeout"), "{err}");
+    }
+}

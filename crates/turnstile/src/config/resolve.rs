@@ -1,0 +1,286 @@
+//! From the file's shapes to typed per-service settings, with every default
+//! applied and every value checked. Errors name the field and the fix.
+//!
+//! Without a config file, auth, proxy and node all run. With one, a service
+//! runs when its section is present and not `enabled: false`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use turnstile_api::labels::{Labels, validate_label};
+use turnstile_api::role::validate_name;
+
+use super::file::FileConfig;
+
+pub const DEFAULT_DATA_DIR: &str = "./turnstile-data";
+pub const DEFAULT_AUTH_ADDR: &str = "127.0.0.1:3025";
+pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:3023";
+pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:3022";
+pub const DEFAULT_CLUSTER_NAME: &str = "main";
+pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+pub const RECORDING_MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
+
+#[derive(Debug, Clone)]
+pub struct ResolvedConfig {
+    pub data_dir: PathBuf,
+    /// Where processes without the auth service find it.
+    pub auth_servers: Vec<String>,
+    pub join_token: Option<String>,
+    pub ca_pin: Option<String>,
+    pub auth: Option<AuthSettings>,
+    pub proxy: Option<ProxySettings>,
+    pub node: Option<NodeSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub listen_addr: SocketAddr,
+    pub cluster_name: String,
+    pub session_recording: String,
+    pub session_control_timeout: Duration,
+    pub storage_path: PathBuf,
+    pub audit_sessions_uri: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen_addr: SocketAddr,
+    pub public_addr: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub listen_addr: SocketAddr,
+    pub public_addr: Option<String>,
+    pub node_name: String,
+    pub labels: Labels,
+}
+
+fn field_error(field: &str, message: impl std::fmt::Display) -> String {
+    format!("{field}: {message}")
+}
+
+fn parse_listen(field: &str, value: Option<&str>, default: &str) -> Result<SocketAddr, String> {
+    let value = value.unwrap_or(default);
+    value.parse().map_err(|_| {
+        field_error(
+            field,
+            format!("{value:?} is not an IP address and port; write it like {default}"),
+        )
+    })
+}
+
+fn check_public_addr(field: &str, value: Option<String>) -> Result<Option<String>, String> {
+    let Some(value) = value else { return Ok(None) };
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(Some(value))
+        }
+        _ => Err(field_error(
+            field,
+            format!("{value:?} is not host:port with a real port; write it like proxy.example.com:3023"),
+        )),
+    }
+}
+
+/// The host's name, for the default node name.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .map(|h| h.split('.').next().unwrap_or(&h).to_string())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn enabled(section_present: bool, flag: Option<bool>, from_file: bool) -> bool {
+    if from_file {
+        section_present && flag.unwrap_or(true)
+    } else {
+        flag.unwrap_or(true)
+    }
+}
+
+/// Resolves the file (or no file, when `from_file` is false) with the
+/// command line's `--data-dir` taking precedence.
+pub fn resolve(
+    file: FileConfig,
+    data_dir_flag: Option<PathBuf>,
+    from_file: bool,
+) -> Result<ResolvedConfig, String> {
+    let global = file.turnstile;
+    let data_dir = data_dir_flag
+        .or(global.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let storage = global.storage.unwrap_or_default();
+    match storage.kind.as_deref() {
+        None | Some("sqlite") => {}
+        Some("etcd") => {
+            return Err(field_error(
+                "turnstile.storage.type",
+                "etcd is not supported by this build yet; use sqlite",
+            ));
+        }
+        Some(other) => {
+            return Err(field_error(
+                "turnstile.storage.type",
+                format!("unknown backend {other:?}; use sqlite"),
+            ));
+        }
+    }
+    if storage.peers.is_some() || storage.prefix.is_some() {
+        return Err(field_error(
+            "turnstile.storage",
+            "peers and prefix are for the etcd backend; remove them for sqlite",
+        ));
+    }
+
+    let auth_section = file.auth_service.as_ref();
+    let auth = if enabled(auth_section.is_some(), auth_section.and_then(|a| a.enabled), from_file) {
+        let a = file.auth_service.unwrap_or_default();
+        let session_recording = a.session_recording.unwrap_or_else(|| "node".into());
+        if !RECORDING_MODES.contains(&session_recording.as_str()) {
+            return Err(field_error(
+                "auth_service.session_recording",
+                format!(
+                    "{session_recording:?} is not a recording mode; use one of {}",
+                    RECORDING_MODES.join(", ")
+                ),
+            ));
+        }
+        let timeout = a
+            .session_control_timeout
+            .map_or(DEFAULT_SESSION_CONTROL_TIMEOUT, |d| d.0);
+        if timeout.is_zero() {
+            return Err(field_error(
+                "auth_service.session_control_timeout",
+                "must be longer than zero; write it like 30s or 2m (default 2m)",
+            ));
+        }
+        let cluster_name = a
+            .cluster_name
+            .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_string());
+        validate_name("cluster name", &cluster_name)
+            .map_err(|m| field_error("auth_service.cluster_name", m))?;
+        Some(AuthSettings {
+            listen_addr: parse_listen(
+                "auth_service.listen_addr",
+                a.listen_addr.as_deref(),
+                DEFAULT_AUTH_ADDR,
+            )?,
+            cluster_name,
+            session_recording,
+            session_control_timeout: timeout,
+            storage_path: storage
+                .path
+                .clone()
+                .unwrap_or_else(|| data_dir.join("backend.sqlite")),
+            audit_sessions_uri: storage.audit_sessions_uri.clone(),
+        })
+    } else {
+        None
+    };
+
+    let proxy_section = file.proxy_service.as_ref();
+    let proxy = if enabled(proxy_section.is_some(), proxy_section.and_then(|p| p.enabled), from_file) {
+        let p = file.proxy_service.unwrap_or_default();
+        Some(ProxySettings {
+            listen_addr: parse_listen(
+                "proxy_service.listen_addr",
+                p.listen_addr.as_deref(),
+                DEFAULT_PROXY_ADDR,
+            )?,
+            public_addr: check_public_addr("proxy_service.public_addr", p.public_addr)?,
+        })
+    } else {
+        None
+    };
+
+    let ssh_section = file.ssh_service.as_ref();
+    let node = if enabled(ssh_section.is_some(), ssh_section.and_then(|s| s.enabled), from_file) {
+        let s = file.ssh_service.unwrap_or_default();
+        let node_name = s.node_name.unwrap_or_else(host_name);
+        validate_name("node name", &node_name)
+            .map_err(|m| field_error("ssh_service.node_name", m))?;
+        let labels: BTreeMap<String, String> = s.labels.unwrap_or_default();
+        for (k, v) in &labels {
+            validate_label("label key", k).map_err(|m| field_error("ssh_service.labels", m))?;
+            validate_label("label value", v)
+                .map_err(|m| field_error(&format!("ssh_service.labels.{k}"), m))?;
+        }
+        Some(NodeSettings {
+            listen_addr: parse_listen(
+                "ssh_service.listen_addr",
+                s.listen_addr.as_deref(),
+                DEFAULT_NODE_ADDR,
+            )?,
+            public_addr: check_public_addr("ssh_service.public_addr", s.public_addr)?,
+            node_name,
+            labels,
+        })
+    } else {
+        None
+    };
+
+    if auth.is_none() && proxy.is_none() && node.is_none() {
+        return Err("no service is enabled: add auth_service, proxy_service or ssh_service to the config".into());
+    }
+    let auth_servers = global.auth_servers.unwrap_or_default();
+    if auth.is_none() && auth_servers.is_empty() {
+        return Err(field_error(
+            "turnstile.auth_servers",
+            "this process runs no auth service, so it needs the address of one, for example [\"auth.example.com:3025\"]",
+        ));
+    }
+    Ok(ResolvedConfig {
+        data_dir,
+        auth_servers,
+        join_token: global.join_token,
+        ca_pin: global.ca_pin,
+        auth,
+        proxy,
+        node,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file::parse;
+
+    #[test]
+    fn no_file_runs_everything_on_the_defaults() {
+        let c = resolve(FileConfig::default(), None, false).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.auth.unwrap().listen_addr.to_string(), DEFAULT_AUTH_ADDR);
+        assert_eq!(c.proxy.unwrap().listen_addr.to_string(), DEFAULT_PROXY_ADDR);
+        assert_eq!(c.node.unwrap().node_name, host_name());
+    }
+
+    #[test]
+    fn absent_sections_are_off_in_a_file() {
+        let f = parse("turnstile:\n  auth_servers: [\"127.0.0.1:3025\"]\nssh_service:\n  node_name: web1\n").unwrap();
+        let c = resolve(f, None, true).unwrap();
+        assert!(c.auth.is_none() && c.proxy.is_none());
+        assert_eq!(c.node.unwrap().node_name, "web1");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("auth_service:\n  listen_addr: nowhere\n", "auth_service.listen_addr"),
+            ("auth_service:\n  session_control_timeout: 0s\n", "auth_service.session_control_timeout"),
+            ("auth_service:\n  session_recording: always\n", "auth_service.session_recording"),
+            ("ssh_service:\n  node_name: \"bad name\"\nauth_service: {}\n", "ssh_service.node_name"),
+            ("proxy_service:\n  public_addr: proxy\nauth_service: {}\n", "proxy_service.public_addr"),
+            ("ssh_service: {}\n", "turnstile.auth_servers"),
+            ("turnstile:\n  storage:\n    type: mysql\nauth_service: {}\n", "turnstile.storage.type"),
+        ];
+        for (yaml, field) in cases {
+            let err = resolve(parse(yaml).unwrap(), None, true).unwrap_err();
+            assert!(err.starts_with(field), "{yaml}: {err}");
+        }
+    }
+}

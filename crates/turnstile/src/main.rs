@@ -1,0 +1,71 @@
+//! The one binary: parses the command line, sets up logging to stderr, runs
+//! the subcommand, prints the error chain and exits with the right status.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use turnstile::cli::{Cli, Command};
+use turnstile::commands;
+
+/// OpenSSH's status when the client itself fails.
+const CLIENT_FAILURE: u8 = 255;
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn report(e: &anyhow::Error) {
+    eprintln!("turnstile: error: {e:#}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("turnstile: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Start(args) => {
+            init_logging("info");
+            match runtime.block_on(commands::start::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ssh(args) => {
+            init_logging("warn");
+            let code = match runtime.block_on(commands::ssh::run(args)) {
+                Ok(status) => u8::try_from(status).unwrap_or(CLIENT_FAILURE),
+                Err(e) => {
+                    report(&e);
+                    CLIENT_FAILURE
+                }
+            };
+            // Standard input may still be read by a blocking thread; don't wait for it.
+            std::process::exit(i32::from(code));
+        }
+        Command::Admin(args) => {
+            init_logging("warn");
+            match runtime.block_on(commands::admin::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! One Turnstile process: the services its config asks for, wired together.
+//! Binds every listener first (so port 0 works and addresses are known),
+//! gives local services their identities, starts them, and stops them all on
+//! one shutdown token. `turnstile start` and the test cluster both use it.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use turnstile_api::clock::SystemClock;
+use turnstile_api::identity::SystemRole;
+use turnstile_api::rpc::proto;
+use turnstile_auth::backend::{Backend, SqliteBackend};
+use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
+use turnstile_ssh::cluster_view::{ClusterView, auth_client};
+use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
+use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_addr};
+use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
+
+use crate::config::ResolvedConfig;
+use crate::config::resolve::host_name;
+
+/// How often nodes heartbeat, and how long auth keeps a silent node.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+const NODE_TTL: Duration = Duration::from_secs(60);
+/// How often nodes and proxies refresh their cached view of the cluster.
+const VIEW_REFRESH: Duration = Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Files in the data dir where services leave their real addresses, for the
+/// admin CLI and scripts.
+pub const AUTH_ADDR_FILE: &str = "auth.addr";
+pub const PROXY_ADDR_FILE: &str = "proxy.addr";
+
+pub struct Running {
+    pub data_dir: PathBuf,
+    pub auth_addr: Option<SocketAddr>,
+    pub proxy_addr: Option<SocketAddr>,
+    /// What identities point at: the proxy's public_addr, else its bound address.
+    pub proxy_public_addr: Option<String>,
+    pub node_addr: Option<SocketAddr>,
+    pub node_name: Option<String>,
+    pub host_id: String,
+    pub ca_pin: Option<String>,
+    pub cluster_name: Option<String>,
+    shutdown: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl Running {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops every service and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits for the services to end (after the token fires, or on failure).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(service = name, error = %format!("{e:#}"), "service failed");
+                    first_error.get_or_insert(e.context(format!("the {name} service failed")));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(anyhow::anyhow!("the {name} service panicked: {e}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str, field: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for the {what} service; is another process using it? Change {field}")
+    })
+}
+
+/// The TLS identity of a service running next to auth, issued directly.
+fn local_identity(
+    authority: &Authority,
+    data_dir: &Path,
+    role: SystemRole,
+    host_id: &str,
+) -> anyhow::Result<TlsIdentity> {
+    if let Some(existing) = TlsIdentity::load(data_dir, role)?
+        && existing.ca_pem == authority.tls_ca().cert_pem
+    {
+        return Ok(existing);
+    }
+    let issued = authority.issue_tls(role, host_id, None)?;
+    let identity = TlsIdentity {
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        ca_pem: authority.tls_ca().cert_pem.clone(),
+    };
+    identity.save(data_dir, role)?;
+    Ok(identity)
+}
+
+/// Gets a fresh host certificate for `principals`; falls back to the last one
+/// kept on disk if auth cannot be reached.
+async fn host_credentials(
+    view: &ClusterView,
+    data_dir: &Path,
+    role: SystemRole,
+    principals: Vec<String>,
+) -> anyhow::Result<HostCredentials> {
+    let mut keys = HostKeys::load_or_create(data_dir, role)?;
+    let public_key = keys.key.public_key().to_openssh()?;
+    let mut client = view.client();
+    match client
+        .generate_host_cert(proto::GenerateHostCertRequest {
+            public_key,
+            principals,
+        })
+        .await
+    {
+        Ok(resp) => {
+            let cert = russh::keys::Certificate::from_openssh(&resp.into_inner().certificate)?;
+            keys.save_certificate(data_dir, role, cert)?;
+        }
+        Err(status) => match &keys.certificate {
+            Some(_) => tracing::warn!(
+                error = %status.message(),
+                "cannot renew the {role} host certificate from auth; using the one kept in the data dir"
+            ),
+            None => bail!(
+                "cannot get a {role} host certificate from auth: {}",
+                status.message()
+            ),
+        },
+    }
+    let certificate = keys
+        .certificate
+        .clone()
+        .context("no host certificate")?;
+    Ok(HostCredentials {
+        key: keys.key,
+        certificate,
+    })
+}
+
+fn host_part(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => addr.to_string(),
+    }
+}
+
+pub async fn launch(config: ResolvedConfig) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let result = launch_services(config, shutdown.clone()).await;
+    if result.is_err() {
+        // Whatever already started stops with the failed launch.
+        shutdown.cancel();
+    }
+    result
+}
+
+async fn launch_services(
+    config: ResolvedConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
+    let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+    let host_id = load_or_create_host_id(&data_dir)?;
+    let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+
+    // Bind everything first: a port in use fails before anything starts.
+    let auth_listener = match &config.auth {
+        Some(a) => Some(bind(a.listen_addr, "auth", "auth_service.listen_addr").await?),
+        None => None,
+    };
+    let proxy_listener = match &config.proxy {
+        Some(p) => Some(bind(p.listen_addr, "proxy", "proxy_service.listen_addr").await?),
+        None => None,
+    };
+    let node_listener = match &config.node {
+        Some(n) => Some(bind(n.listen_addr, "node", "ssh_service.listen_addr").await?),
+        None => None,
+    };
+
+    let mut running = Running {
+        data_dir: data_dir.clone(),
+        auth_addr: None,
+        proxy_addr: None,
+        proxy_public_addr: None,
+        node_addr: None,
+        node_name: config.node.as_ref().map(|n| n.node_name.clone()),
+        host_id: host_id.clone(),
+        ca_pin: None,
+        cluster_name: None,
+        shutdown: shutdown.clone(),
+        tasks: Vec::new(),
+    };
+
+    let (Some(auth_settings), Some(auth_listener)) = (&config.auth, auth_listener) else {
+        bail!(
+            "this process runs no auth service; joining a remote auth server (turnstile.auth_servers with a join_token) is not available in this build yet"
+        );
+    };
+    let backend: Arc<dyn Backend> = Arc::new(
+        SqliteBackend::open(&auth_settings.storage_path)
+            .with_context(|| format!("cannot open the backend {}", auth_settings.storage_path.display()))?,
+    );
+    let authority = Arc::new(
+        Authority::open(backend, Arc::new(SystemClock), &auth_settings.cluster_name).await?,
+    );
+    let auth_addr = auth_listener.local_addr()?;
+    running.auth_addr = Some(auth_addr);
+    running.ca_pin = Some(authority.tls_ca().pin()?);
+    running.cluster_name = Some(authority.cluster_name().to_string());
+    std::fs::write(data_dir.join(AUTH_ADDR_FILE), auth_addr.to_string())?;
+    local_identity(&authority, &data_dir, SystemRole::Admin, "admin")?;
+    let service = AuthService::new(
+        authority.clone(),
+        AuthServiceConfig {
+            host_id: host_id.clone(),
+            node_ttl: NODE_TTL,
+        },
+    );
+    let token = shutdown.clone();
+    tasks.push((
+        "auth",
+        tokio::spawn(async move { Ok(service.run(auth_listener, token).await?) }),
+    ));
+    let auth_target = auth_addr.to_string();
+
+    if let (Some(proxy), Some(listener)) = (&config.proxy, proxy_listener) {
+        let bound = listener.local_addr()?;
+        let public = advertised_addr(proxy.public_addr.as_deref(), bound);
+        let tls = local_identity(&authority, &data_dir, SystemRole::Proxy, &host_id)?;
+        let view = ClusterView::new(auth_client(&auth_target, &tls)?);
+        let mut principals = vec![host_part(&public), bound.ip().to_string(), "localhost".into(), host_name()];
+        principals.dedup();
+        let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
+        view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
+        let service = ProxyService::new(
+            ProxyConfig {
+                host_id: host_id.clone(),
+                shutdown_grace: SHUTDOWN_GRACE,
+                node_connect_timeout: Duration::from_secs(10),
+            },
+            view,
+            host,
+        );
+        std::fs::write(data_dir.join(PROXY_ADDR_FILE), &public)?;
+        running.proxy_addr = Some(bound);
+        running.proxy_public_addr = Some(public);
+        let token = shutdown.clone();
+        tasks.push((
+            "proxy",
+            tokio::spawn(async move { Ok(service.run(listener, token).await?) }),
+        ));
+    }
+
+    if let (Some(node), Some(listener)) = (&config.node, node_listener) {
+        let bound = listener.local_addr()?;
+        let advertised = advertised_addr(node.public_addr.as_deref(), bound);
+        let tls = local_identity(&authority, &data_dir, SystemRole::Node, &host_id)?;
+        let view = ClusterView::new(auth_client(&auth_target, &tls)?);
+        let principals = vec![node.node_name.clone(), host_part(&advertised)];
+        let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
+        view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
+        let service = NodeService::new(
+            NodeConfig {
+                host_id: host_id.clone(),
+                node_name: node.node_name.clone(),
+                labels: node.labels.clone(),
+                public_addr: node.public_addr.clone(),
+                heartbeat_interval: HEARTBEAT_INTERVAL,
+                shutdown_grace: SHUTDOWN_GRACE,
+            },
+            view,
+            host,
+        );
+        running.node_addr = Some(bound);
+        let token = shutdown.clone();
+        tasks.push((
+            "node",
+            tokio::spawn(async move { Ok(service.run(listener, token).await?) }),
+        ));
+    }
+    running.tasks = tasks;
+    Ok(running)
+}
