@@ -79,32 +79,28 @@ pub fn write(out: &Path, id: &NewIdentity<'_>) -> anyhow::Result<IdentityPaths> 
         .collect();
     write_file(&paths.known_hosts, known_hosts.as_bytes(), 0o644)?;
     let proxy_host = host_of(id.proxy);
-    let config = format!(
-        "# Turnstile identity of user {user:?} for cluster {cluster:?}, written by `turnstile admin sign`.\n\
-# Use: ssh -F {cfg} NODE [COMMAND]\n\
-{marker}{proxy}\n\
-Host *\n\
-    IdentityFile {key}\n\
-    CertificateFile {cert}\n\
-    IdentitiesOnly yes\n\
-    UserKnownHostsFile {known}\n\
-    GlobalKnownHostsFile /dev/null\n\
-    StrictHostKeyChecking yes\n\
-    PasswordAuthentication no\n\
-    KbdInteractiveAuthentication no\n\
-    User {login}\n\
-Host * !{proxy_host}\n\
-    ProxyJump {user}@{proxy}\n",
-        user = id.user,
-        cluster = id.cluster_name,
-        cfg = quote(&paths.ssh_config),
-        marker = PROXY_MARKER,
-        proxy = id.proxy,
-        key = quote(&paths.key),
-        cert = quote(&paths.cert),
-        known = quote(&paths.known_hosts),
-        login = id.default_login,
-    );
+    let lines = [
+        format!(
+            "# Turnstile identity of user {:?} for cluster {:?}, written by `turnstile admin sign`.",
+            id.user, id.cluster_name
+        ),
+        format!("# Use: ssh -F {} NODE [COMMAND]", quote(&paths.ssh_config)),
+        format!("{PROXY_MARKER}{}", id.proxy),
+        "Host *".to_string(),
+        format!("    IdentityFile {}", quote(&paths.key)),
+        format!("    CertificateFile {}", quote(&paths.cert)),
+        "    IdentitiesOnly yes".to_string(),
+        format!("    UserKnownHostsFile {}", quote(&paths.known_hosts)),
+        "    GlobalKnownHostsFile /dev/null".to_string(),
+        "    StrictHostKeyChecking yes".to_string(),
+        "    PasswordAuthentication no".to_string(),
+        "    KbdInteractiveAuthentication no".to_string(),
+        format!("    User {}", id.default_login),
+        // Every host but the proxy itself is reached through the proxy.
+        format!("Host * !{proxy_host}"),
+        format!("    ProxyJump {}@{}", id.user, id.proxy),
+    ];
+    let config = lines.join("\n") + "\n";
     write_file(&paths.ssh_config, config.as_bytes(), 0o644)?;
     Ok(paths)
 }

@@ -49,6 +49,8 @@ pub struct Running {
     pub host_id: String,
     pub ca_pin: Option<String>,
     pub cluster_name: Option<String>,
+    /// The auth service's state, when this process runs it (tests sign with it).
+    pub authority: Option<Arc<Authority>>,
     shutdown: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -206,6 +208,7 @@ async fn launch_services(
         host_id: host_id.clone(),
         ca_pin: None,
         cluster_name: None,
+        authority: None,
         shutdown: shutdown.clone(),
         tasks: Vec::new(),
     };
@@ -226,6 +229,7 @@ async fn launch_services(
     running.auth_addr = Some(auth_addr);
     running.ca_pin = Some(authority.tls_ca().pin()?);
     running.cluster_name = Some(authority.cluster_name().to_string());
+    running.authority = Some(authority.clone());
     std::fs::write(data_dir.join(AUTH_ADDR_FILE), auth_addr.to_string())?;
     local_identity(&authority, &data_dir, SystemRole::Admin, "admin")?;
     let service = AuthService::new(

@@ -284,3 +284,23 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+    use crate::config::file::parse;
+
+    #[test]
+    fn the_annotated_example_parses_and_resolves() {
+        let text = include_str!("../../../../examples/turnstile.yaml");
+        let c = resolve(parse(text).unwrap(), None, true).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/turnstile"));
+        let node = c.node.unwrap();
+        assert_eq!(node.node_name, "web1");
+        assert_eq!(node.labels.get("env").map(String::as_str), Some("dev"));
+        let auth = c.auth.unwrap();
+        assert_eq!(auth.session_control_timeout, Duration::from_secs(120));
+        assert_eq!(auth.cluster_name, "main");
+        assert_eq!(c.proxy.unwrap().public_addr.as_deref(), Some("127.0.0.1:3023"));
+    }
+}

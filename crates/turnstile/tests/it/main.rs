@@ -1,1 +1,9 @@
-//! Integration tests.
+//! The single integration-test binary. `support` starts clusters; the other
+//! modules are what users do with them.
+
+mod access_plane;
+mod cli;
+mod openssh;
+mod pty;
+mod refusals;
+mod support;

@@ -1,0 +1,95 @@
+//! An interactive shell through `turnstile ssh`, driven from a real PTY the
+//! way a person at a terminal would: type a command, read its output, resize
+//! the window, exit.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{BIN, TestCluster, test_login};
+
+struct Terminal {
+    pty: pty_process::Pty,
+    seen: String,
+}
+
+impl Terminal {
+    async fn send(&mut self, keys: &str) {
+        self.pty.write_all(keys.as_bytes()).await.unwrap();
+        self.pty.flush().await.unwrap();
+    }
+
+    /// Reads until `needle` has appeared after what was already consumed.
+    async fn expect(&mut self, needle: &str, within: Duration) {
+        if !self.wait_for(needle, within).await {
+            panic!("never saw {needle:?}; the terminal showed:\n{}", self.seen);
+        }
+    }
+
+    /// Like `expect`, but says whether `needle` appeared in time.
+    async fn wait_for(&mut self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(at) = self.seen.find(needle) {
+                self.seen.drain(..at + needle.len());
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left, self.pty.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => panic!("terminal closed before {needle:?}; it showed:\n{}", self.seen),
+                Ok(Ok(n)) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_shell_in_a_real_pty() {
+    let login = test_login();
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", login).await;
+    let id = c.sign("alice").await;
+
+    let (pty, pts) = pty_process::open().unwrap();
+    pty.resize(pty_process::Size::new(24, 80)).unwrap();
+    let mut child = pty_process::Command::new(BIN)
+        .args(["ssh", "-i", id.to_str().unwrap(), &format!("{login}@web1")])
+        .env("TERM", "xterm-256color")
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .spawn(pts)
+        .unwrap();
+    let mut term = Terminal {
+        pty,
+        seen: String::new(),
+    };
+
+    term.send("echo marker-$((6*7)) $TERM\r").await;
+    term.expect("marker-42 xterm-256color", Duration::from_secs(20)).await;
+    term.send("tty; echo $TURNSTILE_SESSION_ID | wc -c\r").await;
+    term.expect("/dev/pts/", Duration::from_secs(10)).await;
+    term.expect("37", Duration::from_secs(10)).await;
+
+    // A resize of the local window reaches the remote PTY.
+    term.pty.resize(pty_process::Size::new(40, 100)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        term.send("stty size\r").await;
+        if term.wait_for("40 100", Duration::from_secs(2)).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the remote PTY never saw the resize");
+    }
+
+    term.send("exit 5\r").await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("turnstile ssh exits after the shell does")
+        .unwrap();
+    assert_eq!(status.code(), Some(5));
+}

@@ -1,0 +1,229 @@
+//! Everything the access plane must refuse, each with the message the user
+//! reads: foreign and expired certificates, empty principals, logins and nodes
+//! the roles do not allow, unknown nodes, tunnels to anything but a node.
+
+use std::time::{Duration, SystemTime};
+
+use russh::keys::PrivateKey;
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use turnstile_api::identity::UserIdentity;
+
+use crate::support::{TestCluster, openssh, run, text};
+
+fn assert_refused(out: &std::process::Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
+}
+
+fn ssh_args<'a>(config: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["-F", config, "-o", "BatchMode=yes"];
+    args.extend_from_slice(rest);
+    args
+}
+
+/// Replaces the certificate of an identity with `cert`.
+fn swap_cert(identity: &std::path::Path, cert: &russh::keys::Certificate) {
+    std::fs::write(
+        format!("{}-cert.pub", identity.display()),
+        format!("{}\n", cert.to_openssh().unwrap()),
+    )
+    .unwrap();
+}
+
+fn identity_key(identity: &std::path::Path) -> PrivateKey {
+    PrivateKey::from_openssh(std::fs::read_to_string(identity).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_cluster_is_refused_by_proxy_and_node() {
+    let a = TestCluster::start().await;
+    let b = TestCluster::start().await;
+    a.add_user("alice", "access", "root").await;
+    b.add_user("alice", "access", "root").await;
+    let ours = a.sign("alice").await;
+    let theirs = b.sign("alice").await;
+    // Cluster A's identity files, carrying cluster B's key and certificate.
+    std::fs::copy(&theirs, &ours).unwrap();
+    std::fs::copy(format!("{}-cert.pub", theirs.display()), format!("{}-cert.pub", ours.display())).unwrap();
+
+    let out = a.ssh(&ours, &["web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "refused the certificate");
+
+    let config = format!("{}.ssh_config", ours.display());
+    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+    let (host, port) = a.node_addr.rsplit_once(':').unwrap();
+    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_is_refused() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let now = SystemTime::now();
+    let identity = UserIdentity {
+        user: "alice".into(),
+        roles: vec!["access".into()],
+        logins: vec!["root".into()],
+    };
+    let expired = c
+        .authority()
+        .user_ca()
+        .sign_user(
+            identity_key(&id).public_key(),
+            &identity,
+            &["root".into()],
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )
+        .unwrap();
+    swap_cert(&id, &expired);
+
+    let out = c.ssh(&id, &["web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "your certificate expired at");
+
+    let config = format!("{}.ssh_config", id.display());
+    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+    let (host, port) = c.node_addr.rsplit_once(':').unwrap();
+    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_without_principals_is_refused_even_when_signed_by_the_ca() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    // What a holder of the CA key could sign: a certificate valid for every login.
+    let stored = c.authority().backend().get("authorities/user").await.unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+    let ca = PrivateKey::from_openssh(stored["private_key"].as_str().unwrap()).unwrap();
+    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let key = identity_key(&id);
+    let mut b = Builder::new(vec![1; 16], key.public_key().key_data().clone(), unix - 60, unix + 3600).unwrap();
+    b.cert_type(CertType::User).unwrap();
+    b.key_id("alice").unwrap();
+    b.all_principals_valid().unwrap();
+    let ident = UserIdentity {
+        user: "alice".into(),
+        roles: vec!["access".into()],
+        logins: vec!["root".into()],
+    };
+    for (k, v) in ident.extensions() {
+        b.extension(k, v).unwrap();
+    }
+    swap_cert(&id, &b.sign(&ca).unwrap());
+
+    let config = format!("{}.ssh_config", id.display());
+    let (host, port) = c.node_addr.rsplit_once(':').unwrap();
+    let out = run(openssh(), &ssh_args(&config, &["-p", port, &format!("root@{host}"), "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+
+    // And the auth service never signs one.
+    c.add_user("nologin", "access", "").await;
+    let out = c.admin(&["sign", "--user", "nologin", "--out", c.dir.path().join("x").to_str().unwrap()]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no logins allowed"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_not_allowed_by_any_role_is_refused_with_the_reason() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let out = c.ssh(&id, &["bob@web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "user \"alice\" may not log in as \"bob\"");
+
+    let config = format!("{}.ssh_config", id.display());
+    let out = run(openssh(), &ssh_args(&config, &["bob@web1", "echo should-not-run"]), None).await;
+    assert_refused(&out, "administratively prohibited");
+    assert!(text(&out.stderr).contains("may not log in as \"bob\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_deny_and_node_labels_restrict() {
+    let c = TestCluster::start().await;
+    c.create_role(
+        "no-dev",
+        "kind: role\nversion: v3\nmetadata:\n  name: no-dev\nspec:\n  deny:\n    node_labels:\n      env: dev\n",
+    )
+    .await;
+    c.create_role(
+        "prod-only",
+        "kind: role\nversion: v3\nmetadata:\n  name: prod-only\nspec:\n  allow:\n    logins: [root]\n    node_labels:\n      env: [prod, staging]\n",
+    )
+    .await;
+    c.create_role(
+        "no-root",
+        "kind: role\nversion: v3\nmetadata:\n  name: no-root\nspec:\n  deny:\n    logins: [root]\n",
+    )
+    .await;
+    c.add_user("dave", "access,no-dev", "root").await;
+    c.add_user("erin", "prod-only", "").await;
+    c.add_user("frank", "access,no-root", "root,frank").await;
+
+    let dave = c.sign("dave").await;
+    let out = c.ssh(&dave, &["root@web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "node \"web1\" is denied to user \"dave\" by role \"no-dev\"");
+
+    let erin = c.sign("erin").await;
+    let out = c.ssh(&erin, &["root@web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "do not allow login \"root\" on node \"web1\" (its labels: env=dev)");
+
+    let frank = c.sign("frank").await;
+    let out = c.ssh(&frank, &["root@web1", "echo", "should-not-run"]).await;
+    assert_refused(&out, "may not log in as \"root\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_nodes_and_other_addresses_get_no_tunnel() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let out = c.ssh(&id, &["web9", "echo", "should-not-run"]).await;
+    assert_refused(&out, "node \"web9\" not found; try turnstile ls");
+
+    let config = format!("{}.ssh_config", id.display());
+    let out = run(openssh(), &ssh_args(&config, &["web9", "echo should-not-run"]), None).await;
+    assert_refused(&out, "node \"web9\" not found");
+
+    // A tunnel straight from the proxy to an address that is not a node name:
+    // the auth service's own port, and the node's address by IP.
+    let (proxy_host, proxy_port) = c.proxy_addr.rsplit_once(':').unwrap();
+    let auth_port = std::fs::read_to_string(c.data_dir().join("auth.addr")).unwrap();
+    for target in [auth_port.trim().to_string(), c.node_addr.clone()] {
+        let user_at = format!("alice@{proxy_host}");
+        let out = run(
+            openssh(),
+            &ssh_args(&config, &["-p", proxy_port, "-W", &target, &user_at]),
+            None,
+        )
+        .await;
+        assert_refused(&out, "not found; try turnstile ls");
+    }
+
+    // The proxy runs no shells of its own.
+    let user_at = format!("alice@{proxy_host}");
+    let out = run(openssh(), &ssh_args(&config, &["-p", proxy_port, &user_at, "echo should-not-run"]), None).await;
+    assert_refused(&out, "the proxy runs no shells");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_without_a_certificate_is_refused() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    // Offer only the bare key: the certificate file points at nothing.
+    std::fs::remove_file(format!("{}-cert.pub", id.display())).unwrap();
+    let config = format!("{}.ssh_config", id.display());
+    let (host, port) = c.node_addr.rsplit_once(':').unwrap();
+    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    assert_refused(&out, "Permission denied");
+}

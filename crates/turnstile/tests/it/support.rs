@@ -1,0 +1,232 @@
+//! The test cluster and helpers shared by the integration tests.
+//!
+//! `TestCluster` runs auth, proxy and node in this process on port 0, with
+//! its data in a temporary directory, and stops on drop. Everything a user
+//! types (admin, ssh) runs through the real `turnstile` binary, and OpenSSH
+//! tests run the real `ssh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use turnstile::process::{Running, launch};
+use turnstile_auth::Authority;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_turnstile");
+
+/// The non-root login tests run sessions as; `scripts/test.sh` creates it.
+pub const TEST_LOGIN: &str = "turnstile-test";
+
+pub struct TestCluster {
+    pub dir: TempDir,
+    running: Option<Running>,
+    pub proxy_addr: String,
+    pub node_addr: String,
+    pub node_name: String,
+}
+
+/// A fluent description of the cluster a test wants.
+pub struct ClusterSpec {
+    pub node_name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            node_name: "web1".into(),
+            labels: vec![("env".into(), "dev".into())],
+        }
+    }
+}
+
+impl TestCluster {
+    pub async fn start() -> Self {
+        Self::start_with(ClusterSpec::default()).await
+    }
+
+    pub async fn start_with(spec: ClusterSpec) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let labels: String = spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v}\n"))
+            .collect();
+        let yaml = format!(
+            "turnstile:\n  data_dir: {data}\n\
+auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n\
+proxy_service:\n  listen_addr: 127.0.0.1:0\n\
+ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n  labels:\n{labels}",
+            data = dir.path().join("data").display(),
+            node = spec.node_name,
+        );
+        let config_path = dir.path().join("turnstile.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let config = turnstile::config::load(Some(&config_path), None).expect("config");
+        let running = launch(config).await.expect("cluster starts");
+        let cluster = Self {
+            proxy_addr: running.proxy_public_addr.clone().unwrap(),
+            node_addr: running.node_addr.unwrap().to_string(),
+            node_name: spec.node_name.clone(),
+            running: Some(running),
+            dir,
+        };
+        cluster.wait_for_node(&spec.node_name).await;
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn authority(&self) -> Arc<Authority> {
+        self.running
+            .as_ref()
+            .and_then(|r| r.authority.clone())
+            .expect("the test cluster runs auth")
+    }
+
+    /// Polls until the node has registered with auth.
+    pub async fn wait_for_node(&self, name: &str) {
+        let authority = self.authority();
+        poll_until(Duration::from_secs(15), || {
+            let authority = authority.clone();
+            let name = name.to_string();
+            async move {
+                authority
+                    .list_nodes()
+                    .await
+                    .map(|nodes| nodes.iter().any(|n| n.name == name))
+                    .unwrap_or(false)
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("node {name} never registered"));
+    }
+
+    /// `turnstile admin ARGS --data-dir DIR`.
+    pub async fn admin(&self, args: &[&str]) -> Output {
+        let data_dir = self.data_dir();
+        let mut all: Vec<&str> = vec!["admin"];
+        all.extend_from_slice(args);
+        all.push("--data-dir");
+        all.push(data_dir.to_str().unwrap());
+        run(BIN, &all, None).await
+    }
+
+    /// `turnstile admin ARGS` that must succeed.
+    pub async fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args).await;
+        assert!(
+            out.status.success(),
+            "turnstile admin {args:?} failed:\n{}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    pub async fn add_user(&self, name: &str, roles: &str, logins: &str) {
+        self.admin_ok(&["users", "add", name, "--roles", roles, "--logins", logins])
+            .await;
+    }
+
+    /// Creates a role from YAML text.
+    pub async fn create_role(&self, name: &str, yaml: &str) {
+        let path = self.dir.path().join(format!("{name}.role.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        self.admin_ok(&["roles", "create", "-f", path.to_str().unwrap()])
+            .await;
+    }
+
+    /// Signs an identity for `user` and returns its path prefix.
+    pub async fn sign(&self, user: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("id-{user}"));
+        self.admin_ok(&["sign", "--user", user, "--out", out.to_str().unwrap()])
+            .await;
+        out
+    }
+
+    /// `turnstile ssh -i IDENTITY ARGS`.
+    pub async fn ssh(&self, identity: &Path, args: &[&str]) -> Output {
+        let mut all = vec!["ssh", "-i", identity.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run(BIN, &all, None).await
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown_token().cancel();
+        }
+    }
+}
+
+/// Runs a program with optional stdin and collects its output; it is killed
+/// if it runs longer than a minute.
+pub async fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("RUST_LOG")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    if let Some(input) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input).await.unwrap();
+        drop(pipe);
+    }
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within a minute"))
+        .unwrap()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub async fn poll_until<F, Fut>(deadline: Duration, mut check: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The OpenSSH client, or a failure that says how to get it.
+pub fn openssh() -> &'static str {
+    let path = "/usr/bin/ssh";
+    assert!(
+        Path::new(path).exists(),
+        "the OpenSSH client is missing; run scripts/test.sh, which installs openssh-client"
+    );
+    path
+}
+
+/// Checks the non-root test login exists (scripts/test.sh creates it).
+pub fn test_login() -> &'static str {
+    assert!(
+        nix::unistd::User::from_name(TEST_LOGIN).ok().flatten().is_some(),
+        "local user {TEST_LOGIN} is missing; run scripts/test.sh, which creates it"
+    );
+    TEST_LOGIN
+}
