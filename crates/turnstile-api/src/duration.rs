@@ -27,13 +27,19 @@ pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(err("expected a number"));
         }
-        let value: u64 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| err("number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -116,8 +122,18 @@ mod tests {
 
     #[test]
     fn refuses_bare_numbers_and_unknown_units() {
-        assert!(parse("30").unwrap_err().to_string().contains("missing unit"));
-        assert!(parse("3w").unwrap_err().to_string().contains("unknown unit"));
+        assert!(
+            parse("30")
+                .unwrap_err()
+                .to_string()
+                .contains("missing unit")
+        );
+        assert!(
+            parse("3w")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
         assert!(parse("").is_err());
         assert!(parse("m").is_err());
         assert!(parse("-1s").is_err());

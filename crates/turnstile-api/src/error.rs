@@ -35,9 +35,7 @@ impl ErrorKind {
             tonic::Code::AlreadyExists => ErrorKind::AlreadyExists,
             tonic::Code::Aborted => ErrorKind::CompareFailed,
             tonic::Code::ResourceExhausted => ErrorKind::LimitExceeded,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                ErrorKind::AccessDenied
-            }
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => ErrorKind::AccessDenied,
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
                 ErrorKind::BadParameter
             }

@@ -70,7 +70,9 @@ pub fn validate_label(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err(format!("{what} is empty"));
     }
-    if s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '=' || c == ',') {
+    if s.chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '=' || c == ',')
+    {
         return Err(format!(
             "{what} {s:?} has whitespace, '=' or ','; use letters, digits, '-', '_', '.', '/' or ':'"
         ));
@@ -83,7 +85,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn selector(pairs: &[(&str, &[&str])]) -> LabelSelector {
@@ -108,9 +113,15 @@ mod tests {
     #[test]
     fn every_key_must_match() {
         let s = selector(&[("env", &["dev", "staging"]), ("team", &["*"])]);
-        assert!(selector_matches(&s, &labels(&[("env", "dev"), ("team", "web")])));
+        assert!(selector_matches(
+            &s,
+            &labels(&[("env", "dev"), ("team", "web")])
+        ));
         assert!(!selector_matches(&s, &labels(&[("env", "dev")])));
-        assert!(!selector_matches(&s, &labels(&[("env", "prod"), ("team", "web")])));
+        assert!(!selector_matches(
+            &s,
+            &labels(&[("env", "prod"), ("team", "web")])
+        ));
     }
 
     #[test]

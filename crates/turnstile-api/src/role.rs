@@ -573,7 +573,10 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -631,7 +634,10 @@ mod tests {
         assert_eq!(limits.max_connections, 3);
         assert_eq!(limits.max_sessions, 4);
         assert_eq!(limits.max_session_ttl, DEFAULT_MAX_SESSION_TTL);
-        assert_eq!(RoleSet::new(vec![mk("z", 0, 0)]).limits().max_connections, 0);
+        assert_eq!(
+            RoleSet::new(vec![mk("z", 0, 0)]).limits().max_connections,
+            0
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::{Certificate, PublicKey};
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use turnstile_api::clock::Clock;
 use turnstile_api::error::{ApiError, ErrorKind};
 use turnstile_api::identity::{SystemRole, UserIdentity};
@@ -181,8 +181,13 @@ impl Authority {
             }
         }
         let now = self.clock.now();
-        self.host_ca
-            .sign_host(public_key, host_id, &principals, now - CLOCK_SKEW, now + HOST_CERT_TTL)
+        self.host_ca.sign_host(
+            public_key,
+            host_id,
+            &principals,
+            now - CLOCK_SKEW,
+            now + HOST_CERT_TTL,
+        )
     }
 
     // ---- roles ----
@@ -363,9 +368,13 @@ impl Authority {
         };
         let now = self.clock.now();
         let valid_before = now + ttl;
-        let certificate =
-            self.user_ca
-                .sign_user(public_key, &identity, &principals, now - CLOCK_SKEW, valid_before)?;
+        let certificate = self.user_ca.sign_user(
+            public_key,
+            &identity,
+            &principals,
+            now - CLOCK_SKEW,
+            valid_before,
+        )?;
         Ok(IssuedUserCert {
             certificate,
             principals,
@@ -398,7 +407,11 @@ impl Authority {
             ..node
         };
         self.backend
-            .put(&format!("nodes/{}", record.id), encode(&record), Some(expires))
+            .put(
+                &format!("nodes/{}", record.id),
+                encode(&record),
+                Some(expires),
+            )
             .await?;
         Ok(())
     }
@@ -455,9 +468,13 @@ mod tests {
     use turnstile_api::clock::SystemClock;
 
     async fn authority() -> Authority {
-        Authority::open(Arc::new(MemoryBackend::new()), Arc::new(SystemClock), "main")
-            .await
-            .unwrap()
+        Authority::open(
+            Arc::new(MemoryBackend::new()),
+            Arc::new(SystemClock),
+            "main",
+        )
+        .await
+        .unwrap()
     }
 
     fn user(name: &str, roles: &[&str], logins: &[&str]) -> UserRecord {
@@ -473,8 +490,12 @@ mod tests {
     #[tokio::test]
     async fn cas_are_created_once() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
-        let a = Authority::open(backend.clone(), Arc::new(SystemClock), "main").await.unwrap();
-        let b = Authority::open(backend, Arc::new(SystemClock), "main").await.unwrap();
+        let a = Authority::open(backend.clone(), Arc::new(SystemClock), "main")
+            .await
+            .unwrap();
+        let b = Authority::open(backend, Arc::new(SystemClock), "main")
+            .await
+            .unwrap();
         assert_eq!(a.user_ca().fingerprint(), b.user_ca().fingerprint());
         assert_eq!(a.tls_ca().pin().unwrap(), b.tls_ca().pin().unwrap());
         assert_ne!(a.user_ca().fingerprint(), a.host_ca().fingerprint());
@@ -483,15 +504,23 @@ mod tests {
     #[tokio::test]
     async fn refused_requests_change_nothing() {
         let a = authority().await;
-        a.upsert_user(user("alice", &["access"], &["root"]), true).await.unwrap();
+        a.upsert_user(user("alice", &["access"], &["root"]), true)
+            .await
+            .unwrap();
         let before = a.get_user("alice").await.unwrap();
         let err = a
             .upsert_user(user("alice", &["nope"], &["root"]), false)
             .await
             .unwrap_err();
-        assert!(err.message.contains("role \"nope\" does not exist"), "{err}");
+        assert!(
+            err.message.contains("role \"nope\" does not exist"),
+            "{err}"
+        );
         assert_eq!(a.get_user("alice").await.unwrap(), before);
-        let err = a.upsert_user(user("alice", &["access"], &[]), true).await.unwrap_err();
+        let err = a
+            .upsert_user(user("alice", &["access"], &[]), true)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind, ErrorKind::AlreadyExists);
         assert_eq!(a.get_user("alice").await.unwrap(), before);
 
@@ -506,7 +535,9 @@ mod tests {
     async fn roles_in_use_and_builtin_roles_are_kept() {
         let a = authority().await;
         a.upsert_role(Role::new("dev"), true).await.unwrap();
-        a.upsert_user(user("bob", &["dev"], &[]), true).await.unwrap();
+        a.upsert_user(user("bob", &["dev"], &[]), true)
+            .await
+            .unwrap();
         let err = a.delete_role("dev").await.unwrap_err();
         assert!(err.message.contains("bob"), "{err}");
         assert!(a.delete_role("access").await.is_err());
@@ -520,8 +551,9 @@ mod tests {
         let a = authority().await;
         let mut short = Role::new("short");
         short.spec.allow.logins = Some(vec!["deploy".into()]);
-        short.spec.options.max_session_ttl =
-            Some(turnstile_api::duration::WrittenDuration(Duration::from_secs(600)));
+        short.spec.options.max_session_ttl = Some(turnstile_api::duration::WrittenDuration(
+            Duration::from_secs(600),
+        ));
         a.upsert_role(short, true).await.unwrap();
         a.upsert_user(user("carol", &["access", "short"], &["carol"]), true)
             .await

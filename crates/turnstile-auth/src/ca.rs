@@ -29,7 +29,9 @@ fn internal(what: &str) -> impl Fn(&dyn std::fmt::Display) -> ApiError + '_ {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// An SSH certificate authority.
@@ -169,9 +171,10 @@ impl TlsCa {
         let key = KeyPair::generate().map_err(|e| err(&e))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| err(&e))?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("turnstile {cluster_name} TLS CA"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("turnstile {cluster_name} TLS CA"),
+        );
         params
             .distinguished_name
             .push(DnType::OrganizationName, cluster_name);
@@ -238,7 +241,10 @@ impl TlsCa {
                 let spki = SubjectPublicKeyInfo::from_der(der).map_err(|e| {
                     ApiError::bad_parameter(format!("the TLS public key is not valid DER: {e}"))
                 })?;
-                (params.signed_by(&spki, &issuer).map_err(|e| err(&e))?, String::new())
+                (
+                    params.signed_by(&spki, &issuer).map_err(|e| err(&e))?,
+                    String::new(),
+                )
             }
             None => {
                 let key = KeyPair::generate().map_err(|e| err(&e))?;
@@ -321,7 +327,10 @@ mod tests {
         assert_eq!(back, Some(id));
         // Survives storage.
         let stored = ca.to_stored().unwrap();
-        assert_eq!(SshCa::from_stored(&stored).unwrap().fingerprint(), ca.fingerprint());
+        assert_eq!(
+            SshCa::from_stored(&stored).unwrap().fingerprint(),
+            ca.fingerprint()
+        );
     }
 
     #[test]
@@ -344,7 +353,14 @@ mod tests {
         let now = SystemTime::now();
         let ca = TlsCa::generate("main", now).unwrap();
         let issued = ca
-            .issue("main", SystemRole::Node, "host-1", None, now, Duration::from_secs(60))
+            .issue(
+                "main",
+                SystemRole::Node,
+                "host-1",
+                None,
+                now,
+                Duration::from_secs(60),
+            )
             .unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
         let (role, id) = peer_identity(&pem.contents).unwrap();

@@ -15,7 +15,9 @@ pub enum CertRefusal {
     UnknownCa,
     #[error("the certificate is a host certificate, not a user certificate")]
     NotUserCert,
-    #[error("the certificate expired at unix time {0}; get a new one with `turnstile login` or `turnstile admin sign`")]
+    #[error(
+        "the certificate expired at unix time {0}; get a new one with `turnstile login` or `turnstile admin sign`"
+    )]
     Expired(u64),
     #[error("the certificate is not valid before unix time {0}")]
     NotYetValid(u64),
@@ -82,8 +84,13 @@ mod tests {
         with_identity: bool,
     ) -> Certificate {
         let key = generate_ed25519();
-        let mut b = Builder::new(vec![7; 16], key.public_key().key_data().clone(), window.0, window.1)
-            .unwrap();
+        let mut b = Builder::new(
+            vec![7; 16],
+            key.public_key().key_data().clone(),
+            window.0,
+            window.1,
+        )
+        .unwrap();
         b.cert_type(kind).unwrap();
         for p in principals {
             b.valid_principal(*p).unwrap();
@@ -113,19 +120,40 @@ mod tests {
         assert_eq!(verify_user_cert(&good, &fp, now).unwrap().user, "alice");
 
         let other = generate_ed25519();
-        let foreign = cert(&other, CertType::User, &["root"], (now - 10, now + 10), true);
-        assert_eq!(verify_user_cert(&foreign, &fp, now), Err(CertRefusal::UnknownCa));
+        let foreign = cert(
+            &other,
+            CertType::User,
+            &["root"],
+            (now - 10, now + 10),
+            true,
+        );
+        assert_eq!(
+            verify_user_cert(&foreign, &fp, now),
+            Err(CertRefusal::UnknownCa)
+        );
 
         let host = cert(&ca, CertType::Host, &["root"], (now - 10, now + 10), true);
-        assert_eq!(verify_user_cert(&host, &fp, now), Err(CertRefusal::NotUserCert));
+        assert_eq!(
+            verify_user_cert(&host, &fp, now),
+            Err(CertRefusal::NotUserCert)
+        );
 
         let expired = cert(&ca, CertType::User, &["root"], (now - 10, now - 1), true);
-        assert_eq!(verify_user_cert(&expired, &fp, now), Err(CertRefusal::Expired(now - 1)));
+        assert_eq!(
+            verify_user_cert(&expired, &fp, now),
+            Err(CertRefusal::Expired(now - 1))
+        );
 
         let empty = cert(&ca, CertType::User, &[], (now - 10, now + 10), true);
-        assert_eq!(verify_user_cert(&empty, &fp, now), Err(CertRefusal::NoPrincipals));
+        assert_eq!(
+            verify_user_cert(&empty, &fp, now),
+            Err(CertRefusal::NoPrincipals)
+        );
 
         let anonymous = cert(&ca, CertType::User, &["root"], (now - 10, now + 10), false);
-        assert_eq!(verify_user_cert(&anonymous, &fp, now), Err(CertRefusal::NoIdentity));
+        assert_eq!(
+            verify_user_cert(&anonymous, &fp, now),
+            Err(CertRefusal::NoIdentity)
+        );
     }
 }

@@ -70,7 +70,11 @@ pub struct SshArgs {
     #[arg(value_name = "[LOGIN@]NODE")]
     pub destination: String,
     /// The command to run; without one, an interactive shell.
-    #[arg(value_name = "COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub command: Vec<String>,
 }
 
@@ -159,8 +163,10 @@ pub enum NodesCommand {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Writes PATH (private key, 0600), PATH-cert.pub, PATH.known_hosts and \
-PATH.ssh_config. Then:\n  ssh -F PATH.ssh_config NODE uptime\n  turnstile ssh -i PATH NODE")]
+#[command(
+    after_help = "Writes PATH (private key, 0600), PATH-cert.pub, PATH.known_hosts and \
+PATH.ssh_config. Then:\n  ssh -F PATH.ssh_config NODE uptime\n  turnstile ssh -i PATH NODE"
+)]
 pub struct SignArgs {
     /// The user to sign for.
     #[arg(long)]

@@ -75,7 +75,13 @@ pub fn write(out: &Path, id: &NewIdentity<'_>) -> anyhow::Result<IdentityPaths> 
     let known_hosts: String = id
         .host_ca
         .iter()
-        .map(|k| format!("@cert-authority * {} turnstile-{}-host-ca\n", k.trim(), id.cluster_name))
+        .map(|k| {
+            format!(
+                "@cert-authority * {} turnstile-{}-host-ca\n",
+                k.trim(),
+                id.cluster_name
+            )
+        })
         .collect();
     write_file(&paths.known_hosts, known_hosts.as_bytes(), 0o644)?;
     let proxy_host = host_of(id.proxy);

@@ -146,10 +146,7 @@ async fn host_credentials(
             ),
         },
     }
-    let certificate = keys
-        .certificate
-        .clone()
-        .context("no host certificate")?;
+    let certificate = keys.certificate.clone().context("no host certificate")?;
     Ok(HostCredentials {
         key: keys.key,
         certificate,
@@ -158,7 +155,10 @@ async fn host_credentials(
 
 fn host_part(addr: &str) -> String {
     match addr.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        Some((host, _)) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         None => addr.to_string(),
     }
 }
@@ -219,8 +219,12 @@ async fn launch_services(
         );
     };
     let backend: Arc<dyn Backend> = Arc::new(
-        SqliteBackend::open(&auth_settings.storage_path)
-            .with_context(|| format!("cannot open the backend {}", auth_settings.storage_path.display()))?,
+        SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
+            format!(
+                "cannot open the backend {}",
+                auth_settings.storage_path.display()
+            )
+        })?,
     );
     let authority = Arc::new(
         Authority::open(backend, Arc::new(SystemClock), &auth_settings.cluster_name).await?,
@@ -251,7 +255,12 @@ async fn launch_services(
         let public = advertised_addr(proxy.public_addr.as_deref(), bound);
         let tls = local_identity(&authority, &data_dir, SystemRole::Proxy, &host_id)?;
         let view = ClusterView::new(auth_client(&auth_target, &tls)?);
-        let mut principals = vec![host_part(&public), bound.ip().to_string(), "localhost".into(), host_name()];
+        let mut principals = vec![
+            host_part(&public),
+            bound.ip().to_string(),
+            "localhost".into(),
+            host_name(),
+        ];
         principals.dedup();
         let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
         view.spawn_refresher(VIEW_REFRESH, shutdown.clone());

@@ -41,12 +41,18 @@ async fn get_put_delete(b: &dyn Backend) {
     assert!(matches!(b.get("a").await, Err(BackendError::NotFound(_))));
     let r1 = b.put("a", b"1".to_vec(), None).await.unwrap();
     let item = b.get("a").await.unwrap();
-    assert_eq!((item.key.as_str(), item.value.as_slice(), item.revision), ("a", &b"1"[..], r1));
+    assert_eq!(
+        (item.key.as_str(), item.value.as_slice(), item.revision),
+        ("a", &b"1"[..], r1)
+    );
     let r2 = b.put("a", b"2".to_vec(), None).await.unwrap();
     assert!(r2 > r1, "revisions rise on every write");
     b.delete("a").await.unwrap();
     assert!(matches!(b.get("a").await, Err(BackendError::NotFound(_))));
-    assert!(matches!(b.delete("a").await, Err(BackendError::NotFound(_))));
+    assert!(matches!(
+        b.delete("a").await,
+        Err(BackendError::NotFound(_))
+    ));
     let r3 = b.put("a", b"3".to_vec(), None).await.unwrap();
     assert!(r3 > r2, "a recreated key never reuses an old revision");
 }
@@ -57,7 +63,11 @@ async fn create_is_exclusive(b: &dyn Backend) {
         b.create("t", b"y".to_vec(), None).await,
         Err(BackendError::AlreadyExists(_))
     ));
-    assert_eq!(b.get("t").await.unwrap().value, b"x", "a refused create changes nothing");
+    assert_eq!(
+        b.get("t").await.unwrap().value,
+        b"x",
+        "a refused create changes nothing"
+    );
 }
 
 async fn compare_and_swap_checks_revision(b: &dyn Backend) {
@@ -66,7 +76,10 @@ async fn compare_and_swap_checks_revision(b: &dyn Backend) {
         Err(BackendError::NotFound(_))
     ));
     let r1 = b.put("s", b"1".to_vec(), None).await.unwrap();
-    let r2 = b.compare_and_swap("s", r1, b"2".to_vec(), None).await.unwrap();
+    let r2 = b
+        .compare_and_swap("s", r1, b"2".to_vec(), None)
+        .await
+        .unwrap();
     assert!(matches!(
         b.compare_and_swap("s", r1, b"stale".to_vec(), None).await,
         Err(BackendError::CompareFailed(_))
@@ -122,7 +135,12 @@ async fn racing_swaps_are_exact(b: Arc<dyn Backend>) {
                 let item = b.get("counter").await.unwrap();
                 let n: u64 = std::str::from_utf8(&item.value).unwrap().parse().unwrap();
                 match b
-                    .compare_and_swap("counter", item.revision, (n + 1).to_string().into_bytes(), None)
+                    .compare_and_swap(
+                        "counter",
+                        item.revision,
+                        (n + 1).to_string().into_bytes(),
+                        None,
+                    )
                     .await
                 {
                     Ok(_) => break,

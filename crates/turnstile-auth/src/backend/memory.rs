@@ -90,12 +90,7 @@ impl Backend for MemoryBackend {
         Ok(self.with_state(|s, _| s.write(key, value, expires)))
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expires: Option<SystemTime>,
-    ) -> Result<u64> {
+    async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
         self.with_state(|s, now| {
             if s.live(key, now).is_some() {
                 return Err(BackendError::AlreadyExists(key.into()));

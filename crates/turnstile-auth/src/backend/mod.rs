@@ -70,8 +70,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn put(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64>;
 
     /// Writes only if no live item is at `key`, else `AlreadyExists`.
-    async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>)
-    -> Result<u64>;
+    async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64>;
 
     /// Writes only if the live item's revision is `expected`: `NotFound` if
     /// there is none, `CompareFailed` if it changed.

@@ -46,8 +46,10 @@ impl SqliteBackend {
     pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
         let conn = Connection::open(path)
             .map_err(|e| BackendError::Storage(format!("open {}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(storage)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(storage)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(storage)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(storage)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS kv (
@@ -136,7 +138,12 @@ fn live_item(tx: &Transaction<'_>, key: &str, now: i64) -> Result<Option<Item>> 
     .map_err(storage)
 }
 
-fn write(tx: &Transaction<'_>, key: &str, value: &[u8], expires: Option<SystemTime>) -> Result<u64> {
+fn write(
+    tx: &Transaction<'_>,
+    key: &str,
+    value: &[u8],
+    expires: Option<SystemTime>,
+) -> Result<u64> {
     let revision: i64 = tx
         .query_row(
             "UPDATE meta SET revision = revision + 1 WHERE id = 1 RETURNING revision",
@@ -178,12 +185,7 @@ impl Backend for SqliteBackend {
             .await
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expires: Option<SystemTime>,
-    ) -> Result<u64> {
+    async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
         let key = key.to_string();
         self.transact(true, move |tx, now| {
             if live_item(tx, &key, now)?.is_some() {

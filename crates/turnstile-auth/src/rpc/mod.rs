@@ -169,7 +169,10 @@ impl proto::auth_server::Auth for AuthApi {
         })
     }
 
-    async fn delete_role(&self, req: Request<proto::DeleteRequest>) -> RpcResult<proto::DeleteResponse> {
+    async fn delete_role(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> RpcResult<proto::DeleteResponse> {
         require(&req, ADMIN)?;
         self.authority
             .delete_role(&req.into_inner().name)
@@ -205,7 +208,10 @@ impl proto::auth_server::Auth for AuthApi {
         ok(proto::UpsertUserResponse { created })
     }
 
-    async fn list_users(&self, req: Request<proto::ListUsersRequest>) -> RpcResult<proto::UserList> {
+    async fn list_users(
+        &self,
+        req: Request<proto::ListUsersRequest>,
+    ) -> RpcResult<proto::UserList> {
         require(&req, ADMIN)?;
         let users = self.authority.list_users().await.map_err(fail)?;
         ok(proto::UserList {
@@ -213,7 +219,10 @@ impl proto::auth_server::Auth for AuthApi {
         })
     }
 
-    async fn delete_user(&self, req: Request<proto::DeleteRequest>) -> RpcResult<proto::DeleteResponse> {
+    async fn delete_user(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> RpcResult<proto::DeleteResponse> {
         require(&req, ADMIN)?;
         self.authority
             .delete_user(&req.into_inner().name)
@@ -266,7 +275,9 @@ impl proto::auth_server::Auth for AuthApi {
             .generate_host_cert(&c.id, &key, &r.principals)
             .map_err(fail)?;
         ok(proto::GenerateHostCertResponse {
-            certificate: cert.to_openssh().map_err(|e| Status::internal(e.to_string()))?,
+            certificate: cert
+                .to_openssh()
+                .map_err(|e| Status::internal(e.to_string()))?,
         })
     }
 
@@ -295,7 +306,10 @@ impl proto::auth_server::Auth for AuthApi {
         ok(proto::UpsertNodeResponse {})
     }
 
-    async fn list_nodes(&self, req: Request<proto::ListNodesRequest>) -> RpcResult<proto::NodeList> {
+    async fn list_nodes(
+        &self,
+        req: Request<proto::ListNodesRequest>,
+    ) -> RpcResult<proto::NodeList> {
         require(&req, ANY)?;
         let nodes = self.authority.list_nodes().await.map_err(fail)?;
         ok(proto::NodeList {

@@ -91,16 +91,24 @@ impl HostChecker {
         let cert = match key {
             PublicKeyOrCertificate::Certificate(cert) => cert,
             PublicKeyOrCertificate::PublicKey { .. } => {
-                return Err("it presented a bare host key, not a host certificate of the cluster".into());
+                return Err(
+                    "it presented a bare host key, not a host certificate of the cluster".into(),
+                );
             }
         };
-        let fingerprints: Vec<_> = self.host_ca.iter().map(|k| k.fingerprint(HashAlg::Sha256)).collect();
+        let fingerprints: Vec<_> = self
+            .host_ca
+            .iter()
+            .map(|k| k.fingerprint(HashAlg::Sha256))
+            .collect();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        cert.validate_at(now, &fingerprints)
-            .map_err(|_| "its host certificate is not signed by the cluster's host CA, or has expired".to_string())?;
+        cert.validate_at(now, &fingerprints).map_err(|_| {
+            "its host certificate is not signed by the cluster's host CA, or has expired"
+                .to_string()
+        })?;
         if cert.cert_type() != CertType::Host {
             return Err("it presented a user certificate as its host certificate".into());
         }
@@ -118,7 +126,10 @@ impl HostChecker {
 impl Handler for HostChecker {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         match self.verify(key) {
             Ok(()) => Ok(true),
             Err(reason) => {
@@ -147,8 +158,10 @@ impl Handler for HostChecker {
 }
 
 fn client_config() -> Arc<client::Config> {
-    let mut preferred = russh::Preferred::default();
-    preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
+    let preferred = russh::Preferred {
+        host_key_certificates: std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]),
+        ..Default::default()
+    };
     Arc::new(client::Config {
         preferred,
         inactivity_timeout: None,
@@ -169,13 +182,18 @@ pub struct NodeConnection {
 impl NodeConnection {
     /// The text of the last refused channel open, for the user.
     pub fn take_open_failure(&self) -> Option<String> {
-        self.open_failure.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.open_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 
 fn host_of(addr: &str) -> &str {
     match addr.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host.trim_start_matches('[').trim_end_matches(']'),
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
         _ => addr,
     }
 }
@@ -196,16 +214,18 @@ where
     let open_failure = checker.open_failure.clone();
     let mut handle = client::connect_stream(client_config(), stream, checker)
         .await
-        .map_err(|e| match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(reason) => ClientError::HostRejected {
-                host: host.to_string(),
-                reason,
+        .map_err(
+            |e| match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(reason) => ClientError::HostRejected {
+                    host: host.to_string(),
+                    reason,
+                },
+                None => ClientError::Protocol {
+                    host: host.to_string(),
+                    message: e.to_string(),
+                },
             },
-            None => ClientError::Protocol {
-                host: host.to_string(),
-                message: e.to_string(),
-            },
-        })?;
+        )?;
     let result = handle
         .authenticate_openssh_cert(login, creds.key.clone(), creds.certificate.clone())
         .await
@@ -216,7 +236,8 @@ where
     if !result.success() {
         return Err(ClientError::AuthRefused {
             host: host.to_string(),
-            reason: "the certificate was not accepted (is it from this cluster, and still valid?)".into(),
+            reason: "the certificate was not accepted (is it from this cluster, and still valid?)"
+                .into(),
         });
     }
     Ok((handle, open_failure))
@@ -230,12 +251,13 @@ pub async fn connect_via_proxy(
     creds: &UserCredentials,
     host_ca: &[PublicKey],
 ) -> Result<NodeConnection, ClientError> {
-    let tcp = TcpStream::connect(proxy_addr)
-        .await
-        .map_err(|source| ClientError::ProxyUnreachable {
-            addr: proxy_addr.to_string(),
-            source,
-        })?;
+    let tcp =
+        TcpStream::connect(proxy_addr)
+            .await
+            .map_err(|source| ClientError::ProxyUnreachable {
+                addr: proxy_addr.to_string(),
+                source,
+            })?;
     let _ = tcp.set_nodelay(true);
     let proxy_name = format!("the proxy at {proxy_addr}");
     let (proxy, proxy_failure) = handshake(
@@ -259,8 +281,15 @@ pub async fn connect_via_proxy(
             ClientError::ChannelRefused(text)
         })?;
     let node_name = format!("node {node:?}");
-    let (handle, open_failure) =
-        handshake(channel.into_stream(), &node_name, node, login, creds, host_ca).await?;
+    let (handle, open_failure) = handshake(
+        channel.into_stream(),
+        &node_name,
+        node,
+        login,
+        creds,
+        host_ca,
+    )
+    .await?;
     Ok(NodeConnection {
         handle,
         open_failure,
@@ -297,7 +326,10 @@ mod tests {
     #[test]
     fn cert_authority_lines_are_read() {
         let key = crate::identity::generate_ed25519();
-        let line = format!("@cert-authority * {}\n# comment\n", key.public_key().to_openssh().unwrap());
+        let line = format!(
+            "@cert-authority * {}\n# comment\n",
+            key.public_key().to_openssh().unwrap()
+        );
         let keys = parse_cert_authorities(&line);
         assert_eq!(keys, vec![key.public_key().clone()]);
     }

@@ -38,7 +38,10 @@ pub async fn run_session(
         message: e.to_string(),
     };
     for (k, v) in &request.env {
-        channel.set_env(false, k.as_str(), v.as_str()).await.map_err(protocol)?;
+        channel
+            .set_env(false, k.as_str(), v.as_str())
+            .await
+            .map_err(protocol)?;
     }
     if let Some((term, cols, rows)) = &request.pty {
         channel
@@ -66,7 +69,11 @@ pub async fn run_session(
                         break;
                     }
                     Ok(n) => {
-                        if writer.data_bytes(bytes::Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        if writer
+                            .data_bytes(bytes::Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -105,7 +112,9 @@ pub async fn run_session(
             ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name, .. } => {
                 stderr
-                    .write_all(format!("remote command killed by signal {signal_name:?}\r\n").as_bytes())
+                    .write_all(
+                        format!("remote command killed by signal {signal_name:?}\r\n").as_bytes(),
+                    )
                     .await
                     .ok();
                 status = Some(NO_EXIT_STATUS);

@@ -17,7 +17,9 @@ pub fn stdout_is_tty() -> bool {
 
 /// (columns, rows) of the terminal on standard output, or on standard input.
 pub fn window_size() -> Option<(u32, u32)> {
-    let ws = tcgetwinsize(std::io::stdout()).or_else(|_| tcgetwinsize(std::io::stdin())).ok()?;
+    let ws = tcgetwinsize(std::io::stdout())
+        .or_else(|_| tcgetwinsize(std::io::stdin()))
+        .ok()?;
     (ws.ws_col > 0 && ws.ws_row > 0).then(|| (u32::from(ws.ws_col), u32::from(ws.ws_row)))
 }
 

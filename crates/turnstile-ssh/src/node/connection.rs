@@ -140,9 +140,7 @@ impl Handler for NodeConnection {
                 };
                 reply.accept().await;
                 let handle = session.handle();
-                self.shared
-                    .tasks
-                    .spawn(serve_session(channel, handle, ctx));
+                self.shared.tasks.spawn(serve_session(channel, handle, ctx));
             }
             Access::Denied { reason } => reply.reject(prohibited(reason.clone())).await,
             Access::Pending => reply.reject(prohibited("not authenticated")).await,

@@ -89,7 +89,11 @@ impl NodeService {
         Self { config, view, host }
     }
 
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         let bound = listener.local_addr()?;
         let advertised = advertised_addr(self.config.public_addr.as_deref(), bound);
         let shared = Arc::new(NodeShared {
@@ -98,7 +102,11 @@ impl NodeService {
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
         });
-        let heartbeat = tokio::spawn(heartbeat(shared.clone(), advertised.clone(), shutdown.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            shared.clone(),
+            advertised.clone(),
+            shutdown.clone(),
+        ));
         let server_config = Arc::new(server_config(&self.host));
         tracing::info!(node = %self.config.node_name, %advertised, "node service listening");
         loop {
@@ -143,7 +151,9 @@ impl NodeService {
             .await
             .is_err()
         {
-            tracing::warn!("sessions still running after the shutdown grace period; stopping anyway");
+            tracing::warn!(
+                "sessions still running after the shutdown grace period; stopping anyway"
+            );
         }
         tracing::info!("node service stopped");
         Ok(())

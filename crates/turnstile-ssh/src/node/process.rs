@@ -79,7 +79,10 @@ fn environment(user: &LocalUser, launch: &Launch, pty: bool) -> Vec<(String, Str
         ("HOME".to_string(), user.home.to_string_lossy().into_owned()),
         ("USER".to_string(), user.name.clone()),
         ("LOGNAME".to_string(), user.name.clone()),
-        ("SHELL".to_string(), user.shell.to_string_lossy().into_owned()),
+        (
+            "SHELL".to_string(),
+            user.shell.to_string_lossy().into_owned(),
+        ),
         ("PATH".to_string(), user.default_path().to_string()),
     ];
     if pty {
@@ -120,7 +123,10 @@ fn program_and_args(user: &LocalUser, launch: &Launch) -> (PathBuf, Vec<String>,
 
 /// Returns the hook that drops to `user` (when we are root) and, if asked,
 /// starts a new session so signals reach the whole process group.
-fn drop_privileges(user: &LocalUser, new_session: bool) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+fn drop_privileges(
+    user: &LocalUser,
+    new_session: bool,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
     let groups = user.groups.clone();
     let (uid, gid) = (user.uid, user.gid);
     let switch = nix::unistd::geteuid().is_root() && !uid.is_root();
@@ -205,7 +211,10 @@ pub fn spawn_pty(
     // SAFETY: as in `spawn_piped`; pty-process runs its own setsid and
     // TIOCSCTTY first, so this hook does not start another session.
     let cmd = unsafe { cmd.pre_exec(drop_privileges(user, false)) };
-    let child = cmd.kill_on_drop(true).spawn(pts).map_err(std::io::Error::other)?;
+    let child = cmd
+        .kill_on_drop(true)
+        .spawn(pts)
+        .map_err(std::io::Error::other)?;
     Ok((child, pty))
 }
 
@@ -219,9 +228,7 @@ fn chown_pts(pts: &pty_process::Pts, user: &LocalUser) {
     let link = format!("/proc/self/fd/{}", pts.as_raw_fd());
     if let Ok(path) = std::fs::read_link(link) {
         let _ = nix::unistd::chown(&path, Some(user.uid), Some(user.gid));
-        let _ = std::fs::set_permissions(
-            &path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o620),
-        );
+        let _ =
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o620));
     }
 }

@@ -27,7 +27,11 @@ fn env_allowed(name: &str) -> bool {
     matches!(name, "LANG" | "TZ" | "COLORTERM") || name.starts_with("LC_")
 }
 
-const SFTP_SERVERS: &[&str] = &["/usr/lib/openssh/sftp-server", "/usr/lib/sftp-server", "/usr/libexec/sftp-server"];
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/lib/sftp-server",
+    "/usr/libexec/sftp-server",
+];
 
 /// Who the session is for.
 #[derive(Debug, Clone)]

@@ -53,7 +53,11 @@ impl ProxyService {
         Self { config, view, host }
     }
 
-    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         let shared = Arc::new(ProxyShared {
             config: self.config.clone(),
             view: self.view.clone(),

@@ -15,7 +15,9 @@ use turnstile_api::rpc::{AuthClient, proto};
 use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
-use crate::cli::{AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, UsersCommand};
+use crate::cli::{
+    AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, UsersCommand,
+};
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
 use crate::process::{AUTH_ADDR_FILE, PROXY_ADDR_FILE};
@@ -173,12 +175,16 @@ async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
                     vec![
                         r.name().to_string(),
                         r.spec.allow.logins.clone().unwrap_or_default().join(","),
-                        r.spec.allow.node_labels.as_ref().map_or("(all)".into(), |s| {
-                            s.iter()
-                                .map(|(k, v)| format!("{k}={}", v.values().join("|")))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        }),
+                        r.spec
+                            .allow
+                            .node_labels
+                            .as_ref()
+                            .map_or("(all)".into(), |s| {
+                                s.iter()
+                                    .map(|(k, v)| format!("{k}={}", v.values().join("|")))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            }),
                         limit(o.max_connections),
                         limit(o.max_sessions),
                         o.max_session_ttl.map_or("-".into(), |d| d.to_string()),
@@ -186,7 +192,14 @@ async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
                 })
                 .collect();
             print_table(
-                &["NAME", "LOGINS", "NODE LABELS", "MAX CONNECTIONS", "MAX SESSIONS", "MAX TTL"],
+                &[
+                    "NAME",
+                    "LOGINS",
+                    "NODE LABELS",
+                    "MAX CONNECTIONS",
+                    "MAX SESSIONS",
+                    "MAX TTL",
+                ],
                 &rows,
             );
         }
@@ -227,7 +240,11 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
             println!(
                 "user {name:?} added (roles: {}; logins: {})",
                 roles.join(", "),
-                if logins.is_empty() { "none".into() } else { logins.join(", ") }
+                if logins.is_empty() {
+                    "none".into()
+                } else {
+                    logins.join(", ")
+                }
             );
             println!(
                 "Give them an identity: turnstile admin sign --user {name} --out {name} --data-dir {}",
@@ -308,8 +325,8 @@ async fn nodes_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
 }
 
 async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
-    let ttl = turnstile_api::duration::parse(&args.ttl)
-        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let ttl =
+        turnstile_api::duration::parse(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     if ttl.is_zero() {
         bail!("--ttl: must be longer than zero, e.g. 1h");
     }
@@ -331,7 +348,12 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
     let user = users
         .iter()
         .find(|u| u.name == args.user)
-        .with_context(|| format!("user {:?} not found; add them with `turnstile admin users add`", args.user))?;
+        .with_context(|| {
+            format!(
+                "user {:?} not found; add them with `turnstile admin users add`",
+                args.user
+            )
+        })?;
     let key = generate_ed25519();
     let issued = admin
         .client
@@ -372,10 +394,17 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
     println!(
         "Identity of user {:?} written, valid until {} (logins: {}):",
         args.user,
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(issued.valid_before_unix)),
+        humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + Duration::from_secs(issued.valid_before_unix)
+        ),
         issued.principals.join(", ")
     );
-    for p in [&paths.key, &paths.cert, &paths.known_hosts, &paths.ssh_config] {
+    for p in [
+        &paths.key,
+        &paths.cert,
+        &paths.known_hosts,
+        &paths.ssh_config,
+    ] {
         println!("  {}", p.display());
     }
     println!("Connect with:");

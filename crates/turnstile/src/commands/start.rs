@@ -8,7 +8,9 @@ use crate::config;
 use crate::process::{Running, launch};
 
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -19,7 +21,10 @@ fn shell_quote(s: &str) -> String {
 pub fn ready_banner(r: &Running) -> String {
     let mut out = String::new();
     let dir = shell_quote(&r.data_dir.display().to_string());
-    out.push_str(&format!("Turnstile {} is running.\n", turnstile_api::VERSION));
+    out.push_str(&format!(
+        "Turnstile {} is running.\n",
+        turnstile_api::VERSION
+    ));
     if let Some(cluster) = &r.cluster_name {
         out.push_str(&format!("  cluster  {cluster}\n"));
     }
@@ -38,7 +43,10 @@ pub fn ready_banner(r: &Running) -> String {
     }
     if r.auth_addr.is_some() {
         let node = r.node_name.clone().unwrap_or_else(|| "NODE".into());
-        let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into());
+        let user = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "root".into());
         out.push_str("\nAdd a user and connect:\n");
         out.push_str(&format!(
             "  turnstile admin users add alice --roles access --logins {user} --data-dir {dir}\n"

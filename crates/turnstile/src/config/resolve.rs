@@ -80,7 +80,9 @@ fn check_public_addr(field: &str, value: Option<String>) -> Result<Option<String
         }
         _ => Err(field_error(
             field,
-            format!("{value:?} is not host:port with a real port; write it like proxy.example.com:3023"),
+            format!(
+                "{value:?} is not host:port with a real port; write it like proxy.example.com:3023"
+            ),
         )),
     }
 }
@@ -138,7 +140,11 @@ pub fn resolve(
     }
 
     let auth_section = file.auth_service.as_ref();
-    let auth = if enabled(auth_section.is_some(), auth_section.and_then(|a| a.enabled), from_file) {
+    let auth = if enabled(
+        auth_section.is_some(),
+        auth_section.and_then(|a| a.enabled),
+        from_file,
+    ) {
         let a = file.auth_service.unwrap_or_default();
         let session_recording = a.session_recording.unwrap_or_else(|| "node".into());
         if !RECORDING_MODES.contains(&session_recording.as_str()) {
@@ -184,7 +190,11 @@ pub fn resolve(
     };
 
     let proxy_section = file.proxy_service.as_ref();
-    let proxy = if enabled(proxy_section.is_some(), proxy_section.and_then(|p| p.enabled), from_file) {
+    let proxy = if enabled(
+        proxy_section.is_some(),
+        proxy_section.and_then(|p| p.enabled),
+        from_file,
+    ) {
         let p = file.proxy_service.unwrap_or_default();
         Some(ProxySettings {
             listen_addr: parse_listen(
@@ -199,7 +209,11 @@ pub fn resolve(
     };
 
     let ssh_section = file.ssh_service.as_ref();
-    let node = if enabled(ssh_section.is_some(), ssh_section.and_then(|s| s.enabled), from_file) {
+    let node = if enabled(
+        ssh_section.is_some(),
+        ssh_section.and_then(|s| s.enabled),
+        from_file,
+    ) {
         let s = file.ssh_service.unwrap_or_default();
         let node_name = s.node_name.unwrap_or_else(host_name);
         validate_name("node name", &node_name)
@@ -225,7 +239,10 @@ pub fn resolve(
     };
 
     if auth.is_none() && proxy.is_none() && node.is_none() {
-        return Err("no service is enabled: add auth_service, proxy_service or ssh_service to the config".into());
+        return Err(
+            "no service is enabled: add auth_service, proxy_service or ssh_service to the config"
+                .into(),
+        );
     }
     let auth_servers = global.auth_servers.unwrap_or_default();
     if auth.is_none() && auth_servers.is_empty() {
@@ -261,7 +278,10 @@ mod tests {
 
     #[test]
     fn absent_sections_are_off_in_a_file() {
-        let f = parse("turnstile:\n  auth_servers: [\"127.0.0.1:3025\"]\nssh_service:\n  node_name: web1\n").unwrap();
+        let f = parse(
+            "turnstile:\n  auth_servers: [\"127.0.0.1:3025\"]\nssh_service:\n  node_name: web1\n",
+        )
+        .unwrap();
         let c = resolve(f, None, true).unwrap();
         assert!(c.auth.is_none() && c.proxy.is_none());
         assert_eq!(c.node.unwrap().node_name, "web1");
@@ -270,13 +290,31 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let cases = [
-            ("auth_service:\n  listen_addr: nowhere\n", "auth_service.listen_addr"),
-            ("auth_service:\n  session_control_timeout: 0s\n", "auth_service.session_control_timeout"),
-            ("auth_service:\n  session_recording: always\n", "auth_service.session_recording"),
-            ("ssh_service:\n  node_name: \"bad name\"\nauth_service: {}\n", "ssh_service.node_name"),
-            ("proxy_service:\n  public_addr: proxy\nauth_service: {}\n", "proxy_service.public_addr"),
+            (
+                "auth_service:\n  listen_addr: nowhere\n",
+                "auth_service.listen_addr",
+            ),
+            (
+                "auth_service:\n  session_control_timeout: 0s\n",
+                "auth_service.session_control_timeout",
+            ),
+            (
+                "auth_service:\n  session_recording: always\n",
+                "auth_service.session_recording",
+            ),
+            (
+                "ssh_service:\n  node_name: \"bad name\"\nauth_service: {}\n",
+                "ssh_service.node_name",
+            ),
+            (
+                "proxy_service:\n  public_addr: proxy\nauth_service: {}\n",
+                "proxy_service.public_addr",
+            ),
             ("ssh_service: {}\n", "turnstile.auth_servers"),
-            ("turnstile:\n  storage:\n    type: mysql\nauth_service: {}\n", "turnstile.storage.type"),
+            (
+                "turnstile:\n  storage:\n    type: mysql\nauth_service: {}\n",
+                "turnstile.storage.type",
+            ),
         ];
         for (yaml, field) in cases {
             let err = resolve(parse(yaml).unwrap(), None, true).unwrap_err();
@@ -301,6 +339,9 @@ mod example_tests {
         let auth = c.auth.unwrap();
         assert_eq!(auth.session_control_timeout, Duration::from_secs(120));
         assert_eq!(auth.cluster_name, "main");
-        assert_eq!(c.proxy.unwrap().public_addr.as_deref(), Some("127.0.0.1:3023"));
+        assert_eq!(
+            c.proxy.unwrap().public_addr.as_deref(),
+            Some("127.0.0.1:3023")
+        );
     }
 }

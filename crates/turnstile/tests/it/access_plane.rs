@@ -10,14 +10,24 @@ async fn runs_a_command_through_the_proxy_with_its_exit_status() {
     let id = c.sign("alice").await;
 
     let out = c
-        .ssh(&id, &["root@web1", "--", "echo out; echo err >&2; echo $TURNSTILE_SESSION_ID; exit 3"])
+        .ssh(
+            &id,
+            &[
+                "root@web1",
+                "--",
+                "echo out; echo err >&2; echo $TURNSTILE_SESSION_ID; exit 3",
+            ],
+        )
         .await;
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let mut lines = stdout.lines();
     assert_eq!(lines.next(), Some("out"));
     let sid = lines.next().expect("session id line");
-    assert!(uuid::Uuid::parse_str(sid).is_ok(), "TURNSTILE_SESSION_ID {sid:?} is a UUID");
+    assert!(
+        uuid::Uuid::parse_str(sid).is_ok(),
+        "TURNSTILE_SESSION_ID {sid:?} is a UUID"
+    );
     assert_eq!(text(&out.stderr), "err\n");
 
     // Without LOGIN@ the user's first login is used.
@@ -49,7 +59,14 @@ async fn sessions_run_as_the_login_with_its_home_and_groups() {
     c.add_user("bob", "access", login).await;
     let id = c.sign("bob").await;
     let out = c
-        .ssh(&id, &[&format!("{login}@web1"), "--", "id -un; id -u; echo $HOME; pwd; echo $USER"])
+        .ssh(
+            &id,
+            &[
+                &format!("{login}@web1"),
+                "--",
+                "id -un; id -u; echo $HOME; pwd; echo $USER",
+            ],
+        )
         .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let pw = nix::unistd::User::from_name(login).unwrap().unwrap();
@@ -61,9 +78,15 @@ async fn sessions_run_as_the_login_with_its_home_and_groups() {
     );
     assert_eq!(text(&out.stdout), expected);
     // Privileges really dropped: root's files are out of reach.
-    let out = c.ssh(&id, &[&format!("{login}@web1"), "cat", "/etc/shadow"]).await;
+    let out = c
+        .ssh(&id, &[&format!("{login}@web1"), "cat", "/etc/shadow"])
+        .await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("Permission denied"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +98,10 @@ async fn admin_lists_what_was_created() {
     assert_eq!(user["user"], "alice");
     assert_eq!(user["logins"], serde_json::json!(["root", "alice"]));
     let nodes = c.admin_ok(&["nodes", "ls"]).await;
-    assert!(nodes.contains("web1") && nodes.contains("env=dev"), "{nodes}");
+    assert!(
+        nodes.contains("web1") && nodes.contains("env=dev"),
+        "{nodes}"
+    );
     let roles = c.admin_ok(&["roles", "ls"]).await;
     assert!(roles.contains("access"), "{roles}");
     c.admin_ok(&["users", "rm", "alice"]).await;

@@ -55,18 +55,35 @@ async fn start_prints_the_ready_block_serves_users_and_stops_on_sigterm() {
         all.extend(["--data-dir", data_flag]);
         all.into_iter().map(String::from).collect::<Vec<_>>()
     };
-    let add = admin(&["users", "add", "alice", "--roles", "access", "--logins", "root"]);
-    let out = run(BIN, &add.iter().map(String::as_str).collect::<Vec<_>>(), None).await;
+    let add = admin(&[
+        "users", "add", "alice", "--roles", "access", "--logins", "root",
+    ]);
+    let out = run(
+        BIN,
+        &add.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = dir.path().join("alice");
     let sign = admin(&["sign", "--user", "alice", "--out", id.to_str().unwrap()]);
-    let out = run(BIN, &sign.iter().map(String::as_str).collect::<Vec<_>>(), None).await;
+    let out = run(
+        BIN,
+        &sign.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Nodes register right after start; poll until the proxy can route.
     let mut ok = false;
     for _ in 0..100 {
-        let out = run(BIN, &["ssh", "-i", id.to_str().unwrap(), "box1", "echo", "up"], None).await;
+        let out = run(
+            BIN,
+            &["ssh", "-i", id.to_str().unwrap(), "box1", "echo", "up"],
+            None,
+        )
+        .await;
         if text(&out.stdout) == "up\n" {
             ok = true;
             break;
@@ -75,7 +92,12 @@ async fn start_prints_the_ready_block_serves_users_and_stops_on_sigterm() {
     }
     assert!(ok, "turnstile ssh reaches the node");
     let cfg = format!("{}.ssh_config", id.display());
-    let out = run(openssh(), &["-F", &cfg, "-o", "BatchMode=yes", "box1", "echo openssh"], None).await;
+    let out = run(
+        openssh(),
+        &["-F", &cfg, "-o", "BatchMode=yes", "box1", "echo openssh"],
+        None,
+    )
+    .await;
     assert_eq!(text(&out.stdout), "openssh\n", "{}", text(&out.stderr));
 
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
@@ -91,7 +113,11 @@ async fn start_prints_the_ready_block_serves_users_and_stops_on_sigterm() {
 async fn bad_config_is_refused_naming_key_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");
-    std::fs::write(&config, "turnstile:\n  data_dir: /tmp/x\nssh_service:\n  node_nme: web1\n").unwrap();
+    std::fs::write(
+        &config,
+        "turnstile:\n  data_dir: /tmp/x\nssh_service:\n  node_nme: web1\n",
+    )
+    .unwrap();
     let out = run(BIN, &["start", "--config", config.to_str().unwrap()], None).await;
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
@@ -101,7 +127,11 @@ async fn bad_config_is_refused_naming_key_line_and_column() {
     std::fs::write(&config, "auth_service:\n  session_control_timeout: -5s\n").unwrap();
     let out = run(BIN, &["start", "--config", config.to_str().unwrap()], None).await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("session_control_timeout"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("session_control_timeout"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,28 +144,65 @@ async fn bad_roles_are_refused_and_change_nothing() {
     .await;
     let before = c.admin_ok(&["roles", "ls", "--format", "json"]).await;
     let cases = [
-        ("spec:\n  options:\n    max_connections: -1\n", "spec.options.max_connections"),
-        ("spec:\n  options:\n    max_sessions: 2.5\n", "spec.options.max_sessions"),
-        ("spec:\n  allow:\n    lgins: [root]\n", "unknown field `lgins`"),
-        ("spec:\n  allow:\n    logins: [\"{{external.x}}\"]\n", "spec.allow.logins[0]"),
+        (
+            "spec:\n  options:\n    max_connections: -1\n",
+            "spec.options.max_connections",
+        ),
+        (
+            "spec:\n  options:\n    max_sessions: 2.5\n",
+            "spec.options.max_sessions",
+        ),
+        (
+            "spec:\n  allow:\n    lgins: [root]\n",
+            "unknown field `lgins`",
+        ),
+        (
+            "spec:\n  allow:\n    logins: [\"{{external.x}}\"]\n",
+            "spec.allow.logins[0]",
+        ),
     ];
     for (spec, needle) in cases {
         let path = c.dir.path().join("bad-role.yaml");
-        std::fs::write(&path, format!("kind: role\nversion: v3\nmetadata:\n  name: dev\n{spec}")).unwrap();
-        let out = c.admin(&["roles", "create", "-f", path.to_str().unwrap(), "--force"]).await;
+        std::fs::write(
+            &path,
+            format!("kind: role\nversion: v3\nmetadata:\n  name: dev\n{spec}"),
+        )
+        .unwrap();
+        let out = c
+            .admin(&["roles", "create", "-f", path.to_str().unwrap(), "--force"])
+            .await;
         assert!(!out.status.success());
-        assert!(text(&out.stderr).contains(needle), "{needle}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out.stderr)
+        );
     }
     // Creating over an existing role without --force is refused too.
     let path = c.dir.path().join("dup.yaml");
     std::fs::write(&path, "kind: role\nversion: v3\nmetadata:\n  name: dev\n").unwrap();
-    let out = c.admin(&["roles", "create", "-f", path.to_str().unwrap()]).await;
-    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
-    assert_eq!(c.admin_ok(&["roles", "ls", "--format", "json"]).await, before);
+    let out = c
+        .admin(&["roles", "create", "-f", path.to_str().unwrap()])
+        .await;
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        c.admin_ok(&["roles", "ls", "--format", "json"]).await,
+        before
+    );
 
     // Teleport settings Turnstile does not implement are accepted with a warning.
     std::fs::write(&path, "kind: role\nversion: v3\nmetadata:\n  name: agent\nspec:\n  options:\n    forward_agent: true\n").unwrap();
-    let out = c.admin(&["roles", "create", "-f", path.to_str().unwrap()]).await;
+    let out = c
+        .admin(&["roles", "create", "-f", path.to_str().unwrap()])
+        .await;
     assert!(out.status.success());
-    assert!(text(&out.stderr).contains("spec.options.forward_agent"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("spec.options.forward_agent"),
+        "{}",
+        text(&out.stderr)
+    );
 }

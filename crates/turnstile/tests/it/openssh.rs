@@ -4,8 +4,15 @@
 
 use crate::support::{TestCluster, openssh, run, text};
 
-fn base_args<'a>(config: &'a str) -> Vec<&'a str> {
-    vec!["-F", config, "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+fn base_args(config: &str) -> Vec<&str> {
+    vec![
+        "-F",
+        config,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +24,12 @@ async fn ssh_with_the_written_config_goes_through_the_proxy() {
     let mut args = base_args(&config);
     args.extend(["web1", "echo via-proxy; exit 4"]);
     let out = run(openssh(), &args, None).await;
-    assert_eq!(text(&out.stdout), "via-proxy\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "via-proxy\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(4));
 }
 
@@ -29,9 +41,19 @@ async fn ssh_dash_j_names_the_proxy_explicitly() {
     let config = format!("{}.ssh_config", id.display());
     let jump = format!("alice@{}", c.proxy_addr);
     let mut args = base_args(&config);
-    args.extend(["-J", &jump, "root@web1", "hostname >/dev/null && echo jumped"]);
+    args.extend([
+        "-J",
+        &jump,
+        "root@web1",
+        "hostname >/dev/null && echo jumped",
+    ]);
     let out = run(openssh(), &args, None).await;
-    assert_eq!(text(&out.stdout), "jumped\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "jumped\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
     assert!(out.status.success());
 }
 
@@ -45,7 +67,12 @@ async fn ssh_straight_to_the_node_checks_its_host_certificate() {
     let mut args = base_args(&config);
     args.extend(["-p", port, host, "echo direct"]);
     let out = run(openssh(), &args, None).await;
-    assert_eq!(text(&out.stdout), "direct\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "direct\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
 
     // The same node under a name its host certificate does not carry is refused.
     let mut args = base_args(&config);
@@ -54,4 +81,82 @@ async fn ssh_straight_to_the_node_checks_its_host_certificate() {
     let out = run(openssh(), &args, None).await;
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stdout).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_sshd_trusting_the_user_ca_accepts_the_certificate() {
+    let login = crate::support::test_login();
+    let sshd = "/usr/sbin/sshd";
+    assert!(
+        std::path::Path::new(sshd).exists(),
+        "sshd is missing; run scripts/test.sh, which installs openssh-server"
+    );
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", login).await;
+    let id = c.sign("alice").await;
+    let dir = c.dir.path();
+    let ca = dir.join("user_ca.pub");
+    std::fs::write(&ca, c.authority().user_ca().public_key_openssh()).unwrap();
+    let host_key = dir.join("sshd_host_key");
+    let out = run(
+        "/usr/bin/ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            host_key.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sshd_config = dir.join("sshd_config");
+    std::fs::write(
+        &sshd_config,
+        format!(
+            "HostKey {}\nTrustedUserCAKeys {}\nUsePAM no\nPidFile none\nStrictModes no\n\
+PasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile none\n",
+            host_key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    // sshd in inetd mode on the ssh client's stdio: no port at all.
+    let proxy_command = format!("ProxyCommand={sshd} -i -f {}", sshd_config.display());
+    let cert = format!("CertificateFile={}-cert.pub", id.display());
+    let target = format!("{login}@stock-sshd");
+    let out = run(
+        openssh(),
+        &[
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &proxy_command,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            id.to_str().unwrap(),
+            "-o",
+            &cert,
+            &target,
+            "id -un",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        login,
+        "stderr: {}",
+        text(&out.stderr)
+    );
 }

@@ -40,7 +40,10 @@ impl Terminal {
                 return false;
             }
             match tokio::time::timeout(left, self.pty.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => panic!("terminal closed before {needle:?}; it showed:\n{}", self.seen),
+                Ok(Ok(0)) | Ok(Err(_)) => panic!(
+                    "terminal closed before {needle:?}; it showed:\n{}",
+                    self.seen
+                ),
                 Ok(Ok(n)) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
                 Err(_) => {}
             }
@@ -70,7 +73,8 @@ async fn interactive_shell_in_a_real_pty() {
     };
 
     term.send("echo marker-$((6*7)) $TERM\r").await;
-    term.expect("marker-42 xterm-256color", Duration::from_secs(20)).await;
+    term.expect("marker-42 xterm-256color", Duration::from_secs(20))
+        .await;
     term.send("tty; echo $TURNSTILE_SESSION_ID | wc -c\r").await;
     term.expect("/dev/pts/", Duration::from_secs(10)).await;
     term.expect("37", Duration::from_secs(10)).await;
@@ -83,7 +87,10 @@ async fn interactive_shell_in_a_real_pty() {
         if term.wait_for("40 100", Duration::from_secs(2)).await {
             break;
         }
-        assert!(Instant::now() < deadline, "the remote PTY never saw the resize");
+        assert!(
+            Instant::now() < deadline,
+            "the remote PTY never saw the resize"
+        );
     }
 
     term.send("exit 5\r").await;

@@ -46,16 +46,30 @@ async fn certificate_from_another_cluster_is_refused_by_proxy_and_node() {
     let theirs = b.sign("alice").await;
     // Cluster A's identity files, carrying cluster B's key and certificate.
     std::fs::copy(&theirs, &ours).unwrap();
-    std::fs::copy(format!("{}-cert.pub", theirs.display()), format!("{}-cert.pub", ours.display())).unwrap();
+    std::fs::copy(
+        format!("{}-cert.pub", theirs.display()),
+        format!("{}-cert.pub", ours.display()),
+    )
+    .unwrap();
 
     let out = a.ssh(&ours, &["web1", "echo", "should-not-run"]).await;
     assert_refused(&out, "refused the certificate");
 
     let config = format!("{}.ssh_config", ours.display());
-    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["web1", "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
     let (host, port) = a.node_addr.rsplit_once(':').unwrap();
-    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["-p", port, host, "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
 }
 
@@ -87,10 +101,20 @@ async fn expired_certificate_is_refused() {
     assert_refused(&out, "your certificate expired at");
 
     let config = format!("{}.ssh_config", id.display());
-    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["web1", "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
     let (host, port) = c.node_addr.rsplit_once(':').unwrap();
-    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["-p", port, host, "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
 }
 
@@ -100,12 +124,26 @@ async fn certificate_without_principals_is_refused_even_when_signed_by_the_ca() 
     c.add_user("alice", "access", "root").await;
     let id = c.sign("alice").await;
     // What a holder of the CA key could sign: a certificate valid for every login.
-    let stored = c.authority().backend().get("authorities/user").await.unwrap();
+    let stored = c
+        .authority()
+        .backend()
+        .get("authorities/user")
+        .await
+        .unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
     let ca = PrivateKey::from_openssh(stored["private_key"].as_str().unwrap()).unwrap();
-    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let key = identity_key(&id);
-    let mut b = Builder::new(vec![1; 16], key.public_key().key_data().clone(), unix - 60, unix + 3600).unwrap();
+    let mut b = Builder::new(
+        vec![1; 16],
+        key.public_key().key_data().clone(),
+        unix - 60,
+        unix + 3600,
+    )
+    .unwrap();
     b.cert_type(CertType::User).unwrap();
     b.key_id("alice").unwrap();
     b.all_principals_valid().unwrap();
@@ -121,16 +159,41 @@ async fn certificate_without_principals_is_refused_even_when_signed_by_the_ca() 
 
     let config = format!("{}.ssh_config", id.display());
     let (host, port) = c.node_addr.rsplit_once(':').unwrap();
-    let out = run(openssh(), &ssh_args(&config, &["-p", port, &format!("root@{host}"), "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(
+            &config,
+            &["-p", port, &format!("root@{host}"), "echo should-not-run"],
+        ),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
-    let out = run(openssh(), &ssh_args(&config, &["web1", "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["web1", "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
 
     // And the auth service never signs one.
     c.add_user("nologin", "access", "").await;
-    let out = c.admin(&["sign", "--user", "nologin", "--out", c.dir.path().join("x").to_str().unwrap()]).await;
+    let out = c
+        .admin(&[
+            "sign",
+            "--user",
+            "nologin",
+            "--out",
+            c.dir.path().join("x").to_str().unwrap(),
+        ])
+        .await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no logins allowed"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no logins allowed"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +205,12 @@ async fn login_not_allowed_by_any_role_is_refused_with_the_reason() {
     assert_refused(&out, "user \"alice\" may not log in as \"bob\"");
 
     let config = format!("{}.ssh_config", id.display());
-    let out = run(openssh(), &ssh_args(&config, &["bob@web1", "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["bob@web1", "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "administratively prohibited");
     assert!(text(&out.stderr).contains("may not log in as \"bob\""));
 }
@@ -171,14 +239,22 @@ async fn roles_deny_and_node_labels_restrict() {
 
     let dave = c.sign("dave").await;
     let out = c.ssh(&dave, &["root@web1", "echo", "should-not-run"]).await;
-    assert_refused(&out, "node \"web1\" is denied to user \"dave\" by role \"no-dev\"");
+    assert_refused(
+        &out,
+        "node \"web1\" is denied to user \"dave\" by role \"no-dev\"",
+    );
 
     let erin = c.sign("erin").await;
     let out = c.ssh(&erin, &["root@web1", "echo", "should-not-run"]).await;
-    assert_refused(&out, "do not allow login \"root\" on node \"web1\" (its labels: env=dev)");
+    assert_refused(
+        &out,
+        "do not allow login \"root\" on node \"web1\" (its labels: env=dev)",
+    );
 
     let frank = c.sign("frank").await;
-    let out = c.ssh(&frank, &["root@web1", "echo", "should-not-run"]).await;
+    let out = c
+        .ssh(&frank, &["root@web1", "echo", "should-not-run"])
+        .await;
     assert_refused(&out, "may not log in as \"root\"");
 }
 
@@ -191,7 +267,12 @@ async fn unknown_nodes_and_other_addresses_get_no_tunnel() {
     assert_refused(&out, "node \"web9\" not found; try turnstile ls");
 
     let config = format!("{}.ssh_config", id.display());
-    let out = run(openssh(), &ssh_args(&config, &["web9", "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["web9", "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "node \"web9\" not found");
 
     // A tunnel straight from the proxy to an address that is not a node name:
@@ -211,7 +292,15 @@ async fn unknown_nodes_and_other_addresses_get_no_tunnel() {
 
     // The proxy runs no shells of its own.
     let user_at = format!("alice@{proxy_host}");
-    let out = run(openssh(), &ssh_args(&config, &["-p", proxy_port, &user_at, "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(
+            &config,
+            &["-p", proxy_port, &user_at, "echo should-not-run"],
+        ),
+        None,
+    )
+    .await;
     assert_refused(&out, "the proxy runs no shells");
 }
 
@@ -224,6 +313,11 @@ async fn a_key_without_a_certificate_is_refused() {
     std::fs::remove_file(format!("{}-cert.pub", id.display())).unwrap();
     let config = format!("{}.ssh_config", id.display());
     let (host, port) = c.node_addr.rsplit_once(':').unwrap();
-    let out = run(openssh(), &ssh_args(&config, &["-p", port, host, "echo should-not-run"]), None).await;
+    let out = run(
+        openssh(),
+        &ssh_args(&config, &["-p", port, host, "echo should-not-run"]),
+        None,
+    )
+    .await;
     assert_refused(&out, "Permission denied");
 }

@@ -171,7 +171,11 @@ pub async fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     cmd.args(args)
         .env("RUST_BACKTRACE", "0")
         .env_remove("RUST_LOG")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -225,7 +229,10 @@ pub fn openssh() -> &'static str {
 /// Checks the non-root test login exists (scripts/test.sh creates it).
 pub fn test_login() -> &'static str {
     assert!(
-        nix::unistd::User::from_name(TEST_LOGIN).ok().flatten().is_some(),
+        nix::unistd::User::from_name(TEST_LOGIN)
+            .ok()
+            .flatten()
+            .is_some(),
         "local user {TEST_LOGIN} is missing; run scripts/test.sh, which creates it"
     );
     TEST_LOGIN

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with a Rust toolchain:
+# installs what the tests need if it is missing (OpenSSH client and server,
+# cargo-nextest), prepares the unprivileged test login, and runs every test
+# of the workspace. Servers the tests need are started by the tests themselves
+# on 127.0.0.1 with port 0, and stopped by them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+# Debug builds with line tables only: faster to build, same tests.
+export CARGO_INCREMENTAL=0
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+export RUST_BACKTRACE=0
+
+echo "==> cargo nextest run --workspace"
+cargo nextest run --workspace --no-fail-fast "$@"
