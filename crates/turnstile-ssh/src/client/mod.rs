@@ -69,12 +69,46 @@ fn humanize_unix(t: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
 }
 
+/// The text of the last refused channel open. russh resolves the open call
+/// before it hands the refusal's text to the handler, so a reader may have to
+/// wait a moment for it.
+#[derive(Debug, Default)]
+pub struct OpenFailure {
+    text: Mutex<Option<String>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl OpenFailure {
+    fn set(&self, text: String) {
+        *self.text.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+        self.arrived.notify_waiters();
+    }
+
+    fn take_now(&self) -> Option<String> {
+        self.text.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The refusal's text, waiting up to a second for it to arrive.
+    pub async fn take(&self) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let arrived = self.arrived.notified();
+            if let Some(text) = self.take_now() {
+                return Some(text);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return self.take_now();
+            }
+        }
+    }
+}
+
 /// Checks host certificates against the cluster's host CA, for one expected name.
 pub struct HostChecker {
     host_ca: Vec<PublicKey>,
     expected: String,
     refusal: Arc<Mutex<Option<String>>>,
-    open_failure: Arc<Mutex<Option<String>>>,
+    open_failure: Arc<OpenFailure>,
 }
 
 impl HostChecker {
@@ -152,7 +186,7 @@ impl Handler for HostChecker {
         } else {
             description.to_string()
         };
-        *self.open_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+        self.open_failure.set(text);
         Ok(())
     }
 }
@@ -174,18 +208,15 @@ fn client_config() -> Arc<client::Config> {
 /// A connection to a node, through the proxy.
 pub struct NodeConnection {
     pub handle: Handle<HostChecker>,
-    open_failure: Arc<Mutex<Option<String>>>,
+    open_failure: Arc<OpenFailure>,
     // Keeps the proxy hop alive for as long as the node connection lives.
     _proxy: Handle<HostChecker>,
 }
 
 impl NodeConnection {
     /// The text of the last refused channel open, for the user.
-    pub fn take_open_failure(&self) -> Option<String> {
-        self.open_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+    pub async fn take_open_failure(&self) -> Option<String> {
+        self.open_failure.take().await
     }
 }
 
@@ -205,7 +236,7 @@ async fn handshake<S>(
     login: &str,
     creds: &UserCredentials,
     host_ca: &[PublicKey],
-) -> Result<(Handle<HostChecker>, Arc<Mutex<Option<String>>>), ClientError>
+) -> Result<(Handle<HostChecker>, Arc<OpenFailure>), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -269,17 +300,16 @@ pub async fn connect_via_proxy(
         host_ca,
     )
     .await?;
-    let channel = proxy
+    let channel = match proxy
         .channel_open_direct_tcpip(node, 22, "127.0.0.1", 0)
         .await
-        .map_err(|e| {
-            let text = proxy_failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .unwrap_or_else(|| e.to_string());
-            ClientError::ChannelRefused(text)
-        })?;
+    {
+        Ok(channel) => channel,
+        Err(e) => {
+            let text = proxy_failure.take().await.unwrap_or_else(|| e.to_string());
+            return Err(ClientError::ChannelRefused(text));
+        }
+    };
     let node_name = format!("node {node:?}");
     let (handle, open_failure) = handshake(
         channel.into_stream(),

@@ -30,9 +30,16 @@ pub async fn run_session(
     mut stderr: impl AsyncWrite + Unpin,
     mut resize: Option<mpsc::Receiver<(u32, u32)>>,
 ) -> Result<u32, ClientError> {
-    let channel = conn.handle.channel_open_session().await.map_err(|e| {
-        ClientError::ChannelRefused(conn.take_open_failure().unwrap_or_else(|| e.to_string()))
-    })?;
+    let channel = match conn.handle.channel_open_session().await {
+        Ok(channel) => channel,
+        Err(e) => {
+            let text = conn
+                .take_open_failure()
+                .await
+                .unwrap_or_else(|| e.to_string());
+            return Err(ClientError::ChannelRefused(text));
+        }
+    };
     let protocol = |e: russh::Error| ClientError::Protocol {
         host: "the node".into(),
         message: e.to_string(),
@@ -117,6 +124,7 @@ pub async fn run_session(
                     )
                     .await
                     .ok();
+                stderr.flush().await.ok();
                 status = Some(NO_EXIT_STATUS);
             }
             ChannelMsg::Close => break,
@@ -127,5 +135,7 @@ pub async fn run_session(
     if let Some(r) = resizer {
         r.abort();
     }
+    stdout.flush().await.ok();
+    stderr.flush().await.ok();
     Ok(status.unwrap_or(NO_EXIT_STATUS))
 }

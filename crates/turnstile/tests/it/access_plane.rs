@@ -107,3 +107,74 @@ async fn admin_lists_what_was_created() {
     c.admin_ok(&["users", "rm", "alice"]).await;
     assert!(c.admin_ok(&["users", "ls"]).await.lines().count() == 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_is_clean_except_lang_and_the_session_id() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let mut cmd = tokio::process::Command::new(crate::support::BIN);
+    cmd.args(["ssh", "-i", id.to_str().unwrap(), "web1", "--"])
+        .arg("echo $LANG ${SECRET_TOKEN:-unset} $PATH")
+        .env("LANG", "C.UTF-8")
+        .env("SECRET_TOKEN", "leaked")
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().await.unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "C.UTF-8 unset /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_killed_by_a_signal_exits_255_and_says_so() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let out = c.ssh(&id, &["web1", "--", "kill -TERM $$"]).await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("killed by signal TERM"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_from_the_client_reach_the_remote_process() {
+    use russh::{ChannelMsg, Sig};
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let identity = turnstile::identity_file::read(&id).unwrap();
+    let conn = turnstile_ssh::client::connect_via_proxy(
+        &c.proxy_addr,
+        "web1",
+        "root",
+        &identity.credentials,
+        &identity.host_ca,
+    )
+    .await
+    .unwrap();
+    let mut channel = conn.handle.channel_open_session().await.unwrap();
+    channel.exec(true, "echo started; sleep 60").await.unwrap();
+    let mut started = false;
+    let mut signalled = None;
+    while let Some(msg) = tokio::time::timeout(std::time::Duration::from_secs(30), channel.wait())
+        .await
+        .expect("the session answers")
+    {
+        match msg {
+            ChannelMsg::Data { data } if data.starts_with(b"started") => {
+                started = true;
+                channel.signal(Sig::INT).await.unwrap();
+            }
+            ChannelMsg::ExitSignal { signal_name, .. } => signalled = Some(signal_name),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert!(started);
+    assert!(matches!(signalled, Some(Sig::INT)), "{signalled:?}");
+}
