@@ -8,4 +8,5 @@ pub mod cluster_view;
 pub mod identity;
 pub mod node;
 pub mod proxy;
+mod server;
 pub mod user_cert;

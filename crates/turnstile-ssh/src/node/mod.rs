@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::keys::{Certificate, PrivateKey};
-use russh::{MethodKind, MethodSet};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +14,8 @@ use turnstile_api::labels::Labels;
 use turnstile_api::rpc::proto;
 
 use crate::cluster_view::ClusterView;
+pub use crate::server::HostCredentials;
+use crate::server::serve;
 
 mod connection;
 mod process;
@@ -45,31 +45,6 @@ pub(crate) struct NodeShared {
 impl NodeShared {
     pub fn clock_unix(&self) -> u64 {
         self.clock.unix_now()
-    }
-}
-
-/// The host key and the certificate auth signed for it.
-#[derive(Debug, Clone)]
-pub struct HostCredentials {
-    pub key: PrivateKey,
-    pub certificate: Certificate,
-}
-
-/// Builds a russh server config presenting a host certificate and accepting
-/// publickey (certificate) authentication only.
-pub(crate) fn server_config(host: &HostCredentials) -> russh::server::Config {
-    let mut methods = MethodSet::empty();
-    methods.push(MethodKind::PublicKey);
-    russh::server::Config {
-        methods,
-        keys: vec![host.key.clone()],
-        certificates: vec![host.certificate.clone()],
-        auth_rejection_time: Duration::from_millis(300),
-        auth_rejection_time_initial: Some(Duration::ZERO),
-        inactivity_timeout: Some(Duration::from_secs(3600)),
-        keepalive_interval: Some(Duration::from_secs(30)),
-        nodelay: true,
-        ..Default::default()
     }
 }
 
@@ -107,54 +82,18 @@ impl NodeService {
             advertised.clone(),
             shutdown.clone(),
         ));
-        let server_config = Arc::new(server_config(&self.host));
         tracing::info!(node = %self.config.node_name, %advertised, "node service listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let handler = connection::NodeConnection::new(shared.clone(), Some(peer));
-            let config = server_config.clone();
-            let conn_shutdown = shutdown.clone();
-            shared.tasks.spawn(async move {
-                match russh::server::run_stream(config, stream, handler).await {
-                    Ok(session) => {
-                        let handle = session.handle();
-                        tokio::select! {
-                            r = session => {
-                                if let Err(e) = r {
-                                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                                }
-                            }
-                            _ = conn_shutdown.cancelled() => {
-                                let _ = handle
-                                    .disconnect(russh::Disconnect::ByApplication, "node shutting down".into(), String::new())
-                                    .await;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
-                }
-            });
-        }
+        serve(
+            listener,
+            &self.host,
+            &shared.tasks,
+            &shutdown,
+            self.config.shutdown_grace,
+            "node",
+            |peer| connection::NodeConnection::new(shared.clone(), Some(peer)),
+        )
+        .await;
         heartbeat.abort();
-        shared.tasks.close();
-        if tokio::time::timeout(self.config.shutdown_grace, shared.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "sessions still running after the shutdown grace period; stopping anyway"
-            );
-        }
         tracing::info!("node service stopped");
         Ok(())
     }

@@ -18,7 +18,8 @@ use turnstile_api::clock::{Clock, SystemClock};
 use turnstile_api::identity::UserIdentity;
 
 use crate::cluster_view::ClusterView;
-use crate::node::{HostCredentials, prohibited, server_config};
+use crate::node::prohibited;
+use crate::server::{HostCredentials, serve};
 use crate::user_cert::verify_user_cert;
 
 #[derive(Debug, Clone)]
@@ -64,46 +65,21 @@ impl ProxyService {
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
         });
-        let server_config = Arc::new(server_config(&self.host));
         tracing::info!(addr = ?listener.local_addr().ok(), "proxy service listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let handler = ProxyConnection {
+        serve(
+            listener,
+            &self.host,
+            &shared.tasks,
+            &shutdown,
+            self.config.shutdown_grace,
+            "proxy",
+            |peer| ProxyConnection {
                 shared: shared.clone(),
                 peer,
                 identity: None,
-            };
-            let config = server_config.clone();
-            let conn_shutdown = shutdown.clone();
-            shared.tasks.spawn(async move {
-                match russh::server::run_stream(config, stream, handler).await {
-                    Ok(session) => {
-                        let handle = session.handle();
-                        tokio::select! {
-                            _ = session => {}
-                            _ = conn_shutdown.cancelled() => {
-                                let _ = handle
-                                    .disconnect(russh::Disconnect::ByApplication, "proxy shutting down".into(), String::new())
-                                    .await;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
-                }
-            });
-        }
-        shared.tasks.close();
-        let _ = tokio::time::timeout(self.config.shutdown_grace, shared.tasks.wait()).await;
+            },
+        )
+        .await;
         tracing::info!("proxy service stopped");
         Ok(())
     }
