@@ -106,6 +106,21 @@ impl UserIdentity {
     }
 }
 
+/// Host certificate extension naming the system role of the host (`proxy`
+/// for proxies), so nodes can trust what a proxy tells them.
+pub const EXT_HOST_ROLE: &str = "turnstile-role@turnstile";
+
+/// The statement the TLS CA signs about the host CA: a client that trusts the
+/// TLS CA (by its pin) can then trust these host CA keys.
+pub fn host_ca_statement(cluster_name: &str, host_ca_keys: &[String]) -> Vec<u8> {
+    let mut s = format!("turnstile host CA endorsement v1\ncluster {cluster_name}\n");
+    for key in host_ca_keys {
+        s.push_str(key.trim());
+        s.push('\n');
+    }
+    s.into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,11 +3,14 @@
 //! this one; this one depends on no crate of ours.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod clock;
+pub mod door;
 pub mod duration;
 pub mod error;
 pub mod identity;
 pub mod labels;
+pub mod pin;
 pub mod role;
 pub mod rpc;
 

@@ -12,14 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use russh::keys::{Certificate, PublicKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 use turnstile_api::error::{ApiError, ErrorKind};
-use turnstile_api::identity::{SystemRole, UserIdentity};
+use turnstile_api::identity::{EXT_HOST_ROLE, SystemRole, UserIdentity, host_ca_statement};
 use turnstile_api::labels::Labels;
 use turnstile_api::role::{BUILTIN_ACCESS_ROLE, Role, RoleSet, validate_name};
 
+use crate::audit_log::AuditLog;
 use crate::backend::{Backend, BackendError};
 use crate::ca::{SshCa, StoredSshCa, TlsCa, TlsIdentityPem};
+use crate::{passwords, tokens};
 
 /// How long host and process TLS certificates live.
 pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 86400);
@@ -60,14 +63,26 @@ pub struct IssuedUserCert {
     pub valid_before: SystemTime,
 }
 
+/// How long a wrong password keeps the caller waiting.
+pub const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+
+/// What a joining process receives.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub host_id: String,
+    pub identities: Vec<(SystemRole, String)>,
+}
+
 #[derive(Debug)]
 pub struct Authority {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
+    audit: Arc<dyn AuditLog>,
     cluster_name: String,
     user_ca: SshCa,
     host_ca: SshCa,
     tls_ca: TlsCa,
+    host_ca_endorsement: Vec<u8>,
 }
 
 fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ApiError> {
@@ -92,6 +107,7 @@ impl Authority {
     pub async fn open(
         backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
+        audit: Arc<dyn AuditLog>,
         cluster_name: &str,
     ) -> Result<Self, ApiError> {
         let user_ca = load_or_create_ssh_ca(backend.as_ref(), USER_CA_KEY).await?;
@@ -110,15 +126,20 @@ impl Authority {
             }
             Err(e) => return Err(e.into()),
         };
-        let authority = Self {
+        let host_ca_endorsement = tls_ca.sign(&host_ca_statement(
+            cluster_name,
+            &[host_ca.public_key_openssh()],
+        ))?;
+        Ok(Self {
             backend,
             clock,
+            audit,
             cluster_name: cluster_name.to_string(),
             user_ca,
             host_ca,
             tls_ca,
-        };
-        Ok(authority)
+            host_ca_endorsement,
+        })
     }
 
     pub fn cluster_name(&self) -> &str {
@@ -145,6 +166,15 @@ impl Authority {
         &self.tls_ca
     }
 
+    pub fn audit(&self) -> &Arc<dyn AuditLog> {
+        &self.audit
+    }
+
+    /// The TLS CA's signature over the host CA statement.
+    pub fn host_ca_endorsement(&self) -> &[u8] {
+        &self.host_ca_endorsement
+    }
+
     /// Issues a TLS identity to a process of this cluster.
     pub fn issue_tls(
         &self,
@@ -162,10 +192,12 @@ impl Authority {
         )
     }
 
-    /// Signs a host certificate whose principals are the host id and `names`.
+    /// Signs a host certificate whose principals are the host id and `names`;
+    /// a proxy's certificate says so in an extension.
     pub fn generate_host_cert(
         &self,
         host_id: &str,
+        role: SystemRole,
         public_key: &PublicKey,
         names: &[String],
     ) -> Result<Certificate, ApiError> {
@@ -181,13 +213,174 @@ impl Authority {
             }
         }
         let now = self.clock.now();
+        let extensions: Vec<(String, String)> = match role {
+            SystemRole::Proxy => vec![(EXT_HOST_ROLE.to_string(), role.to_string())],
+            _ => Vec::new(),
+        };
         self.host_ca.sign_host(
             public_key,
             host_id,
             &principals,
+            &extensions,
             now - CLOCK_SKEW,
             now + HOST_CERT_TTL,
         )
+    }
+
+    // ---- joining ----
+
+    /// A single-use token letting a process join as `roles` within `ttl`.
+    pub async fn create_token(
+        &self,
+        roles: &[SystemRole],
+        ttl: Duration,
+    ) -> Result<(String, SystemTime), ApiError> {
+        if roles.is_empty() {
+            return Err(ApiError::bad_parameter(
+                "a token needs at least one role: node or proxy",
+            ));
+        }
+        if ttl.is_zero() || ttl > tokens::MAX_TOKEN_TTL {
+            return Err(ApiError::bad_parameter(format!(
+                "a token's ttl must be between 1s and {}",
+                turnstile_api::duration::format(tokens::MAX_TOKEN_TTL)
+            )));
+        }
+        let expires = self.clock.now() + ttl;
+        let token = tokens::create(self.backend.as_ref(), roles, expires).await?;
+        Ok((token, expires))
+    }
+
+    /// Consumes the token and issues a TLS identity per requested role, under
+    /// a new host id.
+    pub async fn join(
+        &self,
+        token: &str,
+        requests: &[(SystemRole, Vec<u8>)],
+    ) -> Result<Joined, ApiError> {
+        if requests.is_empty() {
+            return Err(ApiError::bad_parameter("a join asks for at least one role"));
+        }
+        let roles: Vec<SystemRole> = requests.iter().map(|(r, _)| *r).collect();
+        tokens::consume(self.backend.as_ref(), token, &roles).await?;
+        let host_id = uuid::Uuid::new_v4().to_string();
+        let mut identities = Vec::new();
+        for (role, key_der) in requests {
+            let issued = self.issue_tls(*role, &host_id, Some(key_der))?;
+            identities.push((*role, issued.cert_pem));
+        }
+        tracing::info!(%host_id, roles = ?roles, "a process joined the cluster");
+        Ok(Joined {
+            host_id,
+            identities,
+        })
+    }
+
+    // ---- passwords ----
+
+    pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ApiError> {
+        passwords::check_policy(password)?;
+        let hash = passwords::hash(password).await?;
+        let key = format!("users/{user}");
+        loop {
+            let item = match self.backend.get(&key).await {
+                Ok(item) => item,
+                Err(BackendError::NotFound(_)) => {
+                    return Err(ApiError::not_found(format!("user {user:?} not found")));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut record: UserRecord = decode(&key, &item.value)?;
+            record.password_hash = Some(hash.clone());
+            match self
+                .backend
+                .compare_and_swap(&key, item.revision, encode(&record), None)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(BackendError::CompareFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Checks a password login and, given a public key, issues a certificate
+    /// for it. Every attempt is audited as `user.login`; a failure waits
+    /// [`FAILED_LOGIN_DELAY`] and says only that the user or password is wrong.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        public_key: Option<&PublicKey>,
+        ttl: Duration,
+        remote_addr: &str,
+    ) -> Result<Option<IssuedUserCert>, ApiError> {
+        let verified = match self.get_user(user).await {
+            Ok(record) => match &record.password_hash {
+                Some(hash) => passwords::verify(password, hash).await,
+                None => false,
+            },
+            Err(e) if e.kind == ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        let event = |success: bool, error: Option<String>| AuditEvent::UserLogin {
+            user: user.to_string(),
+            method: "password".into(),
+            success,
+            error,
+            remote_addr: remote_addr.to_string(),
+        };
+        if !verified {
+            self.record(event(false, Some("wrong user name or password".into())))
+                .await;
+            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+            return Err(ApiError::access_denied("wrong user name or password"));
+        }
+        let Some(public_key) = public_key else {
+            return Ok(None);
+        };
+        let issued = self.generate_user_cert(user, public_key, ttl).await?;
+        self.record(event(true, None)).await;
+        Ok(Some(issued))
+    }
+
+    /// Writes an audit event; a failure to write is an operator's problem,
+    /// logged at ERROR.
+    pub async fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.audit.emit(event).await {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+
+    /// A certificate for a new key of the holder of `current`, expiring no
+    /// later than `current` does.
+    pub async fn renew_user_cert(
+        &self,
+        current: &Certificate,
+        public_key: &PublicKey,
+        ttl: Duration,
+    ) -> Result<IssuedUserCert, ApiError> {
+        let unix_now = self.clock.unix_now();
+        current
+            .validate_at(unix_now, [&self.user_ca.fingerprint()])
+            .map_err(|_| {
+                ApiError::access_denied(
+                    "the certificate is not a valid certificate of this cluster",
+                )
+            })?;
+        let identity =
+            UserIdentity::from_extensions(|k| current.extensions().get(k).map(String::as_str))
+                .ok_or_else(|| {
+                    ApiError::access_denied("the certificate carries no Turnstile identity")
+                })?;
+        let remaining = Duration::from_secs(current.valid_before().saturating_sub(unix_now));
+        let ttl = if ttl.is_zero() {
+            remaining
+        } else {
+            ttl.min(remaining)
+        };
+        self.generate_user_cert(&identity.user, public_key, ttl)
+            .await
     }
 
     // ---- roles ----
@@ -401,7 +594,7 @@ impl Authority {
                 )));
             }
         }
-        let expires = self.clock.now() + ttl.min(MAX_NODE_TTL);
+        let expires = self.clock.now() + ttl.clamp(Duration::from_secs(1), MAX_NODE_TTL);
         let record = NodeRecord {
             expires_unix: unix_secs(expires),
             ..node
@@ -463,6 +656,7 @@ async fn load_or_create_ssh_ca(backend: &dyn Backend, key: &str) -> Result<SshCa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit_log::MemoryAuditLog;
     use crate::backend::MemoryBackend;
     use crate::ca::generate_ed25519;
     use turnstile_api::clock::SystemClock;
@@ -471,6 +665,7 @@ mod tests {
         Authority::open(
             Arc::new(MemoryBackend::new()),
             Arc::new(SystemClock),
+            Arc::new(MemoryAuditLog::default()),
             "main",
         )
         .await
@@ -490,10 +685,16 @@ mod tests {
     #[tokio::test]
     async fn cas_are_created_once() {
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
-        let a = Authority::open(backend.clone(), Arc::new(SystemClock), "main")
-            .await
-            .unwrap();
-        let b = Authority::open(backend, Arc::new(SystemClock), "main")
+        let audit = Arc::new(MemoryAuditLog::default());
+        let a = Authority::open(
+            backend.clone(),
+            Arc::new(SystemClock),
+            audit.clone(),
+            "main",
+        )
+        .await
+        .unwrap();
+        let b = Authority::open(backend, Arc::new(SystemClock), audit, "main")
             .await
             .unwrap();
         assert_eq!(a.user_ca().fingerprint(), b.user_ca().fingerprint());
@@ -574,6 +775,7 @@ mod tests {
         let a = Authority::open(
             Arc::new(MemoryBackend::with_clock(clock.clone())),
             clock.clone(),
+            Arc::new(MemoryAuditLog::default()),
             "main",
         )
         .await
@@ -601,5 +803,129 @@ mod tests {
         assert_eq!(a.list_nodes().await.unwrap().len(), 1);
         clock.advance(Duration::from_secs(61));
         assert!(a.list_nodes().await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::audit_log::{AuditQuery, MemoryAuditLog};
+    use crate::backend::MemoryBackend;
+    use crate::ca::generate_ed25519;
+    use turnstile_api::clock::SystemClock;
+
+    #[tokio::test]
+    async fn password_login_issues_certificates_and_audits_failures() {
+        let audit = Arc::new(MemoryAuditLog::default());
+        let a = Authority::open(
+            Arc::new(MemoryBackend::new()),
+            Arc::new(SystemClock),
+            audit.clone(),
+            "main",
+        )
+        .await
+        .unwrap();
+        a.upsert_user(
+            UserRecord {
+                name: "alice".into(),
+                roles: vec!["access".into()],
+                logins: vec!["root".into()],
+                password_hash: None,
+                created_unix: 0,
+            },
+            true,
+        )
+        .await
+        .unwrap();
+        let key = generate_ed25519();
+        let no_password = a
+            .login(
+                "alice",
+                "whatever1",
+                Some(key.public_key()),
+                Duration::ZERO,
+                "1.2.3.4:5",
+            )
+            .await;
+        assert!(
+            no_password.is_err(),
+            "a user without a password cannot log in"
+        );
+        a.set_password("alice", "s3cret-pass").await.unwrap();
+        let err = a
+            .login(
+                "alice",
+                "wrong-pass",
+                Some(key.public_key()),
+                Duration::ZERO,
+                "1.2.3.4:5",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "wrong user name or password");
+        let issued = a
+            .login(
+                "alice",
+                "s3cret-pass",
+                Some(key.public_key()),
+                Duration::from_secs(600),
+                "1.2.3.4:5",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(issued.principals, vec!["root"]);
+        let failures = audit
+            .search(&AuditQuery {
+                event: Some("user.login".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(failures.len(), 3);
+        assert_eq!(failures[1]["code"], "T1000W");
+        assert_eq!(failures[1]["addr.remote"], "1.2.3.4:5");
+        assert_eq!(failures[2]["success"], true);
+
+        // Renewal keeps the expiry of the certificate it renews.
+        let key2 = generate_ed25519();
+        let renewed = a
+            .renew_user_cert(
+                &issued.certificate,
+                key2.public_key(),
+                Duration::from_secs(86400),
+            )
+            .await
+            .unwrap();
+        assert!(renewed.certificate.valid_before() <= issued.certificate.valid_before());
+    }
+
+    #[tokio::test]
+    async fn join_tokens_are_single_use() {
+        let a = Authority::open(
+            Arc::new(MemoryBackend::new()),
+            Arc::new(SystemClock),
+            Arc::new(MemoryAuditLog::default()),
+            "main",
+        )
+        .await
+        .unwrap();
+        let (token, _) = a
+            .create_token(&[SystemRole::Node], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let joined = a
+            .join(&token, &[(SystemRole::Node, der.clone())])
+            .await
+            .unwrap();
+        assert_eq!(joined.identities.len(), 1);
+        assert!(uuid::Uuid::parse_str(&joined.host_id).is_ok());
+        let err = a
+            .join(&token, &[(SystemRole::Node, der)])
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("already used"), "{err}");
     }
 }

@@ -13,7 +13,6 @@ use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::{Fingerprint, LineEnding};
 use russh::keys::{Certificate, HashAlg, PrivateKey, PublicKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use turnstile_api::error::ApiError;
 use turnstile_api::identity::{SystemRole, UserIdentity};
 use turnstile_api::rpc::AUTH_SERVER_NAME;
@@ -132,6 +131,7 @@ impl SshCa {
         subject: &PublicKey,
         host_id: &str,
         principals: &[String],
+        extensions: &[(String, String)],
         valid_after: SystemTime,
         valid_before: SystemTime,
     ) -> Result<Certificate, ApiError> {
@@ -141,6 +141,10 @@ impl SshCa {
         b.key_id(host_id.to_string()).map_err(|e| err(&e))?;
         for p in principals {
             b.valid_principal(p.clone()).map_err(|e| err(&e))?;
+        }
+        for (name, value) in extensions {
+            b.extension(name.clone(), value.clone())
+                .map_err(|e| err(&e))?;
         }
         b.sign(&self.key).map_err(|e| err(&e))
     }
@@ -194,7 +198,15 @@ impl TlsCa {
 
     /// `sha256:<hex>` of the CA's SubjectPublicKeyInfo: what joining processes pin.
     pub fn pin(&self) -> Result<String, ApiError> {
-        ca_pin_of_pem(&self.cert_pem)
+        turnstile_api::pin::ca_pin_of_pem(&self.cert_pem)
+    }
+
+    /// Signs `message` with the CA key (ECDSA P-256, SHA-256, ASN.1 signature).
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, ApiError> {
+        use rcgen::SigningKey;
+        let key = KeyPair::from_pem(&self.key_pem).map_err(|e| internal("load TLS CA key")(&e))?;
+        key.sign(message)
+            .map_err(|e| internal("sign with TLS CA")(&e))
     }
 
     /// Issues a certificate for a process: CN = its host id, OU = its role.
@@ -259,21 +271,6 @@ impl TlsCa {
             key_pem,
         })
     }
-}
-
-/// The pin of a CA certificate in PEM: `sha256:` and the hex SHA-256 of its
-/// SubjectPublicKeyInfo.
-pub fn ca_pin_of_pem(pem: &str) -> Result<String, ApiError> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| ApiError::bad_parameter(format!("CA certificate is not PEM: {e}")))?;
-    ca_pin_of_der(&parsed.contents)
-}
-
-pub fn ca_pin_of_der(der: &[u8]) -> Result<String, ApiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| ApiError::bad_parameter(format!("CA certificate is not valid: {e}")))?;
-    let spki = cert.tbs_certificate.subject_pki.raw;
-    Ok(format!("sha256:{}", hex::encode(Sha256::digest(spki))))
 }
 
 /// The role and host id in a peer's TLS certificate (OU and CN).

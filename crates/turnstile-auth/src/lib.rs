@@ -3,11 +3,14 @@
 //! TLS. Nodes, proxies and the admin CLI reach it only through that API.
 #![forbid(unsafe_code)]
 
+pub mod audit_log;
 pub mod authority;
 pub mod backend;
 pub mod ca;
+pub mod passwords;
 pub mod rpc;
 pub mod service;
+pub mod tokens;
 
 pub use authority::Authority;
 

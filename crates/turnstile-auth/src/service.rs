@@ -51,8 +51,14 @@ impl AuthService {
             .issue_tls(SystemRole::Auth, &self.config.host_id, None)
             .map_err(|e| AuthServiceError::Identity(e.to_string()))?;
         let tls = ServerTlsConfig::new()
+            // The chain carries the CA too, so a joining process can check it
+            // against its pin before it trusts anything.
             .identity(Identity::from_pem(
-                server_identity.cert_pem,
+                format!(
+                    "{}{}",
+                    server_identity.cert_pem,
+                    self.authority.tls_ca().cert_pem
+                ),
                 server_identity.key_pem,
             ))
             .client_ca_root(Certificate::from_pem(&self.authority.tls_ca().cert_pem))

@@ -49,6 +49,9 @@ pub struct NodeInfo {
 struct Snapshot {
     user_ca: Vec<PublicKey>,
     host_ca: Vec<PublicKey>,
+    host_ca_text: Vec<String>,
+    host_ca_endorsement: Vec<u8>,
+    tls_ca_pem: String,
     cluster_name: String,
     roles: HashMap<String, Role>,
     nodes: Vec<NodeInfo>,
@@ -109,6 +112,9 @@ impl ClusterView {
         let fresh = Snapshot {
             user_ca: parse_keys(&authorities.user_ca)?,
             host_ca: parse_keys(&authorities.host_ca)?,
+            host_ca_text: authorities.host_ca,
+            host_ca_endorsement: authorities.host_ca_endorsement,
+            tls_ca_pem: authorities.tls_ca_pem,
             cluster_name: authorities.cluster_name,
             roles: parsed_roles,
             nodes: nodes
@@ -172,6 +178,29 @@ impl ClusterView {
             .read()
             .await
             .user_ca
+            .iter()
+            .map(|k| k.fingerprint(HashAlg::Sha256))
+            .collect())
+    }
+
+    /// The cluster's public trust material, for first contact.
+    pub async fn cluster_info(&self) -> Result<turnstile_api::door::ClusterInfo, ApiError> {
+        use base64::Engine;
+        self.ensure_loaded().await?;
+        let s = self.snapshot.read().await;
+        Ok(turnstile_api::door::ClusterInfo {
+            cluster_name: s.cluster_name.clone(),
+            tls_ca_pem: s.tls_ca_pem.clone(),
+            host_ca: s.host_ca_text.clone(),
+            host_ca_endorsement: base64::engine::general_purpose::STANDARD
+                .encode(&s.host_ca_endorsement),
+        })
+    }
+
+    pub async fn host_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {
+        Ok(self
+            .host_ca_keys()
+            .await?
             .iter()
             .map(|k| k.fingerprint(HashAlg::Sha256))
             .collect())

@@ -6,7 +6,9 @@
 pub mod client;
 pub mod cluster_view;
 pub mod identity;
+pub mod join;
 pub mod node;
 pub mod proxy;
-mod server;
+pub mod proxy_header;
+pub mod server;
 pub mod user_cert;

@@ -10,7 +10,11 @@ use std::time::Duration;
 use russh::keys::{Certificate, PrivateKey};
 use russh::server::Handler;
 use russh::{MethodKind, MethodSet};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use turnstile_api::clock::Clock;
+
+use crate::cluster_view::ClusterView;
+use crate::proxy_header::read_if_present;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,11 +25,16 @@ pub struct HostCredentials {
     pub certificate: Certificate,
 }
 
-/// A russh server config presenting a host certificate and accepting
-/// publickey (certificate) authentication only.
-pub(crate) fn server_config(host: &HostCredentials) -> russh::server::Config {
+/// A russh server config presenting a host certificate and offering `methods`
+/// (nodes: publickey only).
+pub(crate) fn server_config(
+    host: &HostCredentials,
+    offered: &[MethodKind],
+) -> russh::server::Config {
     let mut methods = MethodSet::empty();
-    methods.push(MethodKind::PublicKey);
+    for m in offered {
+        methods.push(*m);
+    }
     russh::server::Config {
         methods,
         keys: vec![host.key.clone()],
@@ -39,21 +48,82 @@ pub(crate) fn server_config(host: &HostCredentials) -> russh::server::Config {
     }
 }
 
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    /// The user's address: the TCP peer, or what a proxy's signed header says.
+    pub client: SocketAddr,
+    /// Our end of the TCP connection.
+    pub local: SocketAddr,
+    /// Did the connection come through a proxy of this cluster?
+    pub via_proxy: bool,
+}
+
+/// How a server reads signed PROXY headers: only nodes do, and they check
+/// them against the cluster's host CA.
+pub(crate) struct HeaderPolicy {
+    pub view: Arc<ClusterView>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How long to wait for the first byte that could start a PROXY header.
+const HEADER_WAIT: Duration = Duration::from_secs(5);
+
+async fn connection_info(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    policy: Option<&HeaderPolicy>,
+) -> Result<ConnectionInfo, String> {
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let direct = ConnectionInfo {
+        client: peer,
+        local,
+        via_proxy: false,
+    };
+    let Some(policy) = policy else {
+        return Ok(direct);
+    };
+    match read_if_present(stream, HEADER_WAIT).await {
+        Ok(None) => Ok(direct),
+        Ok(Some(header)) => {
+            let host_ca = policy
+                .view
+                .host_ca_fingerprints()
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = header
+                .verify(&host_ca, policy.clock.unix_now())
+                .map_err(|e| e.to_string())?;
+            Ok(ConnectionInfo {
+                client,
+                local,
+                via_proxy: true,
+            })
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Accepts SSH connections until `shutdown`, one handler per connection from
 /// `make_handler`, then disconnects them (saying `who` is shutting down) and
 /// waits up to `grace` for `tasks` (connections and anything they spawned).
-pub(crate) async fn serve<H>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve<H, F>(
     listener: TcpListener,
-    host: &HostCredentials,
+    config: russh::server::Config,
+    headers: Option<HeaderPolicy>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     grace: Duration,
     who: &'static str,
-    mut make_handler: impl FnMut(SocketAddr) -> H,
+    make_handler: F,
 ) where
     H: Handler<Error = russh::Error> + Send + 'static,
+    F: Fn(ConnectionInfo) -> H + Send + Sync + 'static,
 {
-    let config = Arc::new(server_config(host));
+    let config = Arc::new(config);
+    let headers = headers.map(Arc::new);
+    let make_handler = Arc::new(make_handler);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -65,11 +135,21 @@ pub(crate) async fn serve<H>(
                 }
             },
         };
+        let mut stream = stream;
         let _ = stream.set_nodelay(true);
-        let handler = make_handler(peer);
         let config = config.clone();
         let shutdown = shutdown.clone();
+        let headers = headers.clone();
+        let make_handler = make_handler.clone();
         tasks.spawn(async move {
+            let info = match connection_info(&mut stream, peer, headers.as_deref()).await {
+                Ok(info) => info,
+                Err(reason) => {
+                    tracing::warn!(%peer, %reason, "connection refused");
+                    return;
+                }
+            };
+            let handler = make_handler(info);
             let session = match russh::server::run_stream(config, stream, handler).await {
                 Ok(session) => session,
                 Err(e) => {

@@ -23,8 +23,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the cluster's services: auth, proxy and node (all three without a config file).
     Start(StartArgs),
+    /// Log in to a cluster through its proxy with a password; saves a profile in ~/.turnstile.
+    Login(LoginArgs),
     /// Run a command, or an interactive shell, on a node through the proxy.
     Ssh(SshArgs),
+    /// List the nodes you may reach.
+    Ls(LsArgs),
     /// Operator commands for the local cluster (roles, users, nodes, identities).
     Admin(AdminArgs),
 }
@@ -41,9 +45,43 @@ pub struct StartArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Saves the key (0600), certificate, proxy address and the cluster's host CA \
+under ~/.turnstile (or $TURNSTILE_HOME); then `turnstile ssh NODE` and `turnstile ls` need no -i.\n\n\
+First contact: pass --ca-pin (printed by `turnstile start`), or confirm the host CA fingerprint \
+when asked; the answer is remembered.\n\nExample:\n  \
+echo \"$PASSWORD\" | turnstile login --proxy proxy.example.com:3023 --user alice --ca-pin sha256:... --password-stdin"
+)]
+pub struct LoginArgs {
+    /// The proxy, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub proxy: String,
+    /// Your Turnstile user name.
+    #[arg(long)]
+    pub user: String,
+    /// The cluster's CA pin (sha256:...), to trust it on first contact without a prompt.
+    #[arg(long, value_name = "PIN")]
+    pub ca_pin: Option<String>,
+    /// Read the password from the first line of standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// How long the certificate should live (capped by your roles' max_session_ttl).
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
 pub struct ClientArgs {
     /// Identity written by `turnstile admin sign --out PATH` (key, certificate,
-    /// host CA and proxy address).
+    /// host CA and proxy address). Default: the profile of `turnstile login`.
     #[arg(short = 'i', long = "identity", value_name = "PATH", global = true)]
     pub identity: Option<PathBuf>,
     /// The proxy to go through, HOST:PORT (overrides the identity's).
@@ -108,6 +146,9 @@ pub enum AdminCommand {
     /// Registered nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Join tokens for nodes and proxies.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Write a user identity: key, certificate, known_hosts and ssh_config for OpenSSH.
     Sign(SignArgs),
 }
@@ -143,6 +184,16 @@ pub enum UsersCommand {
         /// Comma-separated logins for {{internal.logins}}, e.g. root,alice.
         #[arg(long, value_delimiter = ',')]
         logins: Vec<String>,
+        /// Set a password (for `turnstile login`) from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Set a user's password (for `turnstile login`).
+    Passwd {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
     },
     /// List users.
     Ls {
@@ -151,6 +202,30 @@ pub enum UsersCommand {
     },
     /// Remove a user.
     Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Create a single-use join token; prints it with the CA pin.
+    #[command(
+        after_help = "Put the token and the CA pin in the joining process's config:\n  \
+turnstile:\n    auth_servers: [\"AUTH:3025\"]\n    join_token: TOKEN\n    ca_pin: PIN"
+    )]
+    Add {
+        /// What may join with it: node, proxy, or node,proxy.
+        #[arg(
+            long = "type",
+            value_delimiter = ',',
+            required = true,
+            value_name = "node|proxy"
+        )]
+        roles: Vec<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]

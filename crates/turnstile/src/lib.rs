@@ -7,3 +7,4 @@ pub mod commands;
 pub mod config;
 pub mod identity_file;
 pub mod process;
+pub mod profile;

@@ -46,6 +46,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Login(args) => {
+            init_logging("warn");
+            match runtime.block_on(commands::login::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(CLIENT_FAILURE)
+                }
+            }
+        }
+        Command::Ls(args) => {
+            init_logging("warn");
+            match runtime.block_on(commands::ls::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(CLIENT_FAILURE)
+                }
+            }
+        }
         Command::Ssh(args) => {
             init_logging("warn");
             let code = match runtime.block_on(commands::ssh::run(args)) {

@@ -10,24 +10,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use std::collections::HashMap;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::proto;
+use turnstile_auth::audit_log::FileAuditLog;
 use turnstile_auth::backend::{Backend, SqliteBackend};
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
 use turnstile_ssh::cluster_view::{ClusterView, auth_client};
 use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
+use turnstile_ssh::join::join;
 use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_addr};
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
 use crate::config::resolve::host_name;
 
-/// How often nodes heartbeat, and how long auth keeps a silent node.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+/// How long auth keeps a silent node that did not say (nodes ask for three
+/// heartbeat intervals).
 const NODE_TTL: Duration = Duration::from_secs(60);
 /// How often nodes and proxies refresh their cached view of the cluster.
 const VIEW_REFRESH: Duration = Duration::from_secs(5);
@@ -153,6 +156,49 @@ async fn host_credentials(
     })
 }
 
+/// The TLS identities of a process without the auth service: kept from an
+/// earlier join, or obtained now with `join_token`, checking `ca_pin`.
+async fn joined_identities(
+    config: &ResolvedConfig,
+    auth_target: &str,
+    roles: &[SystemRole],
+) -> anyhow::Result<HashMap<SystemRole, TlsIdentity>> {
+    let data_dir = &config.data_dir;
+    let mut identities = HashMap::new();
+    let mut missing = Vec::new();
+    for role in roles {
+        match TlsIdentity::load(data_dir, *role)? {
+            Some(identity) => {
+                identities.insert(*role, identity);
+            }
+            None => missing.push(*role),
+        }
+    }
+    if missing.is_empty() {
+        if config.join_token.is_some() {
+            tracing::info!(
+                "this process joined earlier; turnstile.join_token is not needed any more"
+            );
+        }
+        return Ok(identities);
+    }
+    let (Some(token), Some(pin)) = (&config.join_token, &config.ca_pin) else {
+        bail!(
+            "this process has not joined the cluster yet: set turnstile.join_token and turnstile.ca_pin, from `turnstile admin tokens add --type {}` on the auth server",
+            missing
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    };
+    tracing::info!(auth = auth_target, roles = ?missing, "joining the cluster");
+    let joined = join(auth_target, token, pin, &missing, data_dir).await?;
+    tracing::info!(host_id = %joined.host_id, "joined the cluster");
+    identities.extend(joined.identities);
+    Ok(identities)
+}
+
 fn host_part(addr: &str) -> String {
     match addr.rsplit_once(':') {
         Some((host, _)) => host
@@ -181,7 +227,6 @@ async fn launch_services(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
     let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
-    let host_id = load_or_create_host_id(&data_dir)?;
     let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
     // Bind everything first: a port in use fails before anything starts.
@@ -197,6 +242,13 @@ async fn launch_services(
         Some(n) => Some(bind(n.listen_addr, "node", "ssh_service.listen_addr").await?),
         None => None,
     };
+    let mut roles = Vec::new();
+    if config.proxy.is_some() {
+        roles.push(SystemRole::Proxy);
+    }
+    if config.node.is_some() {
+        roles.push(SystemRole::Node);
+    }
 
     let mut running = Running {
         data_dir: data_dir.clone(),
@@ -205,7 +257,7 @@ async fn launch_services(
         proxy_public_addr: None,
         node_addr: None,
         node_name: config.node.as_ref().map(|n| n.node_name.clone()),
-        host_id: host_id.clone(),
+        host_id: String::new(),
         ca_pin: None,
         cluster_name: None,
         authority: None,
@@ -213,48 +265,78 @@ async fn launch_services(
         tasks: Vec::new(),
     };
 
-    let (Some(auth_settings), Some(auth_listener)) = (&config.auth, auth_listener) else {
-        bail!(
-            "this process runs no auth service; joining a remote auth server (turnstile.auth_servers with a join_token) is not available in this build yet"
-        );
+    // Identities: issued directly by a local auth service, or obtained by
+    // joining a remote one with a token (once; kept in the data dir).
+    let mut identities: HashMap<SystemRole, TlsIdentity> = HashMap::new();
+    let auth_target = match (&config.auth, auth_listener) {
+        (Some(auth_settings), Some(auth_listener)) => {
+            let host_id = load_or_create_host_id(&data_dir)?;
+            let backend: Arc<dyn Backend> = Arc::new(
+                SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
+                    format!(
+                        "cannot open the backend {}",
+                        auth_settings.storage_path.display()
+                    )
+                })?,
+            );
+            let audit = Arc::new(FileAuditLog::new(
+                &data_dir.join("log"),
+                Arc::new(SystemClock),
+            ));
+            let authority = Arc::new(
+                Authority::open(
+                    backend,
+                    Arc::new(SystemClock),
+                    audit,
+                    &auth_settings.cluster_name,
+                )
+                .await?,
+            );
+            let auth_addr = auth_listener.local_addr()?;
+            running.auth_addr = Some(auth_addr);
+            running.ca_pin = Some(authority.tls_ca().pin()?);
+            running.cluster_name = Some(authority.cluster_name().to_string());
+            running.authority = Some(authority.clone());
+            std::fs::write(data_dir.join(AUTH_ADDR_FILE), auth_addr.to_string())?;
+            local_identity(&authority, &data_dir, SystemRole::Admin, "admin")?;
+            for role in &roles {
+                identities.insert(
+                    *role,
+                    local_identity(&authority, &data_dir, *role, &host_id)?,
+                );
+            }
+            let service = AuthService::new(
+                authority.clone(),
+                AuthServiceConfig {
+                    host_id: host_id.clone(),
+                    node_ttl: NODE_TTL,
+                },
+            );
+            let token = shutdown.clone();
+            tasks.push((
+                "auth",
+                tokio::spawn(async move { Ok(service.run(auth_listener, token).await?) }),
+            ));
+            auth_addr.to_string()
+        }
+        _ => {
+            let auth_target = config
+                .auth_servers
+                .first()
+                .cloned()
+                .context("turnstile.auth_servers is empty")?;
+            identities = joined_identities(&config, &auth_target, &roles).await?;
+            auth_target
+        }
     };
-    let backend: Arc<dyn Backend> = Arc::new(
-        SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
-            format!(
-                "cannot open the backend {}",
-                auth_settings.storage_path.display()
-            )
-        })?,
-    );
-    let authority = Arc::new(
-        Authority::open(backend, Arc::new(SystemClock), &auth_settings.cluster_name).await?,
-    );
-    let auth_addr = auth_listener.local_addr()?;
-    running.auth_addr = Some(auth_addr);
-    running.ca_pin = Some(authority.tls_ca().pin()?);
-    running.cluster_name = Some(authority.cluster_name().to_string());
-    running.authority = Some(authority.clone());
-    std::fs::write(data_dir.join(AUTH_ADDR_FILE), auth_addr.to_string())?;
-    local_identity(&authority, &data_dir, SystemRole::Admin, "admin")?;
-    let service = AuthService::new(
-        authority.clone(),
-        AuthServiceConfig {
-            host_id: host_id.clone(),
-            node_ttl: NODE_TTL,
-        },
-    );
-    let token = shutdown.clone();
-    tasks.push((
-        "auth",
-        tokio::spawn(async move { Ok(service.run(auth_listener, token).await?) }),
-    ));
-    let auth_target = auth_addr.to_string();
+    let host_id = load_or_create_host_id(&data_dir)?;
+    running.host_id = host_id.clone();
 
     if let (Some(proxy), Some(listener)) = (&config.proxy, proxy_listener) {
         let bound = listener.local_addr()?;
         let public = advertised_addr(proxy.public_addr.as_deref(), bound);
-        let tls = local_identity(&authority, &data_dir, SystemRole::Proxy, &host_id)?;
-        let view = ClusterView::new(auth_client(&auth_target, &tls)?);
+        let tls = &identities[&SystemRole::Proxy];
+        let view = ClusterView::new(auth_client(&auth_target, tls)?);
         let mut principals = vec![
             host_part(&public),
             bound.ip().to_string(),
@@ -286,8 +368,8 @@ async fn launch_services(
     if let (Some(node), Some(listener)) = (&config.node, node_listener) {
         let bound = listener.local_addr()?;
         let advertised = advertised_addr(node.public_addr.as_deref(), bound);
-        let tls = local_identity(&authority, &data_dir, SystemRole::Node, &host_id)?;
-        let view = ClusterView::new(auth_client(&auth_target, &tls)?);
+        let tls = &identities[&SystemRole::Node];
+        let view = ClusterView::new(auth_client(&auth_target, tls)?);
         let principals = vec![node.node_name.clone(), host_part(&advertised)];
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
         view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
@@ -297,7 +379,7 @@ async fn launch_services(
                 node_name: node.node_name.clone(),
                 labels: node.labels.clone(),
                 public_addr: node.public_addr.clone(),
-                heartbeat_interval: HEARTBEAT_INTERVAL,
+                heartbeat_interval: node.heartbeat_interval,
                 shutdown_grace: SHUTDOWN_GRACE,
             },
             view,

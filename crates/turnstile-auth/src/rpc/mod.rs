@@ -74,7 +74,21 @@ fn node_to_proto(n: NodeRecord) -> proto::Node {
         addr: n.addr,
         labels: n.labels.into_iter().collect(),
         expires_unix: n.expires_unix,
+        ttl_seconds: 0,
     }
+}
+
+fn cert_response(
+    issued: crate::authority::IssuedUserCert,
+) -> RpcResult<proto::GenerateUserCertResponse> {
+    ok(proto::GenerateUserCertResponse {
+        certificate: issued
+            .certificate
+            .to_openssh()
+            .map_err(|e| Status::internal(e.to_string()))?,
+        valid_before_unix: issued.certificate.valid_before(),
+        principals: issued.principals,
+    })
 }
 
 /// How long a node registration lives without a heartbeat.
@@ -131,6 +145,7 @@ impl proto::auth_server::Auth for AuthApi {
             user_ca: vec![a.user_ca().public_key_openssh()],
             host_ca: vec![a.host_ca().public_key_openssh()],
             tls_ca_pem: a.tls_ca().cert_pem.clone(),
+            host_ca_endorsement: a.host_ca_endorsement().to_vec(),
         })
     }
 
@@ -243,14 +258,7 @@ impl proto::auth_server::Auth for AuthApi {
             .generate_user_cert(&r.user, &key, Duration::from_secs(r.ttl_seconds))
             .await
             .map_err(fail)?;
-        ok(proto::GenerateUserCertResponse {
-            certificate: issued
-                .certificate
-                .to_openssh()
-                .map_err(|e| Status::internal(e.to_string()))?,
-            valid_before_unix: issued.certificate.valid_before(),
-            principals: issued.principals,
-        })
+        cert_response(issued)
     }
 
     async fn generate_host_cert(
@@ -272,7 +280,7 @@ impl proto::auth_server::Auth for AuthApi {
         }
         let cert = self
             .authority
-            .generate_host_cert(&c.id, &key, &r.principals)
+            .generate_host_cert(&c.id, c.role, &key, &r.principals)
             .map_err(fail)?;
         ok(proto::GenerateHostCertResponse {
             certificate: cert
@@ -299,7 +307,11 @@ impl proto::auth_server::Auth for AuthApi {
                     labels: n.labels.into_iter().collect(),
                     expires_unix: 0,
                 },
-                self.presence.node_ttl,
+                if n.ttl_seconds == 0 {
+                    self.presence.node_ttl
+                } else {
+                    Duration::from_secs(n.ttl_seconds)
+                },
             )
             .await
             .map_err(fail)?;
@@ -315,5 +327,123 @@ impl proto::auth_server::Auth for AuthApi {
         ok(proto::NodeList {
             nodes: nodes.into_iter().map(node_to_proto).collect(),
         })
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<proto::CreateTokenRequest>,
+    ) -> RpcResult<proto::CreateTokenResponse> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let roles = r
+            .roles
+            .iter()
+            .map(|s| crate::tokens::parse_joinable_role(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+        let (token, expires) = self
+            .authority
+            .create_token(&roles, Duration::from_secs(r.ttl_seconds))
+            .await
+            .map_err(fail)?;
+        ok(proto::CreateTokenResponse {
+            token,
+            expires_unix: expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
+            ca_pin: self.authority.tls_ca().pin().map_err(fail)?,
+            roles: r.roles,
+        })
+    }
+
+    async fn join(&self, req: Request<proto::JoinRequest>) -> RpcResult<proto::JoinResponse> {
+        // The joining process has no certificate yet: the token is its proof.
+        let r = req.into_inner();
+        let requests = r
+            .identities
+            .iter()
+            .map(|i| {
+                crate::tokens::parse_joinable_role(&i.role)
+                    .map(|role| (role, i.tls_public_key_der.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+        let joined = self
+            .authority
+            .join(&r.token, &requests)
+            .await
+            .map_err(fail)?;
+        ok(proto::JoinResponse {
+            host_id: joined.host_id,
+            identities: joined
+                .identities
+                .into_iter()
+                .map(|(role, tls_cert_pem)| proto::JoinIdentity {
+                    role: role.to_string(),
+                    tls_cert_pem,
+                })
+                .collect(),
+            tls_ca_pem: self.authority.tls_ca().cert_pem.clone(),
+            cluster_name: self.authority.cluster_name().to_string(),
+        })
+    }
+
+    async fn set_password(
+        &self,
+        req: Request<proto::SetPasswordRequest>,
+    ) -> RpcResult<proto::SetPasswordResponse> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        self.authority
+            .set_password(&r.user, &r.password)
+            .await
+            .map_err(fail)?;
+        ok(proto::SetPasswordResponse {})
+    }
+
+    async fn login(
+        &self,
+        req: Request<proto::LoginRequest>,
+    ) -> RpcResult<proto::GenerateUserCertResponse> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let key = if r.public_key.is_empty() {
+            None
+        } else {
+            Some(parse_public_key(&r.public_key)?)
+        };
+        let issued = self
+            .authority
+            .login(
+                &r.user,
+                &r.password,
+                key.as_ref(),
+                Duration::from_secs(r.ttl_seconds),
+                &r.client_addr,
+            )
+            .await
+            .map_err(fail)?;
+        match issued {
+            Some(issued) => cert_response(issued),
+            None => ok(proto::GenerateUserCertResponse::default()),
+        }
+    }
+
+    async fn renew_user_cert(
+        &self,
+        req: Request<proto::RenewUserCertRequest>,
+    ) -> RpcResult<proto::GenerateUserCertResponse> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let current = russh::keys::Certificate::from_openssh(r.certificate.trim())
+            .map_err(|e| Status::invalid_argument(format!("certificate: {e}")))?;
+        let key = parse_public_key(&r.public_key)?;
+        let issued = self
+            .authority
+            .renew_user_cert(&current, &key, Duration::from_secs(r.ttl_seconds))
+            .await
+            .map_err(fail)?;
+        cert_response(issued)
     }
 }

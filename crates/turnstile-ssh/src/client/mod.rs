@@ -13,6 +13,7 @@ use russh::keys::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey, Public
 use russh::{ChannelId, ChannelOpenFailure};
 use tokio::net::TcpStream;
 
+pub mod door;
 mod session;
 pub mod terminal;
 
@@ -109,6 +110,7 @@ pub struct HostChecker {
     expected: String,
     refusal: Arc<Mutex<Option<String>>>,
     open_failure: Arc<OpenFailure>,
+    presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
 }
 
 impl HostChecker {
@@ -118,43 +120,50 @@ impl HostChecker {
             expected: expected.to_string(),
             refusal: Arc::default(),
             open_failure: Arc::default(),
+            presented: Arc::default(),
         }
     }
 
     fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
-        let cert = match key {
-            PublicKeyOrCertificate::Certificate(cert) => cert,
-            PublicKeyOrCertificate::PublicKey { .. } => {
-                return Err(
-                    "it presented a bare host key, not a host certificate of the cluster".into(),
-                );
-            }
-        };
-        let fingerprints: Vec<_> = self
-            .host_ca
-            .iter()
-            .map(|k| k.fingerprint(HashAlg::Sha256))
-            .collect();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        cert.validate_at(now, &fingerprints).map_err(|_| {
-            "its host certificate is not signed by the cluster's host CA, or has expired"
-                .to_string()
-        })?;
-        if cert.cert_type() != CertType::Host {
-            return Err("it presented a user certificate as its host certificate".into());
-        }
-        if !cert.valid_principals().iter().any(|p| p == &self.expected) {
-            return Err(format!(
-                "its host certificate is for {} , not {:?}",
-                cert.valid_principals().join(", "),
-                self.expected
-            ));
-        }
-        Ok(())
+        verify_host_key(key, &self.host_ca, &self.expected)
     }
+}
+
+/// Is `key` a host certificate from `host_ca` for `expected`?
+pub fn verify_host_key(
+    key: &PublicKeyOrCertificate,
+    host_ca: &[PublicKey],
+    expected: &str,
+) -> Result<(), String> {
+    let cert = match key {
+        PublicKeyOrCertificate::Certificate(cert) => cert,
+        PublicKeyOrCertificate::PublicKey { .. } => {
+            return Err(
+                "it presented a bare host key, not a host certificate of the cluster".into(),
+            );
+        }
+    };
+    let fingerprints: Vec<_> = host_ca
+        .iter()
+        .map(|k| k.fingerprint(HashAlg::Sha256))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    cert.validate_at(now, &fingerprints).map_err(|_| {
+        "its host certificate is not signed by the cluster's host CA, or has expired".to_string()
+    })?;
+    if cert.cert_type() != CertType::Host {
+        return Err("it presented a user certificate as its host certificate".into());
+    }
+    if !cert.valid_principals().iter().any(|p| p == expected) {
+        return Err(format!(
+            "its host certificate is for {}, not {expected:?}",
+            cert.valid_principals().join(", ")
+        ));
+    }
+    Ok(())
 }
 
 impl Handler for HostChecker {
@@ -164,6 +173,22 @@ impl Handler for HostChecker {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        let copy = match key {
+            PublicKeyOrCertificate::Certificate(c) => {
+                PublicKeyOrCertificate::Certificate(c.clone())
+            }
+            PublicKeyOrCertificate::PublicKey { key, hash_alg } => {
+                PublicKeyOrCertificate::PublicKey {
+                    key: key.clone(),
+                    hash_alg: *hash_alg,
+                }
+            }
+        };
+        *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy);
+        if self.host_ca.is_empty() {
+            // First contact: recorded, checked by the caller before any secret is sent.
+            return Ok(true);
+        }
         match self.verify(key) {
             Ok(()) => Ok(true),
             Err(reason) => {
@@ -229,49 +254,151 @@ fn host_of(addr: &str) -> &str {
     }
 }
 
-async fn handshake<S>(
+/// An SSH connection whose host was checked, not yet authenticated.
+pub struct Connected {
+    pub handle: Handle<HostChecker>,
+    pub label: String,
+    open_failure: Arc<OpenFailure>,
+    presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
+}
+
+impl Connected {
+    /// What the server presented as its host key or certificate.
+    pub fn take_presented_host_key(&self) -> Option<PublicKeyOrCertificate> {
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    pub async fn take_open_failure(&self) -> Option<String> {
+        self.open_failure.take().await
+    }
+
+    fn protocol(&self, e: russh::Error) -> ClientError {
+        ClientError::Protocol {
+            host: self.label.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Authenticates with the user's certificate as `login`.
+    pub async fn auth_certificate(
+        &mut self,
+        login: &str,
+        creds: &UserCredentials,
+    ) -> Result<(), ClientError> {
+        let result = self
+            .handle
+            .authenticate_openssh_cert(login, creds.key.clone(), creds.certificate.clone())
+            .await
+            .map_err(|e| self.protocol(e))?;
+        if !result.success() {
+            return Err(ClientError::AuthRefused {
+                host: self.label.clone(),
+                reason:
+                    "the certificate was not accepted (is it from this cluster, and still valid?)"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Authenticates with a password.
+    pub async fn auth_password(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
+        let result = self
+            .handle
+            .authenticate_password(user, password)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        if !result.success() {
+            return Err(ClientError::AuthRefused {
+                host: self.label.clone(),
+                reason: "wrong user name or password".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Authenticates as the anonymous user that may only read the cluster's
+    /// public trust material.
+    pub async fn auth_anonymous(&mut self) -> Result<(), ClientError> {
+        let result = self
+            .handle
+            .authenticate_none(turnstile_api::door::ANONYMOUS_USER)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        if !result.success() {
+            return Err(ClientError::AuthRefused {
+                host: self.label.clone(),
+                reason: "it does not answer cluster-info requests; is it a Turnstile proxy?".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs the SSH handshake on `stream`, checking the host certificate against
+/// `host_ca` for `expected`; with `host_ca` empty, accepts any host key and
+/// only records it (first contact: nothing secret is sent before it is
+/// checked).
+pub async fn open<S>(
     stream: S,
-    host: &str,
+    label: &str,
     expected: &str,
-    login: &str,
-    creds: &UserCredentials,
     host_ca: &[PublicKey],
-) -> Result<(Handle<HostChecker>, Arc<OpenFailure>), ClientError>
+) -> Result<Connected, ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let checker = HostChecker::new(host_ca, expected);
     let refusal = checker.refusal.clone();
     let open_failure = checker.open_failure.clone();
-    let mut handle = client::connect_stream(client_config(), stream, checker)
+    let presented = checker.presented.clone();
+    let handle = client::connect_stream(client_config(), stream, checker)
         .await
         .map_err(
             |e| match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 Some(reason) => ClientError::HostRejected {
-                    host: host.to_string(),
+                    host: label.to_string(),
                     reason,
                 },
                 None => ClientError::Protocol {
-                    host: host.to_string(),
+                    host: label.to_string(),
                     message: e.to_string(),
                 },
             },
         )?;
-    let result = handle
-        .authenticate_openssh_cert(login, creds.key.clone(), creds.certificate.clone())
-        .await
-        .map_err(|e| ClientError::Protocol {
-            host: host.to_string(),
-            message: e.to_string(),
-        })?;
-    if !result.success() {
-        return Err(ClientError::AuthRefused {
-            host: host.to_string(),
-            reason: "the certificate was not accepted (is it from this cluster, and still valid?)"
-                .into(),
-        });
-    }
-    Ok((handle, open_failure))
+    Ok(Connected {
+        handle,
+        label: label.to_string(),
+        open_failure,
+        presented,
+    })
+}
+
+/// Opens an SSH connection to the proxy at `proxy_addr`.
+pub async fn open_proxy(proxy_addr: &str, host_ca: &[PublicKey]) -> Result<Connected, ClientError> {
+    let tcp =
+        TcpStream::connect(proxy_addr)
+            .await
+            .map_err(|source| ClientError::ProxyUnreachable {
+                addr: proxy_addr.to_string(),
+                source,
+            })?;
+    let _ = tcp.set_nodelay(true);
+    open(
+        tcp,
+        &format!("the proxy at {proxy_addr}"),
+        host_of(proxy_addr),
+        host_ca,
+    )
+    .await
+}
+
+/// The proxy's own name in its host certificate: the host part of its address.
+pub fn proxy_principal(proxy_addr: &str) -> &str {
+    host_of(proxy_addr)
 }
 
 /// Connects to `node` as `login` through the proxy at `proxy_addr`.
@@ -282,48 +409,34 @@ pub async fn connect_via_proxy(
     creds: &UserCredentials,
     host_ca: &[PublicKey],
 ) -> Result<NodeConnection, ClientError> {
-    let tcp =
-        TcpStream::connect(proxy_addr)
-            .await
-            .map_err(|source| ClientError::ProxyUnreachable {
-                addr: proxy_addr.to_string(),
-                source,
-            })?;
-    let _ = tcp.set_nodelay(true);
-    let proxy_name = format!("the proxy at {proxy_addr}");
-    let (proxy, proxy_failure) = handshake(
-        tcp,
-        &proxy_name,
-        host_of(proxy_addr),
-        creds.user(),
-        creds,
-        host_ca,
-    )
-    .await?;
+    let mut proxy = open_proxy(proxy_addr, host_ca).await?;
+    proxy.auth_certificate(creds.user(), creds).await?;
     let channel = match proxy
+        .handle
         .channel_open_direct_tcpip(node, 22, "127.0.0.1", 0)
         .await
     {
         Ok(channel) => channel,
         Err(e) => {
-            let text = proxy_failure.take().await.unwrap_or_else(|| e.to_string());
+            let text = proxy
+                .take_open_failure()
+                .await
+                .unwrap_or_else(|| e.to_string());
             return Err(ClientError::ChannelRefused(text));
         }
     };
-    let node_name = format!("node {node:?}");
-    let (handle, open_failure) = handshake(
+    let mut conn = open(
         channel.into_stream(),
-        &node_name,
+        &format!("node {node:?}"),
         node,
-        login,
-        creds,
         host_ca,
     )
     .await?;
+    conn.auth_certificate(login, creds).await?;
     Ok(NodeConnection {
-        handle,
-        open_failure,
-        _proxy: proxy,
+        handle: conn.handle,
+        open_failure: conn.open_failure,
+        _proxy: proxy.handle,
     })
 }
 

@@ -5,7 +5,6 @@
 //! login on this node authenticates, and every channel is then refused with
 //! the reason, so the user reads why instead of "Permission denied".
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use russh::keys::Certificate;
@@ -16,6 +15,7 @@ use turnstile_api::identity::UserIdentity;
 use super::NodeShared;
 use super::process::LocalUser;
 use super::session::{SessionContext, serve_session};
+use crate::server::ConnectionInfo;
 use crate::user_cert::verify_user_cert;
 
 /// What this connection may do, decided at authentication.
@@ -33,7 +33,7 @@ enum Access {
 
 pub struct NodeConnection {
     shared: Arc<NodeShared>,
-    peer: Option<SocketAddr>,
+    info: ConnectionInfo,
     access: Access,
 }
 
@@ -46,10 +46,10 @@ pub(crate) fn prohibited(reason: impl Into<String>) -> ChannelOpenFailure {
 }
 
 impl NodeConnection {
-    pub(super) fn new(shared: Arc<NodeShared>, peer: Option<SocketAddr>) -> Self {
+    pub(super) fn new(shared: Arc<NodeShared>, info: ConnectionInfo) -> Self {
         Self {
             shared,
-            peer,
+            info,
             access: Access::Pending,
         }
     }
@@ -110,13 +110,13 @@ impl Handler for NodeConnection {
         match self.decide(user, certificate).await {
             Ok(access) => {
                 if let Access::Denied { reason } = &access {
-                    tracing::warn!(peer = ?self.peer, login = user, %reason, "access denied after authentication");
+                    tracing::warn!(client = %self.info.client, login = user, %reason, "access denied after authentication");
                 }
                 self.access = access;
                 Ok(Auth::Accept)
             }
             Err(reason) => {
-                tracing::warn!(peer = ?self.peer, login = user, %reason, "certificate refused");
+                tracing::warn!(client = %self.info.client, login = user, %reason, "certificate refused");
                 Ok(Auth::reject())
             }
         }
@@ -137,6 +137,7 @@ impl Handler for NodeConnection {
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
                     local_user: local_user.clone(),
+                    connection: self.info,
                 };
                 reply.accept().await;
                 let handle = session.handle();

@@ -15,7 +15,7 @@ use turnstile_api::rpc::proto;
 
 use crate::cluster_view::ClusterView;
 pub use crate::server::HostCredentials;
-use crate::server::serve;
+use crate::server::{HeaderPolicy, serve, server_config};
 
 mod connection;
 mod process;
@@ -83,14 +83,20 @@ impl NodeService {
             shutdown.clone(),
         ));
         tracing::info!(node = %self.config.node_name, %advertised, "node service listening");
+        let headers = HeaderPolicy {
+            view: shared.view.clone(),
+            clock: shared.clock.clone(),
+        };
+        let for_handlers = shared.clone();
         serve(
             listener,
-            &self.host,
+            server_config(&self.host, &[russh::MethodKind::PublicKey]),
+            Some(headers),
             &shared.tasks,
             &shutdown,
             self.config.shutdown_grace,
             "node",
-            |peer| connection::NodeConnection::new(shared.clone(), Some(peer)),
+            move |info| connection::NodeConnection::new(for_handlers.clone(), info),
         )
         .await;
         heartbeat.abort();
@@ -110,6 +116,8 @@ async fn heartbeat(shared: Arc<NodeShared>, advertised: String, shutdown: Cancel
             addr: advertised.clone(),
             labels: shared.config.labels.clone().into_iter().collect(),
             expires_unix: 0,
+            // Three missed heartbeats and the node is gone from listings.
+            ttl_seconds: (shared.config.heartbeat_interval * 3).as_secs().max(1),
         };
         match client.upsert_node(node).await {
             Ok(_) if failing => {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::process::{Launch, LocalUser, spawn_piped, spawn_pty};
+use crate::server::ConnectionInfo;
 
 /// How long output may keep flowing after the process exits (background jobs
 /// holding the terminal) before the exit status is sent anyway.
@@ -39,6 +40,7 @@ pub struct SessionContext {
     pub sid: String,
     pub user: String,
     pub local_user: LocalUser,
+    pub connection: ConnectionInfo,
 }
 
 enum Input {
@@ -257,9 +259,25 @@ fn start(
     writer: &russh::ChannelWriteHalf<Msg>,
     id: ChannelId,
 ) -> std::io::Result<()> {
-    launch
-        .env
-        .push(("TURNSTILE_SESSION_ID".to_string(), ctx.sid.clone()));
+    let (client, local) = (ctx.connection.client, ctx.connection.local);
+    launch.env.extend([
+        ("TURNSTILE_SESSION_ID".to_string(), ctx.sid.clone()),
+        // As sshd sets them, with the user's own address even through a proxy.
+        (
+            "SSH_CLIENT".to_string(),
+            format!("{} {} {}", client.ip(), client.port(), local.port()),
+        ),
+        (
+            "SSH_CONNECTION".to_string(),
+            format!(
+                "{} {} {} {}",
+                client.ip(),
+                client.port(),
+                local.ip(),
+                local.port()
+            ),
+        ),
+    ]);
     let (tx, mut rx) = mpsc::channel::<Input>(64);
     let result = match pty {
         Some((term, size)) => {

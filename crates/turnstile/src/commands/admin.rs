@@ -16,7 +16,8 @@ use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, UsersCommand,
+    AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, TokensCommand,
+    UsersCommand,
 };
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
@@ -79,6 +80,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Roles(cmd) => roles(&mut admin, cmd).await,
         AdminCommand::Users(cmd) => users(&mut admin, cmd).await,
         AdminCommand::Nodes(NodesCommand::Ls { format }) => nodes_ls(&mut admin, format).await,
+        AdminCommand::Tokens(TokensCommand::Add { roles, ttl, format }) => {
+            tokens_add(&mut admin, roles, &ttl, format).await
+        }
         AdminCommand::Sign(args) => sign(&mut admin, args).await,
     }
 }
@@ -94,7 +98,7 @@ pub fn parse_role(path: &Path) -> anyhow::Result<Role> {
     Ok(role)
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -221,7 +225,14 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
             name,
             roles,
             logins,
+            password_stdin,
         } => {
+            // Read (and check) the password before anything is stored.
+            let password = if password_stdin {
+                Some(read_password_line()?)
+            } else {
+                None
+            };
             let roles: Vec<String> = roles.into_iter().filter(|r| !r.is_empty()).collect();
             let logins: Vec<String> = logins.into_iter().filter(|l| !l.is_empty()).collect();
             admin
@@ -237,6 +248,21 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| rpc_error(admin, s))?;
+            if let Some(password) = password {
+                admin
+                    .client
+                    .set_password(proto::SetPasswordRequest {
+                        user: name.clone(),
+                        password,
+                    })
+                    .await
+                    .map_err(|s| {
+                        anyhow::anyhow!(
+                            "user {name:?} was added, but the password was refused: {}; set one with `turnstile admin users passwd {name} --password-stdin`",
+                            s.message()
+                        )
+                    })?;
+            }
             println!(
                 "user {name:?} added (roles: {}; logins: {})",
                 roles.join(", "),
@@ -273,6 +299,18 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 .map(|u| vec![u.name.clone(), u.roles.join(","), u.logins.join(",")])
                 .collect();
             print_table(&["USER", "ROLES", "LOGINS"], &rows);
+        }
+        UsersCommand::Passwd { name, .. } => {
+            let password = read_password_line()?;
+            admin
+                .client
+                .set_password(proto::SetPasswordRequest {
+                    user: name.clone(),
+                    password,
+                })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            println!("password of user {name:?} set");
         }
         UsersCommand::Rm { name } => {
             admin
@@ -410,5 +448,60 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
     println!("Connect with:");
     println!("  ssh -F {} NODE", paths.ssh_config.display());
     println!("  turnstile ssh -i {} NODE", paths.key.display());
+    Ok(())
+}
+
+/// The first line of standard input, without its line ending; checked
+/// against the password policy here so a bad one fails before anything is stored.
+pub fn read_password_line() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        bail!("no password on standard input (--password-stdin reads its first line)");
+    }
+    turnstile_auth::passwords::check_policy(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(password)
+}
+
+async fn tokens_add(
+    admin: &mut Admin,
+    roles: Vec<String>,
+    ttl: &str,
+    format: Format,
+) -> anyhow::Result<()> {
+    let ttl = turnstile_api::duration::parse(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let roles: Vec<String> = roles.into_iter().filter(|r| !r.is_empty()).collect();
+    let resp = admin
+        .client
+        .create_token(proto::CreateTokenRequest {
+            roles: roles.clone(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner();
+    let expires = rfc3339(resp.expires_unix);
+    if format == Format::Json {
+        println!(
+            "{}",
+            json!({"token": resp.token, "type": roles, "expires": expires, "ca_pin": resp.ca_pin, "auth_server": admin.auth_addr})
+        );
+        return Ok(());
+    }
+    println!(
+        "Join token for {} (single use, valid until {expires}):",
+        roles.join(", ")
+    );
+    println!("  {}", resp.token);
+    println!("CA pin:");
+    println!("  {}", resp.ca_pin);
+    println!("In the joining process's config:");
+    println!("  turnstile:");
+    println!("    auth_servers: [\"{}\"]", admin.auth_addr);
+    println!("    join_token: {}", resp.token);
+    println!("    ca_pin: {}", resp.ca_pin);
     Ok(())
 }

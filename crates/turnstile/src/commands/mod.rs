@@ -1,5 +1,7 @@
 //! One file per subcommand.
 
 pub mod admin;
+pub mod login;
+pub mod ls;
 pub mod ssh;
 pub mod start;

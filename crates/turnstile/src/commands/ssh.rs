@@ -8,7 +8,7 @@ use turnstile_ssh::client::terminal::{RawMode, resize_events, stdin_is_tty, wind
 use turnstile_ssh::client::{SessionRequest, connect_via_proxy, run_session};
 
 use crate::cli::SshArgs;
-use crate::identity_file;
+use crate::profile::client_identity;
 
 /// Environment variables sent to the node, as OpenSSH's default `SendEnv LANG LC_*`.
 fn forwarded_env() -> Vec<(String, String)> {
@@ -18,16 +18,7 @@ fn forwarded_env() -> Vec<(String, String)> {
 }
 
 pub async fn run(args: SshArgs) -> anyhow::Result<u32> {
-    let identity_path = args.client.identity.as_deref().context(
-        "no identity given: pass -i PATH with an identity written by `turnstile admin sign --out PATH`",
-    )?;
-    let identity = identity_file::read(identity_path)?;
-    let proxy = args
-        .client
-        .proxy
-        .clone()
-        .or(identity.proxy.clone())
-        .context("the identity names no proxy; pass --proxy HOST:PORT")?;
+    let (identity, proxy) = client_identity(&args.client)?;
     let creds = identity.credentials;
     let (login, node) = match args.destination.split_once('@') {
         Some((login, node)) => (login.to_string(), node.to_string()),

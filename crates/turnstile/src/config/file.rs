@@ -65,6 +65,7 @@ pub struct SshSection {
     pub public_addr: Option<String>,
     pub node_name: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
+    pub heartbeat_interval: Option<WrittenDuration>,
 }
 
 /// Parses the YAML text; the error names the key, line and column.

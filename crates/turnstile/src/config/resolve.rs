@@ -20,6 +20,7 @@ pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:3023";
 pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:3022";
 pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const RECORDING_MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
 
 #[derive(Debug, Clone)]
@@ -56,6 +57,9 @@ pub struct NodeSettings {
     pub public_addr: Option<String>,
     pub node_name: String,
     pub labels: Labels,
+    /// How often the node tells auth it is alive; it disappears from listings
+    /// after three missed heartbeats.
+    pub heartbeat_interval: Duration,
 }
 
 fn field_error(field: &str, message: impl std::fmt::Display) -> String {
@@ -233,6 +237,16 @@ pub fn resolve(
             public_addr: check_public_addr("ssh_service.public_addr", s.public_addr)?,
             node_name,
             labels,
+            heartbeat_interval: match s.heartbeat_interval.map(|d| d.0) {
+                None => DEFAULT_HEARTBEAT_INTERVAL,
+                Some(d) if d < Duration::from_secs(1) => {
+                    return Err(field_error(
+                        "ssh_service.heartbeat_interval",
+                        "must be at least 1s (default 20s)",
+                    ));
+                }
+                Some(d) => d,
+            },
         })
     } else {
         None
@@ -244,7 +258,21 @@ pub fn resolve(
                 .into(),
         );
     }
+    if let Some(pin) = &global.ca_pin {
+        turnstile_api::pin::validate(pin).map_err(|m| field_error("turnstile.ca_pin", m))?;
+    }
     let auth_servers = global.auth_servers.unwrap_or_default();
+    for addr in &auth_servers {
+        if !addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+        {
+            return Err(field_error(
+                "turnstile.auth_servers",
+                format!("{addr:?} is not host:port, for example auth.example.com:3025"),
+            ));
+        }
+    }
     if auth.is_none() && auth_servers.is_empty() {
         return Err(field_error(
             "turnstile.auth_servers",

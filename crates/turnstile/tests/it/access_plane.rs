@@ -110,20 +110,37 @@ async fn admin_lists_what_was_created() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_is_clean_except_lang_and_the_session_id() {
+    let login = test_login();
     let c = TestCluster::start().await;
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", login).await;
     let id = c.sign("alice").await;
     let mut cmd = tokio::process::Command::new(crate::support::BIN);
-    cmd.args(["ssh", "-i", id.to_str().unwrap(), "web1", "--"])
-        .arg("echo $LANG ${SECRET_TOKEN:-unset} $PATH")
-        .env("LANG", "C.UTF-8")
-        .env("SECRET_TOKEN", "leaked")
-        .stdin(std::process::Stdio::null());
+    cmd.args([
+        "ssh",
+        "-i",
+        id.to_str().unwrap(),
+        &format!("{login}@web1"),
+        "--",
+    ])
+    .arg("echo $LANG ${SECRET_TOKEN:-unset} $PATH; echo $SSH_CLIENT")
+    .env("LANG", "C.UTF-8")
+    .env("SECRET_TOKEN", "leaked")
+    .stdin(std::process::Stdio::null());
     let out = cmd.output().await.unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
     assert_eq!(
-        text(&out.stdout),
-        "C.UTF-8 unset /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+        lines.next(),
+        Some("C.UTF-8 unset /usr/local/bin:/usr/bin:/bin:/usr/games")
+    );
+    // SSH_CLIENT is set as sshd sets it: address, port, the node's port.
+    let ssh_client = lines.next().unwrap();
+    let node_port = c.node_addr.rsplit_once(':').unwrap().1;
+    assert!(ssh_client.starts_with("127.0.0.1 "), "{ssh_client}");
+    assert!(
+        ssh_client.ends_with(&format!(" {node_port}")),
+        "{ssh_client}"
     );
 }
 

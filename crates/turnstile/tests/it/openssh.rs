@@ -160,3 +160,31 @@ PasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile n
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_sees_the_users_address_not_the_proxys() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    // Leave from 127.0.0.2: the proxy sees that address, and reaches the node
+    // from 127.0.0.1 itself.
+    let config = c.dir.path().join("from-127.0.0.2.ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "BindAddress 127.0.0.2\nInclude {}.ssh_config\n",
+            id.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let mut args = base_args(&config);
+    args.extend(["web1", "echo $SSH_CLIENT"]);
+    let out = run(openssh(), &args, None).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("127.0.0.2 "),
+        "SSH_CLIENT {stdout:?}, stderr {}",
+        text(&out.stderr)
+    );
+}

@@ -301,7 +301,10 @@ async fn unknown_nodes_and_other_addresses_get_no_tunnel() {
         None,
     )
     .await;
-    assert_refused(&out, "the proxy runs no shells");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("the proxy runs no shells"), "{stderr}");
+    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,216 @@
+//! The audit log: typed events written through the [`AuditLog`] trait, never
+//! through `tracing`. The file sink writes one JSON object per line under
+//! `<data_dir>/log/`, a file per day, and syncs each line to disk before
+//! `emit` returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+use turnstile_api::audit::AuditEvent;
+use turnstile_api::clock::Clock;
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit log {path}: {source}")]
+pub struct AuditLogError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// What to look for.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub event: Option<String>,
+    pub user: Option<String>,
+    pub since: Option<SystemTime>,
+}
+
+#[async_trait]
+pub trait AuditLog: Send + Sync + std::fmt::Debug {
+    /// Writes the event durably; returns the JSON written.
+    async fn emit(&self, event: AuditEvent) -> Result<Value, AuditLogError>;
+    /// Events matching the query, oldest first.
+    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError>;
+}
+
+#[derive(Debug)]
+pub struct FileAuditLog {
+    dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    write: Mutex<()>,
+}
+
+fn day_of(t: SystemTime) -> String {
+    // RFC 3339 starts with the date: 2026-11-24T...
+    humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
+}
+
+impl FileAuditLog {
+    pub fn new(dir: &Path, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            clock,
+            write: Mutex::new(()),
+        }
+    }
+
+    fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> AuditLogError {
+        let path = path.to_path_buf();
+        move |source| AuditLogError { path, source }
+    }
+}
+
+#[async_trait]
+impl AuditLog for FileAuditLog {
+    async fn emit(&self, event: AuditEvent) -> Result<Value, AuditLogError> {
+        let now = self.clock.now();
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let json = event.to_json(&time, &uuid::Uuid::new_v4().to_string());
+        let mut line = serde_json::to_vec(&json).unwrap_or_default();
+        line.push(b'\n');
+        let path = self.dir.join(format!("{}.log", day_of(now)));
+        let _one_writer = self.write.lock().await;
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(self.err(&self.dir))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(self.err(&path))?;
+        file.write_all(&line).await.map_err(self.err(&path))?;
+        file.sync_data().await.map_err(self.err(&path))?;
+        Ok(json)
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
+        let mut files = Vec::new();
+        let mut dir = match tokio::fs::read_dir(&self.dir).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(&self.dir)(e)),
+        };
+        while let Some(entry) = dir.next_entry().await.map_err(self.err(&self.dir))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".log") {
+                files.push(name);
+            }
+        }
+        files.sort();
+        let since_day = query.since.map(day_of);
+        let since_ms = query
+            .since
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis());
+        let mut out = Vec::new();
+        for name in files {
+            if since_day
+                .as_ref()
+                .is_some_and(|d| name[..10.min(name.len())] < d[..])
+            {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            let text = tokio::fs::read_to_string(&path)
+                .await
+                .map_err(self.err(&path))?;
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if query.event.as_deref().is_some_and(|e| v["event"] != e) {
+                    continue;
+                }
+                if query.user.as_deref().is_some_and(|u| v["user"] != u) {
+                    continue;
+                }
+                if let Some(since) = since_ms {
+                    let at = v["time"]
+                        .as_str()
+                        .and_then(|t| humantime::parse_rfc3339(t).ok())
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_millis());
+                    if at.is_some_and(|at| at < since) {
+                        continue;
+                    }
+                }
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Keeps events in memory; for unit tests.
+#[derive(Debug, Default)]
+pub struct MemoryAuditLog {
+    events: std::sync::Mutex<Vec<Value>>,
+}
+
+#[async_trait]
+impl AuditLog for MemoryAuditLog {
+    async fn emit(&self, event: AuditEvent) -> Result<Value, AuditLogError> {
+        let json = event.to_json(
+            "1970-01-01T00:00:00.000Z",
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(json.clone());
+        Ok(json)
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
+        Ok(self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|v| query.event.as_deref().is_none_or(|e| v["event"] == e))
+            .filter(|v| query.user.as_deref().is_none_or(|u| v["user"] == u))
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turnstile_api::clock::SystemClock;
+
+    #[tokio::test]
+    async fn events_are_written_as_json_lines_and_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileAuditLog::new(dir.path(), Arc::new(SystemClock));
+        for (user, success) in [("alice", false), ("bob", true)] {
+            log.emit(AuditEvent::UserLogin {
+                user: user.into(),
+                method: "password".into(),
+                success,
+                error: None,
+                remote_addr: "127.0.0.1:1".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let all = log.search(&AuditQuery::default()).await.unwrap();
+        assert_eq!(all.len(), 2);
+        let alice = log
+            .search(&AuditQuery {
+                user: Some("alice".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(alice.len(), 1);
+        assert_eq!(alice[0]["code"], "T1000W");
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "one file per day");
+    }
+}

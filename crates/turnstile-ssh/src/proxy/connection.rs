@@ -1,0 +1,257 @@
+//! One connection to the proxy: who the user proved to be, and what that
+//! lets them open. A certificate opens tunnels and the whole door; a password
+//! only the door's `login`; the anonymous name only `cluster_info`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::Certificate;
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Response, Session};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use turnstile_api::door::ANONYMOUS_USER;
+use turnstile_api::identity::UserIdentity;
+use turnstile_api::rpc::proto;
+
+use super::ProxyShared;
+use super::door::serve_door;
+use crate::node::prohibited;
+use crate::proxy_header;
+use crate::server::ConnectionInfo;
+use crate::user_cert::verify_user_cert;
+
+/// Who is on the other end, as proved at authentication.
+#[derive(Debug, Clone)]
+pub(crate) enum Principal {
+    Nobody,
+    /// Asked only for the cluster's public trust material.
+    Anonymous,
+    /// Proved a password; may only log in.
+    Password {
+        user: String,
+        password: String,
+    },
+    /// Holds a valid certificate of the cluster.
+    Certificate {
+        identity: UserIdentity,
+        certificate: Box<Certificate>,
+    },
+}
+
+pub(crate) struct ProxyConnection {
+    shared: Arc<ProxyShared>,
+    info: ConnectionInfo,
+    principal: Principal,
+}
+
+fn connect_failed(reason: String) -> ChannelOpenFailure {
+    ChannelOpenFailure::Other { code: 2, reason }
+}
+
+impl ProxyConnection {
+    pub(super) fn new(shared: Arc<ProxyShared>, info: ConnectionInfo) -> Self {
+        Self {
+            shared,
+            info,
+            principal: Principal::Nobody,
+        }
+    }
+
+    async fn check_password(&mut self, user: &str, password: &str) -> Auth {
+        let mut client = self.shared.view.client();
+        let result = client
+            .login(proto::LoginRequest {
+                user: user.to_string(),
+                password: password.to_string(),
+                public_key: String::new(),
+                ttl_seconds: 0,
+                client_addr: self.info.client.to_string(),
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                self.principal = Principal::Password {
+                    user: user.to_string(),
+                    password: password.to_string(),
+                };
+                Auth::Accept
+            }
+            Err(status) => {
+                tracing::info!(client = %self.info.client, user, reason = %status.message(), "password login refused");
+                Auth::reject()
+            }
+        }
+    }
+
+    /// Connects to the node and sends the signed header naming the user's address.
+    async fn connect_node(&self, addr: &str) -> Result<TcpStream, String> {
+        let mut tcp = tokio::time::timeout(
+            self.shared.config.node_connect_timeout,
+            TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| "did not answer the proxy in time".to_string())?
+        .map_err(|e| format!("is unreachable from the proxy: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let node_addr: SocketAddr = tcp.peer_addr().map_err(|e| e.to_string())?;
+        let header = proxy_header::encode(
+            self.info.client,
+            node_addr,
+            &self.shared.host.key,
+            &self.shared.host.certificate,
+            self.shared.clock.unix_now(),
+        )
+        .map_err(|e| format!("cannot sign the client address: {e}"))?;
+        tcp.write_all(&header)
+            .await
+            .map_err(|e| format!("dropped the connection: {e}"))?;
+        Ok(tcp)
+    }
+}
+
+impl Handler for ProxyConnection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if user == ANONYMOUS_USER {
+            self.principal = Principal::Anonymous;
+            return Ok(Auth::Accept);
+        }
+        Ok(Auth::reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.check_password(user, password).await)
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(mut response) = response else {
+            return Ok(Auth::Partial {
+                name: "".into(),
+                instructions: "".into(),
+                prompts: vec![("Password: ".into(), false)].into(),
+            });
+        };
+        let password = response
+            .next()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        Ok(self.check_password(user, &password).await)
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        _user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let fingerprints = match self.shared.view.user_ca_fingerprints().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(client = %self.info.client, error = %e, "cannot load the user CA");
+                return Ok(Auth::reject());
+            }
+        };
+        match verify_user_cert(certificate, &fingerprints, self.shared.clock.unix_now()) {
+            Ok(identity) => {
+                self.principal = Principal::Certificate {
+                    identity,
+                    certificate: Box::new(certificate.clone()),
+                };
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                tracing::warn!(client = %self.info.client, %reason, "certificate refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if matches!(self.principal, Principal::Nobody) {
+            reply.reject(prohibited("not authenticated")).await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let shared = self.shared.clone();
+        let principal = self.principal.clone();
+        let client = self.info.client;
+        let handle = session.handle();
+        self.shared
+            .tasks
+            .spawn(async move { serve_door(channel, handle, shared, principal, client).await });
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Principal::Certificate { identity, .. } = &self.principal else {
+            reply
+                .reject(prohibited(
+                    "tunnels need a certificate: log in with `turnstile login` first",
+                ))
+                .await;
+            return Ok(());
+        };
+        let node = match self.shared.view.find_node(host_to_connect).await {
+            Ok(Some(node)) => node,
+            Ok(None) => {
+                reply
+                    .reject(connect_failed(format!(
+                        "node {host_to_connect:?} not found; try turnstile ls"
+                    )))
+                    .await;
+                return Ok(());
+            }
+            Err(e) => {
+                reply
+                    .reject(connect_failed(format!(
+                        "the proxy cannot look up node {host_to_connect:?}: {e}"
+                    )))
+                    .await;
+                return Ok(());
+            }
+        };
+        let mut tcp = match self.connect_node(&node.addr).await {
+            Ok(tcp) => tcp,
+            Err(why) => {
+                reply
+                    .reject(connect_failed(format!(
+                        "node {:?} at {} {why}",
+                        node.name, node.addr
+                    )))
+                    .await;
+                return Ok(());
+            }
+        };
+        tracing::info!(user = %identity.user, client = %self.info.client, node = %node.name, "tunnel opened");
+        reply.accept().await;
+        self.shared.tasks.spawn(async move {
+            let mut stream = channel.into_stream();
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+        });
+        Ok(())
+    }
+}
+
+/// How long the door waits for a request before closing an idle channel.
+pub(crate) const DOOR_IDLE: Duration = Duration::from_secs(60);
