@@ -199,6 +199,14 @@ async fn joined_identities(
     Ok(identities)
 }
 
+/// Fills the cluster view before serving, so a later auth outage finds it
+/// cached; if auth is unreachable now, the refresher keeps trying.
+async fn warm(view: &ClusterView) {
+    if let Err(e) = view.refresh().await {
+        tracing::warn!(error = %e, "cannot load the cluster view from auth yet; will keep trying");
+    }
+}
+
 fn host_part(addr: &str) -> String {
     match addr.rsplit_once(':') {
         Some((host, _)) => host
@@ -345,6 +353,7 @@ async fn launch_services(
         ];
         principals.dedup();
         let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
+        warm(&view).await;
         view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
         let service = ProxyService::new(
             ProxyConfig {
@@ -372,6 +381,7 @@ async fn launch_services(
         let view = ClusterView::new(auth_client(&auth_target, tls)?);
         let principals = vec![node.node_name.clone(), host_part(&advertised)];
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
+        warm(&view).await;
         view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
         let service = NodeService::new(
             NodeConfig {

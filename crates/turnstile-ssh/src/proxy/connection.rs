@@ -231,7 +231,19 @@ impl Handler for ProxyConnection {
                 return Ok(());
             }
         };
-        let mut tcp = match self.connect_node(&node.addr).await {
+        let mut node = node;
+        let mut connected = self.connect_node(&node.addr).await;
+        if connected.is_err() {
+            // The node may have restarted elsewhere since the view was cached.
+            if self.shared.view.refresh().await.is_ok()
+                && let Ok(Some(fresh)) = self.shared.view.find_node(host_to_connect).await
+                && fresh.addr != node.addr
+            {
+                connected = self.connect_node(&fresh.addr).await;
+                node = fresh;
+            }
+        }
+        let mut tcp = match connected {
             Ok(tcp) => tcp,
             Err(why) => {
                 reply

@@ -3,6 +3,7 @@
 
 mod access_plane;
 mod cli;
+mod cluster;
 mod openssh;
 mod pty;
 mod refusals;

@@ -324,3 +324,115 @@ async fn a_key_without_a_certificate_is_refused() {
     .await;
     assert_refused(&out, "Permission denied");
 }
+
+mod door {
+    use turnstile_api::door::DoorRequest;
+    use turnstile_ssh::client::door::{call, call_with_certificate};
+    use turnstile_ssh::client::{ClientError, open_proxy};
+    use turnstile_ssh::identity::generate_ed25519;
+
+    use crate::support::TestCluster;
+
+    fn refused(result: Result<turnstile_api::door::DoorResponse, ClientError>) -> String {
+        match result {
+            Err(ClientError::ChannelRefused(text)) => text,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_kind_of_connection_may_do_only_its_part() {
+        let c = TestCluster::start().await;
+        c.add_user("alice", "access", "root").await;
+        c.add_user("bob", "access", "root").await;
+        let out = c
+            .admin(&["users", "passwd", "alice", "--password-stdin"])
+            .await;
+        assert!(
+            !out.status.success(),
+            "passwd without a password on stdin fails"
+        );
+        let data = c.data_dir();
+        let out = crate::support::run(
+            crate::support::BIN,
+            &[
+                "admin",
+                "users",
+                "passwd",
+                "alice",
+                "--password-stdin",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            Some(b"long enough password\n"),
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            crate::support::text(&out.stderr)
+        );
+        let id = c.sign("alice").await;
+        let identity = turnstile::identity_file::read(&id).unwrap();
+        let key = generate_ed25519().public_key().to_openssh().unwrap();
+        let login_as = |user: Option<&str>| DoorRequest::Login {
+            public_key: key.clone(),
+            ttl_seconds: 0,
+            user: user.map(String::from),
+        };
+
+        // A certificate may not log in as someone else.
+        let text = refused(
+            call_with_certificate(
+                &c.proxy_addr,
+                &identity.host_ca,
+                &identity.credentials,
+                &login_as(Some("bob")),
+            )
+            .await,
+        );
+        assert!(
+            text.contains("a certificate of user \"alice\" cannot log in as \"bob\""),
+            "{text}"
+        );
+
+        // A password connection may only log in: no ls, no tunnels, no shells.
+        let mut conn = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        conn.auth_password("alice", "long enough password")
+            .await
+            .unwrap();
+        let text = refused(call(&conn, &DoorRequest::Ls).await);
+        assert!(text.contains("`ls` needs a certificate"), "{text}");
+        let text = refused(call(&conn, &login_as(Some("bob"))).await);
+        assert!(text.contains("cannot log in as \"bob\""), "{text}");
+        let tunnel = conn
+            .handle
+            .channel_open_direct_tcpip("web1", 22, "127.0.0.1", 0)
+            .await;
+        assert!(tunnel.is_err());
+        let text = conn.take_open_failure().await.unwrap();
+        assert!(text.contains("tunnels need a certificate"), "{text}");
+        assert!(matches!(
+            call(&conn, &login_as(None)).await,
+            Ok(turnstile_api::door::DoorResponse::Login(_))
+        ));
+
+        // The anonymous connection only reads the cluster's trust material.
+        let mut anon = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        anon.auth_anonymous().await.unwrap();
+        let text = refused(call(&anon, &login_as(None)).await);
+        assert!(text.contains("log in with a password"), "{text}");
+        assert!(matches!(
+            call(&anon, &DoorRequest::ClusterInfo).await,
+            Ok(turnstile_api::door::DoorResponse::ClusterInfo(_))
+        ));
+
+        // A wrong password fails authentication itself.
+        let mut bad = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        assert!(
+            bad.auth_password("alice", "not the password")
+                .await
+                .is_err()
+        );
+    }
+}

@@ -237,3 +237,135 @@ pub fn test_login() -> &'static str {
     );
     TEST_LOGIN
 }
+
+/// A `turnstile start` process of the real binary, with its own config.
+pub struct Proc {
+    child: tokio::process::Child,
+    pub banner: String,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `turnstile start --config CONFIG` and waits for `turnstile is ready`.
+    pub async fn start(config: &Path) -> Self {
+        Self::try_start(config)
+            .await
+            .unwrap_or_else(|(status, stderr)| {
+                panic!("turnstile start failed ({status}):\n{stderr}")
+            })
+    }
+
+    /// Like `start`, but returns the exit status and stderr if it fails.
+    pub async fn try_start(config: &Path) -> Result<Self, (String, String)> {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let stderr_path = config.with_extension("stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["start", "--config", config.to_str().unwrap()])
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut banner = String::new();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line == "turnstile is ready" {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !ready {
+            let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .map(|s| format!("{:?}", s.ok()))
+                .unwrap_or_else(|_| "still running".into());
+            return Err((
+                status,
+                std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+            ));
+        }
+        // Keep draining stdout so the process never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            banner,
+            stderr_path,
+        })
+    }
+
+    /// The value printed after `label` in the ready block (`auth`, `proxy`, `node`, `CA pin`).
+    pub fn field(&self, label: &str) -> String {
+        self.banner
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(label).map(str::trim_start))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{}", self.banner))
+            .to_string()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(mut self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("stops within 30s of SIGTERM")
+            .unwrap();
+        assert!(
+            status.success(),
+            "clean exit, got {status:?}:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    pub async fn kill9(mut self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// `turnstile ARGS` with a profile home, for client commands.
+pub async fn client(home: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env("TURNSTILE_HOME", home)
+        .env_remove("RUST_LOG")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input).await.unwrap();
+        drop(pipe);
+    }
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("finishes within a minute")
+        .unwrap()
+}
