@@ -2,10 +2,33 @@
 //! object per line). They travel through the `AuditLog` of the auth service,
 //! never through `tracing`.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+/// Which limit refused a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessctlKind {
+    /// `max_connections`: concurrent connections to nodes, cluster-wide.
+    Connection,
+    /// `max_sessions`: session channels on one connection.
+    Session,
+}
+
+impl SessctlKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessctlKind::Connection => "connection",
+            SessctlKind::Session => "session",
+        }
+    }
+}
+
 /// An event as it happened; `time` and `uid` are stamped when it is written.
-#[derive(Debug, Clone, PartialEq)]
+/// (De)serializes for the trip from a node to auth; [`AuditEvent::to_json`]
+/// is the form in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AuditEvent {
     /// A login attempt with a password at the proxy.
     UserLogin {
@@ -15,12 +38,22 @@ pub enum AuditEvent {
         error: Option<String>,
         remote_addr: String,
     },
+    /// A session-control limit refused a connection or a session channel.
+    SessctlLimit {
+        user: String,
+        login: String,
+        remote_addr: String,
+        server_id: String,
+        max: u32,
+        sessctl_kind: SessctlKind,
+    },
 }
 
 impl AuditEvent {
     pub fn name(&self) -> &'static str {
         match self {
             AuditEvent::UserLogin { .. } => "user.login",
+            AuditEvent::SessctlLimit { .. } => "sessctl.limit",
         }
     }
 
@@ -28,12 +61,21 @@ impl AuditEvent {
         match self {
             AuditEvent::UserLogin { success: true, .. } => "T1000I",
             AuditEvent::UserLogin { success: false, .. } => "T1000W",
+            AuditEvent::SessctlLimit { .. } => "T1006W",
         }
     }
 
     pub fn user(&self) -> &str {
         match self {
-            AuditEvent::UserLogin { user, .. } => user,
+            AuditEvent::UserLogin { user, .. } | AuditEvent::SessctlLimit { user, .. } => user,
+        }
+    }
+
+    /// The host that saw it, if one did (auth checks it is the caller).
+    pub fn server_id(&self) -> Option<&str> {
+        match self {
+            AuditEvent::SessctlLimit { server_id, .. } => Some(server_id),
+            AuditEvent::UserLogin { .. } => None,
         }
     }
 
@@ -60,6 +102,27 @@ impl AuditEvent {
                 }
                 m.insert("addr.remote".into(), json!(remote_addr));
             }
+            AuditEvent::SessctlLimit {
+                user,
+                login,
+                remote_addr,
+                server_id,
+                max,
+                sessctl_kind,
+            } => {
+                m.insert("max".into(), json!(max));
+                m.insert("proto".into(), json!("ssh"));
+                m.insert("server_id".into(), json!(server_id));
+                m.insert("sessctl_kind".into(), json!(sessctl_kind.as_str()));
+                m.insert("user".into(), json!(user));
+                m.insert("login".into(), json!(login));
+                m.insert("addr.remote".into(), json!(remote_addr));
+                let limit = match sessctl_kind {
+                    SessctlKind::Connection => "max_connections",
+                    SessctlKind::Session => "max_sessions",
+                };
+                m.insert("reason".into(), json!(format!("{limit} limit reached")));
+            }
         }
         Value::Object(m)
     }
@@ -68,6 +131,36 @@ impl AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessctl_limit_has_the_fields_of_the_release_announcement() {
+        let e = AuditEvent::SessctlLimit {
+            user: "alice".into(),
+            login: "root".into(),
+            remote_addr: "127.0.0.1:50122".into(),
+            server_id: "node-uuid".into(),
+            max: 2,
+            sessctl_kind: SessctlKind::Connection,
+        };
+        let v = e.to_json("2020-08-25T20:55:28.548Z", "event-uuid");
+        for (k, want) in [
+            ("code", json!("T1006W")),
+            ("event", json!("sessctl.limit")),
+            ("max", json!(2)),
+            ("proto", json!("ssh")),
+            ("server_id", json!("node-uuid")),
+            ("sessctl_kind", json!("connection")),
+            ("time", json!("2020-08-25T20:55:28.548Z")),
+            ("uid", json!("event-uuid")),
+            ("user", json!("alice")),
+            ("login", json!("root")),
+            ("addr.remote", json!("127.0.0.1:50122")),
+        ] {
+            assert_eq!(v[k], want, "{k}");
+        }
+        let wire = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<AuditEvent>(&wire).unwrap(), e);
+    }
 
     #[test]
     fn failed_login_has_the_warning_code_and_the_address() {

@@ -13,6 +13,7 @@ pub mod labels;
 pub mod pin;
 pub mod role;
 pub mod rpc;
+pub mod semaphore;
 
 /// The version every process reports, shared so mismatches are visible in `Ping`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

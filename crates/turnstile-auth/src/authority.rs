@@ -22,6 +22,7 @@ use turnstile_api::role::{BUILTIN_ACCESS_ROLE, Role, RoleSet, validate_name};
 use crate::audit_log::AuditLog;
 use crate::backend::{Backend, BackendError};
 use crate::ca::{SshCa, StoredSshCa, TlsCa, TlsIdentityPem};
+use crate::semaphores::Semaphores;
 use crate::{passwords, tokens};
 
 /// How long host and process TLS certificates live.
@@ -83,6 +84,7 @@ pub struct Authority {
     host_ca: SshCa,
     tls_ca: TlsCa,
     host_ca_endorsement: Vec<u8>,
+    semaphores: Semaphores,
 }
 
 fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ApiError> {
@@ -131,6 +133,7 @@ impl Authority {
             &[host_ca.public_key_openssh()],
         ))?;
         Ok(Self {
+            semaphores: Semaphores::new(backend.clone(), clock.clone()),
             backend,
             clock,
             audit,
@@ -168,6 +171,10 @@ impl Authority {
 
     pub fn audit(&self) -> &Arc<dyn AuditLog> {
         &self.audit
+    }
+
+    pub fn semaphores(&self) -> &Semaphores {
+        &self.semaphores
     }
 
     /// The TLS CA's signature over the host CA statement.

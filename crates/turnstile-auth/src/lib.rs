@@ -7,9 +7,12 @@ pub mod audit_log;
 pub mod authority;
 pub mod backend;
 pub mod ca;
+pub mod cluster_config;
 pub mod passwords;
 pub mod rpc;
+pub mod semaphores;
 pub mod service;
+pub mod session_trackers;
 pub mod tokens;
 
 pub use authority::Authority;

@@ -53,6 +53,7 @@ struct Snapshot {
     host_ca_endorsement: Vec<u8>,
     tls_ca_pem: String,
     cluster_name: String,
+    config: proto::ClusterConfig,
     roles: HashMap<String, Role>,
     nodes: Vec<NodeInfo>,
     loaded: bool,
@@ -103,6 +104,10 @@ impl ClusterView {
             .list_nodes(proto::ListNodesRequest {})
             .await?
             .into_inner();
+        let config = client
+            .get_cluster_config(proto::GetClusterConfigRequest {})
+            .await?
+            .into_inner();
         let mut parsed_roles = HashMap::new();
         for json in roles.role_json {
             let role: Role = serde_json::from_str(&json)
@@ -116,6 +121,7 @@ impl ClusterView {
             host_ca_endorsement: authorities.host_ca_endorsement,
             tls_ca_pem: authorities.tls_ca_pem,
             cluster_name: authorities.cluster_name,
+            config,
             roles: parsed_roles,
             nodes: nodes
                 .nodes
@@ -169,6 +175,19 @@ impl ClusterView {
     pub async fn cluster_name(&self) -> Result<String, ApiError> {
         self.ensure_loaded().await?;
         Ok(self.snapshot.read().await.cluster_name.clone())
+    }
+
+    /// How long a connection slot lives without renewal.
+    pub async fn session_control_timeout(&self) -> Result<Duration, ApiError> {
+        self.ensure_loaded().await?;
+        let ms = self.snapshot.read().await.config.session_control_timeout_ms;
+        Ok(Duration::from_millis(if ms == 0 { 120_000 } else { ms }))
+    }
+
+    /// The cluster's recording mode.
+    pub async fn session_recording(&self) -> Result<String, ApiError> {
+        self.ensure_loaded().await?;
+        Ok(self.snapshot.read().await.config.session_recording.clone())
     }
 
     pub async fn user_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {

@@ -3,6 +3,7 @@
 //! cluster they share. Reaches auth only through its gRPC API.
 #![deny(unsafe_code)]
 
+pub mod audit_forwarder;
 pub mod client;
 pub mod cluster_view;
 pub mod identity;
@@ -11,4 +12,5 @@ pub mod node;
 pub mod proxy;
 pub mod proxy_header;
 pub mod server;
+pub mod session_control;
 pub mod user_cert;

@@ -149,6 +149,15 @@ pub enum AdminCommand {
     /// Join tokens for nodes and proxies.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Connection slots held under max_connections.
+    #[command(subcommand)]
+    Semaphores(ListCommand),
+    /// Active connections on nodes.
+    #[command(subcommand)]
+    Sessions(ListCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Write a user identity: key, certificate, known_hosts and ssh_config for OpenSSH.
     Sign(SignArgs),
 }
@@ -223,6 +232,37 @@ turnstile:\n    auth_servers: [\"AUTH:3025\"]\n    join_token: TOKEN\n    ca_pin
         /// How long the token is valid.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListCommand {
+    /// List them.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Search the audit log, oldest first.
+    #[command(
+        after_help = "Examples:\n  turnstile admin audit search --event sessctl.limit --since 1h\n  \
+turnstile admin audit search --user alice --format json"
+    )]
+    Search {
+        /// Only events of this name, e.g. sessctl.limit, user.login.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only events of this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events newer than this, e.g. 30m, 1h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },

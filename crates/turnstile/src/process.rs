@@ -18,8 +18,10 @@ use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::proto;
 use turnstile_auth::audit_log::FileAuditLog;
-use turnstile_auth::backend::{Backend, SqliteBackend};
+use turnstile_auth::backend::{Backend, MemoryBackend, SqliteBackend};
+use turnstile_auth::cluster_config::{self, ClusterConfig};
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
+use turnstile_ssh::audit_forwarder::{self, AuditForwarder};
 use turnstile_ssh::cluster_view::{ClusterView, auth_client};
 use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
 use turnstile_ssh::join::join;
@@ -27,7 +29,7 @@ use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_a
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
-use crate::config::resolve::host_name;
+use crate::config::resolve::{StorageKind, host_name};
 
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
@@ -279,14 +281,17 @@ async fn launch_services(
     let auth_target = match (&config.auth, auth_listener) {
         (Some(auth_settings), Some(auth_listener)) => {
             let host_id = load_or_create_host_id(&data_dir)?;
-            let backend: Arc<dyn Backend> = Arc::new(
-                SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
-                    format!(
-                        "cannot open the backend {}",
-                        auth_settings.storage_path.display()
-                    )
-                })?,
-            );
+            let backend: Arc<dyn Backend> = match auth_settings.storage {
+                StorageKind::Sqlite => Arc::new(
+                    SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
+                        format!(
+                            "cannot open the backend {}",
+                            auth_settings.storage_path.display()
+                        )
+                    })?,
+                ),
+                StorageKind::Memory => Arc::new(MemoryBackend::new()),
+            };
             let audit = Arc::new(FileAuditLog::new(
                 &data_dir.join("log"),
                 Arc::new(SystemClock),
@@ -300,6 +305,17 @@ async fn launch_services(
                 )
                 .await?,
             );
+            cluster_config::put(
+                authority.backend().as_ref(),
+                &ClusterConfig {
+                    session_control_timeout_ms: u64::try_from(
+                        auth_settings.session_control_timeout.as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                    session_recording: auth_settings.session_recording.clone(),
+                },
+            )
+            .await?;
             let auth_addr = auth_listener.local_addr()?;
             running.auth_addr = Some(auth_addr);
             running.ca_pin = Some(authority.tls_ca().pin()?);
@@ -392,8 +408,13 @@ async fn launch_services(
                 heartbeat_interval: node.heartbeat_interval,
                 shutdown_grace: SHUTDOWN_GRACE,
             },
-            view,
+            view.clone(),
             host,
+            AuditForwarder::spawn(
+                view.client(),
+                audit_forwarder::QUEUE_CAPACITY,
+                shutdown.clone(),
+            ),
         );
         running.node_addr = Some(bound);
         let token = shutdown.clone();

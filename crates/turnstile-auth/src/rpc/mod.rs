@@ -12,8 +12,13 @@ use turnstile_api::identity::SystemRole;
 use turnstile_api::role::Role;
 use turnstile_api::rpc::proto;
 
+use crate::audit_log::AuditQuery;
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
+use crate::cluster_config;
+use crate::semaphores::LeaseRequest;
+use crate::session_trackers::{self, Tracker};
+use turnstile_api::audit::AuditEvent;
 
 /// Who is calling, from the TLS client certificate.
 #[derive(Debug, Clone)]
@@ -445,5 +450,235 @@ impl proto::auth_server::Auth for AuthApi {
             .await
             .map_err(fail)?;
         cert_response(issued)
+    }
+
+    async fn get_cluster_config(
+        &self,
+        req: Request<proto::GetClusterConfigRequest>,
+    ) -> RpcResult<proto::ClusterConfig> {
+        require(&req, ANY)?;
+        let c = cluster_config::get(self.authority.backend().as_ref())
+            .await
+            .map_err(fail)?;
+        ok(proto::ClusterConfig {
+            session_control_timeout_ms: c.session_control_timeout_ms,
+            session_recording: c.session_recording,
+        })
+    }
+
+    async fn acquire_semaphore(
+        &self,
+        req: Request<proto::AcquireSemaphoreRequest>,
+    ) -> RpcResult<proto::SemaphoreLease> {
+        let c = require(&req, &[SystemRole::Node])?;
+        let r = req.into_inner();
+        let lease = self
+            .authority
+            .semaphores()
+            .acquire(&LeaseRequest {
+                kind: r.kind.clone(),
+                name: r.name.clone(),
+                max: r.max,
+                ttl: Duration::from_millis(r.ttl_ms),
+                holder: c.id,
+                holder_name: r.holder_name,
+                login: r.login,
+                remote_addr: r.remote_addr,
+            })
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(lease_to_proto(&r.kind, &r.name, lease))
+    }
+
+    async fn keep_alive_semaphore(
+        &self,
+        req: Request<proto::KeepAliveSemaphoreRequest>,
+    ) -> RpcResult<proto::SemaphoreLease> {
+        require(&req, &[SystemRole::Node])?;
+        let r = req.into_inner();
+        let lease = self
+            .authority
+            .semaphores()
+            .keep_alive(
+                &r.kind,
+                &r.name,
+                &r.lease_id,
+                Duration::from_millis(r.ttl_ms),
+            )
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(lease_to_proto(&r.kind, &r.name, lease))
+    }
+
+    async fn cancel_semaphore(
+        &self,
+        req: Request<proto::CancelSemaphoreRequest>,
+    ) -> RpcResult<proto::CancelSemaphoreResponse> {
+        require(&req, &[SystemRole::Node])?;
+        let r = req.into_inner();
+        self.authority
+            .semaphores()
+            .cancel(&r.kind, &r.name, &r.lease_id)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(proto::CancelSemaphoreResponse {})
+    }
+
+    async fn list_semaphores(
+        &self,
+        req: Request<proto::ListSemaphoresRequest>,
+    ) -> RpcResult<proto::SemaphoreList> {
+        require(&req, ADMIN)?;
+        let leases = self
+            .authority
+            .semaphores()
+            .list(&req.into_inner().kind)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(proto::SemaphoreList {
+            leases: leases
+                .into_iter()
+                .map(|(kind, name, lease)| lease_to_proto(&kind, &name, lease))
+                .collect(),
+        })
+    }
+
+    async fn emit_audit_event(
+        &self,
+        req: Request<proto::EmitAuditEventRequest>,
+    ) -> RpcResult<proto::EmitAuditEventResponse> {
+        let c = require(&req, HOSTS)?;
+        let event: AuditEvent = serde_json::from_str(&req.into_inner().event_json)
+            .map_err(|e| Status::invalid_argument(format!("audit event: {e}")))?;
+        if event.server_id().is_some_and(|id| id != c.id) {
+            return Err(Status::permission_denied(format!(
+                "{} {} may not emit events for another server",
+                c.role, c.id
+            )));
+        }
+        self.authority
+            .audit()
+            .emit(event)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        ok(proto::EmitAuditEventResponse {})
+    }
+
+    async fn search_audit_events(
+        &self,
+        req: Request<proto::SearchAuditEventsRequest>,
+    ) -> RpcResult<proto::AuditEventList> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let query = AuditQuery {
+            event: Some(r.event).filter(|e| !e.is_empty()),
+            user: Some(r.user).filter(|u| !u.is_empty()),
+            since: (r.since_unix_ms > 0).then(|| {
+                std::time::UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(r.since_unix_ms).unwrap_or(0))
+            }),
+        };
+        let events = self
+            .authority
+            .audit()
+            .search(&query)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        ok(proto::AuditEventList {
+            event_json: events.iter().map(|v| v.to_string()).collect(),
+        })
+    }
+
+    async fn upsert_session_trackers(
+        &self,
+        req: Request<proto::SessionTrackerList>,
+    ) -> RpcResult<proto::UpsertSessionTrackersResponse> {
+        let c = require(&req, &[SystemRole::Node])?;
+        let list = req.into_inner().trackers;
+        let ttl = list
+            .first()
+            .map_or(Duration::from_secs(60), |t| Duration::from_millis(t.ttl_ms));
+        let trackers: Vec<Tracker> = list
+            .into_iter()
+            .map(|t| Tracker {
+                id: t.id,
+                node_id: t.node_id,
+                node_name: t.node_name,
+                user: t.user,
+                login: t.login,
+                remote_addr: t.remote_addr,
+                since_unix_ms: t.since_unix_ms,
+                channels: t.channels,
+            })
+            .collect();
+        session_trackers::upsert(
+            self.authority.backend().as_ref(),
+            &c.id,
+            &trackers,
+            self.authority.clock().now(),
+            ttl,
+        )
+        .await
+        .map_err(fail)?;
+        ok(proto::UpsertSessionTrackersResponse {})
+    }
+
+    async fn delete_session_tracker(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> RpcResult<proto::DeleteResponse> {
+        let c = require(&req, &[SystemRole::Node])?;
+        session_trackers::delete(
+            self.authority.backend().as_ref(),
+            &c.id,
+            &req.into_inner().name,
+        )
+        .await
+        .map_err(fail)?;
+        ok(proto::DeleteResponse {})
+    }
+
+    async fn list_session_trackers(
+        &self,
+        req: Request<proto::ListSessionTrackersRequest>,
+    ) -> RpcResult<proto::SessionTrackerList> {
+        require(&req, ADMIN)?;
+        let trackers = session_trackers::list(self.authority.backend().as_ref())
+            .await
+            .map_err(fail)?;
+        ok(proto::SessionTrackerList {
+            trackers: trackers
+                .into_iter()
+                .map(|t| proto::SessionTracker {
+                    id: t.id,
+                    node_id: t.node_id,
+                    node_name: t.node_name,
+                    user: t.user,
+                    login: t.login,
+                    remote_addr: t.remote_addr,
+                    since_unix_ms: t.since_unix_ms,
+                    channels: t.channels,
+                    ttl_ms: 0,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn lease_to_proto(
+    kind: &str,
+    name: &str,
+    l: turnstile_api::semaphore::Lease,
+) -> proto::SemaphoreLease {
+    proto::SemaphoreLease {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        lease_id: l.lease_id,
+        holder: l.holder,
+        holder_name: l.holder_name,
+        expires_unix_ms: l.expires,
+        login: l.login,
+        remote_addr: l.remote_addr,
+        since_unix_ms: l.since,
     }
 }

@@ -1,40 +1,60 @@
 //! One SSH connection to a node: authenticates the user's certificate,
-//! decides what the login may do here, and hands each accepted session channel
-//! to its own task. A certificate that is not a valid credential of this
-//! cluster fails authentication; a valid one whose roles do not allow this
-//! login on this node authenticates, and every channel is then refused with
-//! the reason, so the user reads why instead of "Permission denied".
+//! decides what the login may do here, takes a connection slot when the
+//! user's roles set `max_connections`, and hands each accepted session channel
+//! to its own task, counted against `max_sessions`.
+//!
+//! A certificate that is not a valid credential of this cluster fails
+//! authentication. A valid one whose roles do not allow this login on this
+//! node, or whose user is at a limit, authenticates, and every channel is then
+//! refused with the reason ("administratively prohibited"), so the user reads
+//! why instead of "Permission denied".
 
 use std::sync::Arc;
 
 use russh::keys::Certificate;
-use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
+use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
+use tokio_util::sync::CancellationToken;
+use turnstile_api::audit::{AuditEvent, SessctlKind};
 use turnstile_api::identity::UserIdentity;
+use turnstile_api::rpc::proto;
+use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 
 use super::NodeShared;
 use super::process::LocalUser;
 use super::session::{SessionContext, serve_session};
 use crate::server::ConnectionInfo;
+use crate::session_control::{AcquireError, ChannelLimit, ConnectionLease, LeaseParams};
 use crate::user_cert::verify_user_cert;
 
 /// What this connection may do, decided at authentication.
+// One per connection, decided once: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Access {
     Pending,
     Allowed {
         identity: UserIdentity,
+        login: String,
         local_user: LocalUser,
+        channels: Arc<ChannelLimit>,
+        /// Held while the connection lives, for users with `max_connections`.
+        lease: Option<ConnectionLease>,
     },
     Denied {
         reason: String,
+        /// Close the connection after refusing the first channel.
+        close: bool,
     },
 }
 
 pub struct NodeConnection {
     shared: Arc<NodeShared>,
     info: ConnectionInfo,
+    id: String,
     access: Access,
+    /// Cancelled when the connection ends, stopping its helper tasks.
+    closed: CancellationToken,
 }
 
 /// "administratively prohibited" with our text, as OpenSSH prints it.
@@ -50,11 +70,28 @@ impl NodeConnection {
         Self {
             shared,
             info,
+            id: uuid::Uuid::new_v4().to_string(),
             access: Access::Pending,
+            closed: CancellationToken::new(),
+        }
+    }
+
+    fn limit_event(&self, user: &str, login: &str, max: u32, kind: SessctlKind) -> AuditEvent {
+        AuditEvent::SessctlLimit {
+            user: user.to_string(),
+            login: login.to_string(),
+            remote_addr: self.info.client.to_string(),
+            server_id: self.shared.config.host_id.clone(),
+            max,
+            sessctl_kind: kind,
         }
     }
 
     async fn decide(&self, login: &str, cert: &Certificate) -> Result<Access, String> {
+        let denied = |reason: String| Access::Denied {
+            reason,
+            close: false,
+        };
         let fingerprints = self
             .shared
             .view
@@ -64,38 +101,152 @@ impl NodeConnection {
         let identity = verify_user_cert(cert, &fingerprints, self.shared.clock_unix())
             .map_err(|e| e.to_string())?;
         if !cert.valid_principals().iter().any(|p| p == login) {
-            return Ok(Access::Denied {
-                reason: format!(
-                    "user {:?} may not log in as {login:?}; the certificate allows: {}",
-                    identity.user,
-                    cert.valid_principals().join(", ")
-                ),
-            });
+            return Ok(denied(format!(
+                "user {:?} may not log in as {login:?}; the certificate allows: {}",
+                identity.user,
+                cert.valid_principals().join(", ")
+            )));
         }
         let roles = match self.shared.view.role_set(&identity.roles).await {
             Ok(r) => r,
             Err(e) => {
-                return Ok(Access::Denied {
-                    reason: format!("cannot check the roles of user {:?}: {e}", identity.user),
-                });
+                return Ok(denied(format!(
+                    "cannot check the roles of user {:?}: {e}",
+                    identity.user
+                )));
             }
         };
-        if let Err(denied) = roles.check_login(
+        if let Err(refused) = roles.check_login(
             &identity.user,
             login,
             &identity.logins,
             &self.shared.config.node_name,
             &self.shared.config.labels,
         ) {
-            return Ok(Access::Denied { reason: denied.0 });
+            return Ok(denied(refused.0));
         }
-        match LocalUser::lookup(login) {
-            Ok(local_user) => Ok(Access::Allowed {
-                identity,
-                local_user,
-            }),
-            Err(reason) => Ok(Access::Denied { reason }),
+        let local_user = match LocalUser::lookup(login) {
+            Ok(u) => u,
+            Err(reason) => return Ok(denied(reason)),
+        };
+        let limits = roles.limits();
+        let lease = if limits.max_connections > 0 {
+            match self
+                .take_slot(&identity.user, login, limits.max_connections)
+                .await
+            {
+                Ok(lease) => Some(lease),
+                Err(refusal) => return Ok(refusal),
+            }
+        } else {
+            None
+        };
+        Ok(Access::Allowed {
+            channels: ChannelLimit::new(limits.max_sessions),
+            identity,
+            login: login.to_string(),
+            local_user,
+            lease,
+        })
+    }
+
+    /// Takes a `max_connections` slot, or says why not.
+    async fn take_slot(
+        &self,
+        user: &str,
+        login: &str,
+        max: u32,
+    ) -> Result<ConnectionLease, Access> {
+        let refuse = |reason: String| Access::Denied {
+            reason,
+            close: true,
+        };
+        let timeout = match self.shared.view.session_control_timeout().await {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(refuse(format!(
+                    "cannot take a connection slot for user {user:?} (max_connections={max}): the auth service is unreachable ({e}); try again later"
+                )));
+            }
+        };
+        let params = LeaseParams {
+            user: user.to_string(),
+            max,
+            login: login.to_string(),
+            remote_addr: self.info.client.to_string(),
+            holder_name: self.shared.config.node_name.clone(),
+        };
+        match ConnectionLease::acquire(self.shared.lease_service.clone(), params, timeout).await {
+            Ok(lease) => Ok(lease),
+            Err(AcquireError::Limit { max }) => {
+                self.shared
+                    .audit
+                    .emit(self.limit_event(user, login, max, SessctlKind::Connection));
+                Err(refuse(too_many_connections(user, max)))
+            }
+            Err(AcquireError::Unavailable(e)) => Err(refuse(format!(
+                "cannot take a connection slot for user {user:?} (max_connections={max}): the auth service is unreachable ({e}); try again later"
+            ))),
+            Err(AcquireError::Refused(e)) => Err(refuse(format!(
+                "cannot take a connection slot for user {user:?}: {e}"
+            ))),
         }
+    }
+
+    /// Registers the connection for `admin sessions ls` and, if it holds a
+    /// slot, watches for the slot's loss to close the connection.
+    fn on_authenticated(&self, handle: Handle) {
+        let Access::Allowed {
+            identity,
+            login,
+            channels,
+            lease,
+            ..
+        } = &self.access
+        else {
+            return;
+        };
+        let tracker = proto::SessionTracker {
+            id: self.id.clone(),
+            node_id: self.shared.config.host_id.clone(),
+            node_name: self.shared.config.node_name.clone(),
+            user: identity.user.clone(),
+            login: login.clone(),
+            remote_addr: self.info.client.to_string(),
+            since_unix_ms: i64::try_from(self.shared.clock_unix()).unwrap_or(0) * 1000,
+            channels: 0,
+            ttl_ms: 0,
+        };
+        self.shared.track(tracker, channels.clone());
+        if let Some(lease) = lease {
+            let lost = lease.lost();
+            let closed = self.closed.clone();
+            let channels = channels.clone();
+            tokio::spawn(async move {
+                let reason = tokio::select! {
+                    reason = lost => reason,
+                    _ = closed.cancelled() => return,
+                };
+                tracing::warn!(%reason, "closing a connection whose slot was lost");
+                let notice = format!("\r\nturnstile: {reason}; closing the connection\r\n");
+                for id in channels.open_channels() {
+                    let _ = handle
+                        .extended_data(id, 1, notice.clone().into_bytes())
+                        .await;
+                }
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                    .await;
+            });
+        }
+    }
+}
+
+impl Drop for NodeConnection {
+    fn drop(&mut self) {
+        self.closed.cancel();
+        self.shared.untrack(&self.id);
+        // The lease, if any, drops with `access` and is released at once.
     }
 }
 
@@ -109,7 +260,7 @@ impl Handler for NodeConnection {
     ) -> Result<Auth, Self::Error> {
         match self.decide(user, certificate).await {
             Ok(access) => {
-                if let Access::Denied { reason } = &access {
+                if let Access::Denied { reason, .. } = &access {
                     tracing::warn!(client = %self.info.client, login = user, %reason, "access denied after authentication");
                 }
                 self.access = access;
@@ -122,6 +273,11 @@ impl Handler for NodeConnection {
         }
     }
 
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        self.on_authenticated(session.handle());
+        Ok(())
+    }
+
     async fn channel_open_session(
         &mut self,
         channel: Channel<Msg>,
@@ -131,8 +287,25 @@ impl Handler for NodeConnection {
         match &self.access {
             Access::Allowed {
                 identity,
+                login,
                 local_user,
+                channels,
+                ..
             } => {
+                let Some(slot) = channels.try_open(channel.id()) else {
+                    let max = channels.max();
+                    self.shared.audit.emit(self.limit_event(
+                        &identity.user,
+                        login,
+                        max,
+                        SessctlKind::Session,
+                    ));
+                    tracing::info!(user = %identity.user, max, "session channel refused: max_sessions");
+                    reply
+                        .reject(prohibited(too_many_sessions(&identity.user, max)))
+                        .await;
+                    return Ok(());
+                };
                 let ctx = SessionContext {
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
@@ -141,9 +314,23 @@ impl Handler for NodeConnection {
                 };
                 reply.accept().await;
                 let handle = session.handle();
-                self.shared.tasks.spawn(serve_session(channel, handle, ctx));
+                self.shared.tasks.spawn(async move {
+                    let _slot = slot;
+                    serve_session(channel, handle, ctx).await;
+                });
             }
-            Access::Denied { reason } => reply.reject(prohibited(reason.clone())).await,
+            Access::Denied { reason, close } => {
+                reply.reject(prohibited(reason.clone())).await;
+                if *close {
+                    let handle = session.handle();
+                    let reason = reason.clone();
+                    tokio::spawn(async move {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                            .await;
+                    });
+                }
+            }
             Access::Pending => reply.reject(prohibited("not authenticated")).await,
         }
         Ok(())
@@ -159,8 +346,12 @@ impl Handler for NodeConnection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Access::Denied { reason } = &self.access {
-            reply.reject(prohibited(reason.clone())).await;
+        if !matches!(self.access, Access::Allowed { .. }) {
+            let reason = match &self.access {
+                Access::Denied { reason, .. } => reason.clone(),
+                _ => "not authenticated".into(),
+            };
+            reply.reject(prohibited(reason)).await;
             return Ok(());
         }
         let Ok(port) = u16::try_from(port_to_connect) else {

@@ -13,9 +13,14 @@ use turnstile_api::clock::{Clock, SystemClock};
 use turnstile_api::labels::Labels;
 use turnstile_api::rpc::proto;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
 pub use crate::server::HostCredentials;
 use crate::server::{HeaderPolicy, serve, server_config};
+use crate::session_control::{ChannelLimit, LeaseService};
 
 mod connection;
 mod process;
@@ -40,11 +45,66 @@ pub(crate) struct NodeShared {
     pub view: Arc<ClusterView>,
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
+    pub audit: Arc<AuditForwarder>,
+    pub lease_service: Arc<dyn LeaseService>,
+    /// Open connections of users, reported to auth for `admin sessions ls`.
+    trackers: Mutex<HashMap<String, (proto::SessionTracker, Arc<ChannelLimit>)>>,
 }
 
 impl NodeShared {
     pub fn clock_unix(&self) -> u64 {
         self.clock.unix_now()
+    }
+
+    fn tracker_ttl_ms(&self) -> u64 {
+        u64::try_from((self.config.heartbeat_interval * 3).as_millis()).unwrap_or(60_000)
+    }
+
+    /// Starts reporting a connection.
+    pub fn track(&self, mut tracker: proto::SessionTracker, channels: Arc<ChannelLimit>) {
+        tracker.ttl_ms = self.tracker_ttl_ms();
+        self.trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tracker.id.clone(), (tracker.clone(), channels));
+        let mut client = self.view.client();
+        tokio::spawn(async move {
+            let _ = client
+                .upsert_session_trackers(proto::SessionTrackerList {
+                    trackers: vec![tracker],
+                })
+                .await;
+        });
+    }
+
+    /// Stops reporting a connection, and tells auth it is gone.
+    pub fn untrack(&self, id: &str) {
+        let removed = self
+            .trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if removed.is_some() {
+            let mut client = self.view.client();
+            let name = id.to_string();
+            tokio::spawn(async move {
+                let _ = client
+                    .delete_session_tracker(proto::DeleteRequest { name })
+                    .await;
+            });
+        }
+    }
+
+    fn trackers_now(&self) -> Vec<proto::SessionTracker> {
+        self.trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(t, channels)| proto::SessionTracker {
+                channels: channels.count(),
+                ..t.clone()
+            })
+            .collect()
     }
 }
 
@@ -52,6 +112,7 @@ pub struct NodeService {
     config: NodeConfig,
     view: Arc<ClusterView>,
     host: HostCredentials,
+    audit: Arc<AuditForwarder>,
 }
 
 /// The address a service advertises: `public_addr`, else the bound one.
@@ -60,8 +121,18 @@ pub fn advertised_addr(public_addr: Option<&str>, bound: SocketAddr) -> String {
 }
 
 impl NodeService {
-    pub fn new(config: NodeConfig, view: Arc<ClusterView>, host: HostCredentials) -> Self {
-        Self { config, view, host }
+    pub fn new(
+        config: NodeConfig,
+        view: Arc<ClusterView>,
+        host: HostCredentials,
+        audit: Arc<AuditForwarder>,
+    ) -> Self {
+        Self {
+            config,
+            view,
+            host,
+            audit,
+        }
     }
 
     pub async fn run(
@@ -76,6 +147,9 @@ impl NodeService {
             view: self.view.clone(),
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
+            audit: self.audit.clone(),
+            lease_service: Arc::new(self.view.client()),
+            trackers: Mutex::new(HashMap::new()),
         });
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
@@ -119,6 +193,12 @@ async fn heartbeat(shared: Arc<NodeShared>, advertised: String, shutdown: Cancel
             // Three missed heartbeats and the node is gone from listings.
             ttl_seconds: (shared.config.heartbeat_interval * 3).as_secs().max(1),
         };
+        let trackers = shared.trackers_now();
+        if !trackers.is_empty() {
+            let _ = client
+                .upsert_session_trackers(proto::SessionTrackerList { trackers })
+                .await;
+        }
         match client.upsert_node(node).await {
             Ok(_) if failing => {
                 failing = false;

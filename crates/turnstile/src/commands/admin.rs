@@ -16,8 +16,8 @@ use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, Format, NodesCommand, RolesCommand, SignArgs, TokensCommand,
-    UsersCommand,
+    AdminArgs, AdminCommand, AuditCommand, Format, ListCommand, NodesCommand, RolesCommand,
+    SignArgs, TokensCommand, UsersCommand,
 };
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
@@ -83,6 +83,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Tokens(TokensCommand::Add { roles, ttl, format }) => {
             tokens_add(&mut admin, roles, &ttl, format).await
         }
+        AdminCommand::Semaphores(ListCommand::Ls { format }) => {
+            semaphores_ls(&mut admin, format).await
+        }
+        AdminCommand::Sessions(ListCommand::Ls { format }) => sessions_ls(&mut admin, format).await,
+        AdminCommand::Audit(AuditCommand::Search {
+            event,
+            user,
+            since,
+            format,
+        }) => audit_search(&mut admin, event, user, since, format).await,
         AdminCommand::Sign(args) => sign(&mut admin, args).await,
     }
 }
@@ -503,5 +513,171 @@ async fn tokens_add(
     println!("    auth_servers: [\"{}\"]", admin.auth_addr);
     println!("    join_token: {}", resp.token);
     println!("    ca_pin: {}", resp.ca_pin);
+    Ok(())
+}
+
+fn rfc3339_ms(unix_ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
+    let leases = admin
+        .client
+        .list_semaphores(proto::ListSemaphoresRequest {
+            kind: String::new(),
+        })
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .leases;
+    if format == Format::Json {
+        for l in &leases {
+            println!(
+                "{}",
+                json!({
+                    "kind": l.kind, "user": l.name, "lease_id": l.lease_id,
+                    "node": l.holder_name, "server_id": l.holder, "login": l.login,
+                    "addr.remote": l.remote_addr, "since": rfc3339_ms(l.since_unix_ms),
+                    "expires": rfc3339_ms(l.expires_unix_ms),
+                })
+            );
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = leases
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                l.holder_name.clone(),
+                l.login.clone(),
+                l.remote_addr.clone(),
+                rfc3339_ms(l.since_unix_ms),
+                rfc3339_ms(l.expires_unix_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "USER",
+            "NODE",
+            "LOGIN",
+            "REMOTE ADDRESS",
+            "SINCE",
+            "LEASE EXPIRES",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn sessions_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
+    let trackers = admin
+        .client
+        .list_session_trackers(proto::ListSessionTrackersRequest {})
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .trackers;
+    if format == Format::Json {
+        for t in &trackers {
+            println!(
+                "{}",
+                json!({
+                    "id": t.id, "user": t.user, "login": t.login, "node": t.node_name,
+                    "server_id": t.node_id, "addr.remote": t.remote_addr,
+                    "since": rfc3339_ms(t.since_unix_ms), "sessions": t.channels,
+                })
+            );
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = trackers
+        .iter()
+        .map(|t| {
+            vec![
+                t.user.clone(),
+                t.node_name.clone(),
+                t.login.clone(),
+                t.remote_addr.clone(),
+                rfc3339_ms(t.since_unix_ms),
+                t.channels.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "USER",
+            "NODE",
+            "LOGIN",
+            "REMOTE ADDRESS",
+            "SINCE",
+            "SESSIONS",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn audit_search(
+    admin: &mut Admin,
+    event: Option<String>,
+    user: Option<String>,
+    since: Option<String>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let since_unix_ms = match since {
+        Some(s) => {
+            let ago =
+                turnstile_api::duration::parse(&s).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let at = std::time::SystemTime::now() - ago;
+            i64::try_from(at.duration_since(UNIX_EPOCH)?.as_millis()).unwrap_or(0)
+        }
+        None => 0,
+    };
+    let events = admin
+        .client
+        .search_audit_events(proto::SearchAuditEventsRequest {
+            event: event.unwrap_or_default(),
+            user: user.unwrap_or_default(),
+            since_unix_ms,
+        })
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .event_json;
+    for line in &events {
+        if format == Format::Json {
+            println!("{line}");
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v[k].to_string())
+        };
+        let mut text = format!(
+            "{} {} {} user={}",
+            field("time"),
+            field("event"),
+            field("code"),
+            field("user")
+        );
+        for k in [
+            "login",
+            "sessctl_kind",
+            "max",
+            "addr.remote",
+            "success",
+            "error",
+        ] {
+            if !v[k].is_null() {
+                text.push_str(&format!(" {k}={}", field(k)));
+            }
+        }
+        println!("{text}");
+    }
     Ok(())
 }

@@ -35,8 +35,18 @@ pub struct ResolvedConfig {
     pub node: Option<NodeSettings>,
 }
 
+/// Where auth keeps the cluster's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    /// One SQLite file in the data dir.
+    Sqlite,
+    /// In memory, lost when the process stops; for tests.
+    Memory,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
+    pub storage: StorageKind,
     pub listen_addr: SocketAddr,
     pub cluster_name: String,
     pub session_recording: String,
@@ -121,8 +131,9 @@ pub fn resolve(
         .or(global.data_dir)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let storage = global.storage.unwrap_or_default();
-    match storage.kind.as_deref() {
-        None | Some("sqlite") => {}
+    let storage_kind = match storage.kind.as_deref() {
+        None | Some("sqlite") => StorageKind::Sqlite,
+        Some("memory") => StorageKind::Memory,
         Some("etcd") => {
             return Err(field_error(
                 "turnstile.storage.type",
@@ -132,10 +143,10 @@ pub fn resolve(
         Some(other) => {
             return Err(field_error(
                 "turnstile.storage.type",
-                format!("unknown backend {other:?}; use sqlite"),
+                format!("unknown backend {other:?}; use sqlite (or memory, for tests)"),
             ));
         }
-    }
+    };
     if storage.peers.is_some() || storage.prefix.is_some() {
         return Err(field_error(
             "turnstile.storage",
@@ -175,6 +186,7 @@ pub fn resolve(
         validate_name("cluster name", &cluster_name)
             .map_err(|m| field_error("auth_service.cluster_name", m))?;
         Some(AuthSettings {
+            storage: storage_kind,
             listen_addr: parse_listen(
                 "auth_service.listen_addr",
                 a.listen_addr.as_deref(),
