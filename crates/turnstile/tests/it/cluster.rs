@@ -7,36 +7,42 @@ use std::time::Duration;
 
 use crate::support::{BIN, Proc, client, poll_until, run, text};
 
-struct Dirs {
+pub(crate) struct Dirs {
     root: tempfile::TempDir,
 }
 
 impl Dirs {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             root: tempfile::tempdir().unwrap(),
         }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.root.path().join(name)
     }
 
-    fn config(&self, name: &str, yaml: &str) -> PathBuf {
+    pub(crate) fn config(&self, name: &str, yaml: &str) -> PathBuf {
         let path = self.path(&format!("{name}.yaml"));
         std::fs::write(&path, yaml).unwrap();
         path
     }
 }
 
-fn auth_yaml(data: &Path, listen: &str) -> String {
+pub(crate) fn auth_yaml(data: &Path, listen: &str, extra: &str) -> String {
     format!(
-        "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: {listen}\n  cluster_name: prod\n",
+        "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: {listen}\n  cluster_name: prod\n{extra}",
         data.display()
     )
 }
 
-fn joining_yaml(data: &Path, auth: &str, token: Option<&str>, pin: &str, service: &str) -> String {
+pub(crate) fn joining_yaml(
+    data: &Path,
+    auth: &str,
+    token: Option<&str>,
+    pin: &str,
+    service: &str,
+) -> String {
     let token = token
         .map(|t| format!("  join_token: {t}\n"))
         .unwrap_or_default();
@@ -46,15 +52,15 @@ fn joining_yaml(data: &Path, auth: &str, token: Option<&str>, pin: &str, service
     )
 }
 
-fn node_service(name: &str, env: &str) -> String {
+pub(crate) fn node_service(name: &str, env: &str) -> String {
     format!(
         "ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {name}\n  labels: {{env: {env}}}\n  heartbeat_interval: 1s\n"
     )
 }
 
-const PROXY_SERVICE: &str = "proxy_service:\n  listen_addr: 127.0.0.1:0\n";
+pub(crate) const PROXY_SERVICE: &str = "proxy_service:\n  listen_addr: 127.0.0.1:0\n";
 
-async fn admin(auth_data: &Path, args: &[&str]) -> String {
+pub(crate) async fn admin(auth_data: &Path, args: &[&str]) -> String {
     let mut all = vec!["admin"];
     all.extend_from_slice(args);
     all.extend(["--data-dir", auth_data.to_str().unwrap()]);
@@ -67,7 +73,7 @@ async fn admin(auth_data: &Path, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
-async fn admin_with_stdin(auth_data: &Path, args: &[&str], stdin: &[u8]) -> String {
+pub(crate) async fn admin_with_stdin(auth_data: &Path, args: &[&str], stdin: &[u8]) -> String {
     let mut all = vec!["admin"];
     all.extend_from_slice(args);
     all.extend(["--data-dir", auth_data.to_str().unwrap()]);
@@ -81,7 +87,7 @@ async fn admin_with_stdin(auth_data: &Path, args: &[&str], stdin: &[u8]) -> Stri
 }
 
 /// A token for `kind` and the CA pin, from `admin tokens add --format json`.
-async fn token(auth_data: &Path, kind: &str, ttl: &str) -> (String, String) {
+pub(crate) async fn token(auth_data: &Path, kind: &str, ttl: &str) -> (String, String) {
     let out = admin(
         auth_data,
         &[
@@ -96,7 +102,7 @@ async fn token(auth_data: &Path, kind: &str, ttl: &str) -> (String, String) {
     )
 }
 
-async fn node_names(auth_data: &Path) -> Vec<String> {
+pub(crate) async fn node_names(auth_data: &Path) -> Vec<String> {
     admin(auth_data, &["nodes", "ls", "--format", "json"])
         .await
         .lines()
@@ -110,22 +116,31 @@ async fn node_names(auth_data: &Path) -> Vec<String> {
 }
 
 /// Auth, a proxy and two nodes (web1 env=dev, db1 env=prod) as processes.
-struct Cluster {
-    dirs: Dirs,
-    auth: Option<Proc>,
-    proxy: Proc,
-    web1: Option<Proc>,
-    db1: Option<Proc>,
-    auth_addr: String,
-    proxy_addr: String,
-    pin: String,
+pub(crate) struct Cluster {
+    pub dirs: Dirs,
+    pub auth: Option<Proc>,
+    pub proxy: Proc,
+    pub web1: Option<Proc>,
+    pub db1: Option<Proc>,
+    pub auth_addr: String,
+    pub proxy_addr: String,
+    pub pin: String,
+    auth_extra: String,
 }
 
 impl Cluster {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// `auth_extra`: more `auth_service` lines, indented two spaces.
+    pub(crate) async fn start_with(auth_extra: &str) -> Self {
         let dirs = Dirs::new();
-        let auth =
-            Proc::start(&dirs.config("auth", &auth_yaml(&dirs.path("auth"), "127.0.0.1:0"))).await;
+        let auth = Proc::start(&dirs.config(
+            "auth",
+            &auth_yaml(&dirs.path("auth"), "127.0.0.1:0", auth_extra),
+        ))
+        .await;
         let auth_addr = auth.field("auth");
         let pin = auth.field("CA pin");
         let auth_data = dirs.path("auth");
@@ -171,6 +186,7 @@ impl Cluster {
             auth_addr,
             proxy_addr,
             pin,
+            auth_extra: auth_extra.to_string(),
         };
         poll_until(Duration::from_secs(20), || async {
             let names = node_names(&c.auth_data()).await;
@@ -181,16 +197,21 @@ impl Cluster {
         c
     }
 
-    fn auth_data(&self) -> PathBuf {
+    /// The auth config for a restart on the same address.
+    pub(crate) fn auth_again_yaml(&self) -> String {
+        auth_yaml(&self.auth_data(), &self.auth_addr, &self.auth_extra)
+    }
+
+    pub(crate) fn auth_data(&self) -> PathBuf {
         self.dirs.path("auth")
     }
 
-    fn home(&self) -> PathBuf {
+    pub(crate) fn home(&self) -> PathBuf {
         self.dirs.path("home")
     }
 
     /// A dev-only user with a password.
-    async fn add_alice(&self) {
+    pub(crate) async fn add_alice(&self) {
         let role = self.dirs.path("dev-only.yaml");
         std::fs::write(
             &role,
@@ -219,7 +240,7 @@ impl Cluster {
         .await;
     }
 
-    async fn login(&self, password: &str) -> std::process::Output {
+    pub(crate) async fn login(&self, password: &str) -> std::process::Output {
         client(
             &self.home(),
             &[
@@ -237,7 +258,7 @@ impl Cluster {
         .await
     }
 
-    async fn ssh(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) async fn ssh(&self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["ssh"];
         all.extend_from_slice(args);
         client(&self.home(), &all, None).await
@@ -506,9 +527,7 @@ async fn users_keep_working_while_auth_is_down_and_everything_resumes() {
     assert!(text(&out.stdout).contains("web1"), "{}", text(&out.stderr));
 
     // Auth comes back on the same address; nodes re-register by themselves.
-    let config = c
-        .dirs
-        .config("auth-again", &auth_yaml(&c.auth_data(), &c.auth_addr));
+    let config = c.dirs.config("auth-again", &c.auth_again_yaml());
     c.auth = Some(Proc::start(&config).await);
     poll_until(Duration::from_secs(20), || async {
         let names = node_names(&c.auth_data()).await;

@@ -7,4 +7,5 @@ mod cluster;
 mod openssh;
 mod pty;
 mod refusals;
+mod session_control;
 mod support;

@@ -31,6 +31,10 @@ pub struct TestCluster {
 pub struct ClusterSpec {
     pub node_name: String,
     pub labels: Vec<(String, String)>,
+    /// `sqlite` or `memory`.
+    pub storage: &'static str,
+    /// More `auth_service` lines, indented two spaces.
+    pub auth_extra: String,
 }
 
 impl Default for ClusterSpec {
@@ -38,6 +42,8 @@ impl Default for ClusterSpec {
         Self {
             node_name: "web1".into(),
             labels: vec![("env".into(), "dev".into())],
+            storage: "sqlite",
+            auth_extra: String::new(),
         }
     }
 }
@@ -55,12 +61,14 @@ impl TestCluster {
             .map(|(k, v)| format!("    {k}: {v}\n"))
             .collect();
         let yaml = format!(
-            "turnstile:\n  data_dir: {data}\n\
-auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n\
+            "turnstile:\n  data_dir: {data}\n  storage:\n    type: {storage}\n\
+auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n{auth_extra}\
 proxy_service:\n  listen_addr: 127.0.0.1:0\n\
 ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n  labels:\n{labels}",
             data = dir.path().join("data").display(),
             node = spec.node_name,
+            storage = spec.storage,
+            auth_extra = spec.auth_extra,
         );
         let config_path = dir.path().join("turnstile.yaml");
         std::fs::write(&config_path, yaml).unwrap();
