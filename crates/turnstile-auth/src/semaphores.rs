@@ -60,11 +60,14 @@ pub struct LeaseRequest {
     pub remote_addr: String,
 }
 
+/// The revision and value this process last committed for a semaphore.
+type Cached = Option<(u64, Semaphore)>;
+
 #[derive(Debug)]
 pub struct Semaphores {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Cached>>>>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -107,7 +110,7 @@ impl Semaphores {
         }
     }
 
-    fn local_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn local_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<Cached>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         if locks.len() > 4096 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
@@ -133,91 +136,114 @@ impl Semaphores {
             ));
         }
         let key = key(&req.kind, &req.name);
-        let lock = self.local_lock(&key);
-        let _queued = lock.lock().await;
+        let ttl_ms = i64::try_from(req.ttl.as_millis()).unwrap_or(i64::MAX);
+        let (lease, _) = self
+            .modify(&key, true, |sem, now| {
+                if sem.leases.len() >= req.max as usize {
+                    return Err(SemaphoreError::LimitExceeded {
+                        key: key.clone(),
+                        max: req.max,
+                    });
+                }
+                let lease = Lease {
+                    lease_id: uuid::Uuid::new_v4().to_string(),
+                    holder: req.holder.clone(),
+                    holder_name: req.holder_name.clone(),
+                    expires: now + ttl_ms,
+                    login: req.login.clone(),
+                    remote_addr: req.remote_addr.clone(),
+                    since: now,
+                };
+                sem.leases.push(lease.clone());
+                Ok(lease)
+            })
+            .await?;
+        Ok(lease)
+    }
+
+    /// Applies `change` to the live leases of the semaphore at `key` and
+    /// commits with compare-and-swap, retrying on conflict. The last value
+    /// this process committed is cached under the local lock, so an
+    /// uncontended change is one backend write; a conflict (another auth
+    /// server wrote) reloads it.
+    async fn modify<T>(
+        &self,
+        key: &str,
+        create: bool,
+        mut change: impl FnMut(&mut Semaphore, i64) -> Result<T, SemaphoreError>,
+    ) -> Result<(T, Semaphore), SemaphoreError> {
+        let lock = self.local_lock(key);
+        let mut cached = lock.lock().await;
         for attempt in 0..MAX_ATTEMPTS {
             jitter(attempt).await;
             let now = ms(self.clock.now());
-            let lease = Lease {
-                lease_id: uuid::Uuid::new_v4().to_string(),
-                holder: req.holder.clone(),
-                holder_name: req.holder_name.clone(),
-                expires: now + i64::try_from(req.ttl.as_millis()).unwrap_or(i64::MAX),
-                login: req.login.clone(),
-                remote_addr: req.remote_addr.clone(),
-                since: now,
+            let current = match cached.take() {
+                Some(c) => Some(c),
+                None => match self.backend.get(key).await {
+                    Ok(item) => Some((item.revision, decode(key, &item.value)?)),
+                    Err(BackendError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                },
             };
-            let item = match self.backend.get(&key).await {
-                Ok(item) => item,
-                Err(BackendError::NotFound(_)) => {
-                    let fresh = Semaphore {
-                        leases: vec![lease.clone()],
-                    };
-                    match self
-                        .backend
-                        .create(&key, encode(&fresh), Some(from_ms(lease.expires)))
-                        .await
-                    {
-                        Ok(_) => return Ok(lease),
-                        Err(BackendError::AlreadyExists(_)) => continue,
-                        Err(e) => return Err(e.into()),
-                    }
+            let Some((revision, stored)) = current else {
+                if !create {
+                    return Err(BackendError::NotFound(key.to_string()).into());
                 }
-                Err(e) => return Err(e.into()),
+                let mut sem = Semaphore::default();
+                let out = change(&mut sem, now)?;
+                let expires = sem.expires().map(from_ms);
+                match self.backend.create(key, encode(&sem), expires).await {
+                    Ok(rev) => {
+                        *cached = Some((rev, sem.clone()));
+                        return Ok((out, sem));
+                    }
+                    Err(BackendError::AlreadyExists(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                }
             };
-            let mut sem = decode(&key, &item.value)?;
+            let mut sem = stored.clone();
             sem.drop_expired(now);
-            if sem.leases.len() >= req.max as usize {
-                return Err(SemaphoreError::LimitExceeded { key, max: req.max });
-            }
-            sem.leases.push(lease.clone());
-            let expires = sem.expires().map(from_ms);
-            match self
-                .backend
-                .compare_and_swap(&key, item.revision, encode(&sem), expires)
-                .await
-            {
-                Ok(_) => return Ok(lease),
+            let out = match change(&mut sem, now) {
+                Ok(out) => out,
+                Err(e) => {
+                    *cached = Some((revision, stored));
+                    return Err(e);
+                }
+            };
+            let result = match sem.expires() {
+                Some(e) => self
+                    .backend
+                    .compare_and_swap(key, revision, encode(&sem), Some(from_ms(e)))
+                    .await
+                    .map(Some),
+                None => self
+                    .backend
+                    .compare_and_delete(key, revision)
+                    .await
+                    .map(|()| None),
+            };
+            match result {
+                Ok(new_revision) => {
+                    *cached = new_revision.map(|r| (r, sem.clone()));
+                    return Ok((out, sem));
+                }
                 Err(BackendError::CompareFailed(_) | BackendError::NotFound(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(SemaphoreError::Contention(key))
+        Err(SemaphoreError::Contention(key.to_string()))
     }
 
-    /// Applies `change` to the semaphore until the swap sticks.
+    /// Applies `change` to an existing semaphore.
     async fn update(
         &self,
         kind: &str,
         name: &str,
-        mut change: impl FnMut(&mut Semaphore, i64) -> Result<(), SemaphoreError>,
+        change: impl FnMut(&mut Semaphore, i64) -> Result<(), SemaphoreError>,
     ) -> Result<Semaphore, SemaphoreError> {
         Self::check(kind, name)?;
-        let key = key(kind, name);
-        let lock = self.local_lock(&key);
-        let _queued = lock.lock().await;
-        for attempt in 0..MAX_ATTEMPTS {
-            jitter(attempt).await;
-            let now = ms(self.clock.now());
-            let item = self.backend.get(&key).await?;
-            let mut sem = decode(&key, &item.value)?;
-            sem.drop_expired(now);
-            change(&mut sem, now)?;
-            let result = match sem.expires() {
-                Some(e) => self
-                    .backend
-                    .compare_and_swap(&key, item.revision, encode(&sem), Some(from_ms(e)))
-                    .await
-                    .map(|_| ()),
-                None => self.backend.compare_and_delete(&key, item.revision).await,
-            };
-            match result {
-                Ok(()) => return Ok(sem),
-                Err(BackendError::CompareFailed(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(SemaphoreError::Contention(key))
+        let (_, sem) = self.modify(&key(kind, name), false, change).await?;
+        Ok(sem)
     }
 
     /// Extends a live lease to `ttl` from now.

@@ -65,11 +65,18 @@ impl SqliteBackend {
             INSERT OR IGNORE INTO meta (id, revision) VALUES (1, 0);",
         )
         .map_err(storage)?;
+        // Checkpoints (which fsync) run on a connection of their own, off
+        // the write path: a writer never waits for one.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(storage)?;
+        let checkpointer = Connection::open(path)
+            .map_err(|e| BackendError::Storage(format!("open {}: {e}", path.display())))?;
+        checkpointer.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
         let backend = Self {
             conn: Arc::new(Mutex::new(conn)),
             clock,
             writes: Arc::new(AtomicU64::new(0)),
         };
+        spawn_checkpointer(checkpointer, Arc::downgrade(&backend.conn));
         backend.purge_expired_blocking()?;
         Ok(backend)
     }
@@ -118,6 +125,23 @@ impl SqliteBackend {
         }
         result
     }
+}
+
+/// How often the WAL is folded into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the WAL in the background until the backend is dropped.
+fn spawn_checkpointer(conn: Connection, backend: std::sync::Weak<Mutex<Connection>>) {
+    let _ = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while backend.strong_count() > 0 {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed; will retry");
+                }
+            }
+        });
 }
 
 fn live_item(tx: &Transaction<'_>, key: &str, now: i64) -> Result<Option<Item>> {
