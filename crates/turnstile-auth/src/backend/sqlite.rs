@@ -67,10 +67,13 @@ impl SqliteBackend {
         .map_err(storage)?;
         // Checkpoints (which fsync) run on a connection of their own, off
         // the write path: a writer never waits for one.
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(storage)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(storage)?;
         let checkpointer = Connection::open(path)
             .map_err(|e| BackendError::Storage(format!("open {}: {e}", path.display())))?;
-        checkpointer.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
+        checkpointer
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(storage)?;
         let backend = Self {
             conn: Arc::new(Mutex::new(conn)),
             clock,

@@ -73,10 +73,18 @@ async fn main() -> anyhow::Result<()> {
     let node_tls = TlsIdentity::load(&data, SystemRole::Node)?.context("node identity")?;
     let client = auth_client(&auth_addr, &node_tls)?;
 
-    println!("Connection slots on one user's semaphore (SQLite, WAL, synchronous=NORMAL), from the node over gRPC/mTLS");
+    println!(
+        "Connection slots on one user's semaphore (SQLite, WAL, synchronous=NORMAL), from the node over gRPC/mTLS"
+    );
     println!(
         "{:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
-        "contenders", "pairs", "acquire p50 ms", "acquire p99 ms", "acq+rel p50 ms", "acq+rel p99 ms", "pairs/s"
+        "contenders",
+        "pairs",
+        "acquire p50 ms",
+        "acquire p99 ms",
+        "acq+rel p50 ms",
+        "acq+rel p99 ms",
+        "pairs/s"
     );
     for contenders in [1usize, 16, 64] {
         let per = (2000 / contenders).max(40);
@@ -159,7 +167,9 @@ async fn main() -> anyhow::Result<()> {
     let host_ca = vec![authority.host_ca().public_key().clone()];
     const CONNECTIONS: usize = 60;
     println!();
-    println!("Connect through the proxy and run `true` ({CONNECTIONS} sequential connections, login {login})");
+    println!(
+        "Connect through the proxy and run `true` ({CONNECTIONS} sequential connections, login {login})"
+    );
     println!("{:<44}  {:>8}  {:>8}", "client / user", "p50 ms", "p99 ms");
     let mut p50s = Vec::new();
     for user in ["free", "capped"] {
@@ -174,7 +184,14 @@ async fn main() -> anyhow::Result<()> {
         let mut samples = Vec::new();
         for _ in 0..CONNECTIONS {
             let t0 = Instant::now();
-            let conn = turnstile_ssh::client::connect_via_proxy(&proxy_addr, "bench", &login, &creds, &host_ca).await?;
+            let conn = turnstile_ssh::client::connect_via_proxy(
+                &proxy_addr,
+                "bench",
+                &login,
+                &creds,
+                &host_ca,
+            )
+            .await?;
             let mut ch = conn.handle.channel_open_session().await?;
             ch.exec(true, "true").await?;
             while let Some(msg) = ch.wait().await {
@@ -203,17 +220,42 @@ async fn main() -> anyhow::Result<()> {
     if std::path::Path::new("/usr/bin/ssh").exists() {
         let id = dir.path().join("free");
         let out = std::process::Command::new(std::env::current_exe()?.with_file_name("turnstile"))
-            .args(["admin", "sign", "--user", "free", "--out", id.to_str().unwrap_or_default(), "--data-dir", data.to_str().unwrap_or_default()])
+            .args([
+                "admin",
+                "sign",
+                "--user",
+                "free",
+                "--out",
+                id.to_str().unwrap_or_default(),
+                "--data-dir",
+                data.to_str().unwrap_or_default(),
+            ])
             .output();
         if out.as_ref().is_ok_and(|o| o.status.success()) {
             let cfg = format!("{}.ssh_config", id.display());
-            let s = time_command(CONNECTIONS, "/usr/bin/ssh", &["-F", &cfg, "-o", "BatchMode=yes", "bench", "true"])?;
-            println!("{:<44}  {:>8}  {:>8}", "OpenSSH client via the proxy, no limit", ms(s.p50), ms(s.p99));
+            let s = time_command(
+                CONNECTIONS,
+                "/usr/bin/ssh",
+                &["-F", &cfg, "-o", "BatchMode=yes", "bench", "true"],
+            )?;
+            println!(
+                "{:<44}  {:>8}  {:>8}",
+                "OpenSSH client via the proxy, no limit",
+                ms(s.p50),
+                ms(s.p99)
+            );
             if let Some(s) = openssh_baseline(dir.path(), &id, &login, CONNECTIONS)? {
-                println!("{:<44}  {:>8}  {:>8}", "OpenSSH client to OpenSSH sshd (baseline)", ms(s.p50), ms(s.p99));
+                println!(
+                    "{:<44}  {:>8}  {:>8}",
+                    "OpenSSH client to OpenSSH sshd (baseline)",
+                    ms(s.p50),
+                    ms(s.p99)
+                );
             }
         } else {
-            println!("(OpenSSH rows skipped: run from target/release so `turnstile` is next to this binary)");
+            println!(
+                "(OpenSSH rows skipped: run from target/release so `turnstile` is next to this binary)"
+            );
         }
     }
     running.stop().await?;
@@ -251,7 +293,15 @@ fn openssh_baseline(
     }
     let host_key = dir.join("sshd_host_key");
     std::process::Command::new("/usr/bin/ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f", host_key.to_str().unwrap_or_default()])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            host_key.to_str().unwrap_or_default(),
+        ])
         .status()?;
     let ca = dir.join("user_ca.pub");
     let cert = std::fs::read_to_string(format!("{}-cert.pub", id.display()))?;
@@ -274,9 +324,26 @@ fn openssh_baseline(
         n,
         "/usr/bin/ssh",
         &[
-            "-F", "/dev/null", "-o", "BatchMode=yes", "-o", &proxy_command, "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
-            "-i", id.to_str().unwrap_or_default(), "-o", &cert_file, &target, "true",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &proxy_command,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            id.to_str().unwrap_or_default(),
+            "-o",
+            &cert_file,
+            &target,
+            "true",
         ],
     );
     Ok(s.ok())
