@@ -1,0 +1,253 @@
+//! The recorder's local spool: `<dir>/<sid>.events`, events appended as the
+//! session runs (`[u32 BE length][protobuf]`, as inside a part but not
+//! compressed), synced to disk at least every second; `<sid>.checkpoint`,
+//! the last event index auth has acknowledged. A file that cannot be read is
+//! moved to `<dir>/corrupt/` with a `.error` note and never retried.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::event::RecordingEvent;
+use crate::part::{MAX_EVENT, encode_record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool file {path} is damaged at byte {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last event index auth acknowledged as stored; -1: none.
+    pub acked_ei: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+fn valid_sid(sid: &str) -> bool {
+    !sid.is_empty() && sid.len() <= 64 && sid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+impl Spool {
+    pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        fs::create_dir_all(dir.join("corrupt")).map_err(io(dir))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn events_path(&self, sid: &str) -> PathBuf {
+        self.dir.join(format!("{sid}.events"))
+    }
+
+    fn checkpoint_path(&self, sid: &str) -> PathBuf {
+        self.dir.join(format!("{sid}.checkpoint"))
+    }
+
+    /// A new session's file.
+    pub fn create(&self, sid: &str) -> Result<SpoolWriter, SpoolError> {
+        let path = self.events_path(sid);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(SpoolWriter {
+            path,
+            file: BufWriter::with_capacity(64 * 1024, file),
+            dirty: false,
+        })
+    }
+
+    /// Sessions with spooled events, by sid.
+    pub fn sessions(&self) -> Result<Vec<String>, SpoolError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(sid) = name.strip_suffix(".events") {
+                out.push(sid.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Reads the complete records after byte `offset`; returns them and the
+    /// offset after the last complete one. A record cut short at the end is
+    /// not an error (it is still being written, or a crash cut it).
+    pub fn read_from(&self, sid: &str, offset: u64) -> Result<(Vec<RecordingEvent>, u64), SpoolError> {
+        let path = self.events_path(sid);
+        let mut file = File::open(&path).map_err(io(&path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io(&path))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(io(&path))?;
+        let mut events = Vec::new();
+        let mut at = 0usize;
+        while at + 4 <= buf.len() {
+            let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            let corrupt = |reason: String| SpoolError::Corrupt {
+                path: path.clone(),
+                offset: offset + at as u64,
+                reason,
+            };
+            if len == 0 || len > MAX_EVENT {
+                return Err(corrupt(format!("record length {len}")));
+            }
+            let Some(body) = buf.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            let event = RecordingEvent::decode(body).map_err(|e| corrupt(e.to_string()))?;
+            if !valid_sid(&event.sid) || event.sid != sid {
+                return Err(corrupt(format!("event of session {:?} in the file of {sid}", event.sid)));
+            }
+            events.push(event);
+            at += 4 + len;
+        }
+        Ok((events, offset + at as u64))
+    }
+
+    pub fn checkpoint(&self, sid: &str) -> Checkpoint {
+        fs::read(self.checkpoint_path(sid))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Checkpoint { acked_ei: -1 })
+    }
+
+    pub fn save_checkpoint(&self, sid: &str, checkpoint: &Checkpoint) -> Result<(), SpoolError> {
+        let path = self.checkpoint_path(sid);
+        let tmp = path.with_extension("checkpoint.tmp");
+        fs::write(&tmp, serde_json::to_vec(checkpoint).unwrap_or_default()).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Deletes a session's spool once auth has the whole recording.
+    pub fn remove(&self, sid: &str) -> Result<(), SpoolError> {
+        for path in [self.events_path(sid), self.checkpoint_path(sid)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a session's spool aside with a note saying why.
+    pub fn quarantine(&self, sid: &str, reason: &str) -> Result<PathBuf, SpoolError> {
+        let corrupt = self.dir.join("corrupt");
+        let target = corrupt.join(format!("{sid}.events"));
+        let from = self.events_path(sid);
+        fs::rename(&from, &target).map_err(io(&from))?;
+        let _ = fs::remove_file(self.checkpoint_path(sid));
+        let note = corrupt.join(format!("{sid}.error"));
+        fs::write(&note, format!("{reason}\n")).map_err(io(&note))?;
+        Ok(target)
+    }
+}
+
+/// Appends one session's events.
+#[derive(Debug)]
+pub struct SpoolWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+    dirty: bool,
+}
+
+impl SpoolWriter {
+    pub fn append(&mut self, event: &RecordingEvent) -> Result<(), SpoolError> {
+        let mut record = Vec::with_capacity(event.data.len() + 64);
+        encode_record(event, &mut record);
+        self.file.write_all(&record).map_err(io(&self.path))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Pushes what was appended to disk. Returns whether there was anything.
+    pub fn sync(&mut self) -> Result<bool, SpoolError> {
+        if !self.dirty {
+            return Ok(false);
+        }
+        self.file.flush().map_err(io(&self.path))?;
+        self.file.get_ref().sync_data().map_err(io(&self.path))?;
+        self.dirty = false;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sid: &str, ei: u64) -> RecordingEvent {
+        RecordingEvent {
+            ei,
+            sid: sid.into(),
+            event: "print".into(),
+            data: vec![b'x'; 10],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_complete_records_and_stops_at_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let sid = "0b5f1d2e-aaaa-4bbb-8ccc-123456789abc";
+        let mut w = spool.create(sid).unwrap();
+        for i in 0..3 {
+            w.append(&event(sid, i)).unwrap();
+        }
+        w.sync().unwrap();
+        let (events, end) = spool.read_from(sid, 0).unwrap();
+        assert_eq!(events.len(), 3);
+        // A half-written record at the end is left for later.
+        let mut f = OpenOptions::new().append(true).open(spool.events_path(sid)).unwrap();
+        f.write_all(&[0, 0, 0, 40, 1, 2]).unwrap();
+        let (more, end2) = spool.read_from(sid, end).unwrap();
+        assert!(more.is_empty());
+        assert_eq!(end2, end);
+        assert_eq!(spool.sessions().unwrap(), vec![sid.to_string()]);
+    }
+
+    #[test]
+    fn garbage_is_corrupt_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let sid = "11111111-2222-4333-8444-555555555555";
+        fs::write(spool.events_path(sid), b"\xff\xff\xff\xffgarbage").unwrap();
+        let err = spool.read_from(sid, 0).unwrap_err();
+        assert!(matches!(err, SpoolError::Corrupt { offset: 0, .. }), "{err}");
+        let moved = spool.quarantine(sid, &err.to_string()).unwrap();
+        assert!(moved.exists());
+        assert!(spool.sessions().unwrap().is_empty());
+        assert!(dir.path().join(format!("corrupt/{sid}.error")).exists());
+    }
+}
