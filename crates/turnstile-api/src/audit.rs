@@ -38,6 +38,16 @@ pub enum AuditEvent {
         error: Option<String>,
         remote_addr: String,
     },
+    /// A session's start, resize, command, end, byte counts or completed
+    /// upload (everything recorded but its output).
+    SessionEvent {
+        event: String,
+        sid: String,
+        server_id: String,
+        user: String,
+        login: String,
+        fields: Map<String, Value>,
+    },
     /// A session-control limit refused a connection or a session channel.
     SessctlLimit {
         user: String,
@@ -50,10 +60,11 @@ pub enum AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             AuditEvent::UserLogin { .. } => "user.login",
             AuditEvent::SessctlLimit { .. } => "sessctl.limit",
+            AuditEvent::SessionEvent { event, .. } => event,
         }
     }
 
@@ -62,19 +73,34 @@ impl AuditEvent {
             AuditEvent::UserLogin { success: true, .. } => "T1000I",
             AuditEvent::UserLogin { success: false, .. } => "T1000W",
             AuditEvent::SessctlLimit { .. } => "T1006W",
+            AuditEvent::SessionEvent { event, fields, .. } => match event.as_str() {
+                "session.start" => "T2000I",
+                "resize" => "T2002I",
+                "session.end" => "T2004I",
+                "session.upload" => "T2005I",
+                "session.data" => "T2006I",
+                "exec" if fields.get("exitCode").and_then(Value::as_i64).unwrap_or(0) != 0 => {
+                    "T3002E"
+                }
+                "exec" => "T3002I",
+                _ => "T0000I",
+            },
         }
     }
 
     pub fn user(&self) -> &str {
         match self {
-            AuditEvent::UserLogin { user, .. } | AuditEvent::SessctlLimit { user, .. } => user,
+            AuditEvent::UserLogin { user, .. }
+            | AuditEvent::SessctlLimit { user, .. }
+            | AuditEvent::SessionEvent { user, .. } => user,
         }
     }
 
     /// The host that saw it, if one did (auth checks it is the caller).
     pub fn server_id(&self) -> Option<&str> {
         match self {
-            AuditEvent::SessctlLimit { server_id, .. } => Some(server_id),
+            AuditEvent::SessctlLimit { server_id, .. }
+            | AuditEvent::SessionEvent { server_id, .. } => Some(server_id),
             AuditEvent::UserLogin { .. } => None,
         }
     }
@@ -122,6 +148,22 @@ impl AuditEvent {
                     SessctlKind::Session => "max_sessions",
                 };
                 m.insert("reason".into(), json!(format!("{limit} limit reached")));
+            }
+            AuditEvent::SessionEvent {
+                sid,
+                server_id,
+                user,
+                login,
+                fields,
+                ..
+            } => {
+                m.insert("sid".into(), json!(sid));
+                m.insert("server_id".into(), json!(server_id));
+                m.insert("user".into(), json!(user));
+                m.insert("login".into(), json!(login));
+                for (k, v) in fields {
+                    m.entry(k.clone()).or_insert_with(|| v.clone());
+                }
             }
         }
         Value::Object(m)

@@ -359,6 +359,22 @@ impl Authority {
         }
     }
 
+    /// The identity in a user certificate of this cluster that is valid now.
+    pub fn verify_user_certificate(&self, text: &str) -> Result<(Certificate, UserIdentity), ApiError> {
+        let cert = Certificate::from_openssh(text.trim())
+            .map_err(|e| ApiError::bad_parameter(format!("certificate: {e}")))?;
+        cert.validate_at(self.clock.unix_now(), [&self.user_ca.fingerprint()])
+            .map_err(|_| {
+                ApiError::access_denied("the certificate is not a valid certificate of this cluster")
+            })?;
+        let identity =
+            UserIdentity::from_extensions(|k| cert.extensions().get(k).map(String::as_str))
+                .ok_or_else(|| {
+                    ApiError::access_denied("the certificate carries no Turnstile identity")
+                })?;
+        Ok((cert, identity))
+    }
+
     /// A certificate for a new key of the holder of `current`, expiring no
     /// later than `current` does.
     pub async fn renew_user_cert(

@@ -13,6 +13,8 @@ use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::AuthServer;
 
 use crate::authority::Authority;
+use crate::recordings::{Recordings, upload_event};
+use turnstile_recording::storage::UploadStore;
 use crate::rpc::{AuthApi, PresencePolicy};
 
 #[derive(Debug, Clone)]
@@ -21,6 +23,10 @@ pub struct AuthServiceConfig {
     pub host_id: String,
     /// A node that stops heartbeating disappears after this long.
     pub node_ttl: Duration,
+    /// Where recordings are stored.
+    pub store: Arc<dyn UploadStore>,
+    /// An upload whose recorder has been silent this long is completed.
+    pub upload_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +72,23 @@ impl AuthService {
             // Joining processes call before they have a certificate; every
             // other call checks for one.
             .client_auth_optional(true);
+        let recordings = Arc::new(Recordings::new(
+            self.authority.backend().clone(),
+            self.config.store.clone(),
+            self.authority.clock().clone(),
+        ));
+        tokio::spawn(complete_abandoned(
+            recordings.clone(),
+            self.authority.clone(),
+            self.config.upload_grace,
+            shutdown.clone(),
+        ));
         let api = AuthApi::new(
             self.authority.clone(),
             PresencePolicy {
                 node_ttl: self.config.node_ttl,
             },
+            recordings,
         );
         tracing::info!(addr = ?listener.local_addr().ok(), "auth service listening");
         // Small RPCs must not wait for Nagle's algorithm (40 ms stalls under load).
@@ -86,5 +104,40 @@ impl AuthService {
             .await?;
         tracing::info!("auth service stopped");
         Ok(())
+    }
+}
+
+/// The upload completer: finishes uploads whose recorder has been silent for
+/// the grace period (its node crashed, or its session was abandoned), with
+/// the parts stored so far. A recorder that comes back later continues the
+/// same recording.
+async fn complete_abandoned(
+    recordings: Arc<Recordings>,
+    authority: Arc<Authority>,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (grace / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let abandoned = match recordings.abandoned(grace).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list uploads in progress");
+                continue;
+            }
+        };
+        for rec in abandoned {
+            match recordings.complete(&rec.sid, None).await {
+                Ok(done) => {
+                    tracing::info!(sid = %done.sid, parts = rec.parts.len(), "completed an abandoned recording");
+                    authority.record(upload_event(&done)).await;
+                }
+                Err(e) => tracing::warn!(sid = %rec.sid, error = %e, "cannot complete an abandoned recording"),
+            }
+        }
     }
 }

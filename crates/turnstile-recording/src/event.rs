@@ -74,3 +74,23 @@ pub fn to_json(e: &RecordingEvent) -> Value {
     }
     Value::Object(m)
 }
+
+/// The audit-log form of a recorded event (not for `print`).
+pub fn audit_event(e: &RecordingEvent) -> turnstile_api::audit::AuditEvent {
+    let mut fields = match to_json(e) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    for k in ["ei", "event", "time", "sid", "server_id", "user", "login", "data", "data_base64"] {
+        fields.remove(k);
+    }
+    fields.insert("ei".into(), json!(e.ei));
+    turnstile_api::audit::AuditEvent::SessionEvent {
+        event: e.event.clone(),
+        sid: e.sid.clone(),
+        server_id: e.server_id.clone(),
+        user: e.user.clone(),
+        login: e.login.clone(),
+        fields,
+    }
+}

@@ -103,13 +103,13 @@ mod tests {
     fn parts_round_trip_with_padding_and_duplicates() {
         let mut w = PartWriter::new(64);
         for i in 0..10 {
-            w.push(&print(i, format!("line {i}\n").as_bytes()));
+            w.push(&print(i, format!("line {i}\n").as_bytes())).unwrap();
         }
         let first = w.take_full().unwrap().unwrap();
         assert!(first.bytes.len() >= 64);
         // A resend after a resume repeats events 8 and 9.
         for i in 8..12 {
-            w.push(&print(i, format!("line {i}\n").as_bytes()));
+            w.push(&print(i, format!("line {i}\n").as_bytes())).unwrap();
         }
         let last = w.take_last().unwrap().unwrap();
         let mut all = first.bytes.clone();
@@ -144,7 +144,7 @@ mod tests {
         fn mutated_recordings_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
             let mut w = PartWriter::new(16);
             for i in 0..5 {
-                w.push(&print(i, b"some output"));
+                w.push(&print(i, b"some output")).unwrap();
             }
             let mut bytes = w.take_last().unwrap().unwrap().bytes;
             for (at, b) in flips {

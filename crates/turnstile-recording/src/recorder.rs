@@ -36,7 +36,8 @@ struct State {
     offset: u64,
     tx: u64,
     rx: u64,
-    writer: SpoolWriter,
+    /// `None`: recording is off; events are made (for the audit log) but not kept.
+    writer: Option<SpoolWriter>,
     failed: bool,
 }
 
@@ -65,7 +66,10 @@ impl State {
     }
 
     fn append(&mut self, e: &RecordingEvent) {
-        if let Err(err) = self.writer.append(e)
+        let Some(writer) = self.writer.as_mut() else {
+            return;
+        };
+        if let Err(err) = writer.append(e)
             && !self.failed
         {
             self.failed = true;
@@ -78,12 +82,15 @@ impl State {
 pub struct SessionRecorder {
     state: Arc<Mutex<State>>,
     synced: Arc<Notify>,
-    syncer: JoinHandle<()>,
+    syncer: Option<JoinHandle<()>>,
 }
 
 fn sync(state: &Mutex<State>) -> bool {
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-    match s.writer.sync() {
+    let Some(writer) = s.writer.as_mut() else {
+        return false;
+    };
+    match writer.sync() {
         Ok(wrote) => wrote,
         Err(err) => {
             if !s.failed {
@@ -105,6 +112,23 @@ impl SessionRecorder {
         term: &str,
     ) -> Result<(Self, RecordingEvent), SpoolError> {
         let writer = spool.create(&meta.sid)?;
+        Ok(Self::begin(Some(writer), meta, cols, rows, term))
+    }
+
+    /// A session whose output is not recorded (mode `off`): its events are
+    /// still made, for the audit log.
+    pub fn unrecorded(meta: SessionMeta, cols: u32, rows: u32, term: &str) -> (Self, RecordingEvent) {
+        Self::begin(None, meta, cols, rows, term)
+    }
+
+    fn begin(
+        writer: Option<SpoolWriter>,
+        meta: SessionMeta,
+        cols: u32,
+        rows: u32,
+        term: &str,
+    ) -> (Self, RecordingEvent) {
+        let recorded = writer.is_some();
         let mut state = State {
             meta: meta.clone(),
             next_ei: 0,
@@ -124,7 +148,7 @@ impl SessionRecorder {
         state.append(&start);
         let state = Arc::new(Mutex::new(state));
         let synced = Arc::new(Notify::new());
-        let syncer = {
+        let syncer = recorded.then(|| {
             let state = state.clone();
             let synced = synced.clone();
             tokio::spawn(async move {
@@ -136,15 +160,15 @@ impl SessionRecorder {
                     }
                 }
             })
-        };
-        Ok((
+        });
+        (
             Self {
                 state,
                 synced,
                 syncer,
             },
             start,
-        ))
+        )
     }
 
     /// Woken whenever new events reach the disk.
@@ -156,10 +180,14 @@ impl SessionRecorder {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Output of the session, in `print` events of at most 64 KiB.
+    /// Output of the session, in `print` events of at most 64 KiB (none when
+    /// recording is off).
     pub fn print(&self, data: &[u8]) {
         self.with(|s| {
             s.tx += data.len() as u64;
+            if s.writer.is_none() {
+                return;
+            }
             for chunk in data.chunks(MAX_PRINT) {
                 let mut e = s.stamp(PRINT);
                 e.data = chunk.to_vec();
@@ -197,8 +225,10 @@ impl SessionRecorder {
 
     /// Ends the recording: `session.data` and `session.end`, synced before
     /// returning. Returns both (for the audit log).
-    pub async fn end(self, interactive: bool) -> Vec<RecordingEvent> {
-        self.syncer.abort();
+    pub async fn end(&self, interactive: bool) -> Vec<RecordingEvent> {
+        if let Some(syncer) = &self.syncer {
+            syncer.abort();
+        }
         let events = self.with(|s| {
             let mut data = s.stamp(SESSION_DATA);
             data.tx = s.tx;

@@ -29,7 +29,10 @@ use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_a
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
-use crate::config::resolve::{StorageKind, host_name};
+use crate::config::resolve::{FILE_STORE_MIN_PART, StorageKind, host_name};
+use turnstile_recording::spool::Spool;
+use turnstile_recording::storage::FileStore;
+use turnstile_recording::uploader::{self, Uploader};
 
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
@@ -334,6 +337,11 @@ async fn launch_services(
                 AuthServiceConfig {
                     host_id: host_id.clone(),
                     node_ttl: NODE_TTL,
+                    store: Arc::new(
+                        FileStore::new(&auth_settings.recordings_dir, FILE_STORE_MIN_PART)
+                            .map_err(|e| anyhow::anyhow!("recordings directory: {e}"))?,
+                    ),
+                    upload_grace: auth_settings.upload_grace,
                 },
             );
             let token = shutdown.clone();
@@ -413,6 +421,13 @@ async fn launch_services(
             AuditForwarder::spawn(
                 view.client(),
                 audit_forwarder::QUEUE_CAPACITY,
+                shutdown.clone(),
+            ),
+            Uploader::start(
+                Spool::open(&data_dir.join("spool"))
+                    .map_err(|e| anyhow::anyhow!("session spool: {e}"))?,
+                view.client(),
+                uploader::DEFAULT_CONCURRENCY,
                 shutdown.clone(),
             ),
         );

@@ -13,6 +13,10 @@ use turnstile_api::role::Role;
 use turnstile_api::rpc::proto;
 
 use crate::audit_log::AuditQuery;
+use crate::recordings::{Opening, Recordings, StreamState, upload_event};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use turnstile_api::role::RoleSet;
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
 use crate::cluster_config;
@@ -106,15 +110,81 @@ pub struct PresencePolicy {
 pub struct AuthApi {
     authority: Arc<Authority>,
     presence: PresencePolicy,
+    recordings: Arc<Recordings>,
 }
 
 impl AuthApi {
-    pub fn new(authority: Arc<Authority>, presence: PresencePolicy) -> Self {
+    pub fn new(authority: Arc<Authority>, presence: PresencePolicy, recordings: Arc<Recordings>) -> Self {
         Self {
             authority,
             presence,
+            recordings,
         }
     }
+
+    /// May the holder of `certificate` see recordings of `owner` (`verb`: list or read)?
+    async fn reader(&self, certificate: &str) -> Result<(String, RoleSet), Status> {
+        let (_, identity) = self.authority.verify_user_certificate(certificate).map_err(fail)?;
+        let roles = self.authority.role_set(&identity.roles).await.map_err(fail)?;
+        Ok((identity.user, roles))
+    }
+}
+
+/// Receives one recorder's stream: open or resume, events, complete.
+async fn serve_record_stream(
+    recordings: &Recordings,
+    authority: &Authority,
+    server_id: &str,
+    inbound: &mut tonic::Streaming<proto::RecordRequest>,
+    tx: &mpsc::Sender<Result<proto::RecordStatus, Status>>,
+) -> Result<(), Status> {
+    use proto::record_request::Request;
+    let opening = match inbound.message().await?.and_then(|m| m.request) {
+        Some(Request::Open(o)) => Opening {
+            sid: o.sid,
+            user: o.user,
+            login: o.login,
+            node_name: o.node_name,
+            start_ms: o.start_ms,
+        },
+        _ => return Err(Status::invalid_argument("a recording stream starts with open")),
+    };
+    let sid = opening.sid.clone();
+    let last = recordings.open(server_id, &opening).await.map_err(fail)?;
+    let send = |last_ei: i64, complete: bool| async move {
+        tx.send(Ok(proto::RecordStatus { last_ei, complete }))
+            .await
+            .map_err(|_| Status::cancelled("the recorder went away"))
+    };
+    send(last, false).await?;
+    let mut state = StreamState::new(&sid, recordings.store().min_part_size(), last);
+    let mut touched = std::time::Instant::now();
+    while let Some(msg) = inbound.message().await? {
+        match msg.request {
+            Some(Request::Events(batch)) => {
+                if let Some(part) = state.push(server_id, &batch.events).map_err(fail)? {
+                    let stored = recordings.store_part(&sid, part).await.map_err(fail)?;
+                    send(stored, false).await?;
+                    touched = std::time::Instant::now();
+                } else if touched.elapsed() > Duration::from_secs(10) {
+                    recordings.touch(&sid).await.map_err(fail)?;
+                    touched = std::time::Instant::now();
+                }
+            }
+            Some(Request::Complete(_)) => {
+                if let Some(part) = state.finish().map_err(fail)? {
+                    recordings.store_part(&sid, part).await.map_err(fail)?;
+                }
+                let done = recordings.complete(&sid, state.stop_ms).await.map_err(fail)?;
+                authority.record(upload_event(&done)).await;
+                send(done.last_ei, true).await?;
+                return Ok(());
+            }
+            _ => return Err(Status::invalid_argument("unexpected message in a recording stream")),
+        }
+    }
+    // The recorder left without completing: what was not stored will be resent.
+    Ok(())
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -661,6 +731,127 @@ impl proto::auth_server::Auth for AuthApi {
                     ttl_ms: 0,
                 })
                 .collect(),
+        })
+    }
+
+    type RecordSessionStream = ReceiverStream<Result<proto::RecordStatus, Status>>;
+
+    async fn record_session(
+        &self,
+        req: Request<tonic::Streaming<proto::RecordRequest>>,
+    ) -> RpcResult<Self::RecordSessionStream> {
+        let c = require(&req, HOSTS)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let recordings = self.recordings.clone();
+        let authority = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(status) =
+                serve_record_stream(&recordings, &authority, &c.id, &mut inbound, &tx).await
+            {
+                tracing::warn!(recorder = %c.id, error = %status.message(), "recording stream ended with an error");
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        ok(ReceiverStream::new(rx))
+    }
+
+    async fn list_recordings(
+        &self,
+        req: Request<proto::ListRecordingsRequest>,
+    ) -> RpcResult<proto::RecordingList> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let (user, roles) = self.reader(&r.certificate).await?;
+        let all = roles.allows_rule("session", "list");
+        let recordings = self.recordings.list().await.map_err(fail)?;
+        ok(proto::RecordingList {
+            recordings: recordings
+                .into_iter()
+                .filter(|rec| all || rec.user == user)
+                .filter(|rec| r.user.is_empty() || rec.user == r.user)
+                .filter(|rec| rec.start_ms >= r.since_ms)
+                .map(|rec| rec.info())
+                .collect(),
+        })
+    }
+
+    async fn get_recording_chunk(
+        &self,
+        req: Request<proto::GetRecordingChunkRequest>,
+    ) -> RpcResult<proto::RecordingChunk> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let (user, roles) = self.reader(&r.certificate).await?;
+        let not_found = || Status::not_found(format!("no recording of session {}", r.sid));
+        let rec = self.recordings.get(&r.sid).await.map_err(fail)?.ok_or_else(not_found)?;
+        if rec.user != user && !roles.allows_rule("session", "read") {
+            return Err(Status::permission_denied(format!(
+                "session {} belongs to user {:?}; reading others' sessions needs a role rule allowing session read",
+                r.sid, rec.user
+            )));
+        }
+        if rec.status != crate::recordings::STATUS_COMPLETE {
+            return Err(Status::failed_precondition(format!(
+                "session {} is not uploaded yet: {} part(s) stored, the upload is still in progress; try again when the session has ended",
+                r.sid,
+                rec.parts.len()
+            )));
+        }
+        let store = self.recordings.store();
+        let total = store.size(&r.sid).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let len = (r.length as usize).min(1 << 20);
+        let data = store
+            .read(&r.sid, r.offset, len)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        ok(proto::RecordingChunk { data, total })
+    }
+
+    async fn set_cluster_config(
+        &self,
+        req: Request<proto::SetClusterConfigRequest>,
+    ) -> RpcResult<proto::ClusterConfig> {
+        require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let backend = self.authority.backend();
+        let mut c = cluster_config::get(backend.as_ref()).await.map_err(fail)?;
+        match r.key.as_str() {
+            "session_recording" => {
+                const MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
+                if !MODES.contains(&r.value.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "session_recording: {:?} is not a mode; use one of {}",
+                        r.value,
+                        MODES.join(", ")
+                    )));
+                }
+                if !["node", "off"].contains(&r.value.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "session_recording: {:?} is not supported by this build yet; use node or off",
+                        r.value
+                    )));
+                }
+                c.session_recording = r.value;
+            }
+            "session_control_timeout" => {
+                let d = turnstile_api::duration::parse(&r.value)
+                    .map_err(|e| Status::invalid_argument(format!("session_control_timeout: {e}")))?;
+                if d.is_zero() {
+                    return Err(Status::invalid_argument("session_control_timeout: must be longer than zero"));
+                }
+                c.session_control_timeout_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown setting {other:?}; settable: session_recording, session_control_timeout"
+                )));
+            }
+        }
+        cluster_config::put(backend.as_ref(), &c).await.map_err(fail)?;
+        ok(proto::ClusterConfig {
+            session_control_timeout_ms: c.session_control_timeout_ms,
+            session_recording: c.session_recording,
         })
     }
 }

@@ -14,7 +14,8 @@ fn part(first: u64, count: u64, min: usize) -> Vec<u8> {
             event: "print".into(),
             data: format!("event {ei}\n").into_bytes(),
             ..Default::default()
-        });
+        })
+        .unwrap();
     }
     w.take_last().unwrap().unwrap().bytes
 }

@@ -22,7 +22,7 @@ use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 
 use super::NodeShared;
 use super::process::LocalUser;
-use super::session::{SessionContext, serve_session};
+use super::session::{RecordingContext, SessionContext, serve_session};
 use crate::server::ConnectionInfo;
 use crate::session_control::{AcquireError, ChannelLimit, ConnectionLease, LeaseParams};
 use crate::user_cert::verify_user_cert;
@@ -306,11 +306,29 @@ impl Handler for NodeConnection {
                         .await;
                     return Ok(());
                 };
+                let mode = match self.shared.view.session_recording().await {
+                    Ok(mode) => mode,
+                    Err(e) => {
+                        reply
+                            .reject(prohibited(format!(
+                                "the node cannot tell how to record this session: {e}"
+                            )))
+                            .await;
+                        return Ok(());
+                    }
+                };
                 let ctx = SessionContext {
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
                     local_user: local_user.clone(),
                     connection: self.info,
+                    recording: RecordingContext {
+                        record_output: mode != "off",
+                        uploader: self.shared.uploader.clone(),
+                        audit: self.shared.audit.clone(),
+                        server_id: self.shared.config.host_id.clone(),
+                        node_name: self.shared.config.node_name.clone(),
+                    },
                 };
                 reply.accept().await;
                 let handle = session.handle();

@@ -16,6 +16,8 @@ use turnstile_api::rpc::proto;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use turnstile_recording::uploader::Uploader;
+
 use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
 pub use crate::server::HostCredentials;
@@ -46,6 +48,7 @@ pub(crate) struct NodeShared {
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
     pub audit: Arc<AuditForwarder>,
+    pub uploader: Arc<Uploader>,
     pub lease_service: Arc<dyn LeaseService>,
     /// Open connections of users, reported to auth for `admin sessions ls`.
     trackers: Mutex<HashMap<String, (proto::SessionTracker, Arc<ChannelLimit>)>>,
@@ -113,6 +116,7 @@ pub struct NodeService {
     view: Arc<ClusterView>,
     host: HostCredentials,
     audit: Arc<AuditForwarder>,
+    uploader: Arc<Uploader>,
 }
 
 /// The address a service advertises: `public_addr`, else the bound one.
@@ -126,12 +130,14 @@ impl NodeService {
         view: Arc<ClusterView>,
         host: HostCredentials,
         audit: Arc<AuditForwarder>,
+        uploader: Arc<Uploader>,
     ) -> Self {
         Self {
             config,
             view,
             host,
             audit,
+            uploader,
         }
     }
 
@@ -148,6 +154,7 @@ impl NodeService {
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
             audit: self.audit.clone(),
+            uploader: self.uploader.clone(),
             lease_service: Arc::new(self.view.client()),
             trackers: Mutex::new(HashMap::new()),
         });

@@ -16,7 +16,14 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use std::sync::Arc;
+
+use turnstile_recording::event::audit_event;
+use turnstile_recording::recorder::{SessionMeta, SessionRecorder};
+use turnstile_recording::uploader::{LiveSession, Uploader};
+
 use super::process::{Launch, LocalUser, spawn_piped, spawn_pty};
+use crate::audit_forwarder::AuditForwarder;
 use crate::server::ConnectionInfo;
 
 /// How long output may keep flowing after the process exits (background jobs
@@ -41,6 +48,46 @@ pub struct SessionContext {
     pub user: String,
     pub local_user: LocalUser,
     pub connection: ConnectionInfo,
+    pub recording: RecordingContext,
+}
+
+/// How this session is recorded, decided when it starts and kept for its life.
+#[derive(Debug, Clone)]
+pub struct RecordingContext {
+    /// Record output (mode `node`), or only audit start and end (`off`).
+    pub record_output: bool,
+    pub uploader: Arc<Uploader>,
+    pub audit: Arc<AuditForwarder>,
+    pub server_id: String,
+    pub node_name: String,
+}
+
+/// A session being recorded.
+struct ActiveRecording {
+    recorder: Arc<SessionRecorder>,
+    live: Option<LiveSession>,
+    command: Option<String>,
+    interactive: bool,
+    audit: Arc<AuditForwarder>,
+}
+
+impl ActiveRecording {
+    fn audit(&self, e: &turnstile_recording::RecordingEvent) {
+        self.audit.emit(audit_event(e));
+    }
+
+    async fn finish(self, exit_code: Option<i32>) {
+        if let Some(command) = &self.command {
+            let e = self.recorder.exec(command, exit_code.unwrap_or(-1));
+            self.audit(&e);
+        }
+        for e in self.recorder.end(self.interactive).await {
+            self.audit(&e);
+        }
+        if let Some(live) = &self.live {
+            live.ended();
+        }
+    }
 }
 
 enum Input {
@@ -52,6 +99,7 @@ struct Running {
     child: Child,
     input: Option<mpsc::Sender<Input>>,
     output: Vec<JoinHandle<()>>,
+    recording: Option<ActiveRecording>,
 }
 
 fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
@@ -105,12 +153,19 @@ fn from_signal(signal: i32) -> Sig {
 
 /// Copies `from` into `to` until end of file; a read error (EIO from a PTY
 /// whose last holder closed it) is the end too.
-async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    recorder: Option<Arc<SessionRecorder>>,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some(r) = &recorder {
+                    r.print(&buf[..n]);
+                }
                 if to.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
@@ -124,7 +179,7 @@ async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin)
 pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionContext) {
     let id = channel.id();
     let (mut reader, writer) = channel.split();
-    let mut pty: Option<(String, pty_process::Size)> = None;
+    let mut pty: Option<(String, u32, u32)> = None;
     let mut env: Vec<(String, String)> = Vec::new();
     let mut running: Option<Running> = None;
 
@@ -154,6 +209,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
                 drop(r.input.take());
                 let drain = futures::future::join_all(r.output.drain(..));
                 let _ = tokio::time::timeout(OUTPUT_DRAIN_GRACE, drain).await;
+                if let Some(rec) = r.recording.take() {
+                    rec.finish(status.and_then(|s| s.code())).await;
+                }
                 if let Some(status) = status {
                     if let Some(code) = status.code() {
                         let _ = writer.exit_status(u32::try_from(code).unwrap_or(255)).await;
@@ -173,7 +231,7 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
                     ChannelMsg::RequestPty { want_reply, term, col_width, row_height, .. } => {
                         let ok = running.is_none();
                         if ok {
-                            pty = Some((term, pty_size(col_width, row_height)));
+                            pty = Some((term, col_width, row_height));
                         }
                         reply(ok, want_reply).await;
                     }
@@ -209,8 +267,12 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
                         reply(ok, want_reply).await;
                     }
                     ChannelMsg::WindowChange { col_width, row_height, .. } => {
-                        if let Some((_, size)) = pty.as_mut() {
-                            *size = pty_size(col_width, row_height);
+                        if let Some((_, cols, rows)) = pty.as_mut() {
+                            (*cols, *rows) = (col_width, row_height);
+                        }
+                        if let Some(rec) = running.as_ref().and_then(|r| r.recording.as_ref()) {
+                            let e = rec.recorder.resize(col_width, row_height);
+                            rec.audit(&e);
                         }
                         if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
                             let _ = input.send(Input::Resize(pty_size(col_width, row_height))).await;
@@ -224,6 +286,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
                         }
                     }
                     ChannelMsg::Data { data } => {
+                        if let Some(rec) = running.as_ref().and_then(|r| r.recording.as_ref()) {
+                            rec.recorder.received(data.len());
+                        }
                         if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
                             let _ = input.send(Input::Data(data)).await;
                         }
@@ -243,10 +308,13 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
         }
     }
     // The channel is gone: hang up whatever still runs.
-    if let Some(r) = running.as_mut()
-        && let Some(pid) = r.child.id()
-    {
-        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGHUP);
+    if let Some(r) = running.as_mut() {
+        if let Some(pid) = r.child.id() {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGHUP);
+        }
+        if let Some(rec) = r.recording.take() {
+            rec.finish(None).await;
+        }
     }
     tracing::debug!(sid = %ctx.sid, user = %ctx.user, "session channel finished");
 }
@@ -255,7 +323,7 @@ fn start(
     running: &mut Option<Running>,
     ctx: &SessionContext,
     mut launch: Launch,
-    pty: &Option<(String, pty_process::Size)>,
+    pty: &Option<(String, u32, u32)>,
     writer: &russh::ChannelWriteHalf<Msg>,
     id: ChannelId,
 ) -> std::io::Result<()> {
@@ -278,13 +346,19 @@ fn start(
             ),
         ),
     ]);
+    let (cols, rows, term) = match pty {
+        Some((term, cols, rows)) => (*cols, *rows, term.clone()),
+        None => (0, 0, String::new()),
+    };
+    let recording = begin_recording(ctx, &launch, cols, rows, &term, pty.is_some())?;
+    let recorder = recording.as_ref().map(|r| r.recorder.clone()).filter(|_| ctx.recording.record_output);
     let (tx, mut rx) = mpsc::channel::<Input>(64);
     let result = match pty {
-        Some((term, size)) => {
+        Some((term, cols, rows)) => {
             launch.term = Some(term.clone());
-            let (child, pty) = spawn_pty(&ctx.local_user, &launch, *size)?;
+            let (child, pty) = spawn_pty(&ctx.local_user, &launch, pty_size(*cols, *rows))?;
             let (read, mut write) = pty.into_split();
-            let out = tokio::spawn(pump(read, writer.make_writer()));
+            let out = tokio::spawn(pump(read, writer.make_writer(), recorder.clone()));
             tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {
                     match input {
@@ -303,12 +377,13 @@ fn start(
                 child,
                 input: Some(tx),
                 output: vec![out],
+                recording: None,
             }
         }
         None => {
             let p = spawn_piped(&ctx.local_user, &launch)?;
-            let out = tokio::spawn(pump(p.stdout, writer.make_writer()));
-            let err = tokio::spawn(pump(p.stderr, writer.make_writer_ext(Some(1))));
+            let out = tokio::spawn(pump(p.stdout, writer.make_writer(), recorder.clone()));
+            let err = tokio::spawn(pump(p.stderr, writer.make_writer_ext(Some(1)), recorder.clone()));
             let mut stdin = p.stdin;
             tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {
@@ -324,10 +399,53 @@ fn start(
                 child: p.child,
                 input: Some(tx),
                 output: vec![out, err],
+                recording: None,
             }
         }
     };
     tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
-    *running = Some(result);
+    *running = Some(Running {
+        recording,
+        ..result
+    });
     Ok(())
+}
+
+/// Starts the session's recording: events in the spool (mode `node`), or
+/// only the audit events of start and end (`off`). A spool that cannot be
+/// written refuses the session: nothing escapes recording.
+fn begin_recording(
+    ctx: &SessionContext,
+    launch: &Launch,
+    cols: u32,
+    rows: u32,
+    term: &str,
+    interactive: bool,
+) -> std::io::Result<Option<ActiveRecording>> {
+    let rc = &ctx.recording;
+    let meta = SessionMeta {
+        sid: ctx.sid.clone(),
+        server_id: rc.server_id.clone(),
+        user: ctx.user.clone(),
+        login: ctx.local_user.name.clone(),
+        node_name: rc.node_name.clone(),
+    };
+    let (recorder, start, live) = if rc.record_output {
+        let (recorder, start) = SessionRecorder::start(rc.uploader.spool(), meta, cols, rows, term)
+            .map_err(|e| std::io::Error::other(format!("cannot record the session: {e}")))?;
+        let live = rc.uploader.live(&ctx.sid, recorder.synced());
+        (recorder, start, Some(live))
+    } else {
+        let (recorder, start) = SessionRecorder::unrecorded(meta, cols, rows, term);
+        (recorder, start, None)
+    };
+    let active = ActiveRecording {
+        recorder: Arc::new(recorder),
+        live,
+        command: launch.command.clone(),
+        interactive,
+        audit: rc.audit.clone(),
+    };
+    active.audit(&start);
+    Ok(Some(active))
 }

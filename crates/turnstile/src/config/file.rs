@@ -47,6 +47,7 @@ pub struct AuthSection {
     pub cluster_name: Option<String>,
     pub session_recording: Option<String>,
     pub session_control_timeout: Option<WrittenDuration>,
+    pub upload_grace_period: Option<WrittenDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

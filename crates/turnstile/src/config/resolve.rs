@@ -22,6 +22,11 @@ pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const RECORDING_MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
+/// The modes this build records in; the others are refused by name.
+pub const SUPPORTED_RECORDING_MODES: &[&str] = &["node", "off"];
+pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
+/// Parts of recordings in a directory: small, so auth acknowledges often.
+pub const FILE_STORE_MIN_PART: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ResolvedConfig {
@@ -52,7 +57,10 @@ pub struct AuthSettings {
     pub session_recording: String,
     pub session_control_timeout: Duration,
     pub storage_path: PathBuf,
-    pub audit_sessions_uri: Option<String>,
+    /// Where recordings go (a directory; `file://` URIs).
+    pub recordings_dir: PathBuf,
+    /// An upload whose recorder has been silent this long is completed.
+    pub upload_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +179,36 @@ pub fn resolve(
                 ),
             ));
         }
+        if !SUPPORTED_RECORDING_MODES.contains(&session_recording.as_str()) {
+            return Err(field_error(
+                "auth_service.session_recording",
+                format!(
+                    "{session_recording:?} is not supported by this build yet; use {}",
+                    SUPPORTED_RECORDING_MODES.join(" or ")
+                ),
+            ));
+        }
+        let upload_grace = a.upload_grace_period.map_or(DEFAULT_UPLOAD_GRACE, |d| d.0);
+        if upload_grace.is_zero() {
+            return Err(field_error(
+                "auth_service.upload_grace_period",
+                "must be longer than zero (default 10m)",
+            ));
+        }
+        let recordings_dir = match storage.audit_sessions_uri.as_deref() {
+            None => data_dir.join("records"),
+            Some(uri) => match uri.strip_prefix("file://") {
+                Some(path) if path.starts_with('/') => PathBuf::from(path),
+                _ => {
+                    return Err(field_error(
+                        "turnstile.storage.audit_sessions_uri",
+                        format!(
+                            "{uri:?}: this build stores recordings in a directory only; write file:///absolute/dir"
+                        ),
+                    ));
+                }
+            },
+        };
         let timeout = a
             .session_control_timeout
             .map_or(DEFAULT_SESSION_CONTROL_TIMEOUT, |d| d.0);
@@ -199,7 +237,8 @@ pub fn resolve(
                 .path
                 .clone()
                 .unwrap_or_else(|| data_dir.join("backend.sqlite")),
-            audit_sessions_uri: storage.audit_sessions_uri.clone(),
+            recordings_dir,
+            upload_grace,
         })
     } else {
         None
