@@ -36,6 +36,19 @@ pub enum DoorRequest {
     },
     /// The nodes the user may reach.
     Ls,
+    /// Recordings the user may see.
+    RecordingsLs {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default)]
+        since_ms: i64,
+    },
+    /// Bytes of a recording.
+    RecordingChunk {
+        sid: String,
+        offset: u64,
+        length: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,11 +76,26 @@ pub struct NodeEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordingEntry {
+    pub sid: String,
+    pub user: String,
+    pub login: String,
+    pub node: String,
+    pub start_ms: i64,
+    pub stop_ms: i64,
+    pub size: u64,
+    pub status: String,
+    pub parts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum DoorResponse {
     ClusterInfo(ClusterInfo),
     Login(IssuedCert),
     Ls { nodes: Vec<NodeEntry> },
+    Recordings { recordings: Vec<RecordingEntry> },
+    Chunk { data_base64: String, total: u64 },
     Error { message: String },
 }
 

@@ -360,12 +360,17 @@ impl Authority {
     }
 
     /// The identity in a user certificate of this cluster that is valid now.
-    pub fn verify_user_certificate(&self, text: &str) -> Result<(Certificate, UserIdentity), ApiError> {
+    pub fn verify_user_certificate(
+        &self,
+        text: &str,
+    ) -> Result<(Certificate, UserIdentity), ApiError> {
         let cert = Certificate::from_openssh(text.trim())
             .map_err(|e| ApiError::bad_parameter(format!("certificate: {e}")))?;
         cert.validate_at(self.clock.unix_now(), [&self.user_ca.fingerprint()])
             .map_err(|_| {
-                ApiError::access_denied("the certificate is not a valid certificate of this cluster")
+                ApiError::access_denied(
+                    "the certificate is not a valid certificate of this cluster",
+                )
             })?;
         let identity =
             UserIdentity::from_extensions(|k| cert.extensions().get(k).map(String::as_str))

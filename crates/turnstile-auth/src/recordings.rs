@@ -104,7 +104,11 @@ pub struct Opening {
 }
 
 impl Recordings {
-    pub fn new(backend: Arc<dyn Backend>, store: Arc<dyn UploadStore>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        store: Arc<dyn UploadStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             backend,
             store,
@@ -126,9 +130,9 @@ impl Recordings {
 
     pub async fn get(&self, sid: &str) -> Result<Option<RecordingRecord>, ApiError> {
         match self.backend.get(&key(sid)).await {
-            Ok(item) => serde_json::from_slice(&item.value)
-                .map(Some)
-                .map_err(|e| ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))),
+            Ok(item) => serde_json::from_slice(&item.value).map(Some).map_err(|e| {
+                ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))
+            }),
             Err(BackendError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -143,9 +147,11 @@ impl Recordings {
         for _ in 0..64 {
             let (current, revision) = match self.backend.get(&key(sid)).await {
                 Ok(item) => (
-                    Some(serde_json::from_slice::<RecordingRecord>(&item.value).map_err(|e| {
-                        ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))
-                    })?),
+                    Some(
+                        serde_json::from_slice::<RecordingRecord>(&item.value).map_err(|e| {
+                            ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))
+                        })?,
+                    ),
                     Some(item.revision),
                 ),
                 Err(BackendError::NotFound(_)) => (None, None),
@@ -154,12 +160,20 @@ impl Recordings {
             let (next, out) = change(current)?;
             let bytes = serde_json::to_vec(&next).unwrap_or_default();
             let result = match revision {
-                Some(r) => self.backend.compare_and_swap(&key(sid), r, bytes, None).await,
+                Some(r) => {
+                    self.backend
+                        .compare_and_swap(&key(sid), r, bytes, None)
+                        .await
+                }
                 None => self.backend.create(&key(sid), bytes, None).await,
             };
             match result {
                 Ok(_) => return Ok(out),
-                Err(BackendError::CompareFailed(_) | BackendError::AlreadyExists(_) | BackendError::NotFound(_)) => continue,
+                Err(
+                    BackendError::CompareFailed(_)
+                    | BackendError::AlreadyExists(_)
+                    | BackendError::NotFound(_),
+                ) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -239,10 +253,9 @@ impl Recordings {
         let (upload, number) = self
             .update(sid, |r| {
                 let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-                let upload = r
-                    .upload
-                    .clone()
-                    .ok_or_else(|| ApiError::bad_parameter(format!("recording {sid} has no upload in progress")))?;
+                let upload = r.upload.clone().ok_or_else(|| {
+                    ApiError::bad_parameter(format!("recording {sid} has no upload in progress"))
+                })?;
                 let n = r.next_part;
                 r.next_part += 1;
                 Ok((r, (upload, n)))
@@ -257,7 +270,9 @@ impl Recordings {
         self.update(sid, |r| {
             let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
             if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
-                return Err(ApiError::bad_parameter(format!("the upload of {sid} was completed meanwhile")));
+                return Err(ApiError::bad_parameter(format!(
+                    "the upload of {sid} was completed meanwhile"
+                )));
             }
             r.parts.push(StoredPart {
                 number: stored.number,
@@ -273,7 +288,11 @@ impl Recordings {
     }
 
     /// Joins the stored parts into the recording; returns the index entry.
-    pub async fn complete(&self, sid: &str, stop_ms: Option<i64>) -> Result<RecordingRecord, ApiError> {
+    pub async fn complete(
+        &self,
+        sid: &str,
+        stop_ms: Option<i64>,
+    ) -> Result<RecordingRecord, ApiError> {
         let Some(r) = self.get(sid).await? else {
             return Err(ApiError::not_found(format!("recording {sid}")));
         };
@@ -292,7 +311,10 @@ impl Recordings {
             self.store.abort(&upload).await.map_err(storage)?;
             self.store.size(sid).await.unwrap_or(0)
         } else {
-            self.store.complete(&upload, &parts).await.map_err(storage)?
+            self.store
+                .complete(&upload, &parts)
+                .await
+                .map_err(storage)?
         };
         self.update(sid, |current| {
             let mut r = current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
@@ -354,7 +376,11 @@ impl StreamState {
 
     /// Takes events (dropping ones already stored or taken); returns a part
     /// once one is full.
-    pub fn push(&mut self, server_id: &str, events: &[RecordingEvent]) -> Result<Option<FinishedPart>, ApiError> {
+    pub fn push(
+        &mut self,
+        server_id: &str,
+        events: &[RecordingEvent],
+    ) -> Result<Option<FinishedPart>, ApiError> {
         for e in events {
             if e.sid != self.sid || e.server_id != server_id {
                 return Err(ApiError::access_denied(

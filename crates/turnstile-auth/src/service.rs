@@ -14,8 +14,8 @@ use turnstile_api::rpc::AuthServer;
 
 use crate::authority::Authority;
 use crate::recordings::{Recordings, upload_event};
-use turnstile_recording::storage::UploadStore;
 use crate::rpc::{AuthApi, PresencePolicy};
+use turnstile_recording::storage::UploadStore;
 
 #[derive(Debug, Clone)]
 pub struct AuthServiceConfig {
@@ -136,7 +136,9 @@ async fn complete_abandoned(
                     tracing::info!(sid = %done.sid, parts = rec.parts.len(), "completed an abandoned recording");
                     authority.record(upload_event(&done)).await;
                 }
-                Err(e) => tracing::warn!(sid = %rec.sid, error = %e, "cannot complete an abandoned recording"),
+                Err(e) => {
+                    tracing::warn!(sid = %rec.sid, error = %e, "cannot complete an abandoned recording")
+                }
             }
         }
     }

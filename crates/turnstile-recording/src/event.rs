@@ -20,7 +20,8 @@ pub const SESSION_DATA: &str = "session.data";
 pub const SESSION_UPLOAD: &str = "session.upload";
 
 fn time_text(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -81,7 +82,17 @@ pub fn audit_event(e: &RecordingEvent) -> turnstile_api::audit::AuditEvent {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    for k in ["ei", "event", "time", "sid", "server_id", "user", "login", "data", "data_base64"] {
+    for k in [
+        "ei",
+        "event",
+        "time",
+        "sid",
+        "server_id",
+        "user",
+        "login",
+        "data",
+        "data_base64",
+    ] {
         fields.remove(k);
     }
     fields.insert("ei".into(), json!(e.ei));

@@ -39,7 +39,10 @@ pub fn read_events(bytes: &[u8]) -> Result<Vec<RecordingEvent>, FormatError> {
             .get(offset..offset + HEADER_LEN)
             .ok_or_else(|| err(offset, "truncated header".into()))?;
         if header[..8] != MAGIC {
-            return Err(err(offset, "bad magic: not a Turnstile recording part".into()));
+            return Err(err(
+                offset,
+                "bad magic: not a Turnstile recording part".into(),
+            ));
         }
         let version = u16::from_be_bytes([header[8], header[9]]);
         if version != VERSION {
@@ -52,17 +55,29 @@ pub fn read_events(bytes: &[u8]) -> Result<Vec<RecordingEvent>, FormatError> {
             .ok()
             .and_then(|l| start.checked_add(l))
             .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| err(offset, format!("payload of {payload_len} bytes runs past the end")))?;
+            .ok_or_else(|| {
+                err(
+                    offset,
+                    format!("payload of {payload_len} bytes runs past the end"),
+                )
+            })?;
         let records = zstd::stream::decode_all(&bytes[start..end])
             .map_err(|e| err(start, format!("payload does not decompress: {e}")))?;
         let mut at = 0usize;
         while at < records.len() {
-            let len_bytes = records
-                .get(at..at + 4)
-                .ok_or_else(|| err(start, format!("truncated record length at {at} of the payload")))?;
-            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+            let len_bytes = records.get(at..at + 4).ok_or_else(|| {
+                err(
+                    start,
+                    format!("truncated record length at {at} of the payload"),
+                )
+            })?;
+            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]])
+                as usize;
             if len == 0 || len > MAX_EVENT {
-                return Err(err(start, format!("record of {len} bytes at {at} of the payload")));
+                return Err(err(
+                    start,
+                    format!("record of {len} bytes at {at} of the payload"),
+                ));
             }
             let body = records
                 .get(at + 4..at + 4 + len)
@@ -78,7 +93,12 @@ pub fn read_events(bytes: &[u8]) -> Result<Vec<RecordingEvent>, FormatError> {
             .ok()
             .and_then(|p| end.checked_add(p))
             .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| err(end, format!("padding of {padding_len} bytes runs past the end")))?;
+            .ok_or_else(|| {
+                err(
+                    end,
+                    format!("padding of {padding_len} bytes runs past the end"),
+                )
+            })?;
     }
     events.sort_by_key(|e| e.ei);
     Ok(events)
@@ -115,7 +135,10 @@ mod tests {
         let mut all = first.bytes.clone();
         all.extend_from_slice(&last.bytes);
         let events = read_events(&all).unwrap();
-        assert_eq!(events.iter().map(|e| e.ei).collect::<Vec<_>>(), (0..12).collect::<Vec<_>>());
+        assert_eq!(
+            events.iter().map(|e| e.ei).collect::<Vec<_>>(),
+            (0..12).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -117,7 +117,12 @@ impl SessionRecorder {
 
     /// A session whose output is not recorded (mode `off`): its events are
     /// still made, for the audit log.
-    pub fn unrecorded(meta: SessionMeta, cols: u32, rows: u32, term: &str) -> (Self, RecordingEvent) {
+    pub fn unrecorded(
+        meta: SessionMeta,
+        cols: u32,
+        rows: u32,
+        term: &str,
+    ) -> (Self, RecordingEvent) {
         Self::begin(None, meta, cols, rows, term)
     }
 
@@ -155,7 +160,10 @@ impl SessionRecorder {
                 loop {
                     tokio::time::sleep(SYNC_EVERY).await;
                     let state = state.clone();
-                    if tokio::task::spawn_blocking(move || sync(&state)).await.unwrap_or(false) {
+                    if tokio::task::spawn_blocking(move || sync(&state))
+                        .await
+                        .unwrap_or(false)
+                    {
                         synced.notify_waiters();
                     }
                 }
@@ -279,7 +287,18 @@ mod tests {
         assert_eq!(end[1].event, SESSION_END);
         let (events, _) = spool.read_from(&sid, 0).unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-        assert_eq!(kinds, ["session.start", "print", "print", "print", "resize", "session.data", "session.end"]);
+        assert_eq!(
+            kinds,
+            [
+                "session.start",
+                "print",
+                "print",
+                "print",
+                "resize",
+                "session.data",
+                "session.end"
+            ]
+        );
         assert_eq!(events[2].offset, MAX_PRINT as u64);
         assert_eq!(events[3].offset, MAX_PRINT as u64 + 10);
         assert_eq!(events[5].tx, MAX_PRINT as u64 + 14);

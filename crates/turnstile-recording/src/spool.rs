@@ -103,7 +103,11 @@ impl Spool {
     /// Reads the complete records after byte `offset`; returns them and the
     /// offset after the last complete one. A record cut short at the end is
     /// not an error (it is still being written, or a crash cut it).
-    pub fn read_from(&self, sid: &str, offset: u64) -> Result<(Vec<RecordingEvent>, u64), SpoolError> {
+    pub fn read_from(
+        &self,
+        sid: &str,
+        offset: u64,
+    ) -> Result<(Vec<RecordingEvent>, u64), SpoolError> {
         let path = self.events_path(sid);
         let mut file = File::open(&path).map_err(io(&path))?;
         file.seek(SeekFrom::Start(offset)).map_err(io(&path))?;
@@ -126,7 +130,10 @@ impl Spool {
             };
             let event = RecordingEvent::decode(body).map_err(|e| corrupt(e.to_string()))?;
             if !valid_sid(&event.sid) || event.sid != sid {
-                return Err(corrupt(format!("event of session {:?} in the file of {sid}", event.sid)));
+                return Err(corrupt(format!(
+                    "event of session {:?} in the file of {sid}",
+                    event.sid
+                )));
             }
             events.push(event);
             at += 4 + len;
@@ -229,7 +236,10 @@ mod tests {
         let (events, end) = spool.read_from(sid, 0).unwrap();
         assert_eq!(events.len(), 3);
         // A half-written record at the end is left for later.
-        let mut f = OpenOptions::new().append(true).open(spool.events_path(sid)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(spool.events_path(sid))
+            .unwrap();
         f.write_all(&[0, 0, 0, 40, 1, 2]).unwrap();
         let (more, end2) = spool.read_from(sid, end).unwrap();
         assert!(more.is_empty());
@@ -244,7 +254,10 @@ mod tests {
         let sid = "11111111-2222-4333-8444-555555555555";
         fs::write(spool.events_path(sid), b"\xff\xff\xff\xffgarbage").unwrap();
         let err = spool.read_from(sid, 0).unwrap_err();
-        assert!(matches!(err, SpoolError::Corrupt { offset: 0, .. }), "{err}");
+        assert!(
+            matches!(err, SpoolError::Corrupt { offset: 0, .. }),
+            "{err}"
+        );
         let moved = spool.quarantine(sid, &err.to_string()).unwrap();
         assert!(moved.exists());
         assert!(spool.sessions().unwrap().is_empty());

@@ -165,8 +165,12 @@ impl Uploader {
                 Err(UploadError::Corrupt(reason)) => {
                     self.quarantined.fetch_add(1, Ordering::Relaxed);
                     match self.spool.quarantine(sid, &reason) {
-                        Ok(path) => tracing::error!(%sid, %reason, moved_to = %path.display(), "spooled recording cannot be read; moved aside"),
-                        Err(e) => tracing::error!(%sid, %reason, error = %e, "spooled recording cannot be read, nor moved aside"),
+                        Ok(path) => {
+                            tracing::error!(%sid, %reason, moved_to = %path.display(), "spooled recording cannot be read; moved aside")
+                        }
+                        Err(e) => {
+                            tracing::error!(%sid, %reason, error = %e, "spooled recording cannot be read, nor moved aside")
+                        }
                     }
                     return;
                 }
@@ -237,7 +241,8 @@ impl Uploader {
             .await?
             .ok_or_else(|| UploadError::Transient("auth closed the stream".into()))?;
         let mut acked = first.last_ei;
-        self.spool.save_checkpoint(sid, &Checkpoint { acked_ei: acked })?;
+        self.spool
+            .save_checkpoint(sid, &Checkpoint { acked_ei: acked })?;
         let mut sent = acked;
         let mut offset = 0u64;
         let mut complete_sent = false;
@@ -264,7 +269,10 @@ impl Uploader {
                     }
                 }
                 if !batch.is_empty() || last_sent_at.elapsed() >= KEEPALIVE {
-                    send(record_request::Request::Events(RecordEvents { events: batch })).await?;
+                    send(record_request::Request::Events(RecordEvents {
+                        events: batch,
+                    }))
+                    .await?;
                     last_sent_at = tokio::time::Instant::now();
                 }
                 if ended {

@@ -29,6 +29,11 @@ pub enum Command {
     Ssh(SshArgs),
     /// List the nodes you may reach.
     Ls(LsArgs),
+    /// Replay a recorded session.
+    Play(PlayArgs),
+    /// List and export recorded sessions.
+    #[command(subcommand)]
+    Recordings(RecordingsCommand),
     /// Operator commands for the local cluster (roles, users, nodes, identities).
     Admin(AdminArgs),
 }
@@ -76,6 +81,71 @@ pub struct LsArgs {
     pub client: ClientArgs,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PlayFormat {
+    /// Timed replay in this terminal (the default on a terminal).
+    Tty,
+    /// The session's output alone (the default when stdout is not a terminal).
+    Text,
+    /// The events, one JSON object a line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Keys during a replay: space pauses and resumes, left and right arrows \
+seek 5 seconds, q quits.\n\nExamples:\n  turnstile play 6f1c... --speed 2\n  \
+turnstile play 6f1c... --format text > session.txt"
+)]
+pub struct PlayArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The session id (from `turnstile recordings ls`, or TURNSTILE_SESSION_ID).
+    pub sid: String,
+    /// Replay this many times as fast.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Cap pauses at this many seconds (0: no cap).
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub max_idle: f64,
+    #[arg(long, value_enum)]
+    pub format: Option<PlayFormat>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// asciicast v2, for the asciinema tools.
+    Asciicast,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCommand {
+    /// List the recordings you may see (your own, or all with a session list rule).
+    Ls {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this user's sessions.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only sessions that started within this long, e.g. 1h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Write a recording in another format.
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+        sid: String,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Write here instead of standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +219,9 @@ pub enum AdminCommand {
     /// Join tokens for nodes and proxies.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Cluster settings, changed live (session_recording, session_control_timeout).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Connection slots held under max_connections.
     #[command(subcommand)]
     Semaphores(ListCommand),
@@ -235,6 +308,17 @@ turnstile:\n    auth_servers: [\"AUTH:3025\"]\n    join_token: TOKEN\n    ca_pin
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Show the cluster settings.
+    Get {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Change one: session_recording (node, off) or session_control_timeout (e.g. 2m).
+    Set { key: String, value: String },
 }
 
 #[derive(Debug, Subcommand)]

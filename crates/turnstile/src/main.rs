@@ -26,6 +26,21 @@ fn report(e: &anyhow::Error) {
     eprintln!("turnstile: error: {e:#}");
 }
 
+/// Runs a client command: errors exit 255, as OpenSSH's client does.
+fn client_command(
+    runtime: &tokio::runtime::Runtime,
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    init_logging("warn");
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::from(CLIENT_FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -46,26 +61,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Login(args) => {
-            init_logging("warn");
-            match runtime.block_on(commands::login::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    report(&e);
-                    ExitCode::from(CLIENT_FAILURE)
-                }
-            }
-        }
-        Command::Ls(args) => {
-            init_logging("warn");
-            match runtime.block_on(commands::ls::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    report(&e);
-                    ExitCode::from(CLIENT_FAILURE)
-                }
-            }
-        }
+        Command::Login(args) => client_command(&runtime, commands::login::run(args)),
+        Command::Ls(args) => client_command(&runtime, commands::ls::run(args)),
+        Command::Play(args) => client_command(&runtime, commands::recordings::play(args)),
+        Command::Recordings(cmd) => client_command(&runtime, commands::recordings::run(cmd)),
         Command::Ssh(args) => {
             init_logging("warn");
             let code = match runtime.block_on(commands::ssh::run(args)) {

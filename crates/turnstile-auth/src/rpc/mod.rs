@@ -13,16 +13,16 @@ use turnstile_api::role::Role;
 use turnstile_api::rpc::proto;
 
 use crate::audit_log::AuditQuery;
-use crate::recordings::{Opening, Recordings, StreamState, upload_event};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use turnstile_api::role::RoleSet;
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
 use crate::cluster_config;
+use crate::recordings::{Opening, Recordings, StreamState, upload_event};
 use crate::semaphores::LeaseRequest;
 use crate::session_trackers::{self, Tracker};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use turnstile_api::audit::AuditEvent;
+use turnstile_api::role::RoleSet;
 
 /// Who is calling, from the TLS client certificate.
 #[derive(Debug, Clone)]
@@ -114,7 +114,11 @@ pub struct AuthApi {
 }
 
 impl AuthApi {
-    pub fn new(authority: Arc<Authority>, presence: PresencePolicy, recordings: Arc<Recordings>) -> Self {
+    pub fn new(
+        authority: Arc<Authority>,
+        presence: PresencePolicy,
+        recordings: Arc<Recordings>,
+    ) -> Self {
         Self {
             authority,
             presence,
@@ -124,8 +128,15 @@ impl AuthApi {
 
     /// May the holder of `certificate` see recordings of `owner` (`verb`: list or read)?
     async fn reader(&self, certificate: &str) -> Result<(String, RoleSet), Status> {
-        let (_, identity) = self.authority.verify_user_certificate(certificate).map_err(fail)?;
-        let roles = self.authority.role_set(&identity.roles).await.map_err(fail)?;
+        let (_, identity) = self
+            .authority
+            .verify_user_certificate(certificate)
+            .map_err(fail)?;
+        let roles = self
+            .authority
+            .role_set(&identity.roles)
+            .await
+            .map_err(fail)?;
         Ok((identity.user, roles))
     }
 }
@@ -147,7 +158,11 @@ async fn serve_record_stream(
             node_name: o.node_name,
             start_ms: o.start_ms,
         },
-        _ => return Err(Status::invalid_argument("a recording stream starts with open")),
+        _ => {
+            return Err(Status::invalid_argument(
+                "a recording stream starts with open",
+            ));
+        }
     };
     let sid = opening.sid.clone();
     let last = recordings.open(server_id, &opening).await.map_err(fail)?;
@@ -175,12 +190,19 @@ async fn serve_record_stream(
                 if let Some(part) = state.finish().map_err(fail)? {
                     recordings.store_part(&sid, part).await.map_err(fail)?;
                 }
-                let done = recordings.complete(&sid, state.stop_ms).await.map_err(fail)?;
+                let done = recordings
+                    .complete(&sid, state.stop_ms)
+                    .await
+                    .map_err(fail)?;
                 authority.record(upload_event(&done)).await;
                 send(done.last_ei, true).await?;
                 return Ok(());
             }
-            _ => return Err(Status::invalid_argument("unexpected message in a recording stream")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "unexpected message in a recording stream",
+                ));
+            }
         }
     }
     // The recorder left without completing: what was not stored will be resent.
@@ -784,7 +806,12 @@ impl proto::auth_server::Auth for AuthApi {
         let r = req.into_inner();
         let (user, roles) = self.reader(&r.certificate).await?;
         let not_found = || Status::not_found(format!("no recording of session {}", r.sid));
-        let rec = self.recordings.get(&r.sid).await.map_err(fail)?.ok_or_else(not_found)?;
+        let rec = self
+            .recordings
+            .get(&r.sid)
+            .await
+            .map_err(fail)?
+            .ok_or_else(not_found)?;
         if rec.user != user && !roles.allows_rule("session", "read") {
             return Err(Status::permission_denied(format!(
                 "session {} belongs to user {:?}; reading others' sessions needs a role rule allowing session read",
@@ -799,7 +826,10 @@ impl proto::auth_server::Auth for AuthApi {
             )));
         }
         let store = self.recordings.store();
-        let total = store.size(&r.sid).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let total = store
+            .size(&r.sid)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let len = (r.length as usize).min(1 << 20);
         let data = store
             .read(&r.sid, r.offset, len)
@@ -835,10 +865,13 @@ impl proto::auth_server::Auth for AuthApi {
                 c.session_recording = r.value;
             }
             "session_control_timeout" => {
-                let d = turnstile_api::duration::parse(&r.value)
-                    .map_err(|e| Status::invalid_argument(format!("session_control_timeout: {e}")))?;
+                let d = turnstile_api::duration::parse(&r.value).map_err(|e| {
+                    Status::invalid_argument(format!("session_control_timeout: {e}"))
+                })?;
                 if d.is_zero() {
-                    return Err(Status::invalid_argument("session_control_timeout: must be longer than zero"));
+                    return Err(Status::invalid_argument(
+                        "session_control_timeout: must be longer than zero",
+                    ));
                 }
                 c.session_control_timeout_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             }
@@ -848,7 +881,9 @@ impl proto::auth_server::Auth for AuthApi {
                 )));
             }
         }
-        cluster_config::put(backend.as_ref(), &c).await.map_err(fail)?;
+        cluster_config::put(backend.as_ref(), &c)
+            .await
+            .map_err(fail)?;
         ok(proto::ClusterConfig {
             session_control_timeout_ms: c.session_control_timeout_ms,
             session_recording: c.session_recording,

@@ -22,7 +22,10 @@ fn part(first: u64, count: u64, min: usize) -> Vec<u8> {
 
 pub async fn run(store: &dyn UploadStore) {
     let sid = uuid::Uuid::new_v4().to_string();
-    assert!(matches!(store.size(&sid).await, Err(StorageError::NotFound(_))));
+    assert!(matches!(
+        store.size(&sid).await,
+        Err(StorageError::NotFound(_))
+    ));
     assert!(matches!(
         store.create_upload("../etc").await,
         Err(StorageError::BadParameter(_))
@@ -34,9 +37,15 @@ pub async fn run(store: &dyn UploadStore) {
     let p3 = store.upload_part(&upload, 3, part(20, 5, 0)).await.unwrap();
     store.upload_part(&upload, 1, part(0, 3, 0)).await.unwrap();
     let p1 = store.upload_part(&upload, 1, part(0, 10, 0)).await.unwrap();
-    let p2 = store.upload_part(&upload, 2, part(10, 10, 0)).await.unwrap();
+    let p2 = store
+        .upload_part(&upload, 2, part(10, 10, 0))
+        .await
+        .unwrap();
     let listed = store.list_parts(&upload).await.unwrap();
-    assert_eq!(listed.iter().map(|p| p.number).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        listed.iter().map(|p| p.number).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     let size = store.complete(&upload, &[p3, p1, p2]).await.unwrap();
     assert_eq!(store.size(&sid).await.unwrap(), size);
     assert!(store.list_uploads().await.unwrap().is_empty());
@@ -50,7 +59,10 @@ pub async fn run(store: &dyn UploadStore) {
     let p = store.upload_part(&more, 1, part(23, 5, 0)).await.unwrap();
     store.complete(&more, &[p]).await.unwrap();
     let events = read_events(&store.read(&sid, 0, usize::MAX).await.unwrap()).unwrap();
-    assert_eq!(events.iter().map(|e| e.ei).collect::<Vec<_>>(), (0..28).collect::<Vec<_>>());
+    assert_eq!(
+        events.iter().map(|e| e.ei).collect::<Vec<_>>(),
+        (0..28).collect::<Vec<_>>()
+    );
 
     // Aborted uploads vanish.
     let other = uuid::Uuid::new_v4().to_string();
@@ -58,5 +70,8 @@ pub async fn run(store: &dyn UploadStore) {
     store.upload_part(&dropped, 1, part(0, 1, 0)).await.unwrap();
     store.abort(&dropped).await.unwrap();
     assert!(store.list_uploads().await.unwrap().is_empty());
-    assert!(matches!(store.size(&other).await, Err(StorageError::NotFound(_))));
+    assert!(matches!(
+        store.size(&other).await,
+        Err(StorageError::NotFound(_))
+    ));
 }

@@ -71,7 +71,11 @@ impl UploadStore for FileStore {
         };
         let dir = self.upload_dir(&upload)?;
         tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        write_synced(&dir.join("upload.json"), &serde_json::to_vec(&upload).unwrap_or_default()).await?;
+        write_synced(
+            &dir.join("upload.json"),
+            &serde_json::to_vec(&upload).unwrap_or_default(),
+        )
+        .await?;
         Ok(upload)
     }
 
@@ -153,9 +157,14 @@ impl UploadStore for FileStore {
     async fn read(&self, sid: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.recording(sid)?;
         let mut f = tokio::fs::File::open(&path).await.map_err(io(&path))?;
-        f.seek(std::io::SeekFrom::Start(offset)).await.map_err(io(&path))?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io(&path))?;
         let mut buf = Vec::with_capacity(len.min(1 << 20));
-        f.take(len as u64).read_to_end(&mut buf).await.map_err(io(&path))?;
+        f.take(len as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io(&path))?;
         Ok(buf)
     }
 }
@@ -170,6 +179,9 @@ mod tests {
         let store = FileStore::new(dir.path(), 16).unwrap();
         super::super::conformance::run(&store).await;
         // Completed uploads leave nothing under multi/.
-        assert_eq!(std::fs::read_dir(dir.path().join("multi")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("multi")).unwrap().count(),
+            0
+        );
     }
 }

@@ -42,7 +42,9 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 /// Session ids and upload ids are UUIDs; nothing else reaches a path.
 pub fn check_id(what: &str, id: &str) -> Result<()> {
     if uuid::Uuid::parse_str(id).is_err() {
-        return Err(StorageError::BadParameter(format!("{what} {id:?} is not a UUID")));
+        return Err(StorageError::BadParameter(format!(
+            "{what} {id:?} is not a UUID"
+        )));
     }
     Ok(())
 }

@@ -197,3 +197,70 @@ pub async fn list_nodes(
         }),
     }
 }
+
+/// Recordings the user may see.
+pub async fn list_recordings(
+    proxy_addr: &str,
+    host_ca: &[PublicKey],
+    creds: &UserCredentials,
+    user: Option<String>,
+    since_ms: i64,
+) -> Result<Vec<turnstile_api::door::RecordingEntry>, ClientError> {
+    match call_with_certificate(
+        proxy_addr,
+        host_ca,
+        creds,
+        &DoorRequest::RecordingsLs { user, since_ms },
+    )
+    .await?
+    {
+        DoorResponse::Recordings { recordings } => Ok(recordings),
+        _ => Err(ClientError::Protocol {
+            host: format!("the proxy at {proxy_addr}"),
+            message: "unexpected answer to recordings_ls".into(),
+        }),
+    }
+}
+
+/// The whole recording of a session, fetched in chunks over one connection.
+pub async fn fetch_recording(
+    proxy_addr: &str,
+    host_ca: &[PublicKey],
+    creds: &UserCredentials,
+    sid: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Vec<u8>, ClientError> {
+    const CHUNK: u32 = 512 * 1024;
+    let mut conn = open_proxy(proxy_addr, host_ca).await?;
+    conn.auth_certificate(creds.user(), creds).await?;
+    let mut out = Vec::new();
+    loop {
+        let request = DoorRequest::RecordingChunk {
+            sid: sid.to_string(),
+            offset: out.len() as u64,
+            length: CHUNK,
+        };
+        match call(&conn, &request).await? {
+            DoorResponse::Chunk { data_base64, total } => {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(data_base64)
+                    .map_err(|e| ClientError::Protocol {
+                        host: conn.label.clone(),
+                        message: format!("bad chunk: {e}"),
+                    })?;
+                let done = data.is_empty();
+                out.extend_from_slice(&data);
+                progress(out.len() as u64, total);
+                if done || out.len() as u64 >= total {
+                    return Ok(out);
+                }
+            }
+            _ => {
+                return Err(ClientError::Protocol {
+                    host: conn.label.clone(),
+                    message: "unexpected answer to recording_chunk".into(),
+                });
+            }
+        }
+    }
+}

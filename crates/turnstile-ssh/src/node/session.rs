@@ -351,7 +351,10 @@ fn start(
         None => (0, 0, String::new()),
     };
     let recording = begin_recording(ctx, &launch, cols, rows, &term, pty.is_some())?;
-    let recorder = recording.as_ref().map(|r| r.recorder.clone()).filter(|_| ctx.recording.record_output);
+    let recorder = recording
+        .as_ref()
+        .map(|r| r.recorder.clone())
+        .filter(|_| ctx.recording.record_output);
     let (tx, mut rx) = mpsc::channel::<Input>(64);
     let result = match pty {
         Some((term, cols, rows)) => {
@@ -383,7 +386,11 @@ fn start(
         None => {
             let p = spawn_piped(&ctx.local_user, &launch)?;
             let out = tokio::spawn(pump(p.stdout, writer.make_writer(), recorder.clone()));
-            let err = tokio::spawn(pump(p.stderr, writer.make_writer_ext(Some(1)), recorder.clone()));
+            let err = tokio::spawn(pump(
+                p.stderr,
+                writer.make_writer_ext(Some(1)),
+                recorder.clone(),
+            ));
             let mut stdin = p.stdin;
             tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg};
 use tokio::io::AsyncWriteExt;
-use turnstile_api::door::{self, DoorRequest, DoorResponse, IssuedCert, NodeEntry, SUBSYSTEM};
+use turnstile_api::door::{
+    self, DoorRequest, DoorResponse, IssuedCert, NodeEntry, RecordingEntry, SUBSYSTEM,
+};
 use turnstile_api::rpc::proto;
 
 use super::ProxyShared;
@@ -131,7 +133,81 @@ async fn answer(
                 Err(e) => error(e.to_string()),
             }
         }
-        (DoorRequest::Ls, _) => error("`ls` needs a certificate; log in first (turnstile login)"),
+        (
+            DoorRequest::RecordingsLs { user, since_ms },
+            Principal::Certificate { certificate, .. },
+        ) => {
+            let Ok(cert) = certificate.to_openssh() else {
+                return error("the certificate cannot be encoded");
+            };
+            match shared
+                .view
+                .client()
+                .list_recordings(proto::ListRecordingsRequest {
+                    certificate: cert,
+                    user: user.unwrap_or_default(),
+                    since_ms,
+                })
+                .await
+            {
+                Ok(r) => DoorResponse::Recordings {
+                    recordings: r
+                        .into_inner()
+                        .recordings
+                        .into_iter()
+                        .map(|r| RecordingEntry {
+                            sid: r.sid,
+                            user: r.user,
+                            login: r.login,
+                            node: r.node_name,
+                            start_ms: r.start_ms,
+                            stop_ms: r.stop_ms,
+                            size: r.size,
+                            status: r.status,
+                            parts: r.parts,
+                        })
+                        .collect(),
+                },
+                Err(s) => error(s.message()),
+            }
+        }
+        (
+            DoorRequest::RecordingChunk {
+                sid,
+                offset,
+                length,
+            },
+            Principal::Certificate { certificate, .. },
+        ) => {
+            use base64::Engine;
+            let Ok(cert) = certificate.to_openssh() else {
+                return error("the certificate cannot be encoded");
+            };
+            match shared
+                .view
+                .client()
+                .get_recording_chunk(proto::GetRecordingChunkRequest {
+                    certificate: cert,
+                    sid,
+                    offset,
+                    length,
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    DoorResponse::Chunk {
+                        data_base64: base64::engine::general_purpose::STANDARD.encode(&r.data),
+                        total: r.total,
+                    }
+                }
+                Err(s) => error(s.message()),
+            }
+        }
+        (
+            DoorRequest::Ls | DoorRequest::RecordingsLs { .. } | DoorRequest::RecordingChunk { .. },
+            _,
+        ) => error("this request needs a certificate; log in first (turnstile login)"),
     }
 }
 

@@ -16,8 +16,8 @@ use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, AuditCommand, Format, ListCommand, NodesCommand, RolesCommand,
-    SignArgs, TokensCommand, UsersCommand,
+    AdminArgs, AdminCommand, AuditCommand, ConfigCommand, Format, ListCommand, NodesCommand,
+    RolesCommand, SignArgs, TokensCommand, UsersCommand,
 };
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
@@ -83,6 +83,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Tokens(TokensCommand::Add { roles, ttl, format }) => {
             tokens_add(&mut admin, roles, &ttl, format).await
         }
+        AdminCommand::Config(cmd) => config_cmd(&mut admin, cmd).await,
         AdminCommand::Semaphores(ListCommand::Ls { format }) => {
             semaphores_ls(&mut admin, format).await
         }
@@ -679,5 +680,47 @@ async fn audit_search(
         }
         println!("{text}");
     }
+    Ok(())
+}
+
+async fn config_cmd(admin: &mut Admin, cmd: ConfigCommand) -> anyhow::Result<()> {
+    let c = match &cmd {
+        ConfigCommand::Get { .. } => admin
+            .client
+            .get_cluster_config(proto::GetClusterConfigRequest {})
+            .await
+            .map_err(|s| rpc_error(admin, s))?
+            .into_inner(),
+        ConfigCommand::Set { key, value } => admin
+            .client
+            .set_cluster_config(proto::SetClusterConfigRequest {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .await
+            .map_err(|s| rpc_error(admin, s))?
+            .into_inner(),
+    };
+    let timeout =
+        turnstile_api::duration::format(Duration::from_millis(c.session_control_timeout_ms));
+    if matches!(
+        cmd,
+        ConfigCommand::Get {
+            format: Format::Json
+        }
+    ) {
+        println!(
+            "{}",
+            json!({"session_recording": c.session_recording, "session_control_timeout": timeout})
+        );
+        return Ok(());
+    }
+    if let ConfigCommand::Set { key, value } = &cmd {
+        println!(
+            "{key} set to {value}; recorders pick it up within 10s, for sessions that start after that"
+        );
+    }
+    println!("session_recording        {}", c.session_recording);
+    println!("session_control_timeout  {timeout}");
     Ok(())
 }

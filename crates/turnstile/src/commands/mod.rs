@@ -3,5 +3,6 @@
 pub mod admin;
 pub mod login;
 pub mod ls;
+pub mod recordings;
 pub mod ssh;
 pub mod start;

@@ -1,0 +1,263 @@
+//! `turnstile play` and `turnstile recordings ls|export`: recorded sessions
+//! fetched through the proxy with the user's certificate (their own, or all
+//! with a role rule for sessions), replayed or converted here.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::json;
+use turnstile_recording::player::{FrameKind, output, position_at, timeline};
+use turnstile_recording::{RecordingEvent, asciicast, event, reader};
+use turnstile_ssh::client::door::{fetch_recording, list_recordings};
+use turnstile_ssh::client::terminal::{RawMode, stdin_is_tty, stdout_is_tty};
+
+use crate::cli::{ClientArgs, ExportFormat, Format, PlayArgs, PlayFormat, RecordingsCommand};
+use crate::profile::client_identity;
+
+async fn fetch_events(client: &ClientArgs, sid: &str) -> anyhow::Result<Vec<RecordingEvent>> {
+    if uuid::Uuid::parse_str(sid).is_err() {
+        anyhow::bail!("{sid:?} is not a session id; see `turnstile recordings ls`");
+    }
+    let (identity, proxy) = client_identity(client)?;
+    let show = stdout_is_tty() || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bytes = fetch_recording(
+        &proxy,
+        &identity.host_ca,
+        &identity.credentials,
+        sid,
+        |got, total| {
+            if show && total > 4 << 20 {
+                eprint!(
+                    "\rfetching the recording: {} of {} MiB",
+                    got >> 20,
+                    total >> 20
+                );
+            }
+        },
+    )
+    .await?;
+    let events = reader::read_events(&bytes).context("the recording cannot be read")?;
+    Ok(events)
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    )
+    .to_string()
+}
+
+pub async fn play(args: PlayArgs) -> anyhow::Result<()> {
+    let events = fetch_events(&args.client, &args.sid).await?;
+    let format = args.format.unwrap_or(if stdout_is_tty() {
+        PlayFormat::Tty
+    } else {
+        PlayFormat::Text
+    });
+    let mut stdout = std::io::stdout().lock();
+    match format {
+        PlayFormat::Json => {
+            for e in &events {
+                writeln!(stdout, "{}", event::to_json(e))?;
+            }
+        }
+        PlayFormat::Text => stdout.write_all(&output(&events))?,
+        PlayFormat::Tty => {
+            drop(stdout);
+            let max_idle = (args.max_idle > 0.0).then(|| Duration::from_secs_f64(args.max_idle));
+            replay(&events, args.speed, max_idle).await?;
+        }
+    }
+    Ok(())
+}
+
+enum Key {
+    Pause,
+    Back,
+    Forward,
+    Quit,
+}
+
+/// Replays in this terminal with the original timing; keys pause, seek, quit.
+async fn replay(
+    events: &[RecordingEvent],
+    speed: f64,
+    max_idle: Option<Duration>,
+) -> anyhow::Result<()> {
+    let frames = timeline(events, speed, max_idle);
+    let _raw = if stdin_is_tty() {
+        RawMode::enable().ok()
+    } else {
+        None
+    };
+    let (tx, mut keys) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 16];
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let key = match &buf[..n] {
+                b" " => Key::Pause,
+                b"q" | b"Q" | [3] | [4] => Key::Quit,
+                [27, b'[', b'D'] | [27, b'[', b'B'] => Key::Back,
+                [27, b'[', b'C'] | [27, b'[', b'A'] => Key::Forward,
+                _ => continue,
+            };
+            if tx.send(key).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let show = |out: &mut std::io::Stdout, kind: &FrameKind| -> std::io::Result<()> {
+        match kind {
+            FrameKind::Output(data) => out.write_all(data)?,
+            FrameKind::Resize { cols, rows } => write!(out, "\x1b[8;{rows};{cols}t")?,
+        }
+        out.flush()
+    };
+    write!(out, "\x1b[2J\x1b[H")?;
+    out.flush()?;
+    let mut idx = 0usize;
+    let mut origin = tokio::time::Instant::now();
+    let mut paused_at: Option<Duration> = None;
+    let step = Duration::from_secs(5);
+    while idx < frames.len() {
+        let position = paused_at.unwrap_or_else(|| origin.elapsed());
+        let wait = frames[idx].at.saturating_sub(position);
+        tokio::select! {
+            _ = tokio::time::sleep(wait), if paused_at.is_none() => {
+                show(&mut out, &frames[idx].kind)?;
+                idx += 1;
+            }
+            key = keys.recv() => {
+                let Some(key) = key else { continue };
+                let seek = |target: Duration, out: &mut std::io::Stdout| -> std::io::Result<usize> {
+                    write!(out, "\x1b[2J\x1b[H")?;
+                    let to = position_at(&frames, target);
+                    for f in &frames[..to] {
+                        show(out, &f.kind)?;
+                    }
+                    Ok(to)
+                };
+                match key {
+                    Key::Quit => break,
+                    Key::Pause => match paused_at.take() {
+                        Some(p) => origin = tokio::time::Instant::now() - p,
+                        None => paused_at = Some(position),
+                    },
+                    Key::Back | Key::Forward => {
+                        let target = if matches!(key, Key::Back) {
+                            position.saturating_sub(step)
+                        } else {
+                            position + step
+                        };
+                        idx = seek(target, &mut out)?;
+                        if paused_at.is_some() {
+                            paused_at = Some(target);
+                        } else {
+                            origin = tokio::time::Instant::now() - target;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    write!(out, "\r\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
+    match cmd {
+        RecordingsCommand::Ls {
+            client,
+            user,
+            since,
+            format,
+        } => {
+            let since_ms = match since {
+                Some(s) => {
+                    let ago = turnstile_api::duration::parse(&s)
+                        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+                    i64::try_from(
+                        (SystemTime::now() - ago)
+                            .duration_since(UNIX_EPOCH)?
+                            .as_millis(),
+                    )?
+                }
+                None => 0,
+            };
+            let (identity, proxy) = client_identity(&client)?;
+            let list = list_recordings(
+                &proxy,
+                &identity.host_ca,
+                &identity.credentials,
+                user,
+                since_ms,
+            )
+            .await?;
+            if format == Format::Json {
+                for r in &list {
+                    println!(
+                        "{}",
+                        json!({
+                            "sid": r.sid, "user": r.user, "login": r.login, "node": r.node,
+                            "start": rfc3339_ms(r.start_ms),
+                            "duration_ms": (r.stop_ms - r.start_ms).max(0),
+                            "size": r.size, "status": r.status, "parts": r.parts,
+                        })
+                    );
+                }
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.sid.clone(),
+                        r.user.clone(),
+                        r.login.clone(),
+                        r.node.clone(),
+                        rfc3339_ms(r.start_ms),
+                        if r.stop_ms > 0 {
+                            turnstile_api::duration::format(Duration::from_millis(
+                                u64::try_from(r.stop_ms - r.start_ms).unwrap_or(0) / 1000 * 1000,
+                            ))
+                        } else {
+                            "-".into()
+                        },
+                        r.size.to_string(),
+                        r.status.clone(),
+                    ]
+                })
+                .collect();
+            crate::commands::admin::print_table(
+                &[
+                    "SID", "USER", "LOGIN", "NODE", "START", "DURATION", "SIZE", "STATUS",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        RecordingsCommand::Export {
+            client,
+            sid,
+            format: ExportFormat::Asciicast,
+            output,
+        } => {
+            let events = fetch_events(&client, &sid).await?;
+            let text = asciicast::export(&events);
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => std::io::stdout().write_all(text.as_bytes())?,
+            }
+            Ok(())
+        }
+    }
+}
