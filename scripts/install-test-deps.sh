@@ -5,6 +5,7 @@ set -euo pipefail
 need_apt=()
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v asciinema >/dev/null || need_apt+=(asciinema)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

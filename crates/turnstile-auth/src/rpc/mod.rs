@@ -805,7 +805,12 @@ impl proto::auth_server::Auth for AuthApi {
         require(&req, &[SystemRole::Proxy])?;
         let r = req.into_inner();
         let (user, roles) = self.reader(&r.certificate).await?;
-        let not_found = || Status::not_found(format!("no recording of session {}", r.sid));
+        let not_found = || {
+            Status::not_found(format!(
+                "no recording of session {}; a session that just started is listed once its node reports it, within a second",
+                r.sid
+            ))
+        };
         let rec = self
             .recordings
             .get(&r.sid)

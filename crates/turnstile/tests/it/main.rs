@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod openssh;
 mod pty;
+mod recording;
 mod refusals;
 mod session_control;
 mod support;

@@ -1,0 +1,588 @@
+//! Session recording as users and auditors meet it: sessions recorded by the
+//! node and played back byte for byte, resizes in the events, `off` mode,
+//! crashes of the node mid-session, a corrupt spool, a 100 MiB session,
+//! asciicast export checked with asciinema, and who may read what.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::cluster::{Cluster, admin, joining_yaml, node_service};
+use crate::support::{BIN, Proc, TestCluster, poll_until, run, text};
+
+fn id_arg(id: &Path) -> String {
+    id.to_str().unwrap().to_string()
+}
+
+/// `turnstile ARGS -i IDENTITY` through the real binary.
+async fn as_user(id: &Path, args: &[&str]) -> std::process::Output {
+    let id = id_arg(id);
+    // The identity goes right after the subcommand: after `ssh NODE` it would
+    // be part of the remote command.
+    let at = if args[0] == "recordings" { 2 } else { 1 };
+    let mut all: Vec<&str> = args[..at].to_vec();
+    all.extend(["-i", id.as_str()]);
+    all.extend_from_slice(&args[at..]);
+    run(BIN, &all, None).await
+}
+
+/// Waits until the session's recording is complete.
+async fn wait_complete(id: &Path, sid: &str) {
+    poll_until(Duration::from_secs(60), || async {
+        let out = as_user(id, &["recordings", "ls", "--format", "json"]).await;
+        text(&out.stdout).lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["sid"] == sid && v["status"] == "complete"
+        })
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the recording of {sid} never completed"));
+}
+
+async fn play(id: &Path, sid: &str, format: &str) -> Vec<u8> {
+    let out = as_user(id, &["play", sid, "--format", format]).await;
+    assert!(out.status.success(), "play: {}", text(&out.stderr));
+    out.stdout
+}
+
+/// Runs `command` on web1 and returns (sid, everything it printed, the sid
+/// line first).
+async fn recorded_exec(c: &TestCluster, id: &Path, command: &str) -> (String, Vec<u8>) {
+    let script = format!("echo $TURNSTILE_SESSION_ID; {command}");
+    let out = c.ssh(id, &["web1", "--", &script]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sid = text(&out.stdout[..37.min(out.stdout.len())])
+        .trim()
+        .to_string();
+    (sid, out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_session_plays_back_byte_for_byte() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let (sid, stdout) = recorded_exec(&c, &id, "seq 1 20000; printf 'bin\\001\\377ary'").await;
+    wait_complete(&id, &sid).await;
+    let played = play(&id, &sid, "text").await;
+    assert!(
+        played == stdout,
+        "{} bytes played, {} printed",
+        played.len(),
+        stdout.len()
+    );
+    let events: Vec<serde_json::Value> = text(&play(&id, &sid, "json").await)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"session.start"));
+    assert!(
+        kinds.ends_with(&["exec", "session.data", "session.end"]),
+        "{kinds:?}"
+    );
+    assert!(events.iter().enumerate().all(|(i, e)| e["ei"] == i));
+    // Non-print events went to the audit log too.
+    let data = c.data_dir();
+    let audit = run(
+        BIN,
+        &[
+            "admin",
+            "audit",
+            "search",
+            "--format",
+            "json",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    let logged: Vec<serde_json::Value> = text(&audit.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for event in ["session.start", "exec", "session.end", "session.upload"] {
+        assert!(
+            logged
+                .iter()
+                .any(|v| v["event"] == event && v["sid"] == sid.as_str()),
+            "no {event} for {sid} in the audit log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_session_with_a_resize_plays_back() {
+    let login = crate::support::test_login();
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", login).await;
+    let id = c.sign("alice").await;
+    let (pty, pts) = pty_process::open().unwrap();
+    pty.resize(pty_process::Size::new(24, 80)).unwrap();
+    let mut child = pty_process::Command::new(BIN)
+        .args(["ssh", "-i", &id_arg(&id), &format!("{login}@web1")])
+        .env("TERM", "xterm")
+        .kill_on_drop(true)
+        .spawn(pts)
+        .unwrap();
+    let (mut reader, mut writer) = pty.into_split();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let wait_for = |needle: &'static str| {
+        let seen = seen.clone();
+        async move {
+            poll_until(Duration::from_secs(20), || async {
+                String::from_utf8_lossy(&seen.lock().unwrap()).contains(needle)
+            })
+            .await
+            .unwrap_or_else(|_| panic!("never saw {needle}"));
+        }
+    };
+    writer
+        .write_all(b"echo sid=$TURNSTILE_SESSION_ID; echo marker-$((40+2))\r")
+        .await
+        .unwrap();
+    wait_for("marker-42").await;
+    writer.resize(pty_process::Size::new(40, 100)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        writer.write_all(b"stty size\r").await.unwrap();
+        if poll_until(Duration::from_secs(2), || async {
+            String::from_utf8_lossy(&seen.lock().unwrap()).contains("40 100")
+        })
+        .await
+        .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the resize never arrived");
+    }
+    writer.write_all(b"exit\r").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), collector).await;
+    let screen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let sid = screen
+        .split("sid=")
+        .nth(2)
+        .or_else(|| screen.split("sid=").nth(1))
+        .map(|s| s.chars().take(36).collect::<String>())
+        .unwrap();
+    let sid = screen
+        .split("sid=")
+        .filter_map(|s| uuid::Uuid::parse_str(&s.chars().take(36).collect::<String>()).ok())
+        .map(|u| u.to_string())
+        .next()
+        .unwrap_or(sid);
+    wait_complete(&id, &sid).await;
+    let played = play(&id, &sid, "text").await;
+    let played_text = String::from_utf8_lossy(&played);
+    assert!(played_text.contains("marker-42"), "{played_text}");
+    assert!(played_text.contains("40 100"), "{played_text}");
+    // The terminal (raw mode: no output processing) saw exactly what was
+    // recorded, after its own echo of what was typed before raw mode began.
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.ends_with(&played),
+        "{} bytes played, {} seen",
+        played.len(),
+        seen.len()
+    );
+    let json = text(&play(&id, &sid, "json").await);
+    assert!(
+        json.lines()
+            .any(|l| l.contains("\"event\":\"resize\"") && l.contains("\"size\":\"100:40\"")),
+        "{json}"
+    );
+    assert!(
+        json.contains("\"size\":\"80:24\""),
+        "session.start has the first size"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_mode_records_no_output_but_audits_start_and_end() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let out = c
+        .admin(&["config", "set", "session_recording", "off"])
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = c
+        .admin(&["config", "set", "session_recording", "sometimes"])
+        .await;
+    assert!(
+        text(&refused.stderr).contains("session_recording"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // Recorders read the mode when a session starts, cached for a few seconds.
+    let data = c.data_dir();
+    let mut unrecorded = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unrecorded.is_none() {
+        assert!(Instant::now() < deadline, "off mode never took effect");
+        let (sid, _) = recorded_exec(&c, &id, "printf '%s-%s' secret output").await;
+        poll_until(Duration::from_secs(10), || async {
+            let a = run(
+                BIN,
+                &[
+                    "admin",
+                    "audit",
+                    "search",
+                    "--event",
+                    "session.end",
+                    "--format",
+                    "json",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ],
+                None,
+            )
+            .await;
+            text(&a.stdout).contains(&sid)
+        })
+        .await
+        .expect("session.end is audited in every mode");
+        let listed = as_user(&id, &["recordings", "ls", "--format", "json"]).await;
+        if !text(&listed.stdout).contains(&sid) {
+            unrecorded = Some(sid);
+        }
+    }
+    let sid = unrecorded.unwrap();
+    let a = run(
+        BIN,
+        &[
+            "admin",
+            "audit",
+            "search",
+            "--format",
+            "json",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    let log = text(&a.stdout);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&sid) && l.contains("session.start"))
+    );
+    assert!(!log.contains("secret-output"));
+    let spool_files = std::fs::read_dir(data.join("spool")).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(&sid)
+    });
+    assert_eq!(spool_files.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_session_loses_no_output_older_than_a_second() {
+    let mut c = Cluster::start().await;
+    c.add_alice().await;
+    let out = c.login("correct horse battery").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut session = tokio::process::Command::new(BIN)
+        .args(["ssh", "web1", "--", "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done"])
+        .env("TURNSTILE_HOME", c.home())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
+    let sid = lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("sid=")
+        .to_string();
+    // About three seconds of output, then the node dies.
+    let mut last = 0;
+    while last < 60 {
+        let line = lines.next_line().await.unwrap().unwrap();
+        last = line.trim_start_matches("line-").parse().unwrap();
+    }
+    c.web1.take().unwrap().kill9().await;
+    let _ = session.kill().await;
+    // Restarted, the node ships what it spooled.
+    let config = c.dirs.config(
+        "web1-restarted",
+        &joining_yaml(
+            &c.dirs.path("web1"),
+            &c.auth_addr,
+            None,
+            &c.pin,
+            &node_service("web1", "dev"),
+        ),
+    );
+    c.web1 = Some(Proc::start(&config).await);
+    let identity = c.home().join("keys/prod/alice");
+    wait_complete(&identity, &sid).await;
+    let played = text(&play(&identity, &sid, "text").await);
+    // Lines come every 50 ms: twenty lines is one second.
+    let older = last - 20;
+    for i in 0..=older {
+        assert!(
+            played.contains(&format!("line-{i}\n")),
+            "line-{i} (of {last}) was lost:\n{played}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_spool_file_is_quarantined_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let spool = data.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let sid = uuid::Uuid::new_v4().to_string();
+    std::fs::write(
+        spool.join(format!("{sid}.events")),
+        b"\xff\xff\xff\xff this is not a recording",
+    )
+    .unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: web1\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let p = Proc::start(&config).await;
+    poll_until(Duration::from_secs(20), || async {
+        spool.join(format!("corrupt/{sid}.error")).exists()
+    })
+    .await
+    .expect("the file is moved aside with a note");
+    assert!(spool.join(format!("corrupt/{sid}.events")).exists());
+    assert!(!spool.join(format!("{sid}.events")).exists());
+    let note = std::fs::read_to_string(spool.join(format!("corrupt/{sid}.error"))).unwrap();
+    assert!(note.contains("damaged at byte 0"), "{note}");
+    // Logged once, and the node still records new sessions.
+    admin(
+        &data,
+        &[
+            "users", "add", "alice", "--roles", "access", "--logins", "root",
+        ],
+    )
+    .await;
+    let id = dir.path().join("alice");
+    admin(
+        &data,
+        &["sign", "--user", "alice", "--out", id.to_str().unwrap()],
+    )
+    .await;
+    let out = as_user(&id, &["ssh", "web1", "echo", "fine"]).await;
+    assert_eq!(text(&out.stdout), "fine\n");
+    assert_eq!(
+        p.stderr().matches("moved aside").count(),
+        1,
+        "{}",
+        p.stderr()
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_mib_session_is_stored_in_parts_and_plays_back_identically() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let (sid, stdout) = recorded_exec(&c, &id, "head -c 78643200 /dev/urandom | base64").await;
+    assert!(stdout.len() > 100 << 20, "{} bytes", stdout.len());
+    wait_complete(&id, &sid).await;
+    let rec = std::fs::read(c.data_dir().join(format!("records/{sid}.rec"))).unwrap();
+    let parts = rec
+        .windows(8)
+        .filter(|w| *w == turnstile_recording::part::MAGIC)
+        .count();
+    assert!(parts > 10, "only {parts} parts");
+    let played = play(&id, &sid, "text").await;
+    assert!(
+        played == stdout,
+        "{} bytes played, {} shown",
+        played.len(),
+        stdout.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_see_their_own_sessions_and_auditors_see_all() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    c.add_user("bob", "access", "root").await;
+    c.create_role(
+        "auditor",
+        "kind: role\nversion: v3\nmetadata:\n  name: auditor\nspec:\n  allow:\n    rules:\n    - resources: [session]\n      verbs: [list, read]\n",
+    )
+    .await;
+    c.add_user("carol", "access,auditor", "root").await;
+    let alice = c.sign("alice").await;
+    let bob = c.sign("bob").await;
+    let carol = c.sign("carol").await;
+    let (sid, _) = recorded_exec(&c, &alice, "echo alice-secret").await;
+    wait_complete(&alice, &sid).await;
+
+    let listed = as_user(&bob, &["recordings", "ls", "--format", "json"]).await;
+    assert!(!text(&listed.stdout).contains(&sid));
+    let out = as_user(&bob, &["play", &sid, "--format", "text"]).await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("belongs to user \"alice\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("alice-secret"));
+
+    let listed = as_user(
+        &carol,
+        &["recordings", "ls", "--user", "alice", "--format", "json"],
+    )
+    .await;
+    assert!(text(&listed.stdout).contains(&sid));
+    assert!(text(&play(&carol, &sid, "text").await).contains("alice-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_not_yet_uploaded_says_so_and_exports_check_with_asciinema() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let mut running = tokio::process::Command::new(BIN)
+        .args([
+            "ssh",
+            "-i",
+            &id_arg(&id),
+            "web1",
+            "--",
+            "echo sid=$TURNSTILE_SESSION_ID; echo cast-marker; cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdin = running.stdin.take().unwrap();
+    let mut lines = BufReader::new(running.stdout.take().unwrap()).lines();
+    let sid = lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("sid=")
+        .to_string();
+    poll_until(Duration::from_secs(20), || async {
+        text(
+            &as_user(&id, &["recordings", "ls", "--format", "json"])
+                .await
+                .stdout,
+        )
+        .contains(&sid)
+    })
+    .await
+    .expect("the session is listed while it runs");
+    let out = as_user(&id, &["play", &sid, "--format", "text"]).await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("not uploaded yet"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("part(s) stored"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(stdin);
+    running.wait().await.unwrap();
+    wait_complete(&id, &sid).await;
+
+    let cast = c.dir.path().join("session.cast");
+    let out = as_user(
+        &id,
+        &[
+            "recordings",
+            "export",
+            &sid,
+            "--format",
+            "asciicast",
+            "-o",
+            cast.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let header: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&cast)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["version"], 2);
+    // asciinema cat wants a terminal.
+    let asciinema = "/usr/bin/asciinema";
+    assert!(
+        Path::new(asciinema).exists(),
+        "asciinema is missing; run scripts/test.sh, which installs it"
+    );
+    let (pty, pts) = pty_process::open().unwrap();
+    let mut cat = pty_process::Command::new(asciinema)
+        .args(["cat", cast.to_str().unwrap()])
+        .kill_on_drop(true)
+        .spawn(pts)
+        .unwrap();
+    let mut shown = Vec::new();
+    let mut reader = pty;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            shown.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let status = tokio::time::timeout(Duration::from_secs(10), cat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "asciinema cat: {}",
+        String::from_utf8_lossy(&shown)
+    );
+    assert!(String::from_utf8_lossy(&shown).contains("cast-marker"));
+}
