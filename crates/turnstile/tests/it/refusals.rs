@@ -402,7 +402,7 @@ mod door {
             .await
             .unwrap();
         let text = refused(call(&conn, &DoorRequest::Ls).await);
-        assert!(text.contains("`ls` needs a certificate"), "{text}");
+        assert!(text.contains("this request needs a certificate"), "{text}");
         let text = refused(call(&conn, &login_as(Some("bob"))).await);
         assert!(text.contains("cannot log in as \"bob\""), "{text}");
         let tunnel = conn
