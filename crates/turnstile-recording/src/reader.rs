@@ -178,3 +178,97 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden {
+    //! Golden recordings keep the format stable: the bytes in
+    //! `tests/fixtures/` were written by version 1 and must read the same
+    //! forever. `TURNSTILE_WRITE_GOLDEN=1` rewrites them (only for a new version).
+    use super::*;
+
+    const REC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v1-session.rec");
+    const JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v1-session.jsonl");
+
+    fn session() -> Vec<u8> {
+        let sid = "6c1a3f7e-2b4d-4e8f-9a0b-1c2d3e4f5a6b";
+        let base = |ei: u64, event: &str, ms: u64| RecordingEvent {
+            ei,
+            event: event.into(),
+            time_ms: 1_764_000_000_000 + ms as i64,
+            sid: sid.into(),
+            server_id: "0f0e0d0c-0b0a-4909-8807-060504030201".into(),
+            user: "alice".into(),
+            login: "root".into(),
+            ms,
+            ..Default::default()
+        };
+        let mut events = vec![RecordingEvent {
+            cols: 80,
+            rows: 24,
+            node_name: "web1".into(),
+            term: "xterm-256color".into(),
+            ..base(0, "session.start", 0)
+        }];
+        let mut offset = 0;
+        for (i, text) in ["$ echo hello\r\n", "hello\r\n", "$ "].iter().enumerate() {
+            events.push(RecordingEvent {
+                data: text.as_bytes().to_vec(),
+                offset,
+                ..base(1 + i as u64, "print", 100 * (i as u64 + 1))
+            });
+            offset += text.len() as u64;
+        }
+        events.push(RecordingEvent {
+            cols: 120,
+            rows: 40,
+            ..base(4, "resize", 500)
+        });
+        events.push(RecordingEvent {
+            tx: offset,
+            rx: 12,
+            ..base(5, "session.data", 900)
+        });
+        events.push(RecordingEvent {
+            participants: vec!["alice".into()],
+            session_start_ms: 1_764_000_000_000,
+            session_stop_ms: 1_764_000_000_900,
+            interactive: true,
+            ..base(6, "session.end", 900)
+        });
+        // Two parts, the first padded to 256 bytes; the second resends event 3.
+        let records = |events: &[RecordingEvent]| {
+            let mut r = Vec::new();
+            for e in events {
+                crate::part::encode_record(e, &mut r);
+            }
+            r
+        };
+        let mut out = crate::part::encode_part(&records(&events[..4]), 256).unwrap();
+        out.extend(crate::part::encode_part(&records(&events[3..]), 0).unwrap());
+        out
+    }
+
+    #[test]
+    fn version_1_recordings_read_the_same() {
+        if std::env::var_os("TURNSTILE_WRITE_GOLDEN").is_some() {
+            let bytes = session();
+            let events = read_events(&bytes).unwrap();
+            let json: String = events
+                .iter()
+                .map(|e| format!("{}\n", crate::event::to_json(e)))
+                .collect();
+            std::fs::write(REC, bytes).unwrap();
+            std::fs::write(JSON, json).unwrap();
+        }
+        let bytes = std::fs::read(REC).expect("tests/fixtures/v1-session.rec");
+        let expected = std::fs::read_to_string(JSON).expect("tests/fixtures/v1-session.jsonl");
+        let events = read_events(&bytes).unwrap();
+        let got: String = events
+            .iter()
+            .map(|e| format!("{}\n", crate::event::to_json(e)))
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(events.len(), 7);
+        assert_eq!(crate::player::output(&events), b"$ echo hello\r\nhello\r\n$ ");
+    }
+}
