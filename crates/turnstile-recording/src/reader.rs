@@ -186,8 +186,14 @@ mod golden {
     //! forever. `TURNSTILE_WRITE_GOLDEN=1` rewrites them (only for a new version).
     use super::*;
 
-    const REC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v1-session.rec");
-    const JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v1-session.jsonl");
+    const REC: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/v1-session.rec"
+    );
+    const JSON: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/v1-session.jsonl"
+    );
 
     fn session() -> Vec<u8> {
         let sid = "6c1a3f7e-2b4d-4e8f-9a0b-1c2d3e4f5a6b";
@@ -269,6 +275,9 @@ mod golden {
             .collect();
         assert_eq!(got, expected);
         assert_eq!(events.len(), 7);
-        assert_eq!(crate::player::output(&events), b"$ echo hello\r\nhello\r\n$ ");
+        assert_eq!(
+            crate::player::output(&events),
+            b"$ echo hello\r\nhello\r\n$ "
+        );
     }
 }
