@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproducible benchmarks; each prints a table. Release build.
 #   scripts/bench.sh semaphores   connection slots and connect latency vs OpenSSH
+#   scripts/bench.sh recording    bulk output with recording on and off (BENCH_BYTES, default 1 GiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-semaphores}"
-cargo build --release --bin turnstile --bin turnstile-bench
+# The build's own verbose log is the "real build log" input of the recording bench.
+cargo build --release --bin turnstile --bin turnstile-bench -vv 2>&1 | tee target/bench-build.log | tail -1
 exec target/release/turnstile-bench "$what"

@@ -51,8 +51,10 @@ fn summarize(mut samples: Vec<Duration>) -> Summary {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_default();
-    if what != "semaphores" {
-        bail!("usage: turnstile-bench semaphores");
+    match what.as_str() {
+        "semaphores" => {}
+        "recording" => return recording_bench().await,
+        _ => bail!("usage: turnstile-bench semaphores|recording"),
     }
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
@@ -256,6 +258,163 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "(OpenSSH rows skipped: run from target/release so `turnstile` is next to this binary)"
             );
+        }
+    }
+    running.stop().await?;
+    Ok(())
+}
+
+/// A file of about `size` bytes: `seed` repeated.
+fn repeated_file(path: &std::path::Path, seed: &[u8], size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    anyhow::ensure!(!seed.is_empty(), "empty seed for {}", path.display());
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut written = 0u64;
+    while written < size {
+        f.write_all(seed)?;
+        written += seed.len() as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// `cat FILE` through the proxy with Turnstile's client; returns (bytes, seconds).
+async fn cat_through(
+    proxy: &str,
+    creds: &turnstile_ssh::client::UserCredentials,
+    host_ca: &[russh::keys::PublicKey],
+    file: &std::path::Path,
+) -> anyhow::Result<(u64, f64, String)> {
+    let t0 = Instant::now();
+    let conn =
+        turnstile_ssh::client::connect_via_proxy(proxy, "bench", "root", creds, host_ca).await?;
+    let mut ch = conn.handle.channel_open_session().await?;
+    ch.exec(
+        true,
+        format!("echo $TURNSTILE_SESSION_ID; cat {}", file.display()),
+    )
+    .await?;
+    let mut bytes = 0u64;
+    let mut first = Vec::new();
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if first.len() < 37 {
+                    first.extend_from_slice(&data[..data.len().min(37 - first.len())]);
+                }
+                bytes += data.len() as u64;
+            }
+            ChannelMsg::ExitStatus { .. } => break,
+            _ => {}
+        }
+    }
+    let sid = String::from_utf8_lossy(&first).trim().to_string();
+    Ok((bytes, t0.elapsed().as_secs_f64(), sid))
+}
+
+/// Bulk output through `turnstile ssh` with recording on (`node`) and off.
+async fn recording_bench() -> anyhow::Result<()> {
+    let size: u64 = std::env::var("BENCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let config_path = dir.path().join("bench.yaml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
+            data.display()
+        ),
+    )?;
+    // Inputs: base64 of random bytes, and a real build log repeated.
+    let base64 = dir.path().join("base64.txt");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/urandom | base64 > {}",
+            size / 4 * 3,
+            base64.display()
+        ))
+        .status()?;
+    anyhow::ensure!(status.success(), "cannot make the base64 input");
+    let log_seed_path =
+        std::env::var("BENCH_BUILD_LOG").unwrap_or_else(|_| "target/bench-build.log".into());
+    let log_seed = std::fs::read(&log_seed_path)
+        .with_context(|| format!("the build log {log_seed_path} (scripts/bench.sh writes it)"))?;
+    let build_log = dir.path().join("build.log");
+    repeated_file(&build_log, &log_seed, size)?;
+
+    let running = launch(config::load(Some(&config_path), None)?).await?;
+    let authority = running.authority.clone().context("auth runs here")?;
+    let proxy = running.proxy_public_addr.clone().context("proxy address")?;
+    authority
+        .upsert_user(
+            turnstile_auth::authority::UserRecord {
+                name: "bench".into(),
+                roles: vec!["access".into()],
+                logins: vec!["root".into()],
+                password_hash: None,
+                created_unix: 0,
+            },
+            true,
+        )
+        .await?;
+    let key = Arc::new(generate_ed25519());
+    let issued = authority
+        .generate_user_cert("bench", key.public_key(), Duration::from_secs(3600))
+        .await?;
+    let creds = turnstile_ssh::client::UserCredentials {
+        key,
+        certificate: issued.certificate,
+    };
+    let host_ca = vec![authority.host_ca().public_key().clone()];
+    println!(
+        "Bulk output through turnstile ssh (proxy, node), {} MiB each, zstd level {}",
+        size >> 20,
+        turnstile_recording::part::ZSTD_LEVEL
+    );
+    println!(
+        "{:<22}  {:>10}  {:>12}  {:>12}  {:>22}",
+        "input", "recording", "MB/s", "vs off", "stored bytes / output"
+    );
+    for (name, file) in [
+        ("base64 of random", &base64),
+        ("build log, repeated", &build_log),
+    ] {
+        let mut off_rate = 0.0;
+        for mode in ["off", "node"] {
+            turnstile_auth::cluster_config::put(
+                authority.backend().as_ref(),
+                &turnstile_auth::cluster_config::ClusterConfig {
+                    session_control_timeout_ms: 120_000,
+                    session_recording: mode.into(),
+                },
+            )
+            .await?;
+            // Nodes read the mode from a view refreshed every 5 s.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let (bytes, secs, sid) = cat_through(&proxy, &creds, &host_ca, file).await?;
+            let rate = bytes as f64 / secs / 1e6;
+            let stored = if mode == "node" {
+                let rec = data.join(format!("records/{sid}.rec"));
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !rec.exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let len = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
+                format!("{:.3}", len as f64 / bytes as f64)
+            } else {
+                off_rate = rate;
+                "-".into()
+            };
+            let vs = if mode == "node" {
+                format!("{:+.1}%", (rate / off_rate - 1.0) * 100.0)
+            } else {
+                "-".into()
+            };
+            println!("{name:<22}  {mode:>10}  {rate:>12.1}  {vs:>12}  {stored:>22}");
         }
     }
     running.stop().await?;
