@@ -106,6 +106,10 @@ impl UserIdentity {
     }
 }
 
+/// User certificate extension: issued to a proxy (whose host id is the value)
+/// to connect to a node on a user's behalf in a proxy recording mode.
+pub const EXT_VIA_PROXY: &str = "turnstile-via-proxy@turnstile";
+
 /// Host certificate extension naming the system role of the host (`proxy`
 /// for proxies), so nodes can trust what a proxy tells them.
 pub const EXT_HOST_ROLE: &str = "turnstile-role@turnstile";

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 use turnstile_api::error::{ApiError, ErrorKind};
-use turnstile_api::identity::{EXT_HOST_ROLE, SystemRole, UserIdentity, host_ca_statement};
+use turnstile_api::identity::{
+    EXT_HOST_ROLE, EXT_VIA_PROXY, SystemRole, UserIdentity, host_ca_statement,
+};
 use turnstile_api::labels::Labels;
 use turnstile_api::role::{BUILTIN_ACCESS_ROLE, Role, RoleSet, validate_name};
 
@@ -378,6 +380,64 @@ impl Authority {
                     ApiError::access_denied("the certificate carries no Turnstile identity")
                 })?;
         Ok((cert, identity))
+    }
+
+    /// For a proxy recording a session: a host certificate naming the node
+    /// (its name, id and address host) on the proxy's own key.
+    pub async fn node_host_cert_for_proxy(
+        &self,
+        node_name: &str,
+        proxy_key: &PublicKey,
+    ) -> Result<Certificate, ApiError> {
+        let node = self
+            .list_nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == node_name)
+            .ok_or_else(|| ApiError::not_found(format!("node {node_name:?} not found")))?;
+        let host = node
+            .addr
+            .rsplit_once(':')
+            .map_or(node.addr.as_str(), |(h, _)| h)
+            .to_string();
+        self.generate_host_cert(
+            &node.id,
+            SystemRole::Node,
+            proxy_key,
+            &[node.name.clone(), host],
+        )
+    }
+
+    /// For a proxy recording a session: a certificate for the proxy's key that
+    /// is the user's (same identity, same logins), marked as the proxy's and
+    /// valid for five minutes (long enough to authenticate to the node).
+    pub async fn proxy_user_cert(
+        &self,
+        proxy_id: &str,
+        user_certificate: &str,
+        proxy_key: &PublicKey,
+    ) -> Result<IssuedUserCert, ApiError> {
+        let (current, identity) = self.verify_user_certificate(user_certificate)?;
+        let now = self.clock.now();
+        let valid_before = now + Duration::from_secs(300);
+        let mut b = Vec::new();
+        for (k, v) in identity.extensions() {
+            b.push((k, v));
+        }
+        b.push((EXT_VIA_PROXY.to_string(), proxy_id.to_string()));
+        let certificate = self.user_ca.sign_user_with(
+            proxy_key,
+            &identity.user,
+            current.valid_principals(),
+            &b,
+            now - CLOCK_SKEW,
+            valid_before,
+        )?;
+        Ok(IssuedUserCert {
+            certificate,
+            principals: current.valid_principals().to_vec(),
+            valid_before,
+        })
     }
 
     /// A certificate for a new key of the holder of `current`, expiring no

@@ -125,6 +125,36 @@ impl SshCa {
         b.sign(&self.key).map_err(|e| err(&e))
     }
 
+    /// Signs a user certificate with exactly these extensions.
+    pub fn sign_user_with(
+        &self,
+        subject: &PublicKey,
+        key_id: &str,
+        principals: &[String],
+        extensions: &[(String, String)],
+        valid_after: SystemTime,
+        valid_before: SystemTime,
+    ) -> Result<Certificate, ApiError> {
+        if principals.is_empty() {
+            return Err(ApiError::bad_parameter(
+                "a user certificate needs principals",
+            ));
+        }
+        let mut b = Self::builder(subject, valid_after, valid_before)?;
+        let err = internal("build user certificate");
+        b.cert_type(CertType::User).map_err(|e| err(&e))?;
+        b.key_id(key_id.to_string()).map_err(|e| err(&e))?;
+        for p in principals {
+            b.valid_principal(p.clone()).map_err(|e| err(&e))?;
+        }
+        let mut sorted = extensions.to_vec();
+        sorted.sort();
+        for (name, value) in sorted {
+            b.extension(name, value).map_err(|e| err(&e))?;
+        }
+        b.sign(&self.key).map_err(|e| err(&e))
+    }
+
     /// Signs a host certificate for `principals` (the host's id, name and address).
     pub fn sign_host(
         &self,

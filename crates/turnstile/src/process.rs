@@ -385,8 +385,21 @@ async fn launch_services(
                 shutdown_grace: SHUTDOWN_GRACE,
                 node_connect_timeout: Duration::from_secs(10),
             },
-            view,
+            view.clone(),
             host,
+            // The proxy records in proxy mode; its spool is its own.
+            Uploader::start(
+                Spool::open(&data_dir.join("proxy-spool"))
+                    .map_err(|e| anyhow::anyhow!("proxy session spool: {e}"))?,
+                view.client(),
+                uploader::DEFAULT_CONCURRENCY,
+                shutdown.clone(),
+            ),
+            AuditForwarder::spawn(
+                view.client(),
+                audit_forwarder::QUEUE_CAPACITY,
+                shutdown.clone(),
+            ),
         );
         std::fs::write(data_dir.join(PROXY_ADDR_FILE), &public)?;
         running.proxy_addr = Some(bound);

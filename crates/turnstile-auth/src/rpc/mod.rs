@@ -756,6 +756,40 @@ impl proto::auth_server::Auth for AuthApi {
         })
     }
 
+    async fn generate_node_host_cert(
+        &self,
+        req: Request<proto::GenerateNodeHostCertRequest>,
+    ) -> RpcResult<proto::GenerateHostCertResponse> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let key = parse_public_key(&r.public_key)?;
+        let cert = self
+            .authority
+            .node_host_cert_for_proxy(&r.node_name, &key)
+            .await
+            .map_err(fail)?;
+        ok(proto::GenerateHostCertResponse {
+            certificate: cert
+                .to_openssh()
+                .map_err(|e| Status::internal(e.to_string()))?,
+        })
+    }
+
+    async fn generate_proxy_user_cert(
+        &self,
+        req: Request<proto::GenerateProxyUserCertRequest>,
+    ) -> RpcResult<proto::GenerateUserCertResponse> {
+        let c = require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let key = parse_public_key(&r.public_key)?;
+        let issued = self
+            .authority
+            .proxy_user_cert(&c.id, &r.user_certificate, &key)
+            .await
+            .map_err(fail)?;
+        cert_response(issued)
+    }
+
     type RecordSessionStream = ReceiverStream<Result<proto::RecordStatus, Status>>;
 
     async fn record_session(
@@ -861,9 +895,9 @@ impl proto::auth_server::Auth for AuthApi {
                         MODES.join(", ")
                     )));
                 }
-                if !["node", "off"].contains(&r.value.as_str()) {
+                if !["node", "proxy", "off"].contains(&r.value.as_str()) {
                     return Err(Status::invalid_argument(format!(
-                        "session_recording: {:?} is not supported by this build yet; use node or off",
+                        "session_recording: {:?} is not supported by this build yet; use node, proxy or off",
                         r.value
                     )));
                 }

@@ -16,7 +16,7 @@ use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use turnstile_api::audit::{AuditEvent, SessctlKind};
-use turnstile_api::identity::UserIdentity;
+use turnstile_api::identity::{EXT_VIA_PROXY, UserIdentity};
 use turnstile_api::rpc::proto;
 use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 
@@ -40,6 +40,8 @@ enum Access {
         channels: Arc<ChannelLimit>,
         /// Held while the connection lives, for users with `max_connections`.
         lease: Option<ConnectionLease>,
+        /// The proxy connected for the user and records the session itself.
+        via_proxy: bool,
     },
     Denied {
         reason: String,
@@ -100,6 +102,11 @@ impl NodeConnection {
             .map_err(|e| format!("cannot load the user CA: {e}"))?;
         let identity = verify_user_cert(cert, &fingerprints, self.shared.clock_unix())
             .map_err(|e| e.to_string())?;
+        // A proxy's certificate is good only on a connection that came through a proxy.
+        let via_proxy = cert.extensions().contains_key(EXT_VIA_PROXY);
+        if via_proxy && !self.info.via_proxy {
+            return Err("a proxy's certificate was offered on a connection that did not come through a proxy".into());
+        }
         if !cert.valid_principals().iter().any(|p| p == login) {
             return Ok(denied(format!(
                 "user {:?} may not log in as {login:?}; the certificate allows: {}",
@@ -147,6 +154,7 @@ impl NodeConnection {
             login: login.to_string(),
             local_user,
             lease,
+            via_proxy,
         })
     }
 
@@ -290,6 +298,7 @@ impl Handler for NodeConnection {
                 login,
                 local_user,
                 channels,
+                via_proxy,
                 ..
             } => {
                 let Some(slot) = channels.try_open(channel.id()) else {
@@ -317,12 +326,23 @@ impl Handler for NodeConnection {
                         return Ok(());
                     }
                 };
+                if mode.starts_with("proxy") && !via_proxy {
+                    reply
+                        .reject(prohibited(
+                            "sessions are recorded by the proxy: connect through it (turnstile ssh NODE, or ssh -J PROXY NODE)",
+                        ))
+                        .await;
+                    return Ok(());
+                }
                 let ctx = SessionContext {
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
                     local_user: local_user.clone(),
                     connection: self.info,
+                    sid_from_proxy: *via_proxy,
                     recording: RecordingContext {
+                        // The proxy records what comes through it.
+                        enabled: !via_proxy,
                         record_output: mode != "off",
                         uploader: self.shared.uploader.clone(),
                         audit: self.shared.audit.clone(),

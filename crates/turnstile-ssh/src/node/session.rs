@@ -48,12 +48,16 @@ pub struct SessionContext {
     pub user: String,
     pub local_user: LocalUser,
     pub connection: ConnectionInfo,
+    /// The proxy records this session and names it with `TURNSTILE_SESSION_ID`.
+    pub sid_from_proxy: bool,
     pub recording: RecordingContext,
 }
 
 /// How this session is recorded, decided when it starts and kept for its life.
 #[derive(Debug, Clone)]
 pub struct RecordingContext {
+    /// Record at all (not when a proxy records the session).
+    pub enabled: bool,
     /// Record output (mode `node`), or only audit start and end (`off`).
     pub record_output: bool,
     pub uploader: Arc<Uploader>,
@@ -176,7 +180,7 @@ async fn pump(
 }
 
 /// Serves one session channel until it closes or its process exits.
-pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionContext) {
+pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: SessionContext) {
     let id = channel.id();
     let (mut reader, writer) = channel.split();
     let mut pty: Option<(String, u32, u32)> = None;
@@ -232,6 +236,15 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, ctx: SessionCo
                         let ok = running.is_none();
                         if ok {
                             pty = Some((term, col_width, row_height));
+                        }
+                        reply(ok, want_reply).await;
+                    }
+                    ChannelMsg::SetEnv { want_reply, variable_name, variable_value }
+                        if variable_name == "TURNSTILE_SESSION_ID" && ctx.sid_from_proxy =>
+                    {
+                        let ok = running.is_none() && uuid::Uuid::parse_str(&variable_value).is_ok();
+                        if ok {
+                            ctx.sid = variable_value;
                         }
                         reply(ok, want_reply).await;
                     }
@@ -430,6 +443,9 @@ fn begin_recording(
     interactive: bool,
 ) -> std::io::Result<Option<ActiveRecording>> {
     let rc = &ctx.recording;
+    if !rc.enabled {
+        return Ok(None);
+    }
     let meta = SessionMeta {
         sid: ctx.sid.clone(),
         server_id: rc.server_id.clone(),

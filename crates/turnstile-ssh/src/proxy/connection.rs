@@ -2,15 +2,12 @@
 //! lets them open. A certificate opens tunnels and the whole door; a password
 //! only the door's `login`; the anonymous name only `cluster_info`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Response, Session};
 use russh::{Channel, ChannelOpenFailure};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use turnstile_api::door::ANONYMOUS_USER;
 use turnstile_api::identity::UserIdentity;
 use turnstile_api::rpc::proto;
@@ -18,7 +15,6 @@ use turnstile_api::rpc::proto;
 use super::ProxyShared;
 use super::door::serve_door;
 use crate::node::prohibited;
-use crate::proxy_header;
 use crate::server::ConnectionInfo;
 use crate::user_cert::verify_user_cert;
 
@@ -83,31 +79,6 @@ impl ProxyConnection {
                 Auth::reject()
             }
         }
-    }
-
-    /// Connects to the node and sends the signed header naming the user's address.
-    async fn connect_node(&self, addr: &str) -> Result<TcpStream, String> {
-        let mut tcp = tokio::time::timeout(
-            self.shared.config.node_connect_timeout,
-            TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| "did not answer the proxy in time".to_string())?
-        .map_err(|e| format!("is unreachable from the proxy: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let node_addr: SocketAddr = tcp.peer_addr().map_err(|e| e.to_string())?;
-        let header = proxy_header::encode(
-            self.info.client,
-            node_addr,
-            &self.shared.host.key,
-            &self.shared.host.certificate,
-            self.shared.clock.unix_now(),
-        )
-        .map_err(|e| format!("cannot sign the client address: {e}"))?;
-        tcp.write_all(&header)
-            .await
-            .map_err(|e| format!("dropped the connection: {e}"))?;
-        Ok(tcp)
     }
 }
 
@@ -204,7 +175,11 @@ impl Handler for ProxyConnection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Principal::Certificate { identity, .. } = &self.principal else {
+        let Principal::Certificate {
+            identity,
+            certificate: _,
+        } = &self.principal
+        else {
             reply
                 .reject(prohibited(
                     "tunnels need a certificate: log in with `turnstile login` first",
@@ -231,15 +206,45 @@ impl Handler for ProxyConnection {
                 return Ok(());
             }
         };
+        // In a proxy recording mode the proxy ends the user's connection and records it.
+        if self
+            .shared
+            .view
+            .session_recording()
+            .await
+            .is_ok_and(|m| m.starts_with("proxy"))
+        {
+            let host_cert = match super::terminate::node_host_cert(&self.shared, &node.name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    reply
+                        .reject(connect_failed(format!(
+                            "the proxy cannot record a session on node {:?}: {e}",
+                            node.name
+                        )))
+                        .await;
+                    return Ok(());
+                }
+            };
+            tracing::info!(user = %identity.user, client = %self.info.client, node = %node.name, "recording session opened");
+            reply.accept().await;
+            let shared = self.shared.clone();
+            let outer = identity.clone();
+            let client = self.info.client;
+            self.shared.tasks.spawn(super::terminate::serve(
+                shared, channel, node, outer, client, host_cert,
+            ));
+            return Ok(());
+        }
         let mut node = node;
-        let mut connected = self.connect_node(&node.addr).await;
+        let mut connected = self.shared.dial_node(self.info.client, &node.addr).await;
         if connected.is_err() {
             // The node may have restarted elsewhere since the view was cached.
             if self.shared.view.refresh().await.is_ok()
                 && let Ok(Some(fresh)) = self.shared.view.find_node(host_to_connect).await
                 && fresh.addr != node.addr
             {
-                connected = self.connect_node(&fresh.addr).await;
+                connected = self.shared.dial_node(self.info.client, &fresh.addr).await;
                 node = fresh;
             }
         }

@@ -15,11 +15,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use turnstile_api::clock::{Clock, SystemClock};
 
+use std::net::SocketAddr;
+
+use russh::keys::PrivateKey;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use turnstile_recording::uploader::Uploader;
+
+use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
+use crate::identity::generate_ed25519;
+use crate::proxy_header;
 use crate::server::{HostCredentials, serve, server_config};
 
 mod connection;
 mod door;
+mod terminate;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -36,17 +47,62 @@ pub(crate) struct ProxyShared {
     pub host: HostCredentials,
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
+    /// Recording in proxy mode.
+    pub uploader: Arc<Uploader>,
+    pub audit: Arc<AuditForwarder>,
+    /// The key the proxy authenticates to nodes with, under certificates auth
+    /// issues per session in proxy mode.
+    pub session_key: Arc<PrivateKey>,
+}
+
+impl ProxyShared {
+    /// Connects to a node and sends the signed header naming the user's address.
+    pub async fn dial_node(&self, client: SocketAddr, addr: &str) -> Result<TcpStream, String> {
+        let mut tcp =
+            tokio::time::timeout(self.config.node_connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| "did not answer the proxy in time".to_string())?
+                .map_err(|e| format!("is unreachable from the proxy: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let node_addr: SocketAddr = tcp.peer_addr().map_err(|e| e.to_string())?;
+        let header = proxy_header::encode(
+            client,
+            node_addr,
+            &self.host.key,
+            &self.host.certificate,
+            self.clock.unix_now(),
+        )
+        .map_err(|e| format!("cannot sign the client address: {e}"))?;
+        tcp.write_all(&header)
+            .await
+            .map_err(|e| format!("dropped the connection: {e}"))?;
+        Ok(tcp)
+    }
 }
 
 pub struct ProxyService {
     config: ProxyConfig,
     view: Arc<ClusterView>,
     host: HostCredentials,
+    uploader: Arc<Uploader>,
+    audit: Arc<AuditForwarder>,
 }
 
 impl ProxyService {
-    pub fn new(config: ProxyConfig, view: Arc<ClusterView>, host: HostCredentials) -> Self {
-        Self { config, view, host }
+    pub fn new(
+        config: ProxyConfig,
+        view: Arc<ClusterView>,
+        host: HostCredentials,
+        uploader: Arc<Uploader>,
+        audit: Arc<AuditForwarder>,
+    ) -> Self {
+        Self {
+            config,
+            view,
+            host,
+            uploader,
+            audit,
+        }
     }
 
     pub async fn run(
@@ -60,6 +116,9 @@ impl ProxyService {
             host: self.host.clone(),
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
+            uploader: self.uploader.clone(),
+            audit: self.audit.clone(),
+            session_key: Arc::new(generate_ed25519()),
         });
         tracing::info!(addr = ?listener.local_addr().ok(), "proxy service listening");
         let methods = [

@@ -23,7 +23,7 @@ pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const RECORDING_MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
 /// The modes this build records in; the others are refused by name.
-pub const SUPPORTED_RECORDING_MODES: &[&str] = &["node", "off"];
+pub const SUPPORTED_RECORDING_MODES: &[&str] = &["node", "proxy", "off"];
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
 /// Parts of recordings in a directory: small, so auth acknowledges often.
 pub const FILE_STORE_MIN_PART: usize = 1 << 20;

@@ -586,3 +586,142 @@ async fn a_session_not_yet_uploaded_says_so_and_exports_check_with_asciinema() {
     );
     assert!(String::from_utf8_lossy(&shown).contains("cast-marker"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_records_at_the_proxy_and_nodes_refuse_direct_sessions() {
+    use russh::ChannelMsg;
+    let c = TestCluster::start_with(crate::support::ClusterSpec {
+        auth_extra: "  session_recording: proxy\n".into(),
+        ..Default::default()
+    })
+    .await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+
+    // An interactive session with a resize, through the proxy.
+    let identity = turnstile::identity_file::read(&id).unwrap();
+    let conn = turnstile_ssh::client::connect_via_proxy(
+        &c.proxy_addr,
+        "web1",
+        "root",
+        &identity.credentials,
+        &identity.host_ca,
+    )
+    .await
+    .unwrap();
+    let mut ch = conn.handle.channel_open_session().await.unwrap();
+    ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    ch.request_shell(true).await.unwrap();
+    ch.data(&b"echo sid=$TURNSTILE_SESSION_ID; echo marker-$((1+1))\n"[..])
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut resized = false;
+    let mut exited = false;
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(30), ch.wait())
+        .await
+        .expect("the session answers")
+    {
+        match msg {
+            ChannelMsg::Data { data } => {
+                seen.push_str(&String::from_utf8_lossy(&data));
+                if seen.contains("marker-2") && !resized {
+                    resized = true;
+                    ch.window_change(100, 40, 0, 0).await.unwrap();
+                    ch.data(&b"stty size; exit\n"[..]).await.unwrap();
+                }
+            }
+            ChannelMsg::ExitStatus { .. } => exited = true,
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert!(exited, "{seen}");
+    let sid = seen
+        .split("sid=")
+        .filter_map(|s| uuid::Uuid::parse_str(&s.chars().take(36).collect::<String>()).ok())
+        .next()
+        .expect("TURNSTILE_SESSION_ID is the recorded sid")
+        .to_string();
+    wait_complete(&id, &sid).await;
+    let played = text(&play(&id, &sid, "text").await);
+    assert!(
+        played.contains("marker-2") && played.contains("40 100"),
+        "{played}"
+    );
+    let json = text(&play(&id, &sid, "json").await);
+    assert!(
+        json.lines()
+            .any(|l| l.contains("\"event\":\"resize\"") && l.contains("100:40")),
+        "{json}"
+    );
+
+    // The OpenSSH client through the proxy is recorded the same way.
+    let cfg = format!("{}.ssh_config", id.display());
+    let out = run(
+        crate::support::openssh(),
+        &[
+            "-F",
+            &cfg,
+            "-o",
+            "BatchMode=yes",
+            "web1",
+            "echo openssh-recorded",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        "openssh-recorded\n",
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Straight to the node, nothing would be recorded: refused.
+    let (host, port) = c.node_addr.rsplit_once(':').unwrap();
+    let out = run(
+        crate::support::openssh(),
+        &[
+            "-F",
+            &cfg,
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            port,
+            host,
+            "echo escaped",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("sessions are recorded by the proxy"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+
+    // One recorder per session: the node audits no session.start of its own.
+    let data = c.data_dir();
+    let audit = run(
+        BIN,
+        &[
+            "admin",
+            "audit",
+            "search",
+            "--event",
+            "session.start",
+            "--format",
+            "json",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(text(&audit.stdout).matches(&sid).count(), 1);
+}

@@ -1,0 +1,390 @@
+//! Proxy recording mode: instead of piping a tunnel through, the proxy ends
+//! the user's SSH connection itself, presenting a host certificate for the
+//! node's name that auth issues to proxies only, records the session, and
+//! connects to the node with a short-lived certificate for the same user,
+//! marked as the proxy's. The node records nothing for such connections, and
+//! refuses sessions that did not come through a proxy while the mode lasts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use russh::keys::{Certificate, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
+use russh::{Channel, ChannelMsg, MethodKind};
+use turnstile_api::identity::UserIdentity;
+use turnstile_api::rpc::proto;
+use turnstile_recording::RecordingEvent;
+use turnstile_recording::event::audit_event;
+use turnstile_recording::recorder::{SessionMeta, SessionRecorder};
+use turnstile_recording::uploader::LiveSession;
+
+use super::ProxyShared;
+use crate::client::{self, Connected, UserCredentials};
+use crate::cluster_view::NodeInfo;
+use crate::node::prohibited;
+use crate::server::{HostCredentials, server_config};
+use crate::user_cert::verify_user_cert;
+
+/// Serves the user's SSH connection to `node` inside the tunnel `channel`.
+pub(crate) async fn serve(
+    shared: Arc<ProxyShared>,
+    channel: Channel<Msg>,
+    node: NodeInfo,
+    outer: UserIdentity,
+    client: SocketAddr,
+    host_cert: Certificate,
+) {
+    let host = HostCredentials {
+        key: shared.host.key.clone(),
+        certificate: host_cert,
+    };
+    let config = Arc::new(server_config(&host, &[MethodKind::PublicKey]));
+    let handler = Terminating {
+        shared,
+        node,
+        outer,
+        client,
+        upstream: None,
+        login: String::new(),
+    };
+    match russh::server::run_stream(config, channel.into_stream(), handler).await {
+        Ok(session) => {
+            let _ = session.await;
+        }
+        Err(e) => tracing::debug!(%client, error = %e, "inner handshake failed"),
+    }
+}
+
+/// A host certificate for the node's name on the proxy's key, from auth.
+pub(crate) async fn node_host_cert(
+    shared: &ProxyShared,
+    node_name: &str,
+) -> Result<Certificate, String> {
+    let public_key = shared
+        .host
+        .key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| e.to_string())?;
+    let resp = shared
+        .view
+        .client()
+        .generate_node_host_cert(proto::GenerateNodeHostCertRequest {
+            node_name: node_name.to_string(),
+            public_key,
+        })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    Certificate::from_openssh(&resp.into_inner().certificate).map_err(|e| e.to_string())
+}
+
+struct Terminating {
+    shared: Arc<ProxyShared>,
+    node: NodeInfo,
+    outer: UserIdentity,
+    client: SocketAddr,
+    upstream: Option<Arc<Connected>>,
+    login: String,
+}
+
+impl Terminating {
+    /// Connects to the node as `login` for the holder of `cert`.
+    async fn connect_upstream(&self, login: &str, cert: &Certificate) -> Result<Connected, String> {
+        let public_key = self
+            .shared
+            .session_key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| e.to_string())?;
+        let issued = self
+            .shared
+            .view
+            .client()
+            .generate_proxy_user_cert(proto::GenerateProxyUserCertRequest {
+                user_certificate: cert.to_openssh().map_err(|e| e.to_string())?,
+                public_key,
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let creds = UserCredentials {
+            key: self.shared.session_key.clone(),
+            certificate: Certificate::from_openssh(&issued.certificate)
+                .map_err(|e| e.to_string())?,
+        };
+        let tcp = self.shared.dial_node(self.client, &self.node.addr).await?;
+        let host_ca: Vec<PublicKey> = self
+            .shared
+            .view
+            .host_ca_keys()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut conn = client::open(
+            tcp,
+            &format!("node {:?}", self.node.name),
+            &self.node.name,
+            &host_ca,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        conn.auth_certificate(login, &creds)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(conn)
+    }
+}
+
+impl Handler for Terminating {
+    type Error = russh::Error;
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        login: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let Ok(fingerprints) = self.shared.view.user_ca_fingerprints().await else {
+            return Ok(Auth::reject());
+        };
+        match verify_user_cert(cert, &fingerprints, self.shared.clock.unix_now()) {
+            Ok(identity) if identity.user == self.outer.user => {}
+            Ok(_) => {
+                tracing::warn!(client = %self.client, "inner certificate of another user than the tunnel's");
+                return Ok(Auth::reject());
+            }
+            Err(reason) => {
+                tracing::warn!(client = %self.client, %reason, "inner certificate refused");
+                return Ok(Auth::reject());
+            }
+        }
+        match self.connect_upstream(login, cert).await {
+            Ok(conn) => {
+                self.upstream = Some(Arc::new(conn));
+                self.login = login.to_string();
+                Ok(Auth::Accept)
+            }
+            Err(reason) => {
+                tracing::warn!(client = %self.client, node = %self.node.name, %reason, "cannot connect to the node for the user");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(upstream) = self.upstream.clone() else {
+            reply.reject(prohibited("not authenticated")).await;
+            return Ok(());
+        };
+        let node_channel = match upstream.handle.channel_open_session().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                let text = upstream
+                    .take_open_failure()
+                    .await
+                    .unwrap_or_else(|| e.to_string());
+                reply.reject(prohibited(text)).await;
+                return Ok(());
+            }
+        };
+        reply.accept().await;
+        let meta = SessionMeta {
+            sid: uuid::Uuid::new_v4().to_string(),
+            server_id: self.shared.config.host_id.clone(),
+            user: self.outer.user.clone(),
+            login: self.login.clone(),
+            node_name: self.node.name.clone(),
+        };
+        let relay = Relay {
+            shared: self.shared.clone(),
+            handle: session.handle(),
+            meta,
+        };
+        self.shared.tasks.spawn(relay.run(channel, node_channel));
+        Ok(())
+    }
+}
+
+/// One session channel, relayed between the user and the node, and recorded.
+struct Relay {
+    shared: Arc<ProxyShared>,
+    handle: Handle,
+    meta: SessionMeta,
+}
+
+struct Recording {
+    recorder: SessionRecorder,
+    live: LiveSession,
+    command: Option<String>,
+    interactive: bool,
+}
+
+impl Relay {
+    fn audit(&self, e: &RecordingEvent) {
+        self.shared.audit.emit(audit_event(e));
+    }
+
+    fn start(
+        &self,
+        pty: &Option<(String, u32, u32)>,
+        command: Option<String>,
+    ) -> Option<Recording> {
+        let (term, cols, rows) = pty.clone().unwrap_or_default();
+        match SessionRecorder::start(
+            self.shared.uploader.spool(),
+            self.meta.clone(),
+            cols,
+            rows,
+            &term,
+        ) {
+            Ok((recorder, start)) => {
+                self.audit(&start);
+                let live = self.shared.uploader.live(&self.meta.sid, recorder.synced());
+                Some(Recording {
+                    recorder,
+                    live,
+                    command,
+                    interactive: pty.is_some(),
+                })
+            }
+            Err(e) => {
+                tracing::error!(sid = %self.meta.sid, error = %e, "cannot record the session");
+                None
+            }
+        }
+    }
+
+    async fn finish(&self, rec: Option<Recording>, exit_code: Option<i32>) {
+        let Some(rec) = rec else { return };
+        if let Some(command) = &rec.command {
+            let e = rec.recorder.exec(command, exit_code.unwrap_or(-1));
+            self.audit(&e);
+        }
+        for e in rec.recorder.end(rec.interactive).await {
+            self.audit(&e);
+        }
+        rec.live.ended();
+    }
+
+    async fn run(self, user: Channel<Msg>, node: Channel<russh::client::Msg>) {
+        let id = user.id();
+        let (mut from_user, to_user) = user.split();
+        let (mut from_node, to_node) = node.split();
+        // The node names the session with the proxy's sid.
+        let _ = to_node
+            .set_env(false, "TURNSTILE_SESSION_ID", self.meta.sid.as_str())
+            .await;
+        let mut pty: Option<(String, u32, u32)> = None;
+        let mut recording: Option<Recording> = None;
+        let mut exit_code: Option<i32> = None;
+        // Replies the node owes for requests the user wanted answered.
+        let mut owed = 0usize;
+        loop {
+            tokio::select! {
+                msg = from_user.wait() => {
+                    let Some(msg) = msg else { break };
+                    let ok = match msg {
+                        ChannelMsg::RequestPty { want_reply, term, col_width, row_height, pix_width, pix_height, terminal_modes } => {
+                            pty = Some((term.clone(), col_width, row_height));
+                            owed += usize::from(want_reply);
+                            to_node.request_pty(want_reply, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await
+                        }
+                        ChannelMsg::SetEnv { want_reply, variable_name, variable_value } => {
+                            owed += usize::from(want_reply);
+                            to_node.set_env(want_reply, variable_name, variable_value).await
+                        }
+                        ChannelMsg::RequestShell { want_reply } => {
+                            if recording.is_none() {
+                                recording = self.start(&pty, None);
+                            }
+                            owed += usize::from(want_reply);
+                            to_node.request_shell(want_reply).await
+                        }
+                        ChannelMsg::Exec { want_reply, command } => {
+                            if recording.is_none() {
+                                recording = self.start(&pty, Some(String::from_utf8_lossy(&command).into_owned()));
+                            }
+                            owed += usize::from(want_reply);
+                            to_node.exec(want_reply, command).await
+                        }
+                        ChannelMsg::RequestSubsystem { want_reply, name } => {
+                            owed += usize::from(want_reply);
+                            to_node.request_subsystem(want_reply, name).await
+                        }
+                        ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
+                            if let Some(r) = &recording {
+                                let e = r.recorder.resize(col_width, row_height);
+                                self.audit(&e);
+                            }
+                            to_node.window_change(col_width, row_height, pix_width, pix_height).await
+                        }
+                        ChannelMsg::Signal { signal } => to_node.signal(signal).await,
+                        ChannelMsg::Data { data } => {
+                            if let Some(r) = &recording {
+                                r.recorder.received(data.len());
+                            }
+                            to_node.data_bytes(data).await
+                        }
+                        ChannelMsg::Eof => to_node.eof().await,
+                        ChannelMsg::Close => break,
+                        _ => Ok(()),
+                    };
+                    if ok.is_err() {
+                        break;
+                    }
+                }
+                msg = from_node.wait() => {
+                    let Some(msg) = msg else { break };
+                    match msg {
+                        ChannelMsg::Data { data } => {
+                            if let Some(r) = &recording {
+                                r.recorder.print(&data);
+                            }
+                            if to_user.data_bytes(data).await.is_err() {
+                                break;
+                            }
+                        }
+                        ChannelMsg::ExtendedData { data, ext } => {
+                            if let Some(r) = &recording {
+                                r.recorder.print(&data);
+                            }
+                            if to_user.extended_data_bytes(ext, data).await.is_err() {
+                                break;
+                            }
+                        }
+                        ChannelMsg::Success | ChannelMsg::Failure if owed > 0 => {
+                            owed -= 1;
+                            let _ = if matches!(msg, ChannelMsg::Success) {
+                                self.handle.channel_success(id).await
+                            } else {
+                                self.handle.channel_failure(id).await
+                            };
+                        }
+                        ChannelMsg::ExitStatus { exit_status } => {
+                            exit_code = i32::try_from(exit_status).ok();
+                            let _ = to_user.exit_status(exit_status).await;
+                        }
+                        ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
+                            let _ = self
+                                .handle
+                                .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                                .await;
+                        }
+                        ChannelMsg::Eof => {
+                            let _ = to_user.eof().await;
+                        }
+                        ChannelMsg::Close => break,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.finish(recording.take(), exit_code).await;
+        let _ = to_user.eof().await;
+        let _ = to_user.close().await;
+        let _ = to_node.close().await;
+    }
+}
