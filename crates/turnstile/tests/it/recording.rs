@@ -725,3 +725,68 @@ async fn proxy_mode_records_at_the_proxy_and_nodes_refuse_direct_sessions() {
     .await;
     assert_eq!(text(&audit.stdout).matches(&sid).count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_the_completer_gave_up_continues_the_recording() {
+    let mut c = Cluster::start_with("  upload_grace_period: 2s\n").await;
+    c.add_alice().await;
+    let out = c.login("correct horse battery").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut session = tokio::process::Command::new(BIN)
+        .args(["ssh", "web1", "--", "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done"])
+        .env("TURNSTILE_HOME", c.home())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
+    let sid = lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("sid=")
+        .to_string();
+    let mut last = 0;
+    while last < 40 {
+        let line = lines.next_line().await.unwrap().unwrap();
+        last = line.trim_start_matches("line-").parse().unwrap();
+    }
+    c.web1.take().unwrap().kill9().await;
+    let _ = session.kill().await;
+    // Auth completes the abandoned upload with what it has...
+    let identity = c.home().join("keys/prod/alice");
+    wait_complete(&identity, &sid).await;
+    // ...and the node, back later, appends what its spool still held.
+    let config = c.dirs.config(
+        "web1-back",
+        &joining_yaml(
+            &c.dirs.path("web1"),
+            &c.auth_addr,
+            None,
+            &c.pin,
+            &node_service("web1", "dev"),
+        ),
+    );
+    c.web1 = Some(Proc::start(&config).await);
+    let spool = c.dirs.path("web1").join("spool");
+    poll_until(Duration::from_secs(30), || async {
+        !std::fs::read_dir(&spool)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains(&sid))
+    })
+    .await
+    .expect("the node ships its spool and deletes it");
+    wait_complete(&identity, &sid).await;
+    let played = text(&play(&identity, &sid, "text").await);
+    for i in 0..=(last - 20) {
+        assert!(
+            played.contains(&format!("line-{i}\n")),
+            "line-{i} (of {last}) was lost"
+        );
+    }
+    // Each line once: the continuation repeats nothing.
+    assert_eq!(played.matches("line-1\n").count(), 1);
+}
