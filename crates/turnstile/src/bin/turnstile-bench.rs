@@ -23,6 +23,22 @@ use turnstile_api::rpc::proto;
 use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
+/// Auth, proxy and node in one process on port 0, data in `dir/data`.
+fn one_process_config(
+    dir: &std::path::Path,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let data = dir.join("data");
+    let config = dir.join("bench.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
+            data.display()
+        ),
+    )?;
+    Ok((data, config))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -57,15 +73,7 @@ async fn main() -> anyhow::Result<()> {
         _ => bail!("usage: turnstile-bench semaphores|recording"),
     }
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let config_path = dir.path().join("bench.yaml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
-            data.display()
-        ),
-    )?;
+    let (data, config_path) = one_process_config(dir.path())?;
     let running = launch(config::load(Some(&config_path), None)?).await?;
     let authority = running.authority.clone().context("auth runs here")?;
     let auth_addr = running.auth_addr.context("auth address")?.to_string();
@@ -319,15 +327,7 @@ async fn recording_bench() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30);
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let config_path = dir.path().join("bench.yaml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
-            data.display()
-        ),
-    )?;
+    let (data, config_path) = one_process_config(dir.path())?;
     // Inputs: base64 of random bytes, and a real build log repeated.
     let base64 = dir.path().join("base64.txt");
     let status = std::process::Command::new("sh")

@@ -13,15 +13,7 @@ use crate::support::{BIN, TestCluster, openssh, run, text};
 async fn start_prints_the_ready_block_serves_users_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = dir.path().join("turnstile.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: box1\n",
-            data.display()
-        ),
-    )
-    .unwrap();
+    let config = crate::support::one_process_config(dir.path(), "box1");
     let mut child = tokio::process::Command::new(BIN)
         .args(["start", "--config", config.to_str().unwrap()])
         .env("RUST_BACKTRACE", "0")

@@ -300,14 +300,18 @@ async fn off_mode_records_no_output_but_audits_start_and_end() {
     assert_eq!(spool_files.count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_mid_session_loses_no_output_older_than_a_second() {
-    let mut c = Cluster::start().await;
-    c.add_alice().await;
-    let out = c.login("correct horse battery").await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// A session on web1 printing `line-N` every 50 ms, read until line `until`.
+/// Returns the client, its output (kept open), the sid and the last line read.
+async fn counting_session(c: &Cluster, until: u64) -> (tokio::process::Child, Lines, String, u64) {
     let mut session = tokio::process::Command::new(BIN)
-        .args(["ssh", "web1", "--", "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done"])
+        .args([
+            "ssh",
+            "web1",
+            "--",
+            "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done",
+        ])
         .env("TURNSTILE_HOME", c.home())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -323,12 +327,22 @@ async fn a_node_killed_mid_session_loses_no_output_older_than_a_second() {
         .unwrap()
         .trim_start_matches("sid=")
         .to_string();
-    // About three seconds of output, then the node dies.
     let mut last = 0;
-    while last < 60 {
+    while last < until {
         let line = lines.next_line().await.unwrap().unwrap();
         last = line.trim_start_matches("line-").parse().unwrap();
     }
+    (session, lines, sid, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_session_loses_no_output_older_than_a_second() {
+    let mut c = Cluster::start().await;
+    c.add_alice().await;
+    let out = c.login("correct horse battery").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // About three seconds of output, then the node dies.
+    let (mut session, _lines, sid, last) = counting_session(&c, 60).await;
     c.web1.take().unwrap().kill9().await;
     let _ = session.kill().await;
     // Restarted, the node ships what it spooled.
@@ -368,15 +382,7 @@ async fn a_corrupt_spool_file_is_quarantined_once() {
         b"\xff\xff\xff\xff this is not a recording",
     )
     .unwrap();
-    let config = dir.path().join("c.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: web1\n",
-            data.display()
-        ),
-    )
-    .unwrap();
+    let config = crate::support::one_process_config(dir.path(), "web1");
     let p = Proc::start(&config).await;
     poll_until(Duration::from_secs(20), || async {
         spool.join(format!("corrupt/{sid}.error")).exists()
@@ -732,28 +738,7 @@ async fn a_node_back_after_the_completer_gave_up_continues_the_recording() {
     c.add_alice().await;
     let out = c.login("correct horse battery").await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut session = tokio::process::Command::new(BIN)
-        .args(["ssh", "web1", "--", "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done"])
-        .env("TURNSTILE_HOME", c.home())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
-    let sid = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim_start_matches("sid=")
-        .to_string();
-    let mut last = 0;
-    while last < 40 {
-        let line = lines.next_line().await.unwrap().unwrap();
-        last = line.trim_start_matches("line-").parse().unwrap();
-    }
+    let (mut session, _lines, sid, last) = counting_session(&c, 40).await;
     c.web1.take().unwrap().kill9().await;
     let _ = session.kill().await;
     // Auth completes the abandoned upload with what it has...

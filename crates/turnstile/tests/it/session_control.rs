@@ -175,15 +175,7 @@ async fn forty_racers_three_slots_in_process_on_the_memory_backend() {
 async fn forty_racers_three_slots_through_the_real_binary_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = dir.path().join("t.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: web1\n",
-            data.display()
-        ),
-    )
-    .unwrap();
+    let config = crate::support::one_process_config(dir.path(), "web1");
     let p = Proc::start(&config).await;
     let admin_args = ["--data-dir", data.to_str().unwrap()];
     admin(

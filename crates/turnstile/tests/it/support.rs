@@ -246,6 +246,21 @@ pub fn test_login() -> &'static str {
     TEST_LOGIN
 }
 
+/// Writes the config of auth, proxy and node in one process on port 0, with
+/// its data in `dir/data`; returns the config's path.
+pub fn one_process_config(dir: &Path, node_name: &str) -> PathBuf {
+    let config = dir.join("turnstile.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node_name}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// A `turnstile start` process of the real binary, with its own config.
 pub struct Proc {
     child: tokio::process::Child,
