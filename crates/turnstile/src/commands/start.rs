@@ -63,6 +63,10 @@ pub fn ready_banner(r: &Running) -> String {
 
 pub async fn run(args: StartArgs) -> anyhow::Result<()> {
     let config = config::load(args.config.as_deref(), args.data_dir)?;
+    // Handlers go in before the banner: whoever reads "ready" may signal at once.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let running = launch(config).await?;
     let banner = ready_banner(&running);
     {
@@ -71,9 +75,8 @@ pub async fn run(args: StartArgs) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     let token = running.shutdown_token();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = token.cancelled() => {}
     }
