@@ -2,8 +2,9 @@
 //! release, list. Exact under races on every backend: each change is a
 //! read-modify-write committed with compare-and-swap on the revision read,
 //! retried with jitter on conflict. Within one auth process, changes to the
-//! same semaphore also queue on a local lock, so the compare-and-swap rarely
-//! loses; it is what keeps several auth servers exact.
+//! same semaphore queue for one committer task, which writes each batch with
+//! a single compare-and-swap, so the swap rarely loses; the swap is what
+//! keeps several auth servers exact.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,10 +17,17 @@ use turnstile_api::semaphore::{self, Lease, Semaphore};
 
 use crate::backend::{Backend, BackendError};
 
+/// Gives every change in `batch` the same error.
+fn answer_all(batch: Vec<(Op, Reply)>, error: &SemaphoreError) {
+    for (_, reply) in batch {
+        let _ = reply.send(Err(error.clone()));
+    }
+}
+
 /// Attempts before giving up on a contended semaphore.
 const MAX_ATTEMPTS: u32 = 64;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SemaphoreError {
     #[error("semaphore {key} is full (max={max})")]
     LimitExceeded { key: String, max: u32 },
@@ -63,11 +71,55 @@ pub struct LeaseRequest {
 /// The revision and value this process last committed for a semaphore.
 type Cached = Option<(u64, Semaphore)>;
 
+/// A change waiting to be committed.
+enum Op {
+    Acquire(LeaseRequest),
+    KeepAlive { lease_id: String, ttl: Duration },
+    Cancel { lease_id: String },
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Option<Lease>, SemaphoreError>>;
+
+/// One semaphore's state in this process: the changes waiting for a commit,
+/// whether a committer task is running, and the last committed value (held
+/// by the committer while it runs).
+#[derive(Default)]
+struct Slot {
+    queued: Vec<(Op, Reply)>,
+    committing: bool,
+    cached: Cached,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("queued", &self.queued.len())
+            .field("committing", &self.committing)
+            .finish_non_exhaustive()
+    }
+}
+
+type SharedSlot = Arc<Mutex<Slot>>;
+
+fn lock(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Clears `committing` however the committer task ends, so a panic cannot
+/// wedge the semaphore; changes it had not answered see their reply dropped.
+struct CommitterGuard(SharedSlot);
+
+impl Drop for CommitterGuard {
+    fn drop(&mut self) {
+        lock(&self.0).committing = false;
+    }
+}
+
 #[derive(Debug)]
 pub struct Semaphores {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Cached>>>>,
+    slots: Mutex<HashMap<String, SharedSlot>>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -101,21 +153,146 @@ async fn jitter(attempt: u32) {
     }
 }
 
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Applies one change to the live leases; `Ok(Some)` for a new lease.
+fn apply(
+    sem: &mut Semaphore,
+    op: &Op,
+    key: &str,
+    now: i64,
+) -> Result<Option<Lease>, SemaphoreError> {
+    match op {
+        Op::Acquire(req) => {
+            if sem.leases.len() >= req.max as usize {
+                return Err(SemaphoreError::LimitExceeded {
+                    key: key.to_string(),
+                    max: req.max,
+                });
+            }
+            let lease = Lease {
+                lease_id: uuid::Uuid::new_v4().to_string(),
+                holder: req.holder.clone(),
+                holder_name: req.holder_name.clone(),
+                expires: now + ttl_ms(req.ttl),
+                login: req.login.clone(),
+                remote_addr: req.remote_addr.clone(),
+                since: now,
+            };
+            sem.leases.push(lease.clone());
+            Ok(Some(lease))
+        }
+        Op::KeepAlive { lease_id, ttl } => {
+            let lease = sem
+                .leases
+                .iter_mut()
+                .find(|l| &l.lease_id == lease_id)
+                .ok_or_else(|| SemaphoreError::LeaseGone {
+                    key: key.to_string(),
+                    lease_id: lease_id.clone(),
+                })?;
+            lease.expires = now + ttl_ms(*ttl);
+            Ok(Some(lease.clone()))
+        }
+        Op::Cancel { lease_id } => {
+            sem.leases.retain(|l| &l.lease_id != lease_id);
+            Ok(None)
+        }
+    }
+}
+
+/// Applies `batch` in order and commits it with one compare-and-swap,
+/// retrying on conflict; answers every change.
+async fn commit(
+    backend: &dyn Backend,
+    clock: &dyn Clock,
+    key: &str,
+    cached: &mut Cached,
+    batch: Vec<(Op, Reply)>,
+) {
+    for attempt in 0..MAX_ATTEMPTS {
+        jitter(attempt).await;
+        let now = ms(clock.now());
+        let from_cache = cached.is_some();
+        let current = match cached.take() {
+            Some(c) => Some(c),
+            None => match backend.get(key).await {
+                Ok(item) => match decode(key, &item.value) {
+                    Ok(sem) => Some((item.revision, sem)),
+                    Err(e) => return answer_all(batch, &e),
+                },
+                Err(BackendError::NotFound(_)) => None,
+                Err(e) => return answer_all(batch, &SemaphoreError::Backend(e)),
+            },
+        };
+        let mut sem = current.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
+        sem.drop_expired(now);
+        let results: Vec<_> = batch
+            .iter()
+            .map(|(op, _)| apply(&mut sem, op, key, now))
+            .collect();
+        let changed = current.as_ref().map(|(_, s)| s) != Some(&sem);
+        if !changed && from_cache && results.iter().any(Result::is_err) {
+            // A refusal must not rest on a stale copy: another auth server
+            // may have freed a slot. Read the backend and decide again.
+            continue;
+        }
+        let written = if !changed {
+            Ok(current.as_ref().map(|(r, _)| *r))
+        } else {
+            match (&current, sem.expires()) {
+                (None, Some(e)) => backend
+                    .create(key, encode(&sem), Some(from_ms(e)))
+                    .await
+                    .map(Some),
+                (None, None) => Ok(None),
+                (Some((rev, _)), Some(e)) => backend
+                    .compare_and_swap(key, *rev, encode(&sem), Some(from_ms(e)))
+                    .await
+                    .map(Some),
+                (Some((rev, _)), None) => {
+                    backend.compare_and_delete(key, *rev).await.map(|()| None)
+                }
+            }
+        };
+        match written {
+            Ok(revision) => {
+                *cached = revision.map(|r| (r, sem));
+                for ((_, reply), result) in batch.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+                return;
+            }
+            Err(
+                BackendError::CompareFailed(_)
+                | BackendError::NotFound(_)
+                | BackendError::AlreadyExists(_),
+            ) => {
+                continue;
+            }
+            Err(e) => return answer_all(batch, &SemaphoreError::Backend(e)),
+        }
+    }
+    answer_all(batch, &SemaphoreError::Contention(key.to_string()));
+}
+
 impl Semaphores {
     pub fn new(backend: Arc<dyn Backend>, clock: Arc<dyn Clock>) -> Self {
         Self {
             backend,
             clock,
-            locks: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
         }
     }
 
-    fn local_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<Cached>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        if locks.len() > 4096 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
+    fn slot(&self, key: &str) -> SharedSlot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.len() > 4096 {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
         }
-        locks.entry(key.to_string()).or_default().clone()
+        slots.entry(key.to_string()).or_default().clone()
     }
 
     fn check(kind: &str, name: &str) -> Result<(), SemaphoreError> {
@@ -127,6 +304,41 @@ impl Semaphores {
         validate_name("semaphore name", name).map_err(SemaphoreError::BadParameter)
     }
 
+    /// Queues a change and waits for the commit that carries it. One
+    /// committer task per semaphore commits everything queued so far in one
+    /// compare-and-swap (group commit), so a crowd of contenders costs a few
+    /// writes, not one each. The committer is detached from the callers, so
+    /// a caller that goes away mid-commit cannot strand the changes queued
+    /// with it. (Its own lease, if written, lapses with its TTL.)
+    async fn submit(&self, key: &str, op: Op) -> Result<Option<Lease>, SemaphoreError> {
+        let slot = self.slot(key);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut s = lock(&slot);
+            s.queued.push((op, tx));
+            !std::mem::replace(&mut s.committing, true)
+        };
+        if start {
+            let (backend, clock, key) = (self.backend.clone(), self.clock.clone(), key.to_string());
+            tokio::spawn(async move {
+                let _guard = CommitterGuard(slot.clone());
+                loop {
+                    let (batch, mut cached) = {
+                        let mut s = lock(&slot);
+                        if s.queued.is_empty() {
+                            return;
+                        }
+                        (std::mem::take(&mut s.queued), s.cached.take())
+                    };
+                    commit(&*backend, &*clock, &key, &mut cached, batch).await;
+                    lock(&slot).cached = cached;
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(SemaphoreError::Contention(key.to_string())))
+    }
+
     /// Takes a lease if fewer than `max` live leases are held.
     pub async fn acquire(&self, req: &LeaseRequest) -> Result<Lease, SemaphoreError> {
         Self::check(&req.kind, &req.name)?;
@@ -135,115 +347,9 @@ impl Semaphores {
                 "a lease needs a limit and a lifetime above zero".into(),
             ));
         }
-        let key = key(&req.kind, &req.name);
-        let ttl_ms = i64::try_from(req.ttl.as_millis()).unwrap_or(i64::MAX);
-        let (lease, _) = self
-            .modify(&key, true, |sem, now| {
-                if sem.leases.len() >= req.max as usize {
-                    return Err(SemaphoreError::LimitExceeded {
-                        key: key.clone(),
-                        max: req.max,
-                    });
-                }
-                let lease = Lease {
-                    lease_id: uuid::Uuid::new_v4().to_string(),
-                    holder: req.holder.clone(),
-                    holder_name: req.holder_name.clone(),
-                    expires: now + ttl_ms,
-                    login: req.login.clone(),
-                    remote_addr: req.remote_addr.clone(),
-                    since: now,
-                };
-                sem.leases.push(lease.clone());
-                Ok(lease)
-            })
-            .await?;
-        Ok(lease)
-    }
-
-    /// Applies `change` to the live leases of the semaphore at `key` and
-    /// commits with compare-and-swap, retrying on conflict. The last value
-    /// this process committed is cached under the local lock, so an
-    /// uncontended change is one backend write; a conflict (another auth
-    /// server wrote) reloads it.
-    async fn modify<T>(
-        &self,
-        key: &str,
-        create: bool,
-        mut change: impl FnMut(&mut Semaphore, i64) -> Result<T, SemaphoreError>,
-    ) -> Result<(T, Semaphore), SemaphoreError> {
-        let lock = self.local_lock(key);
-        let mut cached = lock.lock().await;
-        for attempt in 0..MAX_ATTEMPTS {
-            jitter(attempt).await;
-            let now = ms(self.clock.now());
-            let current = match cached.take() {
-                Some(c) => Some(c),
-                None => match self.backend.get(key).await {
-                    Ok(item) => Some((item.revision, decode(key, &item.value)?)),
-                    Err(BackendError::NotFound(_)) => None,
-                    Err(e) => return Err(e.into()),
-                },
-            };
-            let Some((revision, stored)) = current else {
-                if !create {
-                    return Err(BackendError::NotFound(key.to_string()).into());
-                }
-                let mut sem = Semaphore::default();
-                let out = change(&mut sem, now)?;
-                let expires = sem.expires().map(from_ms);
-                match self.backend.create(key, encode(&sem), expires).await {
-                    Ok(rev) => {
-                        *cached = Some((rev, sem.clone()));
-                        return Ok((out, sem));
-                    }
-                    Err(BackendError::AlreadyExists(_)) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            let mut sem = stored.clone();
-            sem.drop_expired(now);
-            let out = match change(&mut sem, now) {
-                Ok(out) => out,
-                Err(e) => {
-                    *cached = Some((revision, stored));
-                    return Err(e);
-                }
-            };
-            let result = match sem.expires() {
-                Some(e) => self
-                    .backend
-                    .compare_and_swap(key, revision, encode(&sem), Some(from_ms(e)))
-                    .await
-                    .map(Some),
-                None => self
-                    .backend
-                    .compare_and_delete(key, revision)
-                    .await
-                    .map(|()| None),
-            };
-            match result {
-                Ok(new_revision) => {
-                    *cached = new_revision.map(|r| (r, sem.clone()));
-                    return Ok((out, sem));
-                }
-                Err(BackendError::CompareFailed(_) | BackendError::NotFound(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(SemaphoreError::Contention(key.to_string()))
-    }
-
-    /// Applies `change` to an existing semaphore.
-    async fn update(
-        &self,
-        kind: &str,
-        name: &str,
-        change: impl FnMut(&mut Semaphore, i64) -> Result<(), SemaphoreError>,
-    ) -> Result<Semaphore, SemaphoreError> {
-        Self::check(kind, name)?;
-        let (_, sem) = self.modify(&key(kind, name), false, change).await?;
-        Ok(sem)
+        self.submit(&key(&req.kind, &req.name), Op::Acquire(req.clone()))
+            .await?
+            .ok_or_else(|| SemaphoreError::BadParameter("no lease".into()))
     }
 
     /// Extends a live lease to `ttl` from now.
@@ -254,30 +360,17 @@ impl Semaphores {
         lease_id: &str,
         ttl: Duration,
     ) -> Result<Lease, SemaphoreError> {
-        let gone = || SemaphoreError::LeaseGone {
-            key: key(kind, name),
+        Self::check(kind, name)?;
+        let op = Op::KeepAlive {
             lease_id: lease_id.to_string(),
+            ttl,
         };
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let sem = match self
-            .update(kind, name, |sem, now| {
-                let lease = sem
-                    .leases
-                    .iter_mut()
-                    .find(|l| l.lease_id == lease_id)
-                    .ok_or_else(gone)?;
-                lease.expires = now + ttl_ms;
-                Ok(())
+        self.submit(&key(kind, name), op)
+            .await?
+            .ok_or_else(|| SemaphoreError::LeaseGone {
+                key: key(kind, name),
+                lease_id: lease_id.to_string(),
             })
-            .await
-        {
-            Err(SemaphoreError::Backend(BackendError::NotFound(_))) => return Err(gone()),
-            other => other?,
-        };
-        sem.leases
-            .into_iter()
-            .find(|l| l.lease_id == lease_id)
-            .ok_or_else(gone)
     }
 
     /// Releases a lease; releasing one that is already gone is not an error.
@@ -287,16 +380,11 @@ impl Semaphores {
         name: &str,
         lease_id: &str,
     ) -> Result<(), SemaphoreError> {
-        match self
-            .update(kind, name, |sem, _| {
-                sem.leases.retain(|l| l.lease_id != lease_id);
-                Ok(())
-            })
-            .await
-        {
-            Ok(_) | Err(SemaphoreError::Backend(BackendError::NotFound(_))) => Ok(()),
-            Err(e) => Err(e),
-        }
+        Self::check(kind, name)?;
+        let op = Op::Cancel {
+            lease_id: lease_id.to_string(),
+        };
+        self.submit(&key(kind, name), op).await.map(|_| ())
     }
 
     /// Every live lease of `kind` (all kinds if empty), as (name, lease).
@@ -373,7 +461,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn separate_auth_servers_sharing_a_backend_stay_exact() {
-        // Two Semaphores on one backend: no shared local lock, only the CAS.
+        // Two Semaphores on one backend: no shared queue, only the CAS.
         let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
         let a = Arc::new(Semaphores::new(backend.clone(), Arc::new(SystemClock)));
         let b = Arc::new(Semaphores::new(backend, Arc::new(SystemClock)));
@@ -389,6 +477,25 @@ mod tests {
             won += usize::from(t.await.unwrap());
         }
         assert_eq!(won, 3);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_rereads_a_slot_freed_by_another_auth_server() {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let a = Semaphores::new(backend.clone(), Arc::new(SystemClock));
+        let b = Semaphores::new(backend, Arc::new(SystemClock));
+        let held = a.acquire(&request(1)).await.unwrap();
+        assert!(matches!(
+            a.acquire(&request(1)).await,
+            Err(SemaphoreError::LimitExceeded { .. })
+        ));
+        // Released through the other server: `a` still caches it as full.
+        b.cancel("connection", "alice", &held.lease_id)
+            .await
+            .unwrap();
+        a.acquire(&request(1))
+            .await
+            .expect("the slot freed elsewhere is free here at once");
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ pub struct Item {
 }
 
 /// What went wrong, as a category the caller can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("key {0:?} not found")]
     NotFound(String),
