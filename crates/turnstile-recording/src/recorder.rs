@@ -69,9 +69,14 @@ impl State {
         let Some(writer) = self.writer.as_mut() else {
             return;
         };
-        if let Err(err) = writer.append(e)
-            && !self.failed
-        {
+        if let Err(err) = writer.append(e) {
+            self.report(&err);
+        }
+    }
+
+    /// Logs the first failure to write or sync the spool.
+    fn report(&mut self, err: &SpoolError) {
+        if !self.failed {
             self.failed = true;
             tracing::error!(sid = %self.meta.sid, error = %err, "cannot write the session recording to the spool");
         }
@@ -85,18 +90,28 @@ pub struct SessionRecorder {
     syncer: Option<JoinHandle<()>>,
 }
 
+/// Makes what was appended durable. Only the hand-off to the kernel holds
+/// the session's lock; the wait for the disk does not, so output keeps
+/// flowing during it.
 fn sync(state: &Mutex<State>) -> bool {
-    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(writer) = s.writer.as_mut() else {
-        return false;
-    };
-    match writer.sync() {
-        Ok(wrote) => wrote,
-        Err(err) => {
-            if !s.failed {
-                s.failed = true;
-                tracing::error!(sid = %s.meta.sid, error = %err, "cannot sync the session recording");
+    let pending = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(writer) = s.writer.as_mut() else {
+            return false;
+        };
+        match writer.start_sync() {
+            Ok(Some(pending)) => pending,
+            Ok(None) => return false,
+            Err(err) => {
+                s.report(&err);
+                return false;
             }
+        }
+    };
+    match pending.wait() {
+        Ok(()) => true,
+        Err(err) => {
+            state.lock().unwrap_or_else(|e| e.into_inner()).report(&err);
             false
         }
     }
@@ -285,7 +300,7 @@ mod tests {
         rec.resize(100, 40);
         let end = rec.end(true).await;
         assert_eq!(end[1].event, SESSION_END);
-        let (events, _) = spool.read_from(&sid, 0).unwrap();
+        let (events, _) = spool.read_from(&sid, 0, usize::MAX).unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
         assert_eq!(
             kinds,

@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -79,9 +80,11 @@ impl Spool {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        let durable = file.try_clone().map_err(io(&path))?;
         Ok(SpoolWriter {
             path,
             file: BufWriter::with_capacity(64 * 1024, file),
+            durable: Arc::new(durable),
             dirty: false,
         })
     }
@@ -100,19 +103,25 @@ impl Spool {
         Ok(out)
     }
 
-    /// Reads the complete records after byte `offset`; returns them and the
-    /// offset after the last complete one. A record cut short at the end is
-    /// not an error (it is still being written, or a crash cut it).
+    /// Reads the complete records in the `limit` bytes after byte `offset`
+    /// (at least one record's worth, so a record of the largest size is
+    /// never split); returns them and the offset after the last complete
+    /// one. A record cut short at the end is not an error (it is still being
+    /// written, a crash cut it, or the limit did: read on from the offset).
     pub fn read_from(
         &self,
         sid: &str,
         offset: u64,
+        limit: usize,
     ) -> Result<(Vec<RecordingEvent>, u64), SpoolError> {
         let path = self.events_path(sid);
         let mut file = File::open(&path).map_err(io(&path))?;
         file.seek(SeekFrom::Start(offset)).map_err(io(&path))?;
+        let limit = limit.max(MAX_EVENT + 4);
         let mut buf = Vec::new();
-        file.read_to_end(&mut buf).map_err(io(&path))?;
+        file.take(limit as u64)
+            .read_to_end(&mut buf)
+            .map_err(io(&path))?;
         let mut events = Vec::new();
         let mut at = 0usize;
         while at + 4 <= buf.len() {
@@ -185,7 +194,24 @@ impl Spool {
 pub struct SpoolWriter {
     path: PathBuf,
     file: BufWriter<File>,
+    /// The same file, for syncing while appends go on.
+    durable: Arc<File>,
     dirty: bool,
+}
+
+/// What was appended up to a moment, handed to the kernel and waiting to be
+/// made durable with [`PendingSync::wait`].
+#[derive(Debug)]
+pub struct PendingSync {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl PendingSync {
+    /// Blocks until the data is on disk.
+    pub fn wait(self) -> Result<(), SpoolError> {
+        self.file.sync_data().map_err(io(&self.path))
+    }
 }
 
 impl SpoolWriter {
@@ -199,13 +225,25 @@ impl SpoolWriter {
 
     /// Pushes what was appended to disk. Returns whether there was anything.
     pub fn sync(&mut self) -> Result<bool, SpoolError> {
+        match self.start_sync()? {
+            Some(pending) => pending.wait().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Hands what was appended to the kernel (fast) and returns the slow
+    /// part, the wait for the disk, to do without holding up appends.
+    /// `None` when nothing was appended since the last sync.
+    pub fn start_sync(&mut self) -> Result<Option<PendingSync>, SpoolError> {
         if !self.dirty {
-            return Ok(false);
+            return Ok(None);
         }
         self.file.flush().map_err(io(&self.path))?;
-        self.file.get_ref().sync_data().map_err(io(&self.path))?;
         self.dirty = false;
-        Ok(true)
+        Ok(Some(PendingSync {
+            path: self.path.clone(),
+            file: self.durable.clone(),
+        }))
     }
 }
 
@@ -233,7 +271,7 @@ mod tests {
             w.append(&event(sid, i)).unwrap();
         }
         w.sync().unwrap();
-        let (events, end) = spool.read_from(sid, 0).unwrap();
+        let (events, end) = spool.read_from(sid, 0, usize::MAX).unwrap();
         assert_eq!(events.len(), 3);
         // A half-written record at the end is left for later.
         let mut f = OpenOptions::new()
@@ -241,10 +279,40 @@ mod tests {
             .open(spool.events_path(sid))
             .unwrap();
         f.write_all(&[0, 0, 0, 40, 1, 2]).unwrap();
-        let (more, end2) = spool.read_from(sid, end).unwrap();
+        let (more, end2) = spool.read_from(sid, end, usize::MAX).unwrap();
         assert!(more.is_empty());
         assert_eq!(end2, end);
         assert_eq!(spool.sessions().unwrap(), vec![sid.to_string()]);
+    }
+
+    #[test]
+    fn a_limited_read_takes_whole_records_and_goes_on_from_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let sid = "0b5f1d2e-aaaa-4bbb-8ccc-123456789abd";
+        let mut w = spool.create(sid).unwrap();
+        let big = |ei| RecordingEvent {
+            data: vec![b'y'; 700 * 1024],
+            ..event(sid, ei)
+        };
+        for i in 0..5 {
+            w.append(&big(i)).unwrap();
+        }
+        w.sync().unwrap();
+        // The limit is raised to one largest record: one 700 KiB event fits
+        // per read, never half of one.
+        let (mut offset, mut seen) = (0, Vec::new());
+        loop {
+            let (events, next) = spool.read_from(sid, offset, 1).unwrap();
+            if events.is_empty() {
+                break;
+            }
+            assert_eq!(events.len(), 1);
+            seen.extend(events.into_iter().map(|e| e.ei));
+            offset = next;
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        assert_eq!(offset, fs::metadata(spool.events_path(sid)).unwrap().len());
     }
 
     #[test]
@@ -253,7 +321,7 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         let sid = "11111111-2222-4333-8444-555555555555";
         fs::write(spool.events_path(sid), b"\xff\xff\xff\xffgarbage").unwrap();
-        let err = spool.read_from(sid, 0).unwrap_err();
+        let err = spool.read_from(sid, 0, usize::MAX).unwrap_err();
         assert!(
             matches!(err, SpoolError::Corrupt { offset: 0, .. }),
             "{err}"

@@ -27,6 +27,11 @@ use crate::spool::{Checkpoint, Spool, SpoolError};
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// The most event bytes in one message to auth.
 const BATCH_BYTES: usize = 256 * 1024;
+/// The most spool bytes read at once: memory stays bounded however far
+/// behind the uploader is.
+const READ_CHUNK: usize = 4 * 1024 * 1024;
+/// Reads per round before acknowledgements are taken.
+const READS_PER_ROUND: usize = 4;
 /// An idle stream still tells auth its recorder is alive this often.
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -189,12 +194,25 @@ impl Uploader {
         }
     }
 
+    /// The next records of `sid` after `offset`, read off the async runtime.
+    async fn read(
+        &self,
+        sid: &str,
+        offset: u64,
+    ) -> Result<(Vec<crate::event::RecordingEvent>, u64), UploadError> {
+        let (spool, sid) = (self.spool.clone(), sid.to_string());
+        tokio::task::spawn_blocking(move || spool.read_from(&sid, offset, READ_CHUNK))
+            .await
+            .map_err(|e| UploadError::Transient(format!("reading the spool: {e}")))?
+            .map_err(UploadError::from)
+    }
+
     /// One stream: open or resume, send what auth lacks, complete once the
     /// session has ended. Ok means auth confirmed the whole recording.
     async fn stream_once(&self, sid: &str, live: Option<&LiveSession>) -> Result<(), UploadError> {
         // The first event says whose session it is; wait for it if need be.
         let start = loop {
-            let (events, _) = self.spool.read_from(sid, 0)?;
+            let (events, _) = self.read(sid, 0).await?;
             if let Some(first) = events.into_iter().next() {
                 break first;
             }
@@ -246,26 +264,36 @@ impl Uploader {
         let mut sent = acked;
         let mut offset = 0u64;
         let mut complete_sent = false;
+        // Spool left unread after a round: acknowledgements are taken
+        // between rounds, so auth is never kept waiting on a full channel.
+        let mut more = false;
         let mut last_sent_at = tokio::time::Instant::now();
         loop {
             if !complete_sent {
                 let ended = live.is_none_or(|l| l.ended.load(Ordering::SeqCst));
-                let (events, next) = self.spool.read_from(sid, offset)?;
-                offset = next;
                 let mut batch = Vec::new();
                 let mut bytes = 0;
-                let from = sent;
-                for e in events.into_iter().filter(|e| e.ei as i64 > from) {
-                    sent = e.ei as i64;
-                    bytes += e.data.len() + 64;
-                    batch.push(e);
-                    if bytes >= BATCH_BYTES {
-                        send(record_request::Request::Events(RecordEvents {
-                            events: std::mem::take(&mut batch),
-                        }))
-                        .await?;
-                        bytes = 0;
-                        last_sent_at = tokio::time::Instant::now();
+                more = true;
+                for _ in 0..READS_PER_ROUND {
+                    let (events, next) = self.read(sid, offset).await?;
+                    if next == offset {
+                        more = false;
+                        break;
+                    }
+                    offset = next;
+                    let from = sent;
+                    for e in events.into_iter().filter(|e| e.ei as i64 > from) {
+                        sent = e.ei as i64;
+                        bytes += e.data.len() + 64;
+                        batch.push(e);
+                        if bytes >= BATCH_BYTES {
+                            send(record_request::Request::Events(RecordEvents {
+                                events: std::mem::take(&mut batch),
+                            }))
+                            .await?;
+                            bytes = 0;
+                            last_sent_at = tokio::time::Instant::now();
+                        }
                     }
                 }
                 if !batch.is_empty() || last_sent_at.elapsed() >= KEEPALIVE {
@@ -275,12 +303,15 @@ impl Uploader {
                     .await?;
                     last_sent_at = tokio::time::Instant::now();
                 }
-                if ended {
+                if ended && !more {
                     send(record_request::Request::Complete(RecordComplete {})).await?;
                     complete_sent = true;
                 }
             }
             let wake = async {
+                if more {
+                    return;
+                }
                 match live {
                     Some(l) if !complete_sent => {
                         tokio::select! {
