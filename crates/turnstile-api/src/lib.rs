@@ -11,6 +11,7 @@ pub mod error;
 pub mod identity;
 pub mod labels;
 pub mod pin;
+pub mod recording;
 pub mod role;
 pub mod rpc;
 pub mod semaphore;

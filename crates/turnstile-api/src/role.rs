@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::duration::WrittenDuration;
 use crate::labels::{LabelSelector, LabelValues, Labels, selector_matches, validate_label};
+use crate::recording::RecordingPolicy;
 
 /// The template that expands to the logins given to a user with `--logins`.
 pub const INTERNAL_LOGINS: &str = "{{internal.logins}}";
@@ -114,6 +115,8 @@ teleport_struct! {
             max_sessions: i64,
             /// Longest certificate the role allows.
             max_session_ttl: WrittenDuration,
+            /// What happens when a session's recording cannot be written.
+            record_session: RecordSession,
         }
         unimplemented {
             forward_agent,
@@ -125,7 +128,6 @@ teleport_struct! {
             enhanced_recording,
             require_session_mfa,
             ssh_file_copy,
-            record_session,
             create_host_user,
             create_host_user_mode,
             pin_source_ip,
@@ -142,6 +144,19 @@ teleport_struct! {
             ssh_port_forwarding,
             create_db_user,
             create_desktop_user,
+        }
+    }
+}
+
+teleport_struct! {
+    /// `record_session`: `ssh` applies to SSH sessions, `default` when `ssh` is absent.
+    pub struct RecordSession {
+        implemented {
+            default: RecordingPolicy,
+            ssh: RecordingPolicy,
+        }
+        unimplemented {
+            desktop,
         }
     }
 }
@@ -334,6 +349,13 @@ impl Role {
                 .into_iter()
                 .map(|f| format!("spec.options.{f}")),
         );
+        if let Some(r) = &self.spec.options.record_session {
+            out.extend(
+                r.unimplemented_fields()
+                    .into_iter()
+                    .map(|f| format!("spec.options.record_session.{f}")),
+            );
+        }
         for (which, cond) in [("allow", &self.spec.allow), ("deny", &self.spec.deny)] {
             out.extend(
                 cond.unimplemented_fields()
@@ -407,6 +429,8 @@ pub struct Limits {
     /// 0 = unlimited.
     pub max_sessions: u32,
     pub max_session_ttl: Duration,
+    /// `strict` unless a role says `best_effort` and none says `strict`.
+    pub recording: RecordingPolicy,
 }
 
 /// Why a role set refused access.
@@ -556,7 +580,21 @@ impl RoleSet {
             .map(|d| d.0)
             .min()
             .unwrap_or(DEFAULT_MAX_SESSION_TTL);
+        let said: Vec<RecordingPolicy> = self
+            .roles
+            .iter()
+            .filter_map(|r| r.spec.options.record_session.as_ref())
+            .filter_map(|r| r.ssh.or(r.default))
+            .collect();
+        let recording = if said.contains(&RecordingPolicy::BestEffort)
+            && !said.contains(&RecordingPolicy::Strict)
+        {
+            RecordingPolicy::BestEffort
+        } else {
+            RecordingPolicy::Strict
+        };
         Limits {
+            recording,
             max_connections: smallest_nonzero(|o| o.max_connections),
             max_sessions: smallest_nonzero(|o| o.max_sessions),
             max_session_ttl: ttl,
@@ -638,6 +676,41 @@ mod tests {
             RoleSet::new(vec![mk("z", 0, 0)]).limits().max_connections,
             0
         );
+    }
+
+    #[test]
+    fn recording_is_strict_unless_a_role_says_best_effort_and_none_says_strict() {
+        let mk = |name: &str, yaml: &str| -> Role {
+            serde_json::from_str(&format!(
+                "{{\"kind\":\"role\",\"version\":\"v3\",\"metadata\":{{\"name\":\"{name}\"}},\"spec\":{{\"options\":{yaml}}}}}"
+            ))
+            .unwrap()
+        };
+        let silent = mk("silent", "{}");
+        let best = mk("best", r#"{"record_session":{"ssh":"best_effort"}}"#);
+        let by_default = mk("dflt", r#"{"record_session":{"default":"best_effort"}}"#);
+        let strict = mk(
+            "strict",
+            r#"{"record_session":{"default":"best_effort","ssh":"strict"}}"#,
+        );
+        let policy = |roles: Vec<Role>| RoleSet::new(roles).limits().recording;
+        assert_eq!(policy(vec![silent.clone()]), RecordingPolicy::Strict);
+        assert_eq!(
+            policy(vec![silent.clone(), best.clone()]),
+            RecordingPolicy::BestEffort
+        );
+        assert_eq!(policy(vec![by_default]), RecordingPolicy::BestEffort);
+        assert_eq!(policy(vec![best, strict.clone()]), RecordingPolicy::Strict);
+        assert_eq!(policy(vec![strict]), RecordingPolicy::Strict);
+        let with_desktop = mk("d", r#"{"record_session":{"desktop":true}}"#);
+        assert_eq!(
+            with_desktop.unimplemented_fields(),
+            vec!["spec.options.record_session.desktop".to_string()]
+        );
+        let bad: Result<Role, _> = serde_json::from_str(
+            r#"{"kind":"role","version":"v3","metadata":{"name":"x"},"spec":{"options":{"record_session":{"ssh":"sometimes"}}}}"#,
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use turnstile_api::error::ApiError;
+use turnstile_api::recording::RecordingMode;
 
 use crate::backend::{Backend, BackendError};
 
@@ -14,14 +15,14 @@ const KEY: &str = "cluster/config";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
     pub session_control_timeout_ms: u64,
-    pub session_recording: String,
+    pub session_recording: RecordingMode,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             session_control_timeout_ms: 120_000,
-            session_recording: "node".into(),
+            session_recording: RecordingMode::Node,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod ca;
 pub mod cluster_config;
 pub mod passwords;
+pub mod recording_stream;
 pub mod recordings;
 pub mod rpc;
 pub mod semaphores;

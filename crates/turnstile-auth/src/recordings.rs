@@ -1,7 +1,9 @@
-//! Recordings on auth: receiving a recorder's stream into parts in the
-//! `UploadStore`, the index at `recordings/<sid>` (in-progress uploads and
-//! their stored parts live there too, so any auth server can resume or
-//! complete one), the upload completer, and who may list and read what.
+//! Recordings on auth: the index at `recordings/<sid>` (in-progress uploads
+//! and their stored parts live there too, so any auth server can resume or
+//! complete one; staged chunks are listed from the store), storing parts,
+//! completing uploads (the upload completer's work too), continuations, and
+//! reading a recording's objects as one byte stream. The stream from a
+//! recorder is received in `recording_stream.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 use turnstile_api::error::ApiError;
-use turnstile_api::rpc::proto::{RecordingEvent, RecordingInfo};
-use turnstile_recording::part::{FinishedPart, PartWriter};
-use turnstile_recording::storage::{Part, Upload, UploadStore, check_id};
+use turnstile_api::rpc::proto::RecordingInfo;
+use turnstile_recording::part::{HEADER_LEN, part_from_payload};
+use turnstile_recording::storage::{Part, StagedChunk, Upload, UploadStore, check_id};
 
 use crate::backend::{Backend, BackendError};
 
@@ -37,9 +39,13 @@ pub struct RecordingRecord {
     pub start_ms: i64,
     #[serde(default)]
     pub stop_ms: i64,
-    /// Size of the completed recording.
+    /// Size of the completed recording (all its objects).
     #[serde(default)]
     pub size: u64,
+    /// Sizes of its completed objects: `<sid>.rec`, then the continuations
+    /// `<sid>.1.rec`, `<sid>.2.rec`, … (see docs/recording-format.md).
+    #[serde(default)]
+    pub objects: Vec<u64>,
     pub status: String,
     /// The upload in progress, if any.
     #[serde(default)]
@@ -47,7 +53,8 @@ pub struct RecordingRecord {
     #[serde(default)]
     pub parts: Vec<StoredPart>,
     pub next_part: u32,
-    /// The last event index durably stored; -1: none.
+    /// The last event index stored in a part; -1: none. (Events staged
+    /// since are durable too; the store lists them.)
     pub last_ei: i64,
     /// When the recorder was last heard from.
     pub last_seen_ms: i64,
@@ -71,13 +78,37 @@ impl RecordingRecord {
             url: self.url.clone(),
         }
     }
+
+    /// Sizes of the completed objects (a recording indexed before
+    /// continuations were objects of their own has one).
+    pub fn object_sizes(&self) -> Vec<u64> {
+        if self.objects.is_empty() && self.size > 0 {
+            vec![self.size]
+        } else {
+            self.objects.clone()
+        }
+    }
+}
+
+/// Where byte `offset` of a recording read as one stream is: the object and
+/// the offset within it, and how many bytes that object has from there.
+pub fn locate(objects: &[u64], offset: u64) -> Option<(u32, u64, u64)> {
+    let mut start = 0u64;
+    for (n, size) in objects.iter().enumerate() {
+        if offset < start + size {
+            let within = offset - start;
+            return Some((u32::try_from(n).ok()?, within, size - within));
+        }
+        start += size;
+    }
+    None
 }
 
 fn key(sid: &str) -> String {
     format!("recordings/{sid}")
 }
 
-fn storage(e: turnstile_recording::storage::StorageError) -> ApiError {
+pub(crate) fn storage(e: turnstile_recording::storage::StorageError) -> ApiError {
     use turnstile_recording::storage::StorageError as S;
     match e {
         S::NotFound(m) => ApiError::not_found(m),
@@ -183,9 +214,11 @@ impl Recordings {
         ))
     }
 
-    /// Creates or resumes the upload of a session for the recorder `server_id`;
-    /// returns the last stored event index.
-    pub async fn open(&self, server_id: &str, o: &Opening) -> Result<i64, ApiError> {
+    /// Creates or resumes the upload of a session for the recorder
+    /// `server_id`: a new session, a resumed stream, or a continuation (the
+    /// recorder came back after the upload was completed: a new object).
+    /// Returns the index entry with its upload.
+    pub async fn open(&self, server_id: &str, o: &Opening) -> Result<RecordingRecord, ApiError> {
         check_id("session id", &o.sid).map_err(storage)?;
         let existing = self.get(&o.sid).await?;
         if let Some(r) = &existing
@@ -197,43 +230,65 @@ impl Recordings {
             )));
         }
         // A new upload is needed for a new session or a continuation.
-        let needs_upload = existing.as_ref().is_none_or(|r| r.upload.is_none());
-        let fresh = if needs_upload {
-            Some(self.store.create_upload(&o.sid).await.map_err(storage)?)
-        } else {
-            None
+        let fresh = match &existing {
+            Some(r) if r.upload.is_some() => None,
+            Some(r) => Some(
+                self.store
+                    .create_upload(
+                        &o.sid,
+                        u32::try_from(r.object_sizes().len()).unwrap_or(u32::MAX),
+                    )
+                    .await
+                    .map_err(storage)?,
+            ),
+            None => Some(self.store.create_upload(&o.sid, 0).await.map_err(storage)?),
         };
         let now = self.now_ms();
-        let url = self.store.url(&o.sid);
-        self.update(&o.sid, |current| {
-            let mut r = current.unwrap_or_else(|| RecordingRecord {
-                sid: o.sid.clone(),
-                user: o.user.clone(),
-                login: o.login.clone(),
-                node_name: o.node_name.clone(),
-                server_id: server_id.to_string(),
-                start_ms: o.start_ms,
-                stop_ms: 0,
-                size: 0,
-                status: STATUS_RECORDING.into(),
-                upload: None,
-                parts: Vec::new(),
-                next_part: 1,
-                last_ei: -1,
-                last_seen_ms: now,
-                url: url.clone(),
-            });
-            if r.upload.is_none() {
-                r.upload = fresh.clone();
-                r.parts.clear();
-                r.next_part = 1;
-            }
-            r.status = STATUS_RECORDING.into();
-            r.last_seen_ms = now;
-            let last = r.last_ei;
-            Ok((r, last))
-        })
-        .await
+        let url = self.store.url(&o.sid, 0);
+        let record = self
+            .update(&o.sid, |current| {
+                let mut r = current.unwrap_or_else(|| RecordingRecord {
+                    sid: o.sid.clone(),
+                    user: o.user.clone(),
+                    login: o.login.clone(),
+                    node_name: o.node_name.clone(),
+                    server_id: server_id.to_string(),
+                    start_ms: o.start_ms,
+                    stop_ms: 0,
+                    size: 0,
+                    objects: Vec::new(),
+                    status: STATUS_RECORDING.into(),
+                    upload: None,
+                    parts: Vec::new(),
+                    next_part: 1,
+                    last_ei: -1,
+                    last_seen_ms: now,
+                    url: url.clone(),
+                });
+                if r.upload.is_none() {
+                    let Some(fresh) = fresh.clone() else {
+                        return Err(ApiError::new(
+                            turnstile_api::error::ErrorKind::Unavailable,
+                            format!("the upload of {} changed meanwhile; try again", o.sid),
+                        ));
+                    };
+                    r.objects = r.object_sizes();
+                    r.upload = Some(fresh);
+                    r.parts.clear();
+                    r.next_part = 1;
+                }
+                r.status = STATUS_RECORDING.into();
+                r.last_seen_ms = now;
+                Ok((r.clone(), r))
+            })
+            .await?;
+        // Another stream opened the session first: its upload is the one.
+        if let Some(fresh) = fresh
+            && record.upload.as_ref().map(|u| &u.id) != Some(&fresh.id)
+        {
+            let _ = self.store.abort(&fresh).await;
+        }
+        Ok(record)
     }
 
     /// Notes that the recorder is alive.
@@ -247,23 +302,32 @@ impl Recordings {
         .await
     }
 
-    /// Stores a part; returns the last stored event index.
-    pub async fn store_part(&self, sid: &str, part: FinishedPart) -> Result<i64, ApiError> {
+    /// Stores a part holding events up to `last_ei` in `upload`; returns
+    /// the last event index stored in parts.
+    pub async fn store_part(
+        &self,
+        sid: &str,
+        upload: &Upload,
+        bytes: Vec<u8>,
+        last_ei: u64,
+    ) -> Result<i64, ApiError> {
         // Reserve a part number first, so two writers never share one.
-        let (upload, number) = self
+        let number = self
             .update(sid, |r| {
                 let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-                let upload = r.upload.clone().ok_or_else(|| {
-                    ApiError::bad_parameter(format!("recording {sid} has no upload in progress"))
-                })?;
+                if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
+                    return Err(ApiError::bad_parameter(format!(
+                        "the upload of {sid} was completed meanwhile"
+                    )));
+                }
                 let n = r.next_part;
                 r.next_part += 1;
-                Ok((r, (upload, n)))
+                Ok((r, n))
             })
             .await?;
         let stored = self
             .store
-            .upload_part(&upload, number, part.bytes)
+            .upload_part(upload, number, bytes)
             .await
             .map_err(storage)?;
         let now = self.now_ms();
@@ -277,9 +341,9 @@ impl Recordings {
             r.parts.push(StoredPart {
                 number: stored.number,
                 size: stored.size,
-                last_ei: part.last_ei,
+                last_ei,
             });
-            r.last_ei = r.last_ei.max(part.last_ei as i64);
+            r.last_ei = r.last_ei.max(last_ei as i64);
             r.last_seen_ms = now;
             let last = r.last_ei;
             Ok((r, last))
@@ -287,7 +351,42 @@ impl Recordings {
         .await
     }
 
-    /// Joins the stored parts into the recording; returns the index entry.
+    /// The staged chunks of an upload that hold events after `after`, in
+    /// order, each with its payload (zstd frames); stops at a gap.
+    pub async fn staged_after(
+        &self,
+        upload: &Upload,
+        after: i64,
+    ) -> Result<Vec<(StagedChunk, Vec<u8>)>, ApiError> {
+        let mut out = Vec::new();
+        let mut durable = after;
+        for chunk in self.store.list_staged(upload).await.map_err(storage)? {
+            if chunk.last_ei as i64 <= durable {
+                continue;
+            }
+            if chunk.first_ei as i64 > durable + 1 {
+                tracing::warn!(sid = %upload.sid, chunk = %chunk.name, after = durable, "a staged chunk does not follow the events before it; left out");
+                break;
+            }
+            let bytes = self
+                .store
+                .read_staged(upload, &chunk)
+                .await
+                .map_err(storage)?;
+            let payload = chunk_payload(&bytes).ok_or_else(|| {
+                ApiError::internal(format!(
+                    "staged chunk {} of {} is damaged",
+                    chunk.name, upload.sid
+                ))
+            })?;
+            durable = chunk.last_ei as i64;
+            out.push((chunk, payload));
+        }
+        Ok(out)
+    }
+
+    /// Joins the stored parts, and any staged chunks after them, into the
+    /// upload's object; returns the index entry. Safe to repeat.
     pub async fn complete(
         &self,
         sid: &str,
@@ -299,6 +398,17 @@ impl Recordings {
         let Some(upload) = r.upload.clone() else {
             return Ok(r);
         };
+        // Events staged but never packed into a part (the stream broke)
+        // become the last part.
+        let staged = self.staged_after(&upload, r.last_ei).await?;
+        if let Some((last, _)) = staged.last() {
+            let last_ei = last.last_ei;
+            let bytes = part_from_payload(staged.iter().map(|(_, p)| p.as_slice()), 0);
+            self.store_part(sid, &upload, bytes, last_ei).await?;
+        }
+        let Some(r) = self.get(sid).await? else {
+            return Err(ApiError::not_found(format!("recording {sid}")));
+        };
         let parts: Vec<Part> = r
             .parts
             .iter()
@@ -309,18 +419,29 @@ impl Recordings {
             .collect();
         let size = if parts.is_empty() {
             self.store.abort(&upload).await.map_err(storage)?;
-            self.store.size(sid).await.unwrap_or(0)
+            None
         } else {
-            self.store
-                .complete(&upload, &parts)
-                .await
-                .map_err(storage)?
+            Some(
+                self.store
+                    .complete(&upload, &parts)
+                    .await
+                    .map_err(storage)?,
+            )
         };
         self.update(sid, |current| {
             let mut r = current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+            if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
+                // Completed by someone else meanwhile.
+                return Ok((r.clone(), r));
+            }
+            let mut objects = r.object_sizes();
+            if let Some(size) = size {
+                objects.push(size);
+            }
+            r.size = objects.iter().sum();
+            r.objects = objects;
             r.upload = None;
             r.parts.clear();
-            r.size = size;
             r.status = STATUS_COMPLETE.into();
             if let Some(stop) = stop_ms {
                 r.stop_ms = stop;
@@ -328,6 +449,28 @@ impl Recordings {
             Ok((r.clone(), r))
         })
         .await
+    }
+
+    /// `len` bytes (at most, and never past one object) from byte `offset`
+    /// of a completed recording read as one stream; and its total size.
+    pub async fn read(
+        &self,
+        r: &RecordingRecord,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<u8>, u64), ApiError> {
+        let objects = r.object_sizes();
+        let total = objects.iter().sum();
+        let Some((n, within, left)) = locate(&objects, offset) else {
+            return Ok((Vec::new(), total));
+        };
+        let len = len.min(usize::try_from(left).unwrap_or(usize::MAX));
+        let data = self
+            .store
+            .read(&r.sid, n, within, len)
+            .await
+            .map_err(storage)?;
+        Ok((data, total))
     }
 
     /// Uploads whose recorder has not been heard from for `grace`.
@@ -354,61 +497,16 @@ impl Recordings {
     }
 }
 
-/// Receives one recorder's stream of events into parts.
-#[derive(Debug)]
-pub struct StreamState {
-    pub sid: String,
-    writer: PartWriter,
-    /// The highest index taken into the writer (or stored).
-    taken: i64,
-    pub stop_ms: Option<i64>,
-}
-
-impl StreamState {
-    pub fn new(sid: &str, min_part: usize, last_stored: i64) -> Self {
-        Self {
-            sid: sid.to_string(),
-            writer: PartWriter::new(min_part),
-            taken: last_stored,
-            stop_ms: None,
-        }
+/// The payload (zstd frames) of an unpadded part, as staged chunks are.
+fn chunk_payload(bytes: &[u8]) -> Option<Vec<u8>> {
+    let header = bytes.get(..HEADER_LEN)?;
+    if header[..8] != turnstile_recording::part::MAGIC {
+        return None;
     }
-
-    /// Takes events (dropping ones already stored or taken); returns a part
-    /// once one is full.
-    pub fn push(
-        &mut self,
-        server_id: &str,
-        events: &[RecordingEvent],
-    ) -> Result<Option<FinishedPart>, ApiError> {
-        for e in events {
-            if e.sid != self.sid || e.server_id != server_id {
-                return Err(ApiError::access_denied(
-                    "failed to validate event metadata: the event is for another session or server",
-                ));
-            }
-            if (e.ei as i64) <= self.taken {
-                continue;
-            }
-            if e.event == turnstile_recording::event::SESSION_END {
-                self.stop_ms = Some(e.session_stop_ms);
-            }
-            self.writer
-                .push(e)
-                .map_err(|err| ApiError::internal(format!("compress: {err}")))?;
-            self.taken = e.ei as i64;
-        }
-        self.writer
-            .take_full()
-            .map_err(|err| ApiError::internal(format!("compress: {err}")))
-    }
-
-    /// The last, unpadded part.
-    pub fn finish(&mut self) -> Result<Option<FinishedPart>, ApiError> {
-        self.writer
-            .take_last()
-            .map_err(|err| ApiError::internal(format!("compress: {err}")))
-    }
+    let len = usize::try_from(u64::from_be_bytes(header[16..24].try_into().ok()?)).ok()?;
+    bytes
+        .get(HEADER_LEN..HEADER_LEN.checked_add(len)?)
+        .map(<[u8]>::to_vec)
 }
 
 /// The `session.upload` audit event of a completed recording.

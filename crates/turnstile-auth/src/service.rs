@@ -89,6 +89,7 @@ impl AuthService {
                 node_ttl: self.config.node_ttl,
             },
             recordings,
+            shutdown.clone(),
         );
         tracing::info!(addr = ?listener.local_addr().ok(), "auth service listening");
         // Small RPCs must not wait for Nagle's algorithm (40 ms stalls under load).

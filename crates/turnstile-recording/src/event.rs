@@ -18,6 +18,9 @@ pub const EXEC: &str = "exec";
 pub const SESSION_END: &str = "session.end";
 pub const SESSION_DATA: &str = "session.data";
 pub const SESSION_UPLOAD: &str = "session.upload";
+/// Audit only: a session's recording could not be written (see `policy`
+/// and `action` for what became of the session).
+pub const RECORDING_FAILED: &str = "recording.failed";
 
 fn time_text(ms: i64) -> String {
     let t =
@@ -52,6 +55,9 @@ pub fn to_json(e: &RecordingEvent) -> Value {
             m.insert("ms".into(), json!(e.ms));
             if e.event == SESSION_START {
                 m.insert("node".into(), json!(e.node_name));
+                if !e.subsystem.is_empty() {
+                    m.insert("subsystem".into(), json!(e.subsystem));
+                }
             }
         }
         EXEC => {

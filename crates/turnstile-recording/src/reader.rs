@@ -1,113 +1,208 @@
-//! Reading a recording: parts one after another; padding is skipped, events
-//! whose `ei` was already seen are dropped (resends after a resume are
-//! normal), and damage is reported with the part number and byte offset.
-//! Never panics, whatever the bytes.
+//! Reading a recording as a stream: parts one after another, each payload
+//! decompressed as it is read, so memory stays bounded by one event however
+//! large the recording. Padding is skipped; an event whose `ei` is not greater
+//! than the last one kept is dropped (resends after a resume are normal);
+//! damage is reported with the part number and byte offset. Never panics,
+//! whatever the bytes.
 
-use prost::Message;
+use std::io::{BufRead, Read};
 
 use crate::event::RecordingEvent;
-use crate::part::{HEADER_LEN, MAGIC, MAX_EVENT, VERSION};
+use crate::part::{HEADER_LEN, MAGIC, Records, VERSION};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("recording is damaged in part {part} at byte {offset}: {reason}")]
 pub struct FormatError {
     /// Counted from 1.
     pub part: usize,
-    pub offset: usize,
+    pub offset: u64,
     pub reason: String,
 }
 
-/// The events of a whole recording, in order, without duplicates.
-pub fn read_events(bytes: &[u8]) -> Result<Vec<RecordingEvent>, FormatError> {
-    let mut events = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut offset = 0usize;
-    let mut part = 0usize;
-    while offset < bytes.len() {
-        // Stray zeros between parts are padding.
-        if bytes[offset] == 0 {
-            offset += 1;
-            continue;
+type PayloadDecoder<R> = zstd::stream::read::Decoder<'static, std::io::Take<R>>;
+
+enum State<R: BufRead> {
+    /// Between parts.
+    Between(R),
+    /// Inside a part's payload; `padding` bytes follow it.
+    Payload {
+        records: Records<PayloadDecoder<R>>,
+        payload_at: u64,
+        end: u64,
+        padding: u64,
+    },
+    Done,
+}
+
+/// The events of a recording (`<sid>.rec`, then its continuations, read
+/// one after another), in order, without repeats.
+pub struct EventReader<R: BufRead> {
+    state: State<R>,
+    /// Bytes consumed up to the start of the current part or payload.
+    offset: u64,
+    part: usize,
+    last_ei: Option<u64>,
+}
+
+impl<R: BufRead> EventReader<R> {
+    pub fn new(src: R) -> Self {
+        Self {
+            state: State::Between(src),
+            offset: 0,
+            part: 0,
+            last_ei: None,
         }
-        part += 1;
-        let err = |at: usize, reason: String| FormatError {
-            part,
-            offset: at,
-            reason,
-        };
-        let header = bytes
-            .get(offset..offset + HEADER_LEN)
-            .ok_or_else(|| err(offset, "truncated header".into()))?;
+    }
+
+    fn err(&self, offset: u64, reason: impl Into<String>) -> FormatError {
+        FormatError {
+            part: self.part,
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads the next part header; `None` at the end of the recording.
+    fn open_part(&mut self, mut src: R) -> Result<Option<State<R>>, FormatError> {
+        // Stray zeros between parts are padding.
+        loop {
+            let buf = src
+                .fill_buf()
+                .map_err(|e| self.err(self.offset, e.to_string()))?;
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let zeros = buf.iter().take_while(|b| **b == 0).count();
+            let more = zeros < buf.len();
+            src.consume(zeros);
+            self.offset += zeros as u64;
+            if more {
+                break;
+            }
+        }
+        self.part += 1;
+        let at = self.offset;
+        let mut header = [0u8; HEADER_LEN];
+        let mut n = 0;
+        while n < HEADER_LEN {
+            match src.read(&mut header[n..]) {
+                Ok(0) => return Err(self.err(at, "truncated header")),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(at, e.to_string())),
+            }
+        }
         if header[..8] != MAGIC {
-            return Err(err(
-                offset,
-                "bad magic: not a Turnstile recording part".into(),
-            ));
+            return Err(self.err(at, "bad magic: not a Turnstile recording part"));
         }
         let version = u16::from_be_bytes([header[8], header[9]]);
         if version != VERSION {
-            return Err(err(offset, format!("unsupported version {version}")));
+            return Err(self.err(at, format!("unsupported version {version}")));
         }
         let payload_len = u64::from_be_bytes(header[16..24].try_into().unwrap_or_default());
-        let padding_len = u64::from_be_bytes(header[24..32].try_into().unwrap_or_default());
-        let start = offset + HEADER_LEN;
-        let end = usize::try_from(payload_len)
-            .ok()
-            .and_then(|l| start.checked_add(l))
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                err(
-                    offset,
-                    format!("payload of {payload_len} bytes runs past the end"),
-                )
-            })?;
-        let records = zstd::stream::decode_all(&bytes[start..end])
-            .map_err(|e| err(start, format!("payload does not decompress: {e}")))?;
-        let mut at = 0usize;
-        while at < records.len() {
-            let len_bytes = records.get(at..at + 4).ok_or_else(|| {
-                err(
-                    start,
-                    format!("truncated record length at {at} of the payload"),
-                )
-            })?;
-            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]])
-                as usize;
-            if len == 0 || len > MAX_EVENT {
-                return Err(err(
-                    start,
-                    format!("record of {len} bytes at {at} of the payload"),
-                ));
-            }
-            let body = records
-                .get(at + 4..at + 4 + len)
-                .ok_or_else(|| err(start, format!("truncated record at {at} of the payload")))?;
-            let event = RecordingEvent::decode(body)
-                .map_err(|e| err(start, format!("record at {at} of the payload: {e}")))?;
-            if seen.insert(event.ei) {
-                events.push(event);
-            }
-            at += 4 + len;
-        }
-        offset = usize::try_from(padding_len)
-            .ok()
-            .and_then(|p| end.checked_add(p))
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                err(
-                    end,
-                    format!("padding of {padding_len} bytes runs past the end"),
-                )
-            })?;
+        let padding = u64::from_be_bytes(header[24..32].try_into().unwrap_or_default());
+        let payload_at = at + HEADER_LEN as u64;
+        let decoder = zstd::stream::read::Decoder::with_buffer(src.take(payload_len))
+            .map_err(|e| self.err(payload_at, format!("payload does not decompress: {e}")))?;
+        self.offset = payload_at;
+        Ok(Some(State::Payload {
+            records: Records::new(decoder),
+            payload_at,
+            end: payload_at.saturating_add(payload_len),
+            padding,
+        }))
     }
-    events.sort_by_key(|e| e.ei);
-    Ok(events)
+
+    /// Leaves a finished payload: checks it was all there, skips its padding.
+    fn close_part(
+        &mut self,
+        records: Records<PayloadDecoder<R>>,
+        payload_at: u64,
+        end: u64,
+        padding: u64,
+    ) -> Result<R, FormatError> {
+        let mut take = records.into_inner().finish();
+        // The decoder may stop before the end of the payload's last frame
+        // bytes (a skippable frame, trailing garbage): drain what is left.
+        std::io::copy(&mut take, &mut std::io::sink())
+            .map_err(|e| self.err(payload_at, e.to_string()))?;
+        if take.limit() > 0 {
+            return Err(self.err(
+                payload_at - HEADER_LEN as u64,
+                format!("payload of {} bytes runs past the end", end - payload_at),
+            ));
+        }
+        let mut src = take.into_inner();
+        let skipped = std::io::copy(&mut (&mut src).take(padding), &mut std::io::sink())
+            .map_err(|e| self.err(end, e.to_string()))?;
+        if skipped < padding {
+            return Err(self.err(end, format!("padding of {padding} bytes runs past the end")));
+        }
+        self.offset = end + padding;
+        Ok(src)
+    }
+
+    /// The next event, or `None` at the end.
+    pub fn next_event(&mut self) -> Result<Option<RecordingEvent>, FormatError> {
+        loop {
+            match std::mem::replace(&mut self.state, State::Done) {
+                State::Done => return Ok(None),
+                State::Between(src) => match self.open_part(src)? {
+                    Some(state) => self.state = state,
+                    None => return Ok(None),
+                },
+                State::Payload {
+                    mut records,
+                    payload_at,
+                    end,
+                    padding,
+                } => match records.next_event() {
+                    Ok(Some(event)) => {
+                        self.state = State::Payload {
+                            records,
+                            payload_at,
+                            end,
+                            padding,
+                        };
+                        if self.last_ei.is_some_and(|last| event.ei <= last) {
+                            continue;
+                        }
+                        self.last_ei = Some(event.ei);
+                        return Ok(Some(event));
+                    }
+                    Ok(None) => {
+                        let src = self.close_part(records, payload_at, end, padding)?;
+                        self.state = State::Between(src);
+                    }
+                    Err(reason) => {
+                        return Err(self.err(payload_at, format!("{reason} of the payload")));
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for EventReader<R> {
+    type Item = Result<RecordingEvent, FormatError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = self.next_event().transpose();
+        if matches!(next, Some(Err(_))) {
+            self.state = State::Done;
+        }
+        next
+    }
+}
+
+/// The events of a whole recording held in memory, in order, without repeats.
+pub fn read_events(bytes: &[u8]) -> Result<Vec<RecordingEvent>, FormatError> {
+    EventReader::new(bytes).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::part::{PartWriter, encode_part, encode_record};
+    use crate::part::{encode_part, encode_record};
     use proptest::prelude::*;
 
     fn print(ei: u64, data: &[u8]) -> RecordingEvent {
@@ -121,19 +216,19 @@ mod tests {
 
     #[test]
     fn parts_round_trip_with_padding_and_duplicates() {
-        let mut w = PartWriter::new(64);
-        for i in 0..10 {
-            w.push(&print(i, format!("line {i}\n").as_bytes())).unwrap();
-        }
-        let first = w.take_full().unwrap().unwrap();
-        assert!(first.bytes.len() >= 64);
+        let records = |range: std::ops::Range<u64>| {
+            let mut r = Vec::new();
+            for i in range {
+                encode_record(&print(i, format!("line {i}\n").as_bytes()), &mut r);
+            }
+            r
+        };
+        let first = encode_part(&records(0..10), 256).unwrap();
+        assert_eq!(first.len(), 256);
         // A resend after a resume repeats events 8 and 9.
-        for i in 8..12 {
-            w.push(&print(i, format!("line {i}\n").as_bytes())).unwrap();
-        }
-        let last = w.take_last().unwrap().unwrap();
-        let mut all = first.bytes.clone();
-        all.extend_from_slice(&last.bytes);
+        let last = encode_part(&records(8..12), 0).unwrap();
+        let mut all = first.clone();
+        all.extend_from_slice(&last);
         let events = read_events(&all).unwrap();
         assert_eq!(
             events.iter().map(|e| e.ei).collect::<Vec<_>>(),
@@ -151,7 +246,7 @@ mod tests {
         let second_start = part.len();
         two[second_start + 3] ^= 0xff;
         let e = read_events(&two).unwrap_err();
-        assert_eq!((e.part, e.offset), (2, second_start));
+        assert_eq!((e.part, e.offset), (2, second_start as u64));
         assert!(e.reason.contains("magic"));
         let truncated = &part[..part.len() - 2];
         assert_eq!(read_events(truncated).unwrap_err().part, 1);
@@ -165,11 +260,11 @@ mod tests {
 
         #[test]
         fn mutated_recordings_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut w = PartWriter::new(16);
+            let mut records = Vec::new();
             for i in 0..5 {
-                w.push(&print(i, b"some output")).unwrap();
+                encode_record(&print(i, b"some output"), &mut records);
             }
-            let mut bytes = w.take_last().unwrap().unwrap().bytes;
+            let mut bytes = encode_part(&records, 16).unwrap();
             for (at, b) in flips {
                 let n = bytes.len();
                 bytes[at % n] ^= b;

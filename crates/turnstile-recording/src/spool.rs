@@ -1,16 +1,17 @@
 //! The recorder's local spool: `<dir>/<sid>.events`, events appended as the
 //! session runs (`[u32 BE length][protobuf]`, as inside a part but not
-//! compressed), synced to disk at least every second; `<sid>.checkpoint`,
-//! the last event index auth has acknowledged. A file that cannot be read is
-//! moved to `<dir>/corrupt/` with a `.error` note and never retried.
+//! compressed), synced to disk at least every second. A file that cannot be
+//! read is moved to `<dir>/corrupt/` with a `.error` note and never retried.
+//! The spool knows its own size (every file under it, the corrupt ones too)
+//! and the free space of its file system, for the bounds operators set.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use serde::{Deserialize, Serialize};
 
 use crate::event::RecordingEvent;
 use crate::part::{MAX_EVENT, encode_record};
@@ -37,15 +38,27 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// The last event index auth acknowledged as stored; -1: none.
-    pub acked_ei: i64,
-}
-
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
+    /// Bytes of every file under `dir`.
+    size: Arc<AtomicU64>,
+    /// Free space to report instead of the file system's (tests); MAX: none.
+    pretend_free: Arc<AtomicU64>,
+}
+
+/// Bytes of the files under `dir`, recursively.
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
 }
 
 fn valid_sid(sid: &str) -> bool {
@@ -55,9 +68,45 @@ fn valid_sid(sid: &str) -> bool {
 impl Spool {
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
         fs::create_dir_all(dir.join("corrupt")).map_err(io(dir))?;
+        // Leftover checkpoints of an earlier version are not needed.
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".checkpoint") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
+            size: Arc::new(AtomicU64::new(tree_size(dir))),
+            pretend_free: Arc::new(AtomicU64::new(u64::MAX)),
         })
+    }
+
+    /// Bytes in the spool now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Makes [`Spool::free_space`] report `free` (a disk filling up, in
+    /// tests); `None`: the file system's real figure again.
+    pub fn pretend_free_space(&self, free: Option<u64>) {
+        self.pretend_free
+            .store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Bytes free for unprivileged users on the spool's file system.
+    pub fn free_space(&self) -> Result<u64, SpoolError> {
+        let pretend = self.pretend_free.load(Ordering::Relaxed);
+        if pretend != u64::MAX {
+            return Ok(pretend);
+        }
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| SpoolError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        #[allow(clippy::unnecessary_cast)]
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
     }
 
     pub fn dir(&self) -> &Path {
@@ -66,10 +115,6 @@ impl Spool {
 
     pub fn events_path(&self, sid: &str) -> PathBuf {
         self.dir.join(format!("{sid}.events"))
-    }
-
-    fn checkpoint_path(&self, sid: &str) -> PathBuf {
-        self.dir.join(format!("{sid}.checkpoint"))
     }
 
     /// A new session's file.
@@ -86,6 +131,8 @@ impl Spool {
             file: BufWriter::with_capacity(64 * 1024, file),
             durable: Arc::new(durable),
             dirty: false,
+            written: 0,
+            spool_size: self.size.clone(),
         })
     }
 
@@ -150,30 +197,18 @@ impl Spool {
         Ok((events, offset + at as u64))
     }
 
-    pub fn checkpoint(&self, sid: &str) -> Checkpoint {
-        fs::read(self.checkpoint_path(sid))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Checkpoint { acked_ei: -1 })
-    }
-
-    pub fn save_checkpoint(&self, sid: &str, checkpoint: &Checkpoint) -> Result<(), SpoolError> {
-        let path = self.checkpoint_path(sid);
-        let tmp = path.with_extension("checkpoint.tmp");
-        fs::write(&tmp, serde_json::to_vec(checkpoint).unwrap_or_default()).map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))
-    }
-
     /// Deletes a session's spool once auth has the whole recording.
     pub fn remove(&self, sid: &str) -> Result<(), SpoolError> {
-        for path in [self.events_path(sid), self.checkpoint_path(sid)] {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
+        let path = self.events_path(sid);
+        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.size.fetch_sub(len.min(self.size()), Ordering::Relaxed);
+                Ok(())
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
         }
-        Ok(())
     }
 
     /// Moves a session's spool aside with a note saying why.
@@ -182,7 +217,6 @@ impl Spool {
         let target = corrupt.join(format!("{sid}.events"));
         let from = self.events_path(sid);
         fs::rename(&from, &target).map_err(io(&from))?;
-        let _ = fs::remove_file(self.checkpoint_path(sid));
         let note = corrupt.join(format!("{sid}.error"));
         fs::write(&note, format!("{reason}\n")).map_err(io(&note))?;
         Ok(target)
@@ -197,6 +231,9 @@ pub struct SpoolWriter {
     /// The same file, for syncing while appends go on.
     durable: Arc<File>,
     dirty: bool,
+    /// Bytes appended so far: where the next record starts.
+    written: u64,
+    spool_size: Arc<AtomicU64>,
 }
 
 /// What was appended up to a moment, handed to the kernel and waiting to be
@@ -218,9 +255,22 @@ impl SpoolWriter {
     pub fn append(&mut self, event: &RecordingEvent) -> Result<(), SpoolError> {
         let mut record = Vec::with_capacity(event.data.len() + 64);
         encode_record(event, &mut record);
-        self.file.write_all(&record).map_err(io(&self.path))?;
+        self.append_records(&record)
+    }
+
+    /// Appends records already encoded (`[u32 BE length][protobuf]`).
+    pub fn append_records(&mut self, records: &[u8]) -> Result<(), SpoolError> {
+        self.file.write_all(records).map_err(io(&self.path))?;
         self.dirty = true;
+        self.written += records.len() as u64;
+        self.spool_size
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Where the next record will start in the file.
+    pub fn offset(&self) -> u64 {
+        self.written
     }
 
     /// Pushes what was appended to disk. Returns whether there was anything.

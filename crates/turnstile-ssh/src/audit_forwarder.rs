@@ -55,6 +55,12 @@ impl AuditForwarder {
     }
 }
 
+impl turnstile_recording::recorder::AuditSink for AuditForwarder {
+    fn emit(&self, event: AuditEvent) {
+        AuditForwarder::emit(self, event);
+    }
+}
+
 async fn forward(
     client: AuthClient<Channel>,
     mut rx: mpsc::Receiver<AuditEvent>,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use turnstile_api::error::{ApiError, ErrorKind};
 use turnstile_api::labels::Labels;
+use turnstile_api::recording::RecordingMode;
 use turnstile_api::role::{Role, RoleSet};
 use turnstile_api::rpc::{AUTH_SERVER_NAME, AuthClient, proto};
 
@@ -185,9 +186,12 @@ impl ClusterView {
     }
 
     /// The cluster's recording mode.
-    pub async fn session_recording(&self) -> Result<String, ApiError> {
+    pub async fn session_recording(&self) -> Result<RecordingMode, ApiError> {
         self.ensure_loaded().await?;
-        Ok(self.snapshot.read().await.config.session_recording.clone())
+        let mode = self.snapshot.read().await.config.session_recording.clone();
+        mode.parse().map_err(|e| {
+            ApiError::internal(format!("auth's session_recording cannot be followed: {e}"))
+        })
     }
 
     pub async fn user_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {

@@ -30,9 +30,10 @@ use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
 use crate::config::resolve::{FILE_STORE_MIN_PART, StorageKind, host_name};
+use turnstile_recording::recorder::Recorder;
+use turnstile_recording::shipper::{self, Shipper};
 use turnstile_recording::spool::Spool;
 use turnstile_recording::storage::FileStore;
-use turnstile_recording::uploader::{self, Uploader};
 
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
@@ -315,7 +316,7 @@ async fn launch_services(
                         auth_settings.session_control_timeout.as_millis(),
                     )
                     .unwrap_or(u64::MAX),
-                    session_recording: auth_settings.session_recording.clone(),
+                    session_recording: auth_settings.session_recording,
                 },
             )
             .await?;
@@ -387,13 +388,16 @@ async fn launch_services(
             },
             view.clone(),
             host,
-            // The proxy records in proxy mode; its spool is its own.
-            Uploader::start(
-                Spool::open(&data_dir.join("proxy-spool"))
-                    .map_err(|e| anyhow::anyhow!("proxy session spool: {e}"))?,
-                view.client(),
-                uploader::DEFAULT_CONCURRENCY,
-                shutdown.clone(),
+            // The proxy records in proxy modes; its spool is its own.
+            Recorder::new(
+                Shipper::start(
+                    Spool::open(&data_dir.join("proxy-spool"))
+                        .map_err(|e| anyhow::anyhow!("proxy session spool: {e}"))?,
+                    view.client(),
+                    shipper::DEFAULT_CONCURRENCY,
+                    shutdown.clone(),
+                ),
+                config.recording.clone(),
             ),
             AuditForwarder::spawn(
                 view.client(),
@@ -436,12 +440,15 @@ async fn launch_services(
                 audit_forwarder::QUEUE_CAPACITY,
                 shutdown.clone(),
             ),
-            Uploader::start(
-                Spool::open(&data_dir.join("spool"))
-                    .map_err(|e| anyhow::anyhow!("session spool: {e}"))?,
-                view.client(),
-                uploader::DEFAULT_CONCURRENCY,
-                shutdown.clone(),
+            Recorder::new(
+                Shipper::start(
+                    Spool::open(&data_dir.join("spool"))
+                        .map_err(|e| anyhow::anyhow!("session spool: {e}"))?,
+                    view.client(),
+                    shipper::DEFAULT_CONCURRENCY,
+                    shutdown.clone(),
+                ),
+                config.recording.clone(),
             ),
         );
         running.node_addr = Some(bound);

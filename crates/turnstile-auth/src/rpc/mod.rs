@@ -16,7 +16,7 @@ use crate::audit_log::AuditQuery;
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
 use crate::cluster_config;
-use crate::recordings::{Opening, Recordings, StreamState, upload_event};
+use crate::recordings::Recordings;
 use crate::semaphores::LeaseRequest;
 use crate::session_trackers::{self, Tracker};
 use tokio::sync::mpsc;
@@ -111,6 +111,8 @@ pub struct AuthApi {
     authority: Arc<Authority>,
     presence: PresencePolicy,
     recordings: Arc<Recordings>,
+    /// Ends long-lived streams when the server shuts down.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AuthApi {
@@ -118,11 +120,13 @@ impl AuthApi {
         authority: Arc<Authority>,
         presence: PresencePolicy,
         recordings: Arc<Recordings>,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             authority,
             presence,
             recordings,
+            shutdown,
         }
     }
 
@@ -139,74 +143,6 @@ impl AuthApi {
             .map_err(fail)?;
         Ok((identity.user, roles))
     }
-}
-
-/// Receives one recorder's stream: open or resume, events, complete.
-async fn serve_record_stream(
-    recordings: &Recordings,
-    authority: &Authority,
-    server_id: &str,
-    inbound: &mut tonic::Streaming<proto::RecordRequest>,
-    tx: &mpsc::Sender<Result<proto::RecordStatus, Status>>,
-) -> Result<(), Status> {
-    use proto::record_request::Request;
-    let opening = match inbound.message().await?.and_then(|m| m.request) {
-        Some(Request::Open(o)) => Opening {
-            sid: o.sid,
-            user: o.user,
-            login: o.login,
-            node_name: o.node_name,
-            start_ms: o.start_ms,
-        },
-        _ => {
-            return Err(Status::invalid_argument(
-                "a recording stream starts with open",
-            ));
-        }
-    };
-    let sid = opening.sid.clone();
-    let last = recordings.open(server_id, &opening).await.map_err(fail)?;
-    let send = |last_ei: i64, complete: bool| async move {
-        tx.send(Ok(proto::RecordStatus { last_ei, complete }))
-            .await
-            .map_err(|_| Status::cancelled("the recorder went away"))
-    };
-    send(last, false).await?;
-    let mut state = StreamState::new(&sid, recordings.store().min_part_size(), last);
-    let mut touched = std::time::Instant::now();
-    while let Some(msg) = inbound.message().await? {
-        match msg.request {
-            Some(Request::Events(batch)) => {
-                if let Some(part) = state.push(server_id, &batch.events).map_err(fail)? {
-                    let stored = recordings.store_part(&sid, part).await.map_err(fail)?;
-                    send(stored, false).await?;
-                    touched = std::time::Instant::now();
-                } else if touched.elapsed() > Duration::from_secs(10) {
-                    recordings.touch(&sid).await.map_err(fail)?;
-                    touched = std::time::Instant::now();
-                }
-            }
-            Some(Request::Complete(_)) => {
-                if let Some(part) = state.finish().map_err(fail)? {
-                    recordings.store_part(&sid, part).await.map_err(fail)?;
-                }
-                let done = recordings
-                    .complete(&sid, state.stop_ms)
-                    .await
-                    .map_err(fail)?;
-                authority.record(upload_event(&done)).await;
-                send(done.last_ei, true).await?;
-                return Ok(());
-            }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "unexpected message in a recording stream",
-                ));
-            }
-        }
-    }
-    // The recorder left without completing: what was not stored will be resent.
-    Ok(())
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -554,7 +490,7 @@ impl proto::auth_server::Auth for AuthApi {
             .map_err(fail)?;
         ok(proto::ClusterConfig {
             session_control_timeout_ms: c.session_control_timeout_ms,
-            session_recording: c.session_recording,
+            session_recording: c.session_recording.to_string(),
         })
     }
 
@@ -801,9 +737,17 @@ impl proto::auth_server::Auth for AuthApi {
         let (tx, rx) = mpsc::channel(16);
         let recordings = self.recordings.clone();
         let authority = self.authority.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            if let Err(status) =
-                serve_record_stream(&recordings, &authority, &c.id, &mut inbound, &tx).await
+            if let Err(status) = crate::recording_stream::serve(
+                &recordings,
+                &authority,
+                &c.id,
+                &mut inbound,
+                &tx,
+                &shutdown,
+            )
+            .await
             {
                 tracing::warn!(recorder = %c.id, error = %status.message(), "recording stream ended with an error");
                 let _ = tx.send(Err(status)).await;
@@ -864,16 +808,12 @@ impl proto::auth_server::Auth for AuthApi {
                 rec.parts.len()
             )));
         }
-        let store = self.recordings.store();
-        let total = store
-            .size(&r.sid)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
         let len = (r.length as usize).min(1 << 20);
-        let data = store
-            .read(&r.sid, r.offset, len)
+        let (data, total) = self
+            .recordings
+            .read(&rec, r.offset, len)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(fail)?;
         ok(proto::RecordingChunk { data, total })
     }
 
@@ -887,21 +827,10 @@ impl proto::auth_server::Auth for AuthApi {
         let mut c = cluster_config::get(backend.as_ref()).await.map_err(fail)?;
         match r.key.as_str() {
             "session_recording" => {
-                const MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
-                if !MODES.contains(&r.value.as_str()) {
-                    return Err(Status::invalid_argument(format!(
-                        "session_recording: {:?} is not a mode; use one of {}",
-                        r.value,
-                        MODES.join(", ")
-                    )));
-                }
-                if !["node", "proxy", "off"].contains(&r.value.as_str()) {
-                    return Err(Status::invalid_argument(format!(
-                        "session_recording: {:?} is not supported by this build yet; use node, proxy or off",
-                        r.value
-                    )));
-                }
-                c.session_recording = r.value;
+                c.session_recording = r
+                    .value
+                    .parse()
+                    .map_err(|e| Status::invalid_argument(format!("session_recording: {e}")))?;
             }
             "session_control_timeout" => {
                 let d = turnstile_api::duration::parse(&r.value).map_err(|e| {
@@ -925,7 +854,7 @@ impl proto::auth_server::Auth for AuthApi {
             .map_err(fail)?;
         ok(proto::ClusterConfig {
             session_control_timeout_ms: c.session_control_timeout_ms,
-            session_recording: c.session_recording,
+            session_recording: c.session_recording.to_string(),
         })
     }
 }

@@ -1,13 +1,16 @@
-//! Recordings in a directory: parts under `<dir>/multi/<upload-id>/`, joined
-//! into `<dir>/<sid>.rec` on completion (written to a temporary file, synced,
-//! then renamed, so a crash never leaves half a recording).
+//! Recordings in a directory: parts under `<dir>/multi/<upload-id>/`, staged
+//! chunks under `<dir>/multi/<upload-id>/staged/`, joined into
+//! `<dir>/<sid>.rec` (or a continuation `<sid>.<n>.rec`) on completion. The
+//! join streams the parts through a fixed buffer into a temporary file,
+//! synced, then renamed: memory does not grow with the recording, and a
+//! crash never leaves half a recording.
 
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{Part, Result, StorageError, Upload, UploadStore, check_id};
+use super::{Part, Result, StagedChunk, StorageError, Upload, UploadStore, check_id, object_name};
 
 #[derive(Debug, Clone)]
 pub struct FileStore {
@@ -40,9 +43,18 @@ impl FileStore {
         Ok(self.dir.join("multi").join(&upload.id))
     }
 
-    fn recording(&self, sid: &str) -> Result<PathBuf> {
+    fn object(&self, sid: &str, n: u32) -> Result<PathBuf> {
         check_id("session id", sid)?;
-        Ok(self.dir.join(format!("{sid}.rec")))
+        Ok(self.dir.join(object_name(sid, n)))
+    }
+
+    fn staged_path(&self, upload: &Upload, chunk: &str) -> Result<PathBuf> {
+        if StagedChunk::parse(chunk, 0).is_none() {
+            return Err(StorageError::BadParameter(format!(
+                "{chunk:?} is not a staged chunk's name"
+            )));
+        }
+        Ok(self.upload_dir(upload)?.join("staged").join(chunk))
     }
 }
 
@@ -54,23 +66,32 @@ async fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     tokio::fs::rename(&tmp, path).await.map_err(io(path))
 }
 
+/// Buffer for joining parts: the join's memory, whatever the recording's size.
+const JOIN_BUFFER: usize = 1 << 20;
+
 #[async_trait]
 impl UploadStore for FileStore {
     fn min_part_size(&self) -> usize {
         self.min_part
     }
 
-    fn url(&self, sid: &str) -> String {
-        format!("file://{}", self.dir.join(format!("{sid}.rec")).display())
+    fn url(&self, sid: &str, object: u32) -> String {
+        format!(
+            "file://{}",
+            self.dir.join(object_name(sid, object)).display()
+        )
     }
 
-    async fn create_upload(&self, sid: &str) -> Result<Upload> {
+    async fn create_upload(&self, sid: &str, object: u32) -> Result<Upload> {
         let upload = Upload {
             id: uuid::Uuid::new_v4().to_string(),
             sid: sid.to_string(),
+            object,
         };
         let dir = self.upload_dir(&upload)?;
-        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+        tokio::fs::create_dir_all(dir.join("staged"))
+            .await
+            .map_err(io(&dir))?;
         write_synced(
             &dir.join("upload.json"),
             &serde_json::to_vec(&upload).unwrap_or_default(),
@@ -81,7 +102,7 @@ impl UploadStore for FileStore {
 
     async fn upload_part(&self, upload: &Upload, number: u32, data: Vec<u8>) -> Result<Part> {
         let dir = self.upload_dir(upload)?;
-        if !dir.exists() {
+        if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
             return Err(StorageError::NotFound(format!("upload {}", upload.id)));
         }
         let size = data.len() as u64;
@@ -89,39 +110,41 @@ impl UploadStore for FileStore {
         Ok(Part { number, size })
     }
 
-    async fn list_parts(&self, upload: &Upload) -> Result<Vec<Part>> {
-        let dir = self.upload_dir(upload)?;
-        let mut entries = tokio::fs::read_dir(&dir).await.map_err(io(&dir))?;
-        let mut parts = Vec::new();
-        while let Some(e) = entries.next_entry().await.map_err(io(&dir))? {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_suffix(".part").and_then(|n| n.parse().ok()) {
-                let size = e.metadata().await.map_err(io(&dir))?.len();
-                parts.push(Part { number: n, size });
-            }
-        }
-        parts.sort_by_key(|p| p.number);
-        Ok(parts)
-    }
-
     async fn complete(&self, upload: &Upload, parts: &[Part]) -> Result<u64> {
         let dir = self.upload_dir(upload)?;
-        let target = self.recording(&upload.sid)?;
-        let mut joined = match tokio::fs::read(&target).await {
-            Ok(existing) => existing,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&target)(e)),
-        };
+        let target = self.object(&upload.sid, upload.object)?;
+        if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+            // Completed before (a retry after a crash), or never created.
+            return match tokio::fs::metadata(&target).await {
+                Ok(m) => Ok(m.len()),
+                Err(_) => Err(StorageError::NotFound(format!("upload {}", upload.id))),
+            };
+        }
         let mut sorted = parts.to_vec();
         sorted.sort_by_key(|p| p.number);
+        let tmp = target.with_extension("joining");
+        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut buf = vec![0u8; JOIN_BUFFER];
+        let mut size = 0u64;
         for p in &sorted {
             let path = dir.join(format!("{:08}.part", p.number));
-            let mut bytes = tokio::fs::read(&path).await.map_err(io(&path))?;
-            joined.append(&mut bytes);
+            let mut part = tokio::fs::File::open(&path).await.map_err(io(&path))?;
+            loop {
+                let n = part.read(&mut buf).await.map_err(io(&path))?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n]).await.map_err(io(&tmp))?;
+                size += n as u64;
+            }
         }
-        write_synced(&target, &joined).await?;
+        out.sync_all().await.map_err(io(&tmp))?;
+        drop(out);
+        tokio::fs::rename(&tmp, &target)
+            .await
+            .map_err(io(&target))?;
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        Ok(joined.len() as u64)
+        Ok(size)
     }
 
     async fn abort(&self, upload: &Upload) -> Result<()> {
@@ -133,29 +156,70 @@ impl UploadStore for FileStore {
         }
     }
 
-    async fn list_uploads(&self) -> Result<Vec<Upload>> {
-        let multi = self.dir.join("multi");
-        let mut entries = tokio::fs::read_dir(&multi).await.map_err(io(&multi))?;
+    async fn stage(
+        &self,
+        upload: &Upload,
+        first_ei: u64,
+        last_ei: u64,
+        data: Vec<u8>,
+    ) -> Result<StagedChunk> {
+        let dir = self.upload_dir(upload)?.join("staged");
+        if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+            return Err(StorageError::NotFound(format!("upload {}", upload.id)));
+        }
+        let name = StagedChunk::new_name(first_ei, last_ei);
+        write_synced(&dir.join(&name), &data).await?;
+        Ok(StagedChunk {
+            name,
+            first_ei,
+            last_ei,
+            size: data.len() as u64,
+        })
+    }
+
+    async fn list_staged(&self, upload: &Upload) -> Result<Vec<StagedChunk>> {
+        let dir = self.upload_dir(upload)?.join("staged");
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&dir)(e)),
+        };
         let mut out = Vec::new();
-        while let Some(e) = entries.next_entry().await.map_err(io(&multi))? {
-            let marker = e.path().join("upload.json");
-            if let Ok(bytes) = tokio::fs::read(&marker).await
-                && let Ok(upload) = serde_json::from_slice::<Upload>(&bytes)
-            {
-                out.push(upload);
+        while let Some(e) = entries.next_entry().await.map_err(io(&dir))? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let size = e.metadata().await.map(|m| m.len()).unwrap_or(0);
+            if let Some(chunk) = StagedChunk::parse(&name, size) {
+                out.push(chunk);
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.sort_by(|a, b| (a.first_ei, a.last_ei, &a.name).cmp(&(b.first_ei, b.last_ei, &b.name)));
         Ok(out)
     }
 
-    async fn size(&self, sid: &str) -> Result<u64> {
-        let path = self.recording(sid)?;
+    async fn read_staged(&self, upload: &Upload, chunk: &StagedChunk) -> Result<Vec<u8>> {
+        let path = self.staged_path(upload, &chunk.name)?;
+        tokio::fs::read(&path).await.map_err(io(&path))
+    }
+
+    async fn delete_staged(&self, upload: &Upload, chunks: &[StagedChunk]) -> Result<()> {
+        for chunk in chunks {
+            let path = self.staged_path(upload, &chunk.name)?;
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn size(&self, sid: &str, object: u32) -> Result<u64> {
+        let path = self.object(sid, object)?;
         Ok(tokio::fs::metadata(&path).await.map_err(io(&path))?.len())
     }
 
-    async fn read(&self, sid: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let path = self.recording(sid)?;
+    async fn read(&self, sid: &str, object: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let path = self.object(sid, object)?;
         let mut f = tokio::fs::File::open(&path).await.map_err(io(&path))?;
         f.seek(std::io::SeekFrom::Start(offset))
             .await
@@ -178,7 +242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path(), 16).unwrap();
         super::super::conformance::run(&store).await;
-        // Completed uploads leave nothing under multi/.
+        // Completed and aborted uploads leave nothing under multi/.
         assert_eq!(
             std::fs::read_dir(dir.path().join("multi")).unwrap().count(),
             0

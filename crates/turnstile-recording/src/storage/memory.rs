@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Part, Result, StorageError, Upload, UploadStore, check_id};
+use super::{Part, Result, StagedChunk, StorageError, Upload, UploadStore, check_id, object_name};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -14,9 +14,19 @@ pub struct MemoryStore {
 }
 
 #[derive(Debug, Default)]
+struct UploadState {
+    parts: BTreeMap<u32, Vec<u8>>,
+    staged: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
 struct State {
-    uploads: BTreeMap<String, (Upload, BTreeMap<u32, Vec<u8>>)>,
-    recordings: BTreeMap<String, Vec<u8>>,
+    uploads: BTreeMap<String, UploadState>,
+    /// By object name.
+    objects: BTreeMap<String, Vec<u8>>,
+    /// Requests that would fail, to test the callers' handling of a store that
+    /// refuses writes.
+    refuse_writes: bool,
 }
 
 impl MemoryStore {
@@ -27,9 +37,29 @@ impl MemoryStore {
         }
     }
 
+    /// Makes every write fail (or succeed again), as a store that is down.
+    pub fn refuse_writes(&self, refuse: bool) {
+        self.with(|s| s.refuse_writes = refuse);
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    fn write<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        self.with(|s| {
+            if s.refuse_writes {
+                return Err(StorageError::Io("the store refuses writes".into()));
+            }
+            f(s)
+        })
+    }
+}
+
+fn upload_of<'a>(s: &'a mut State, upload: &Upload) -> Result<&'a mut UploadState> {
+    s.uploads
+        .get_mut(&upload.id)
+        .ok_or_else(|| StorageError::NotFound(format!("upload {}", upload.id)))
 }
 
 #[async_trait]
@@ -38,67 +68,55 @@ impl UploadStore for MemoryStore {
         self.min_part
     }
 
-    fn url(&self, sid: &str) -> String {
-        format!("memory://{sid}")
+    fn url(&self, sid: &str, object: u32) -> String {
+        format!("memory://{}", object_name(sid, object))
     }
 
-    async fn create_upload(&self, sid: &str) -> Result<Upload> {
+    async fn create_upload(&self, sid: &str, object: u32) -> Result<Upload> {
         check_id("session id", sid)?;
         let upload = Upload {
             id: uuid::Uuid::new_v4().to_string(),
             sid: sid.to_string(),
+            object,
         };
-        self.with(|s| {
-            s.uploads
-                .insert(upload.id.clone(), (upload.clone(), BTreeMap::new()))
-        });
+        self.write(|s| {
+            s.uploads.insert(upload.id.clone(), UploadState::default());
+            Ok(())
+        })?;
         Ok(upload)
     }
 
     async fn upload_part(&self, upload: &Upload, number: u32, data: Vec<u8>) -> Result<Part> {
-        self.with(|s| {
-            let (_, parts) = s
-                .uploads
-                .get_mut(&upload.id)
-                .ok_or_else(|| StorageError::NotFound(format!("upload {}", upload.id)))?;
+        self.write(|s| {
             let size = data.len() as u64;
-            parts.insert(number, data);
+            upload_of(s, upload)?.parts.insert(number, data);
             Ok(Part { number, size })
         })
     }
 
-    async fn list_parts(&self, upload: &Upload) -> Result<Vec<Part>> {
-        self.with(|s| {
-            let (_, parts) = s
-                .uploads
-                .get(&upload.id)
-                .ok_or_else(|| StorageError::NotFound(format!("upload {}", upload.id)))?;
-            Ok(parts
-                .iter()
-                .map(|(n, d)| Part {
-                    number: *n,
-                    size: d.len() as u64,
-                })
-                .collect())
-        })
-    }
-
     async fn complete(&self, upload: &Upload, parts: &[Part]) -> Result<u64> {
-        self.with(|s| {
-            let (_, stored) = s
-                .uploads
-                .remove(&upload.id)
-                .ok_or_else(|| StorageError::NotFound(format!("upload {}", upload.id)))?;
+        self.write(|s| {
+            let name = object_name(&upload.sid, upload.object);
+            let Some(state) = s.uploads.remove(&upload.id) else {
+                return s
+                    .objects
+                    .get(&name)
+                    .map(|o| o.len() as u64)
+                    .ok_or_else(|| StorageError::NotFound(format!("upload {}", upload.id)));
+            };
             let mut sorted = parts.to_vec();
             sorted.sort_by_key(|p| p.number);
-            let rec = s.recordings.entry(upload.sid.clone()).or_default();
+            let mut object = Vec::new();
             for p in sorted {
-                let data = stored
+                let data = state
+                    .parts
                     .get(&p.number)
                     .ok_or_else(|| StorageError::NotFound(format!("part {}", p.number)))?;
-                rec.extend_from_slice(data);
+                object.extend_from_slice(data);
             }
-            Ok(rec.len() as u64)
+            let size = object.len() as u64;
+            s.objects.insert(name, object);
+            Ok(size)
         })
     }
 
@@ -107,24 +125,75 @@ impl UploadStore for MemoryStore {
         Ok(())
     }
 
-    async fn list_uploads(&self) -> Result<Vec<Upload>> {
-        Ok(self.with(|s| s.uploads.values().map(|(u, _)| u.clone()).collect()))
+    async fn stage(
+        &self,
+        upload: &Upload,
+        first_ei: u64,
+        last_ei: u64,
+        data: Vec<u8>,
+    ) -> Result<StagedChunk> {
+        self.write(|s| {
+            let name = StagedChunk::new_name(first_ei, last_ei);
+            let size = data.len() as u64;
+            upload_of(s, upload)?.staged.insert(name.clone(), data);
+            Ok(StagedChunk {
+                name,
+                first_ei,
+                last_ei,
+                size,
+            })
+        })
     }
 
-    async fn size(&self, sid: &str) -> Result<u64> {
+    async fn list_staged(&self, upload: &Upload) -> Result<Vec<StagedChunk>> {
+        Ok(self.with(|s| {
+            s.uploads
+                .get(&upload.id)
+                .map(|u| {
+                    u.staged
+                        .iter()
+                        .filter_map(|(name, d)| StagedChunk::parse(name, d.len() as u64))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn read_staged(&self, upload: &Upload, chunk: &StagedChunk) -> Result<Vec<u8>> {
         self.with(|s| {
-            s.recordings
-                .get(sid)
+            upload_of(s, upload)?
+                .staged
+                .get(&chunk.name)
+                .cloned()
+                .ok_or_else(|| StorageError::NotFound(chunk.name.clone()))
+        })
+    }
+
+    async fn delete_staged(&self, upload: &Upload, chunks: &[StagedChunk]) -> Result<()> {
+        self.write(|s| {
+            if let Some(u) = s.uploads.get_mut(&upload.id) {
+                for c in chunks {
+                    u.staged.remove(&c.name);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn size(&self, sid: &str, object: u32) -> Result<u64> {
+        self.with(|s| {
+            s.objects
+                .get(&object_name(sid, object))
                 .map(|r| r.len() as u64)
                 .ok_or_else(|| StorageError::NotFound(format!("recording {sid}")))
         })
     }
 
-    async fn read(&self, sid: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+    async fn read(&self, sid: &str, object: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.with(|s| {
             let r = s
-                .recordings
-                .get(sid)
+                .objects
+                .get(&object_name(sid, object))
                 .ok_or_else(|| StorageError::NotFound(format!("recording {sid}")))?;
             let start = usize::try_from(offset).unwrap_or(usize::MAX).min(r.len());
             let end = start.saturating_add(len).min(r.len());

@@ -17,6 +17,7 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use turnstile_api::audit::{AuditEvent, SessctlKind};
 use turnstile_api::identity::{EXT_VIA_PROXY, UserIdentity};
+use turnstile_api::recording::RecordingPolicy;
 use turnstile_api::rpc::proto;
 use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 
@@ -42,6 +43,8 @@ enum Access {
         lease: Option<ConnectionLease>,
         /// The proxy connected for the user and records the session itself.
         via_proxy: bool,
+        /// What becomes of a session whose recording cannot be written.
+        recording: RecordingPolicy,
     },
     Denied {
         reason: String,
@@ -155,6 +158,7 @@ impl NodeConnection {
             local_user,
             lease,
             via_proxy,
+            recording: limits.recording,
         })
     }
 
@@ -299,6 +303,7 @@ impl Handler for NodeConnection {
                 local_user,
                 channels,
                 via_proxy,
+                recording,
                 ..
             } => {
                 let Some(slot) = channels.try_open(channel.id()) else {
@@ -326,7 +331,7 @@ impl Handler for NodeConnection {
                         return Ok(());
                     }
                 };
-                if mode.starts_with("proxy") && !via_proxy {
+                if mode.at_proxy() && !via_proxy {
                     reply
                         .reject(prohibited(
                             "sessions are recorded by the proxy: connect through it (turnstile ssh NODE, or ssh -J PROXY NODE)",
@@ -343,8 +348,9 @@ impl Handler for NodeConnection {
                     recording: RecordingContext {
                         // The proxy records what comes through it.
                         enabled: !via_proxy,
-                        record_output: mode != "off",
-                        uploader: self.shared.uploader.clone(),
+                        mode,
+                        policy: *recording,
+                        recorder: self.shared.recorder.clone(),
                         audit: self.shared.audit.clone(),
                         server_id: self.shared.config.host_id.clone(),
                         node_name: self.shared.config.node_name.clone(),

@@ -16,7 +16,7 @@ use turnstile_api::rpc::proto;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use turnstile_recording::uploader::Uploader;
+use turnstile_recording::recorder::Recorder;
 
 use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
@@ -48,7 +48,7 @@ pub(crate) struct NodeShared {
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
     pub audit: Arc<AuditForwarder>,
-    pub uploader: Arc<Uploader>,
+    pub recorder: Arc<Recorder>,
     pub lease_service: Arc<dyn LeaseService>,
     /// Open connections of users, reported to auth for `admin sessions ls`.
     trackers: Mutex<HashMap<String, (proto::SessionTracker, Arc<ChannelLimit>)>>,
@@ -116,7 +116,7 @@ pub struct NodeService {
     view: Arc<ClusterView>,
     host: HostCredentials,
     audit: Arc<AuditForwarder>,
-    uploader: Arc<Uploader>,
+    recorder: Arc<Recorder>,
 }
 
 /// The address a service advertises: `public_addr`, else the bound one.
@@ -130,14 +130,14 @@ impl NodeService {
         view: Arc<ClusterView>,
         host: HostCredentials,
         audit: Arc<AuditForwarder>,
-        uploader: Arc<Uploader>,
+        recorder: Arc<Recorder>,
     ) -> Self {
         Self {
             config,
             view,
             host,
             audit,
-            uploader,
+            recorder,
         }
     }
 
@@ -154,7 +154,7 @@ impl NodeService {
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
             audit: self.audit.clone(),
-            uploader: self.uploader.clone(),
+            recorder: self.recorder.clone(),
             lease_service: Arc::new(self.view.client()),
             trackers: Mutex::new(HashMap::new()),
         });

@@ -1,7 +1,9 @@
 //! One session channel on a node: collects `pty-req` and `env`, starts the
-//! shell, command or subsystem, moves bytes both ways with the channel's flow
-//! control, forwards resizes and signals, and reports the exit status after the
-//! last byte of output. A closed channel hangs up the session's processes.
+//! shell, command or subsystem (recorded through the one pipeline of
+//! `turnstile-recording`, or refused if it cannot be), moves bytes both ways
+//! with the channel's flow control, forwards resizes and signals, and reports
+//! the exit status after the last byte of output. A closed channel hangs up
+//! the session's processes; so does a recording that fails under `strict`.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -18,9 +20,11 @@ use tokio::task::JoinHandle;
 
 use std::sync::Arc;
 
-use turnstile_recording::event::audit_event;
-use turnstile_recording::recorder::{SessionMeta, SessionRecorder};
-use turnstile_recording::uploader::{LiveSession, Uploader};
+use tokio::sync::watch;
+use turnstile_api::recording::{RecordingMode, RecordingPolicy};
+use turnstile_recording::recorder::{
+    Outcome, Recorder, SessionKind, SessionMeta, SessionRecording, SessionStart,
+};
 
 use super::process::{Launch, LocalUser, spawn_piped, spawn_pty};
 use crate::audit_forwarder::AuditForwarder;
@@ -58,40 +62,12 @@ pub struct SessionContext {
 pub struct RecordingContext {
     /// Record at all (not when a proxy records the session).
     pub enabled: bool,
-    /// Record output (mode `node`), or only audit start and end (`off`).
-    pub record_output: bool,
-    pub uploader: Arc<Uploader>,
+    pub mode: RecordingMode,
+    pub policy: RecordingPolicy,
+    pub recorder: Arc<Recorder>,
     pub audit: Arc<AuditForwarder>,
     pub server_id: String,
     pub node_name: String,
-}
-
-/// A session being recorded.
-struct ActiveRecording {
-    recorder: Arc<SessionRecorder>,
-    live: Option<LiveSession>,
-    command: Option<String>,
-    interactive: bool,
-    audit: Arc<AuditForwarder>,
-}
-
-impl ActiveRecording {
-    fn audit(&self, e: &turnstile_recording::RecordingEvent) {
-        self.audit.emit(audit_event(e));
-    }
-
-    async fn finish(self, exit_code: Option<i32>) {
-        if let Some(command) = &self.command {
-            let e = self.recorder.exec(command, exit_code.unwrap_or(-1));
-            self.audit(&e);
-        }
-        for e in self.recorder.end(self.interactive).await {
-            self.audit(&e);
-        }
-        if let Some(live) = &self.live {
-            live.ended();
-        }
-    }
 }
 
 enum Input {
@@ -103,7 +79,7 @@ struct Running {
     child: Child,
     input: Option<mpsc::Sender<Input>>,
     output: Vec<JoinHandle<()>>,
-    recording: Option<ActiveRecording>,
+    recording: Option<Arc<SessionRecording>>,
 }
 
 fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
@@ -156,19 +132,22 @@ fn from_signal(signal: i32) -> Sig {
 }
 
 /// Copies `from` into `to` until end of file; a read error (EIO from a PTY
-/// whose last holder closed it) is the end too.
+/// whose last holder closed it) is the end too. Output is recorded before the
+/// user sees it; output that cannot be recorded is not shown.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    recorder: Option<Arc<SessionRecorder>>,
+    recording: Option<Arc<SessionRecording>>,
 ) {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if let Some(r) = &recorder {
-                    r.print(&buf[..n]);
+                if let Some(r) = &recording
+                    && r.print(&buf[..n]).await.is_err()
+                {
+                    break;
                 }
                 if to.write_all(&buf[..n]).await.is_err() {
                     break;
@@ -179,6 +158,17 @@ async fn pump(
     let _ = to.flush().await;
 }
 
+/// Resolves when the session's recording changes how it stands.
+async fn outcome_changed(outcome: &mut Option<watch::Receiver<Outcome>>) -> Outcome {
+    match outcome {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => rx.borrow_and_update().clone(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one session channel until it closes or its process exits.
 pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: SessionContext) {
     let id = channel.id();
@@ -186,6 +176,7 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
     let mut pty: Option<(String, u32, u32)> = None;
     let mut env: Vec<(String, String)> = Vec::new();
     let mut running: Option<Running> = None;
+    let mut outcome: Option<watch::Receiver<Outcome>> = None;
 
     let reply = |ok: bool, want: bool| {
         let handle = handle.clone();
@@ -214,7 +205,7 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                 let drain = futures::future::join_all(r.output.drain(..));
                 let _ = tokio::time::timeout(OUTPUT_DRAIN_GRACE, drain).await;
                 if let Some(rec) = r.recording.take() {
-                    rec.finish(status.and_then(|s| s.code())).await;
+                    rec.end(status.and_then(|s| s.code())).await;
                 }
                 if let Some(status) = status {
                     if let Some(code) = status.code() {
@@ -228,6 +219,16 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                 let _ = writer.eof().await;
                 let _ = writer.close().await;
                 break;
+            }
+            changed = outcome_changed(&mut outcome) => {
+                let Some(text) = changed.message() else { continue };
+                let _ = writer
+                    .extended_data_bytes(1, format!("\r\n{text}\r\n").into_bytes())
+                    .await;
+                if matches!(changed, Outcome::Ended(_)) {
+                    tracing::warn!(sid = %ctx.sid, user = %ctx.user, "ending the session: its recording cannot be written");
+                    break;
+                }
             }
             msg = reader.wait() => {
                 let Some(msg) = msg else { break };
@@ -257,14 +258,17 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                     }
                     ChannelMsg::RequestShell { want_reply } => {
                         let launch = Launch { command: None, program: None, env: env.clone(), term: None };
-                        let ok = running.is_none() && start(&mut running, &ctx, launch, &pty, &writer, id).is_ok();
+                        let ok = running.is_none() && start(&mut running, &mut outcome, &ctx, launch, SessionKind::Shell, &pty, &writer, id).await;
                         reply(ok, want_reply).await;
+                        if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::Exec { want_reply, command } => {
                         let command = String::from_utf8_lossy(&command).into_owned();
+                        let kind = SessionKind::Exec(command.clone());
                         let launch = Launch { command: Some(command), program: None, env: env.clone(), term: None };
-                        let ok = running.is_none() && start(&mut running, &ctx, launch, &pty, &writer, id).is_ok();
+                        let ok = running.is_none() && start(&mut running, &mut outcome, &ctx, launch, kind, &pty, &writer, id).await;
                         reply(ok, want_reply).await;
+                        if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::RequestSubsystem { want_reply, name } => {
                         let program = (name == "sftp")
@@ -273,19 +277,19 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                         let ok = match program {
                             Some(p) if running.is_none() => {
                                 let launch = Launch { command: None, program: Some(p.into()), env: env.clone(), term: None };
-                                start(&mut running, &ctx, launch, &None, &writer, id).is_ok()
+                                start(&mut running, &mut outcome, &ctx, launch, SessionKind::Subsystem(name), &None, &writer, id).await
                             }
                             _ => false,
                         };
                         reply(ok, want_reply).await;
+                        if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::WindowChange { col_width, row_height, .. } => {
                         if let Some((_, cols, rows)) = pty.as_mut() {
                             (*cols, *rows) = (col_width, row_height);
                         }
                         if let Some(rec) = running.as_ref().and_then(|r| r.recording.as_ref()) {
-                            let e = rec.recorder.resize(col_width, row_height);
-                            rec.audit(&e);
+                            rec.resize(col_width, row_height).await;
                         }
                         if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
                             let _ = input.send(Input::Resize(pty_size(col_width, row_height))).await;
@@ -300,7 +304,7 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                     }
                     ChannelMsg::Data { data } => {
                         if let Some(rec) = running.as_ref().and_then(|r| r.recording.as_ref()) {
-                            rec.recorder.received(data.len());
+                            rec.received(data.len());
                         }
                         if let Some(input) = running.as_ref().and_then(|r| r.input.as_ref()) {
                             let _ = input.send(Input::Data(data)).await;
@@ -326,20 +330,28 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
             let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGHUP);
         }
         if let Some(rec) = r.recording.take() {
-            rec.finish(None).await;
+            rec.end(None).await;
         }
     }
+    let _ = writer.eof().await;
+    let _ = writer.close().await;
     tracing::debug!(sid = %ctx.sid, user = %ctx.user, "session channel finished");
 }
 
-fn start(
+/// Starts the shell, command or subsystem, recorded. Returns false if it
+/// could not start; `outcome` is set if that was its recording's fault (the
+/// user has read why on stderr; the channel is to be closed).
+#[allow(clippy::too_many_arguments)]
+async fn start(
     running: &mut Option<Running>,
+    outcome: &mut Option<watch::Receiver<Outcome>>,
     ctx: &SessionContext,
     mut launch: Launch,
+    kind: SessionKind,
     pty: &Option<(String, u32, u32)>,
     writer: &russh::ChannelWriteHalf<Msg>,
     id: ChannelId,
-) -> std::io::Result<()> {
+) -> bool {
     let (client, local) = (ctx.connection.client, ctx.connection.local);
     launch.env.extend([
         ("TURNSTILE_SESSION_ID".to_string(), ctx.sid.clone()),
@@ -359,15 +371,47 @@ fn start(
             ),
         ),
     ]);
-    let (cols, rows, term) = match pty {
-        Some((term, cols, rows)) => (*cols, *rows, term.clone()),
-        None => (0, 0, String::new()),
+    let recording = match begin_recording(ctx, kind, pty).await {
+        Ok(r) => r.map(Arc::new),
+        Err(message) => {
+            let _ = writer
+                .extended_data_bytes(1, format!("{message}\r\n").into_bytes())
+                .await;
+            *outcome = Some(watch::channel(Outcome::Ended(message)).1);
+            return false;
+        }
     };
-    let recording = begin_recording(ctx, &launch, cols, rows, &term, pty.is_some())?;
-    let recorder = recording
-        .as_ref()
-        .map(|r| r.recorder.clone())
-        .filter(|_| ctx.recording.record_output);
+    let unrecorded_warning = recording.as_ref().and_then(|r| r.message());
+    if let Some(text) = unrecorded_warning {
+        let _ = writer
+            .extended_data_bytes(1, format!("{text}\r\n").into_bytes())
+            .await;
+    }
+    *outcome = recording.as_ref().map(|r| r.outcome());
+    match spawn_process(ctx, launch, pty, writer, recording.clone()) {
+        Ok(r) => {
+            tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
+            *running = Some(Running { recording, ..r });
+            true
+        }
+        Err(e) => {
+            tracing::warn!(sid = %ctx.sid, error = %e, "cannot start the session's process");
+            if let Some(rec) = recording {
+                rec.end(None).await;
+            }
+            *outcome = None;
+            false
+        }
+    }
+}
+
+fn spawn_process(
+    ctx: &SessionContext,
+    mut launch: Launch,
+    pty: &Option<(String, u32, u32)>,
+    writer: &russh::ChannelWriteHalf<Msg>,
+    recorder: Option<Arc<SessionRecording>>,
+) -> std::io::Result<Running> {
     let (tx, mut rx) = mpsc::channel::<Input>(64);
     let result = match pty {
         Some((term, cols, rows)) => {
@@ -423,52 +467,33 @@ fn start(
             }
         }
     };
-    tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
-    *running = Some(Running {
-        recording,
-        ..result
-    });
-    Ok(())
+    Ok(result)
 }
 
-/// Starts the session's recording: events in the spool (mode `node`), or
-/// only the audit events of start and end (`off`). A spool that cannot be
-/// written refuses the session: nothing escapes recording.
-fn begin_recording(
+/// Begins the session's recording in the cluster's mode (`None` when the
+/// proxy records it). `Err`: the message for the user; the session must not
+/// start.
+async fn begin_recording(
     ctx: &SessionContext,
-    launch: &Launch,
-    cols: u32,
-    rows: u32,
-    term: &str,
-    interactive: bool,
-) -> std::io::Result<Option<ActiveRecording>> {
+    kind: SessionKind,
+    pty: &Option<(String, u32, u32)>,
+) -> Result<Option<SessionRecording>, String> {
     let rc = &ctx.recording;
     if !rc.enabled {
         return Ok(None);
     }
-    let meta = SessionMeta {
-        sid: ctx.sid.clone(),
-        server_id: rc.server_id.clone(),
-        user: ctx.user.clone(),
-        login: ctx.local_user.name.clone(),
-        node_name: rc.node_name.clone(),
+    let start = SessionStart {
+        meta: SessionMeta {
+            sid: ctx.sid.clone(),
+            server_id: rc.server_id.clone(),
+            user: ctx.user.clone(),
+            login: ctx.local_user.name.clone(),
+            node_name: rc.node_name.clone(),
+        },
+        kind,
+        pty: pty.clone(),
+        mode: rc.mode,
+        policy: rc.policy,
     };
-    let (recorder, start, live) = if rc.record_output {
-        let (recorder, start) = SessionRecorder::start(rc.uploader.spool(), meta, cols, rows, term)
-            .map_err(|e| std::io::Error::other(format!("cannot record the session: {e}")))?;
-        let live = rc.uploader.live(&ctx.sid, recorder.synced());
-        (recorder, start, Some(live))
-    } else {
-        let (recorder, start) = SessionRecorder::unrecorded(meta, cols, rows, term);
-        (recorder, start, None)
-    };
-    let active = ActiveRecording {
-        recorder: Arc::new(recorder),
-        live,
-        command: launch.command.clone(),
-        interactive,
-        audit: rc.audit.clone(),
-    };
-    active.audit(&start);
-    Ok(Some(active))
+    rc.recorder.begin(start, rc.audit.clone()).await.map(Some)
 }

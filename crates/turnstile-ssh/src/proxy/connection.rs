@@ -207,13 +207,18 @@ impl Handler for ProxyConnection {
             }
         };
         // In a proxy recording mode the proxy ends the user's connection and records it.
-        if self
-            .shared
-            .view
-            .session_recording()
-            .await
-            .is_ok_and(|m| m.starts_with("proxy"))
-        {
+        let mode = match self.shared.view.session_recording().await {
+            Ok(mode) => mode,
+            Err(e) => {
+                reply
+                    .reject(connect_failed(format!(
+                        "the proxy cannot tell how sessions are recorded: {e}"
+                    )))
+                    .await;
+                return Ok(());
+            }
+        };
+        if mode.at_proxy() {
             let host_cert = match super::terminate::node_host_cert(&self.shared, &node.name).await {
                 Ok(c) => c,
                 Err(e) => {

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use russh::keys::PrivateKey;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use turnstile_recording::uploader::Uploader;
+use turnstile_recording::recorder::Recorder;
 
 use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
@@ -47,8 +47,8 @@ pub(crate) struct ProxyShared {
     pub host: HostCredentials,
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
-    /// Recording in proxy mode.
-    pub uploader: Arc<Uploader>,
+    /// Recording in proxy modes.
+    pub recorder: Arc<Recorder>,
     pub audit: Arc<AuditForwarder>,
     /// The key the proxy authenticates to nodes with, under certificates auth
     /// issues per session in proxy mode.
@@ -84,7 +84,7 @@ pub struct ProxyService {
     config: ProxyConfig,
     view: Arc<ClusterView>,
     host: HostCredentials,
-    uploader: Arc<Uploader>,
+    recorder: Arc<Recorder>,
     audit: Arc<AuditForwarder>,
 }
 
@@ -93,14 +93,14 @@ impl ProxyService {
         config: ProxyConfig,
         view: Arc<ClusterView>,
         host: HostCredentials,
-        uploader: Arc<Uploader>,
+        recorder: Arc<Recorder>,
         audit: Arc<AuditForwarder>,
     ) -> Self {
         Self {
             config,
             view,
             host,
-            uploader,
+            recorder,
             audit,
         }
     }
@@ -116,7 +116,7 @@ impl ProxyService {
             host: self.host.clone(),
             tasks: TaskTracker::new(),
             clock: Arc::new(SystemClock),
-            uploader: self.uploader.clone(),
+            recorder: self.recorder.clone(),
             audit: self.audit.clone(),
             session_key: Arc::new(generate_ed25519()),
         });

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use russh::keys::{Certificate, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
 use russh::{Channel, ChannelMsg, MethodKind};
+use tokio::sync::watch;
 use turnstile_api::identity::UserIdentity;
+use turnstile_api::recording::RecordingPolicy;
 use turnstile_api::rpc::proto;
-use turnstile_recording::RecordingEvent;
-use turnstile_recording::event::audit_event;
-use turnstile_recording::recorder::{SessionMeta, SessionRecorder};
-use turnstile_recording::uploader::LiveSession;
+use turnstile_recording::recorder::{
+    Outcome, SessionKind, SessionMeta, SessionRecording, SessionStart,
+};
 
 use super::ProxyShared;
 use crate::client::{self, Connected, UserCredentials};
@@ -202,6 +203,7 @@ impl Handler for Terminating {
             shared: self.shared.clone(),
             handle: session.handle(),
             meta,
+            roles: self.outer.roles.clone(),
         };
         self.shared.tasks.spawn(relay.run(channel, node_channel));
         Ok(())
@@ -213,60 +215,55 @@ struct Relay {
     shared: Arc<ProxyShared>,
     handle: Handle,
     meta: SessionMeta,
+    /// The user's roles, for their recording policy.
+    roles: Vec<String>,
 }
 
-struct Recording {
-    recorder: SessionRecorder,
-    live: LiveSession,
-    command: Option<String>,
-    interactive: bool,
+/// Resolves when the recording changes how it stands.
+async fn outcome_changed(outcome: &mut Option<watch::Receiver<Outcome>>) -> Outcome {
+    match outcome {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => rx.borrow_and_update().clone(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl Relay {
-    fn audit(&self, e: &RecordingEvent) {
-        self.shared.audit.emit(audit_event(e));
-    }
-
-    fn start(
+    /// Begins the recording of what the channel starts, in the mode of the
+    /// moment. `Err`: the message for the user; the request must be refused.
+    async fn begin(
         &self,
+        kind: SessionKind,
         pty: &Option<(String, u32, u32)>,
-        command: Option<String>,
-    ) -> Option<Recording> {
-        let (term, cols, rows) = pty.clone().unwrap_or_default();
-        match SessionRecorder::start(
-            self.shared.uploader.spool(),
-            self.meta.clone(),
-            cols,
-            rows,
-            &term,
-        ) {
-            Ok((recorder, start)) => {
-                self.audit(&start);
-                let live = self.shared.uploader.live(&self.meta.sid, recorder.synced());
-                Some(Recording {
-                    recorder,
-                    live,
-                    command,
-                    interactive: pty.is_some(),
-                })
-            }
-            Err(e) => {
-                tracing::error!(sid = %self.meta.sid, error = %e, "cannot record the session");
-                None
-            }
-        }
-    }
-
-    async fn finish(&self, rec: Option<Recording>, exit_code: Option<i32>) {
-        let Some(rec) = rec else { return };
-        if let Some(command) = &rec.command {
-            let e = rec.recorder.exec(command, exit_code.unwrap_or(-1));
-            self.audit(&e);
-        }
-        for e in rec.recorder.end(rec.interactive).await {
-            self.audit(&e);
-        }
-        rec.live.ended();
+    ) -> Result<SessionRecording, String> {
+        let view = &self.shared.view;
+        let mode = view
+            .session_recording()
+            .await
+            .map_err(|e| format!("the proxy cannot tell how to record this session: {e}"))?;
+        // The node records (or not) if the mode changed since the tunnel opened.
+        let mode = if mode.at_proxy() {
+            mode
+        } else {
+            turnstile_api::recording::RecordingMode::Proxy
+        };
+        let policy = match view.role_set(&self.roles).await {
+            Ok(roles) => roles.limits().recording,
+            Err(_) => RecordingPolicy::Strict,
+        };
+        let start = SessionStart {
+            meta: self.meta.clone(),
+            kind,
+            pty: pty.clone(),
+            mode,
+            policy,
+        };
+        self.shared
+            .recorder
+            .begin(start, self.shared.audit.clone())
+            .await
     }
 
     async fn run(self, user: Channel<Msg>, node: Channel<russh::client::Msg>) {
@@ -278,14 +275,54 @@ impl Relay {
             .set_env(false, "TURNSTILE_SESSION_ID", self.meta.sid.as_str())
             .await;
         let mut pty: Option<(String, u32, u32)> = None;
-        let mut recording: Option<Recording> = None;
+        let mut recording: Option<SessionRecording> = None;
+        let mut outcome: Option<watch::Receiver<Outcome>> = None;
         let mut exit_code: Option<i32> = None;
         // Replies the node owes for requests the user wanted answered.
         let mut owed = 0usize;
         loop {
             tokio::select! {
+                changed = outcome_changed(&mut outcome) => {
+                    let Some(text) = changed.message() else { continue };
+                    let _ = to_user.extended_data_bytes(1, format!("\r\n{text}\r\n").into_bytes()).await;
+                    if matches!(changed, Outcome::Ended(_)) {
+                        tracing::warn!(sid = %self.meta.sid, user = %self.meta.user, "ending the session: its recording cannot be written");
+                        break;
+                    }
+                }
                 msg = from_user.wait() => {
                     let Some(msg) = msg else { break };
+                    // What starts the channel's work is recorded first, or refused.
+                    let starts = match &msg {
+                        ChannelMsg::RequestShell { want_reply } => Some((SessionKind::Shell, *want_reply)),
+                        ChannelMsg::Exec { want_reply, command } => Some((SessionKind::Exec(String::from_utf8_lossy(command).into_owned()), *want_reply)),
+                        ChannelMsg::RequestSubsystem { want_reply, name } => Some((SessionKind::Subsystem(name.clone()), *want_reply)),
+                        _ => None,
+                    };
+                    if let Some((kind, want_reply)) = starts {
+                        if recording.is_some() {
+                            if want_reply {
+                                let _ = self.handle.channel_failure(id).await;
+                            }
+                            continue;
+                        }
+                        match self.begin(kind, &pty).await {
+                            Ok(r) => {
+                                if let Some(text) = r.message() {
+                                    let _ = to_user.extended_data_bytes(1, format!("{text}\r\n").into_bytes()).await;
+                                }
+                                outcome = Some(r.outcome());
+                                recording = Some(r);
+                            }
+                            Err(message) => {
+                                let _ = to_user.extended_data_bytes(1, format!("{message}\r\n").into_bytes()).await;
+                                if want_reply {
+                                    let _ = self.handle.channel_failure(id).await;
+                                }
+                                break;
+                            }
+                        }
+                    }
                     let ok = match msg {
                         ChannelMsg::RequestPty { want_reply, term, col_width, row_height, pix_width, pix_height, terminal_modes } => {
                             pty = Some((term.clone(), col_width, row_height));
@@ -297,16 +334,10 @@ impl Relay {
                             to_node.set_env(want_reply, variable_name, variable_value).await
                         }
                         ChannelMsg::RequestShell { want_reply } => {
-                            if recording.is_none() {
-                                recording = self.start(&pty, None);
-                            }
                             owed += usize::from(want_reply);
                             to_node.request_shell(want_reply).await
                         }
                         ChannelMsg::Exec { want_reply, command } => {
-                            if recording.is_none() {
-                                recording = self.start(&pty, Some(String::from_utf8_lossy(&command).into_owned()));
-                            }
                             owed += usize::from(want_reply);
                             to_node.exec(want_reply, command).await
                         }
@@ -316,15 +347,14 @@ impl Relay {
                         }
                         ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
                             if let Some(r) = &recording {
-                                let e = r.recorder.resize(col_width, row_height);
-                                self.audit(&e);
+                                r.resize(col_width, row_height).await;
                             }
                             to_node.window_change(col_width, row_height, pix_width, pix_height).await
                         }
                         ChannelMsg::Signal { signal } => to_node.signal(signal).await,
                         ChannelMsg::Data { data } => {
                             if let Some(r) = &recording {
-                                r.recorder.received(data.len());
+                                r.received(data.len());
                             }
                             to_node.data_bytes(data).await
                         }
@@ -339,17 +369,25 @@ impl Relay {
                 msg = from_node.wait() => {
                     let Some(msg) = msg else { break };
                     match msg {
+                        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } if recording.is_none() => {
+                            // Nothing reaches the user unrecorded.
+                            tracing::debug!(sid = %self.meta.sid, bytes = data.len(), "output before the session started; dropped");
+                        }
                         ChannelMsg::Data { data } => {
-                            if let Some(r) = &recording {
-                                r.recorder.print(&data);
+                            if let Some(r) = &recording
+                                && r.print(&data).await.is_err()
+                            {
+                                continue;
                             }
                             if to_user.data_bytes(data).await.is_err() {
                                 break;
                             }
                         }
                         ChannelMsg::ExtendedData { data, ext } => {
-                            if let Some(r) = &recording {
-                                r.recorder.print(&data);
+                            if let Some(r) = &recording
+                                && r.print(&data).await.is_err()
+                            {
+                                continue;
                             }
                             if to_user.extended_data_bytes(ext, data).await.is_err() {
                                 break;
@@ -382,7 +420,9 @@ impl Relay {
                 }
             }
         }
-        self.finish(recording.take(), exit_code).await;
+        if let Some(r) = recording.take() {
+            r.end(exit_code).await;
+        }
         let _ = to_user.eof().await;
         let _ = to_user.close().await;
         let _ = to_node.close().await;

@@ -370,52 +370,78 @@ async fn recording_bench() -> anyhow::Result<()> {
         certificate: issued.certificate,
     };
     let host_ca = vec![authority.host_ca().public_key().clone()];
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!(
-        "Bulk output through turnstile ssh (proxy, node), {} MiB each, zstd level {}",
+        "Bulk output through turnstile ssh (proxy, node), {} MiB each, zstd level {}, \
+         {runs} run(s) of each mode taken in turn; MB/s is the median, the cost the \
+         median of each run against the off run before it, with its range",
         size >> 20,
         turnstile_recording::part::ZSTD_LEVEL
     );
     println!(
-        "{:<22}  {:>10}  {:>12}  {:>12}  {:>22}",
-        "input", "recording", "MB/s", "vs off", "stored bytes / output"
+        "{:<22}  {:>10}  {:>12}  {:>24}  {:>22}",
+        "input", "recording", "MB/s", "cost (min..max)", "stored bytes / output"
     );
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     for (name, file) in [
         ("base64 of random", &base64),
         ("build log, repeated", &build_log),
     ] {
-        let mut off_rate = 0.0;
-        for mode in ["off", "node"] {
-            turnstile_auth::cluster_config::put(
-                authority.backend().as_ref(),
-                &turnstile_auth::cluster_config::ClusterConfig {
-                    session_control_timeout_ms: 120_000,
-                    session_recording: mode.into(),
-                },
-            )
-            .await?;
-            // Nodes read the mode from a view refreshed every 5 s.
-            tokio::time::sleep(Duration::from_secs(6)).await;
-            let (bytes, secs, sid) = cat_through(&proxy, &creds, &host_ca, file).await?;
-            let rate = bytes as f64 / secs / 1e6;
-            let stored = if mode == "node" {
+        let (mut off_rates, mut node_rates, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stored = 0.0;
+        for _ in 0..runs {
+            for mode in ["off", "node"] {
+                turnstile_auth::cluster_config::put(
+                    authority.backend().as_ref(),
+                    &turnstile_auth::cluster_config::ClusterConfig {
+                        session_control_timeout_ms: 120_000,
+                        session_recording: mode.parse()?,
+                    },
+                )
+                .await?;
+                // Nodes read the mode from a view refreshed every 5 s.
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                let (bytes, secs, sid) = cat_through(&proxy, &creds, &host_ca, file).await?;
+                let rate = bytes as f64 / secs / 1e6;
+                if mode == "off" {
+                    off_rates.push(rate);
+                    continue;
+                }
+                costs.push((1.0 - rate / off_rates[off_rates.len() - 1]) * 100.0);
+                node_rates.push(rate);
+                // The next run starts once this recording is stored, so an
+                // upload still under way does not slow it.
                 let rec = data.join(format!("records/{sid}.rec"));
                 let deadline = Instant::now() + Duration::from_secs(600);
                 while !rec.exists() && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 let len = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
-                format!("{:.3}", len as f64 / bytes as f64)
-            } else {
-                off_rate = rate;
-                "-".into()
-            };
-            let vs = if mode == "node" {
-                format!("{:+.1}%", (rate / off_rate - 1.0) * 100.0)
-            } else {
-                "-".into()
-            };
-            println!("{name:<22}  {mode:>10}  {rate:>12.1}  {vs:>12}  {stored:>22}");
+                stored = len as f64 / bytes as f64;
+            }
         }
+        let (low, high) = costs
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &c| (l.min(c), h.max(c)));
+        let off = median(&mut off_rates);
+        let node = median(&mut node_rates);
+        let cost = median(&mut costs);
+        println!(
+            "{name:<22}  {:>10}  {off:>12.1}  {:>24}  {:>22}",
+            "off", "-", "-"
+        );
+        println!(
+            "{name:<22}  {:>10}  {node:>12.1}  {:>24}  {stored:>22.3}",
+            "node",
+            format!("{cost:.1}% ({low:.1}..{high:.1})")
+        );
     }
     running.stop().await?;
     Ok(())

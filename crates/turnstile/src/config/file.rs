@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use turnstile_api::duration::WrittenDuration;
+use turnstile_api::recording::ByteSize;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +27,19 @@ pub struct GlobalSection {
     pub join_token: Option<String>,
     pub ca_pin: Option<String>,
     pub storage: Option<StorageSection>,
+    pub recording: Option<RecordingSection>,
+}
+
+/// How this process records sessions, when it is a recorder (node, or proxy
+/// in the proxy modes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingSection {
+    pub spool_max_size: Option<ByteSize>,
+    pub spool_min_free: Option<ByteSize>,
+    pub buffer_per_session: Option<ByteSize>,
+    pub buffer_per_process: Option<ByteSize>,
+    pub sync_ack_timeout: Option<WrittenDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

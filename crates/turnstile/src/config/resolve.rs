@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use turnstile_api::labels::{Labels, validate_label};
+use turnstile_api::recording::{ByteSize, RecordingMode};
 use turnstile_api::role::validate_name;
+use turnstile_recording::recorder::RecorderConfig;
 
 use super::file::FileConfig;
 
@@ -21,9 +23,6 @@ pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:3022";
 pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
-pub const RECORDING_MODES: &[&str] = &["node", "proxy", "off", "node-sync", "proxy-sync"];
-/// The modes this build records in; the others are refused by name.
-pub const SUPPORTED_RECORDING_MODES: &[&str] = &["node", "proxy", "off"];
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
 /// Parts of recordings in a directory: small, so auth acknowledges often.
 pub const FILE_STORE_MIN_PART: usize = 1 << 20;
@@ -38,6 +37,8 @@ pub struct ResolvedConfig {
     pub auth: Option<AuthSettings>,
     pub proxy: Option<ProxySettings>,
     pub node: Option<NodeSettings>,
+    /// The bounds of this process's recorder (node; proxy in proxy modes).
+    pub recording: RecorderConfig,
 }
 
 /// Where auth keeps the cluster's state.
@@ -54,7 +55,7 @@ pub struct AuthSettings {
     pub storage: StorageKind,
     pub listen_addr: SocketAddr,
     pub cluster_name: String,
-    pub session_recording: String,
+    pub session_recording: RecordingMode,
     pub session_control_timeout: Duration,
     pub storage_path: PathBuf,
     /// Where recordings go (a directory; `file://` URIs).
@@ -169,25 +170,12 @@ pub fn resolve(
         from_file,
     ) {
         let a = file.auth_service.unwrap_or_default();
-        let session_recording = a.session_recording.unwrap_or_else(|| "node".into());
-        if !RECORDING_MODES.contains(&session_recording.as_str()) {
-            return Err(field_error(
-                "auth_service.session_recording",
-                format!(
-                    "{session_recording:?} is not a recording mode; use one of {}",
-                    RECORDING_MODES.join(", ")
-                ),
-            ));
-        }
-        if !SUPPORTED_RECORDING_MODES.contains(&session_recording.as_str()) {
-            return Err(field_error(
-                "auth_service.session_recording",
-                format!(
-                    "{session_recording:?} is not supported by this build yet; use {}",
-                    SUPPORTED_RECORDING_MODES.join(" or ")
-                ),
-            ));
-        }
+        let session_recording: RecordingMode = match a.session_recording.as_deref() {
+            None => RecordingMode::default(),
+            Some(s) => s
+                .parse()
+                .map_err(|e| field_error("auth_service.session_recording", e))?,
+        };
         let upload_grace = a.upload_grace_period.map_or(DEFAULT_UPLOAD_GRACE, |d| d.0);
         if upload_grace.is_zero() {
             return Err(field_error(
@@ -330,6 +318,7 @@ pub fn resolve(
             "this process runs no auth service, so it needs the address of one, for example [\"auth.example.com:3025\"]",
         ));
     }
+    let recording = resolve_recording(global.recording.unwrap_or_default())?;
     Ok(ResolvedConfig {
         data_dir,
         auth_servers,
@@ -338,6 +327,62 @@ pub fn resolve(
         auth,
         proxy,
         node,
+        recording,
+    })
+}
+
+/// The recorder's bounds, checked: a buffer must hold at least a few
+/// `print` events, a timeout must leave auth time to answer.
+fn resolve_recording(r: super::file::RecordingSection) -> Result<RecorderConfig, String> {
+    let d = RecorderConfig::default();
+    let min_buffer = ByteSize(1 << 20);
+    let buffer = |field: &str, v: Option<ByteSize>, default: usize| match v {
+        None => Ok(default),
+        Some(b) if b < min_buffer => Err(field_error(
+            field,
+            format!(
+                "{b} is too small; at least {min_buffer} (default {})",
+                ByteSize(default as u64)
+            ),
+        )),
+        Some(b) => Ok(usize::try_from(b.bytes()).unwrap_or(usize::MAX)),
+    };
+    let session_buffer = buffer(
+        "turnstile.recording.buffer_per_session",
+        r.buffer_per_session,
+        d.session_buffer,
+    )?;
+    let process_buffer = buffer(
+        "turnstile.recording.buffer_per_process",
+        r.buffer_per_process,
+        d.process_buffer,
+    )?;
+    if process_buffer < session_buffer {
+        return Err(field_error(
+            "turnstile.recording.buffer_per_process",
+            format!(
+                "{} is smaller than buffer_per_session ({}); make it at least as large",
+                ByteSize(process_buffer as u64),
+                ByteSize(session_buffer as u64)
+            ),
+        ));
+    }
+    let sync_ack_timeout = match r.sync_ack_timeout.map(|d| d.0) {
+        None => d.sync_ack_timeout,
+        Some(t) if t < Duration::from_secs(1) => {
+            return Err(field_error(
+                "turnstile.recording.sync_ack_timeout",
+                "must be at least 1s (default 30s)",
+            ));
+        }
+        Some(t) => t,
+    };
+    Ok(RecorderConfig {
+        spool_max_size: r.spool_max_size.map_or(d.spool_max_size, ByteSize::bytes),
+        spool_min_free: r.spool_min_free.map_or(d.spool_min_free, ByteSize::bytes),
+        session_buffer,
+        process_buffer,
+        sync_ack_timeout,
     })
 }
 
@@ -384,6 +429,14 @@ mod tests {
             (
                 "ssh_service:\n  node_name: \"bad name\"\nauth_service: {}\n",
                 "ssh_service.node_name",
+            ),
+            (
+                "turnstile:\n  recording:\n    buffer_per_session: 1KiB\nauth_service: {}\n",
+                "turnstile.recording.buffer_per_session",
+            ),
+            (
+                "turnstile:\n  recording:\n    sync_ack_timeout: 100ms\nauth_service: {}\n",
+                "turnstile.recording.sync_ack_timeout",
             ),
             (
                 "proxy_service:\n  public_addr: proxy\nauth_service: {}\n",

@@ -1,0 +1,328 @@
+//! Receives one recorder's `RecordSession` stream: open or resume, frames of
+//! events, complete. Every frame is checked (its events belong to this
+//! session and this recorder, in order) but not compressed again: frames are
+//! joined into parts as they came. An event is acknowledged only once it is
+//! durable in the recording store, and within about a second: frames that do
+//! not yet fill a part are staged as a chunk object of their own (at most
+//! every [`STAGE_AFTER`]), and deleted once a part holds them. While the
+//! store refuses writes, nothing more is acknowledged.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use turnstile_api::error::ApiError;
+use turnstile_api::rpc::proto;
+use turnstile_recording::event::SESSION_END;
+use turnstile_recording::part::{
+    Frame, HEADER_LEN, MAX_FRAME_RAW, encode_record, part_from_payload,
+};
+use turnstile_recording::storage::{StagedChunk, Upload};
+
+use crate::authority::Authority;
+use crate::recordings::{Opening, Recordings, storage, upload_event};
+
+/// Events wait at most this long before they are staged and acknowledged.
+pub const STAGE_AFTER: Duration = Duration::from_millis(250);
+/// A recorder that sends nothing is noted alive in the index this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(10);
+
+/// Frames not yet in a stored part.
+#[derive(Debug)]
+struct Piece {
+    /// zstd frames of the records of `first_ei..=last_ei`.
+    zstd: Vec<u8>,
+    last_ei: u64,
+    /// The chunk that holds it durably, once staged.
+    staged: Option<StagedChunk>,
+}
+
+/// One stream's state on auth.
+#[derive(Debug)]
+struct Receiver {
+    sid: String,
+    server_id: String,
+    upload: Upload,
+    min_part: usize,
+    pieces: Vec<Piece>,
+    bytes: usize,
+    /// The highest event index taken.
+    taken: i64,
+    /// The highest event index durable (in a part or a staged chunk).
+    durable: i64,
+    /// Since when pieces have waited unstaged.
+    unstaged_since: Option<Instant>,
+    stop_ms: Option<i64>,
+}
+
+fn fail(e: ApiError) -> Status {
+    e.into()
+}
+
+impl Receiver {
+    /// Takes a frame after checking it; frames or events already taken are
+    /// dropped (resends after a resume are normal).
+    fn take(&mut self, frame: Frame) -> Result<(), Status> {
+        if frame.first_ei > frame.last_ei || frame.raw_len > MAX_FRAME_RAW as u64 {
+            return Err(Status::invalid_argument(format!(
+                "frame of events {}..={} with {} bytes is malformed (at most {MAX_FRAME_RAW} bytes)",
+                frame.first_ei, frame.last_ei, frame.raw_len
+            )));
+        }
+        if (frame.last_ei as i64) <= self.taken {
+            return Ok(());
+        }
+        if frame.first_ei as i64 > self.taken + 1 {
+            // Something between was lost on the way: the recorder resumes.
+            return Err(Status::failed_precondition(format!(
+                "events {}..{} of session {} are missing; resume from {}",
+                self.taken + 1,
+                frame.first_ei,
+                self.sid,
+                self.durable
+            )));
+        }
+        let events = frame
+            .events(MAX_FRAME_RAW)
+            .map_err(|e| Status::invalid_argument(format!("session {}: {e}", self.sid)))?;
+        let count = frame.last_ei - frame.first_ei + 1;
+        if events.len() as u64 != count
+            || events
+                .iter()
+                .enumerate()
+                .any(|(i, e)| e.ei != frame.first_ei + i as u64)
+        {
+            return Err(Status::invalid_argument(format!(
+                "frame of events {}..={} does not hold exactly those events",
+                frame.first_ei, frame.last_ei
+            )));
+        }
+        if events
+            .iter()
+            .any(|e| e.sid != self.sid || e.server_id != self.server_id)
+        {
+            return Err(Status::permission_denied(
+                "failed to validate event metadata: the event is for another session or server",
+            ));
+        }
+        if let Some(end) = events.iter().find(|e| e.event == SESSION_END) {
+            self.stop_ms = Some(end.session_stop_ms);
+        }
+        let zstd = if (frame.first_ei as i64) > self.taken {
+            frame.zstd
+        } else {
+            // Partly taken before: keep only the new events.
+            let mut records = Vec::new();
+            for e in events.iter().filter(|e| e.ei as i64 > self.taken) {
+                encode_record(e, &mut records);
+            }
+            turnstile_recording::part::compress(&records)
+                .map_err(|e| Status::internal(format!("compress: {e}")))?
+        };
+        self.bytes += zstd.len();
+        self.pieces.push(Piece {
+            zstd,
+            last_ei: frame.last_ei,
+            staged: None,
+        });
+        self.taken = frame.last_ei as i64;
+        self.unstaged_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.bytes + HEADER_LEN >= self.min_part
+    }
+
+    /// Stores what is held as one part (padded unless it is the last), and
+    /// lets its staged chunks go.
+    async fn store_part(&mut self, recordings: &Recordings, last: bool) -> Result<(), Status> {
+        let Some(last_ei) = self.pieces.last().map(|p| p.last_ei) else {
+            return Ok(());
+        };
+        let pad_to = if last { 0 } else { self.min_part };
+        let bytes = part_from_payload(self.pieces.iter().map(|p| p.zstd.as_slice()), pad_to);
+        recordings
+            .store_part(&self.sid, &self.upload, bytes, last_ei)
+            .await
+            .map_err(fail)?;
+        let staged: Vec<StagedChunk> = self.pieces.drain(..).filter_map(|p| p.staged).collect();
+        self.bytes = 0;
+        self.unstaged_since = None;
+        self.durable = self.durable.max(last_ei as i64);
+        if !staged.is_empty()
+            && let Err(e) = recordings
+                .store()
+                .delete_staged(&self.upload, &staged)
+                .await
+        {
+            // Left over, they only repeat events a part holds.
+            tracing::warn!(sid = %self.sid, error = %e, "cannot delete staged chunks");
+        }
+        Ok(())
+    }
+
+    /// Stages the pieces not yet durable as one chunk.
+    async fn stage(&mut self, recordings: &Recordings) -> Result<(), Status> {
+        let start = self.pieces.iter().position(|p| p.staged.is_none());
+        let Some(start) = start else {
+            self.unstaged_since = None;
+            return Ok(());
+        };
+        let first_ei = u64::try_from(self.durable + 1).unwrap_or(0);
+        let last_ei = self.pieces[self.pieces.len() - 1].last_ei;
+        let zstd: Vec<u8> = self.pieces[start..]
+            .iter()
+            .flat_map(|p| p.zstd.iter().copied())
+            .collect();
+        let bytes = part_from_payload([zstd.as_slice()], 0);
+        let chunk = recordings
+            .store()
+            .stage(&self.upload, first_ei, last_ei, bytes)
+            .await
+            .map_err(|e| fail(storage(e)))?;
+        self.pieces.truncate(start);
+        self.pieces.push(Piece {
+            zstd,
+            last_ei,
+            staged: Some(chunk),
+        });
+        self.durable = last_ei as i64;
+        self.unstaged_since = None;
+        Ok(())
+    }
+}
+
+/// Serves one recorder's stream until it completes or goes away.
+pub async fn serve(
+    recordings: &Recordings,
+    authority: &Authority,
+    server_id: &str,
+    inbound: &mut tonic::Streaming<proto::RecordRequest>,
+    tx: &mpsc::Sender<Result<proto::RecordStatus, Status>>,
+    shutdown: &CancellationToken,
+) -> Result<(), Status> {
+    use proto::record_request::Request;
+    let opening = match inbound.message().await?.and_then(|m| m.request) {
+        Some(Request::Open(o)) => Opening {
+            sid: o.sid,
+            user: o.user,
+            login: o.login,
+            node_name: o.node_name,
+            start_ms: o.start_ms,
+        },
+        _ => {
+            return Err(Status::invalid_argument(
+                "a recording stream starts with open",
+            ));
+        }
+    };
+    let sid = opening.sid.clone();
+    let record = recordings.open(server_id, &opening).await.map_err(fail)?;
+    let upload = record
+        .upload
+        .clone()
+        .ok_or_else(|| Status::unavailable("the upload was completed meanwhile; try again"))?;
+    // Resume: what was staged by an earlier stream is durable, and goes
+    // into the next part.
+    let staged = recordings
+        .staged_after(&upload, record.last_ei)
+        .await
+        .map_err(fail)?;
+    let mut rx = Receiver {
+        sid: sid.clone(),
+        server_id: server_id.to_string(),
+        upload,
+        min_part: recordings.store().min_part_size(),
+        pieces: Vec::new(),
+        bytes: 0,
+        taken: record.last_ei,
+        durable: record.last_ei,
+        unstaged_since: None,
+        stop_ms: None,
+    };
+    for (chunk, payload) in staged {
+        rx.bytes += payload.len();
+        rx.taken = chunk.last_ei as i64;
+        rx.durable = rx.taken;
+        rx.pieces.push(Piece {
+            zstd: payload,
+            last_ei: chunk.last_ei,
+            staged: Some(chunk),
+        });
+    }
+    let send = |last_ei: i64, complete: bool| async move {
+        tx.send(Ok(proto::RecordStatus { last_ei, complete }))
+            .await
+            .map_err(|_| Status::cancelled("the recorder went away"))
+    };
+    send(rx.durable, false).await?;
+    let mut acked = rx.durable;
+    let mut touched = Instant::now();
+    loop {
+        let stage_at = rx.unstaged_since.map(|t| t + STAGE_AFTER);
+        let msg = tokio::select! {
+            m = inbound.message() => Some(m?),
+            _ = sleep_until(stage_at) => None,
+            _ = shutdown.cancelled() => {
+                // What was received is made durable; the recorder resumes
+                // with another auth server, or with this one after its restart.
+                rx.stage(recordings).await?;
+                if rx.durable > acked {
+                    send(rx.durable, false).await?;
+                }
+                return Err(Status::unavailable("the auth server is shutting down"));
+            }
+        };
+        match msg {
+            None => rx.stage(recordings).await?,
+            Some(None) => break,
+            Some(Some(m)) => match m.request {
+                Some(Request::Frames(batch)) => {
+                    for f in batch.frames {
+                        rx.take(Frame::from_proto(f))?;
+                        if rx.full() {
+                            rx.store_part(recordings, false).await?;
+                            touched = Instant::now();
+                        }
+                    }
+                    if stage_at.is_some_and(|at| Instant::now() >= at) {
+                        rx.stage(recordings).await?;
+                    }
+                }
+                Some(Request::Complete(_)) => {
+                    rx.store_part(recordings, true).await?;
+                    let done = recordings.complete(&sid, rx.stop_ms).await.map_err(fail)?;
+                    authority.record(upload_event(&done)).await;
+                    send(done.last_ei.max(rx.durable), true).await?;
+                    return Ok(());
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "unexpected message in a recording stream",
+                    ));
+                }
+            },
+        }
+        if rx.durable > acked {
+            acked = rx.durable;
+            send(acked, false).await?;
+        }
+        if touched.elapsed() > TOUCH_EVERY {
+            recordings.touch(&sid).await.map_err(fail)?;
+            touched = Instant::now();
+        }
+    }
+    // The recorder left without completing: what is durable stays (staged
+    // or in parts); what was not acknowledged it will resend.
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
