@@ -83,6 +83,12 @@ impl AuditEvent {
                     "T3002E"
                 }
                 "exec" => "T3002I",
+                "recording.failed"
+                    if fields.get("action").and_then(Value::as_str) == Some("session ended") =>
+                {
+                    "T2010E"
+                }
+                "recording.failed" => "T2010W",
                 _ => "T0000I",
             },
         }

@@ -207,7 +207,12 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                 if let Some(rec) = r.recording.take() {
                     rec.end(status.and_then(|s| s.code())).await;
                 }
-                if let Some(status) = status {
+                // The process may have died of the recording's failure (its
+                // output pipe closed): say so, and report no status of its own.
+                if let Some(Outcome::Ended(reason)) = outcome.as_ref().map(|o| o.borrow().clone()) {
+                    let text = turnstile_recording::recorder::failure_message(&reason);
+                    let _ = writer.extended_data_bytes(1, format!("\r\n{text}\r\n").into_bytes()).await;
+                } else if let Some(status) = status {
                     if let Some(code) = status.code() {
                         let _ = writer.exit_status(u32::try_from(code).unwrap_or(255)).await;
                     } else if let Some(signal) = status.signal() {
@@ -259,7 +264,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                     ChannelMsg::RequestShell { want_reply } => {
                         let launch = Launch { command: None, program: None, env: env.clone(), term: None };
                         let ok = running.is_none() && start(&mut running, &mut outcome, &ctx, launch, SessionKind::Shell, &pty, &writer, id).await;
-                        reply(ok, want_reply).await;
+                        // Refused for its recording: the user reads why, and the
+                        // channel closes (OpenSSH would drop the text on a failure).
+                        reply(ok || outcome.is_some(), want_reply).await;
                         if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::Exec { want_reply, command } => {
@@ -267,7 +274,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                         let kind = SessionKind::Exec(command.clone());
                         let launch = Launch { command: Some(command), program: None, env: env.clone(), term: None };
                         let ok = running.is_none() && start(&mut running, &mut outcome, &ctx, launch, kind, &pty, &writer, id).await;
-                        reply(ok, want_reply).await;
+                        // Refused for its recording: the user reads why, and the
+                        // channel closes (OpenSSH would drop the text on a failure).
+                        reply(ok || outcome.is_some(), want_reply).await;
                         if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::RequestSubsystem { want_reply, name } => {
@@ -281,7 +290,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                             }
                             _ => false,
                         };
-                        reply(ok, want_reply).await;
+                        // Refused for its recording: the user reads why, and the
+                        // channel closes (OpenSSH would drop the text on a failure).
+                        reply(ok || outcome.is_some(), want_reply).await;
                         if !ok && outcome.is_some() { break; }
                     }
                     ChannelMsg::WindowChange { col_width, row_height, .. } => {

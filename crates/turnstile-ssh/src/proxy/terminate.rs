@@ -315,9 +315,11 @@ impl Relay {
                                 recording = Some(r);
                             }
                             Err(message) => {
+                                // The user reads why, and the channel closes (a
+                                // failure reply would make OpenSSH drop the text).
                                 let _ = to_user.extended_data_bytes(1, format!("{message}\r\n").into_bytes()).await;
                                 if want_reply {
-                                    let _ = self.handle.channel_failure(id).await;
+                                    let _ = self.handle.channel_success(id).await;
                                 }
                                 break;
                             }

@@ -263,6 +263,31 @@ impl Cluster {
         all.extend_from_slice(args);
         client(&self.home(), &all, None).await
     }
+
+    /// Restarts web1 (it keeps its identity) with more `turnstile` lines,
+    /// indented two spaces, in its config; waits until auth has it again.
+    pub(crate) async fn restart_web1(&mut self, global_extra: &str) {
+        if let Some(p) = self.web1.take() {
+            p.stop().await;
+        }
+        let yaml = joining_yaml(
+            &self.dirs.path("web1"),
+            &self.auth_addr,
+            None,
+            &self.pin,
+            &format!("{global_extra}{}", node_service("web1", "dev")),
+        );
+        let node = Proc::start(&self.dirs.config("web1-again", &yaml)).await;
+        let addr = node.field("node");
+        self.web1 = Some(node);
+        poll_until(Duration::from_secs(20), || async {
+            admin(&self.auth_data(), &["nodes", "ls", "--format", "json"])
+                .await
+                .contains(&addr)
+        })
+        .await
+        .expect("web1 registers again");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

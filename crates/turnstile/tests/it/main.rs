@@ -7,6 +7,7 @@ mod cluster;
 mod openssh;
 mod pty;
 mod recording;
+mod recording_modes;
 mod refusals;
 mod session_control;
 mod support;

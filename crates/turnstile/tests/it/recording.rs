@@ -17,7 +17,7 @@ fn id_arg(id: &Path) -> String {
 }
 
 /// `turnstile ARGS -i IDENTITY` through the real binary.
-async fn as_user(id: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) async fn as_user(id: &Path, args: &[&str]) -> std::process::Output {
     let id = id_arg(id);
     // The identity goes right after the subcommand: after `ssh NODE` it would
     // be part of the remote command.
@@ -29,7 +29,7 @@ async fn as_user(id: &Path, args: &[&str]) -> std::process::Output {
 }
 
 /// Waits until the session's recording is complete.
-async fn wait_complete(id: &Path, sid: &str) {
+pub(crate) async fn wait_complete(id: &Path, sid: &str) {
     poll_until(Duration::from_secs(60), || async {
         let out = as_user(id, &["recordings", "ls", "--format", "json"]).await;
         text(&out.stdout).lines().any(|l| {
@@ -41,7 +41,7 @@ async fn wait_complete(id: &Path, sid: &str) {
     .unwrap_or_else(|_| panic!("the recording of {sid} never completed"));
 }
 
-async fn play(id: &Path, sid: &str, format: &str) -> Vec<u8> {
+pub(crate) async fn play(id: &Path, sid: &str, format: &str) -> Vec<u8> {
     let out = as_user(id, &["play", sid, "--format", format]).await;
     assert!(out.status.success(), "play: {}", text(&out.stderr));
     out.stdout
@@ -49,7 +49,7 @@ async fn play(id: &Path, sid: &str, format: &str) -> Vec<u8> {
 
 /// Runs `command` on web1 and returns (sid, everything it printed, the sid
 /// line first).
-async fn recorded_exec(c: &TestCluster, id: &Path, command: &str) -> (String, Vec<u8>) {
+pub(crate) async fn recorded_exec(c: &TestCluster, id: &Path, command: &str) -> (String, Vec<u8>) {
     let script = format!("echo $TURNSTILE_SESSION_ID; {command}");
     let out = c.ssh(id, &["web1", "--", &script]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -300,11 +300,14 @@ async fn off_mode_records_no_output_but_audits_start_and_end() {
     assert_eq!(spool_files.count(), 0);
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+pub(crate) type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
 /// A session on web1 printing `line-N` every 50 ms, read until line `until`.
 /// Returns the client, its output (kept open), the sid and the last line read.
-async fn counting_session(c: &Cluster, until: u64) -> (tokio::process::Child, Lines, String, u64) {
+pub(crate) async fn counting_session(
+    c: &Cluster,
+    until: u64,
+) -> (tokio::process::Child, Lines, String, u64) {
     let mut session = tokio::process::Command::new(BIN)
         .args([
             "ssh",

@@ -35,6 +35,10 @@ pub struct ClusterSpec {
     pub storage: &'static str,
     /// More `auth_service` lines, indented two spaces.
     pub auth_extra: String,
+    /// More `turnstile` (global) lines, indented two spaces.
+    pub global_extra: String,
+    /// Runs on the data dir (not yet created by the cluster) before start.
+    pub prepare: Option<Box<dyn FnOnce(&Path) + Send>>,
 }
 
 impl Default for ClusterSpec {
@@ -44,6 +48,8 @@ impl Default for ClusterSpec {
             labels: vec![("env".into(), "dev".into())],
             storage: "sqlite",
             auth_extra: String::new(),
+            global_extra: String::new(),
+            prepare: None,
         }
     }
 }
@@ -53,15 +59,18 @@ impl TestCluster {
         Self::start_with(ClusterSpec::default()).await
     }
 
-    pub async fn start_with(spec: ClusterSpec) -> Self {
+    pub async fn start_with(mut spec: ClusterSpec) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(prepare) = spec.prepare.take() {
+            prepare(&dir.path().join("data"));
+        }
         let labels: String = spec
             .labels
             .iter()
             .map(|(k, v)| format!("    {k}: {v}\n"))
             .collect();
         let yaml = format!(
-            "turnstile:\n  data_dir: {data}\n  storage:\n    type: {storage}\n\
+            "turnstile:\n  data_dir: {data}\n  storage:\n    type: {storage}\n{global_extra}\
 auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n{auth_extra}\
 proxy_service:\n  listen_addr: 127.0.0.1:0\n\
 ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n  labels:\n{labels}",
@@ -69,6 +78,7 @@ ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n  labels:\n{label
             node = spec.node_name,
             storage = spec.storage,
             auth_extra = spec.auth_extra,
+            global_extra = spec.global_extra,
         );
         let config_path = dir.path().join("turnstile.yaml");
         std::fs::write(&config_path, yaml).unwrap();
@@ -340,6 +350,17 @@ impl Proc {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Resident memory of the process, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc/PID/status")
+            * 1024
+    }
+
     fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32)
     }
@@ -360,6 +381,11 @@ impl Proc {
 
     /// SIGKILL, as a crash.
     pub async fn kill9(mut self) {
+        self.crash().await;
+    }
+
+    /// SIGKILL, keeping the (dead) handle: for a process a struct owns.
+    pub async fn crash(&mut self) {
         nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
         let _ = self.child.wait().await;
     }
