@@ -27,6 +27,9 @@ pub struct TestCluster {
     pub node_name: String,
 }
 
+/// Work on a cluster's data dir before it starts.
+pub type Prepare = Box<dyn FnOnce(&Path) + Send>;
+
 /// A fluent description of the cluster a test wants.
 pub struct ClusterSpec {
     pub node_name: String,
@@ -38,7 +41,7 @@ pub struct ClusterSpec {
     /// More `turnstile` (global) lines, indented two spaces.
     pub global_extra: String,
     /// Runs on the data dir (not yet created by the cluster) before start.
-    pub prepare: Option<Box<dyn FnOnce(&Path) + Send>>,
+    pub prepare: Option<Prepare>,
 }
 
 impl Default for ClusterSpec {
