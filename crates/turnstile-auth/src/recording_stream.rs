@@ -62,6 +62,47 @@ fn fail(e: ApiError) -> Status {
 }
 
 impl Receiver {
+    /// Opens or resumes the session's upload: what an earlier stream staged
+    /// is durable, and goes into the next part.
+    async fn open(
+        recordings: &Recordings,
+        server_id: &str,
+        opening: &Opening,
+    ) -> Result<Self, Status> {
+        let record = recordings.open(server_id, opening).await.map_err(fail)?;
+        let upload = record
+            .upload
+            .clone()
+            .ok_or_else(|| Status::unavailable("the upload was completed meanwhile; try again"))?;
+        let staged = recordings
+            .staged_after(&upload, record.last_ei)
+            .await
+            .map_err(fail)?;
+        let mut rx = Receiver {
+            sid: opening.sid.clone(),
+            server_id: server_id.to_string(),
+            upload,
+            min_part: recordings.store().min_part_size(),
+            pieces: Vec::new(),
+            bytes: 0,
+            taken: record.last_ei,
+            durable: record.last_ei,
+            unstaged_since: None,
+            stop_ms: None,
+        };
+        for (chunk, payload) in staged {
+            rx.bytes += payload.len();
+            rx.taken = chunk.last_ei as i64;
+            rx.durable = rx.taken;
+            rx.pieces.push(Piece {
+                zstd: payload,
+                last_ei: chunk.last_ei,
+                staged: Some(chunk),
+            });
+        }
+        Ok(rx)
+    }
+
     /// Takes a frame after checking it; frames or events already taken are
     /// dropped (resends after a resume are normal).
     fn take(&mut self, frame: Frame) -> Result<(), Status> {
@@ -220,39 +261,7 @@ pub async fn serve(
         }
     };
     let sid = opening.sid.clone();
-    let record = recordings.open(server_id, &opening).await.map_err(fail)?;
-    let upload = record
-        .upload
-        .clone()
-        .ok_or_else(|| Status::unavailable("the upload was completed meanwhile; try again"))?;
-    // Resume: what was staged by an earlier stream is durable, and goes
-    // into the next part.
-    let staged = recordings
-        .staged_after(&upload, record.last_ei)
-        .await
-        .map_err(fail)?;
-    let mut rx = Receiver {
-        sid: sid.clone(),
-        server_id: server_id.to_string(),
-        upload,
-        min_part: recordings.store().min_part_size(),
-        pieces: Vec::new(),
-        bytes: 0,
-        taken: record.last_ei,
-        durable: record.last_ei,
-        unstaged_since: None,
-        stop_ms: None,
-    };
-    for (chunk, payload) in staged {
-        rx.bytes += payload.len();
-        rx.taken = chunk.last_ei as i64;
-        rx.durable = rx.taken;
-        rx.pieces.push(Piece {
-            zstd: payload,
-            last_ei: chunk.last_ei,
-            staged: Some(chunk),
-        });
-    }
+    let mut rx = Receiver::open(recordings, server_id, &opening).await?;
     let send = |last_ei: i64, complete: bool| async move {
         tx.send(Ok(proto::RecordStatus { last_ei, complete }))
             .await
@@ -324,5 +333,156 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use turnstile_api::clock::SystemClock;
+    use turnstile_api::rpc::proto::RecordingEvent;
+    use turnstile_recording::reader::read_events;
+    use turnstile_recording::storage::{MemoryStore, UploadStore};
+
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    const SID: &str = "0d9a4c2e-7b1f-4e3a-9c5d-2f8e6a1b3c4d";
+
+    fn frame(first: u64, last: u64) -> Frame {
+        let mut records = Vec::new();
+        for ei in first..=last {
+            encode_record(
+                &RecordingEvent {
+                    ei,
+                    event: "print".into(),
+                    sid: SID.into(),
+                    server_id: "node-1".into(),
+                    data: format!("line {ei}\n").into_bytes(),
+                    ..Default::default()
+                },
+                &mut records,
+            );
+        }
+        Frame::compress(first, last, &records).unwrap()
+    }
+
+    async fn receiver(recordings: &Recordings) -> Receiver {
+        let opening = Opening {
+            sid: SID.into(),
+            user: "alice".into(),
+            login: "root".into(),
+            node_name: "web1".into(),
+            start_ms: 0,
+        };
+        Receiver::open(recordings, "node-1", &opening)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn staged_events_are_durable_resumed_and_completed_without_loss_or_repeats() {
+        let store = Arc::new(MemoryStore::new(1 << 20));
+        let recordings = Recordings::new(
+            Arc::new(MemoryBackend::new()),
+            store.clone(),
+            Arc::new(SystemClock),
+        );
+        let mut rx = receiver(&recordings).await;
+        rx.take(frame(0, 9)).unwrap();
+        assert_eq!(rx.durable, -1, "taken is not durable");
+        rx.stage(&recordings).await.unwrap();
+        assert_eq!(rx.durable, 9);
+        // A resend after a reconnect and a frame that overlaps are dropped or cut.
+        rx.take(frame(0, 9)).unwrap();
+        rx.take(frame(5, 14)).unwrap();
+        rx.stage(&recordings).await.unwrap();
+        assert_eq!(rx.durable, 14);
+        // A gap is refused: something was lost on the way.
+        assert_eq!(
+            rx.take(frame(20, 21)).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        // A frame of another session is refused.
+        let mut foreign = frame(15, 15);
+        let mut records = Vec::new();
+        encode_record(
+            &RecordingEvent {
+                ei: 15,
+                sid: "11111111-2222-4333-8444-555555555555".into(),
+                server_id: "node-1".into(),
+                ..Default::default()
+            },
+            &mut records,
+        );
+        foreign.zstd = turnstile_recording::part::compress(&records).unwrap();
+        assert_eq!(
+            rx.take(foreign).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        // The stream breaks; the next one (any auth server) finds what was staged.
+        drop(rx);
+        let mut rx = receiver(&recordings).await;
+        assert_eq!((rx.taken, rx.durable), (14, 14));
+        rx.take(frame(15, 19)).unwrap();
+        rx.stage(&recordings).await.unwrap();
+        // The recorder is gone for good: the completer folds the staged
+        // chunks into the last part.
+        drop(rx);
+        let done = recordings.complete(SID, None).await.unwrap();
+        assert_eq!(done.status, crate::recordings::STATUS_COMPLETE);
+        let bytes = store.read(SID, 0, 0, usize::MAX).await.unwrap();
+        let events = read_events(&bytes).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.ei).collect::<Vec<_>>(),
+            (0..20).collect::<Vec<_>>()
+        );
+        // Completing again changes nothing.
+        assert_eq!(
+            recordings.complete(SID, None).await.unwrap().size,
+            done.size
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_acknowledged_while_the_store_refuses_writes() {
+        let store = Arc::new(MemoryStore::new(1 << 20));
+        let recordings = Recordings::new(
+            Arc::new(MemoryBackend::new()),
+            store.clone(),
+            Arc::new(SystemClock),
+        );
+        let mut rx = receiver(&recordings).await;
+        rx.take(frame(0, 4)).unwrap();
+        store.refuse_writes(true);
+        assert!(rx.stage(&recordings).await.is_err());
+        assert_eq!(rx.durable, -1);
+        store.refuse_writes(false);
+        rx.stage(&recordings).await.unwrap();
+        assert_eq!(rx.durable, 4);
+    }
+
+    #[tokio::test]
+    async fn a_full_part_is_stored_padded_and_its_chunks_deleted() {
+        let store = Arc::new(MemoryStore::new(64));
+        let recordings = Recordings::new(
+            Arc::new(MemoryBackend::new()),
+            store.clone(),
+            Arc::new(SystemClock),
+        );
+        let mut rx = receiver(&recordings).await;
+        rx.take(frame(0, 0)).unwrap();
+        rx.stage(&recordings).await.unwrap();
+        let upload = rx.upload.clone();
+        assert_eq!(store.list_staged(&upload).await.unwrap().len(), 1);
+        rx.take(frame(1, 40)).unwrap();
+        assert!(rx.full());
+        rx.store_part(&recordings, false).await.unwrap();
+        assert_eq!(rx.durable, 40);
+        assert!(store.list_staged(&upload).await.unwrap().is_empty());
+        let record = recordings.get(SID).await.unwrap().unwrap();
+        assert_eq!(record.last_ei, 40);
+        assert!(record.parts[0].size >= 64);
     }
 }

@@ -703,3 +703,43 @@ async fn memory_returns_near_idle_after_bulk_sessions() {
     // The spool emptied too.
     assert!(files_named(&c.dirs.path("web1").join("spool"), ".events").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_sync_modes_a_killed_recorder_loses_no_output_older_than_a_second() {
+    for mode in ["node-sync", "proxy-sync"] {
+        let mut c = Cluster::start_with(&format!(
+            "  session_recording: {mode}\n  upload_grace_period: 2s\n"
+        ))
+        .await;
+        c.add_alice().await;
+        let out = c.login("correct horse battery").await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let (mut session, _lines, sid, last) = counting_session(&c, 60).await;
+        // The recorder dies; nothing of the session was on its disk, and it
+        // does not come back: auth has what it acknowledged.
+        if mode == "node-sync" {
+            c.web1.take().unwrap().kill9().await;
+        } else {
+            c.proxy.crash().await;
+            // Back (empty-handed) so the user can list and play.
+            let yaml = joining_yaml(
+                &c.dirs.path("proxy"),
+                &c.auth_addr,
+                None,
+                &c.pin,
+                &PROXY_SERVICE.replace("127.0.0.1:0", &c.proxy_addr),
+            );
+            c.proxy = Proc::start(&c.dirs.config("proxy-again", &yaml)).await;
+        }
+        let _ = session.kill().await;
+        let identity = c.home().join("keys/prod/alice");
+        wait_complete(&identity, &sid).await;
+        let played = text(&play(&identity, &sid, "text").await);
+        for i in 0..=(last - 20) {
+            assert!(
+                played.contains(&format!("line-{i}\n")),
+                "{mode}: line-{i} (of {last}) was lost:\n{played}"
+            );
+        }
+    }
+}
