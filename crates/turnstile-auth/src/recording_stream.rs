@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use turnstile_api::error::ApiError;
 use turnstile_api::rpc::proto;
-use turnstile_recording::event::SESSION_END;
 use turnstile_recording::part::{
     Frame, HEADER_LEN, MAX_FRAME_RAW, encode_record, part_from_payload,
 };
@@ -25,7 +24,7 @@ use crate::authority::Authority;
 use crate::recordings::{Opening, Recordings, storage, upload_event};
 
 /// Events wait at most this long before they are staged and acknowledged.
-pub const STAGE_AFTER: Duration = Duration::from_millis(250);
+pub const STAGE_AFTER: Duration = Duration::from_millis(500);
 /// A recorder that sends nothing is noted alive in the index this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(10);
 
@@ -125,36 +124,33 @@ impl Receiver {
                 self.durable
             )));
         }
-        let events = frame
-            .events(MAX_FRAME_RAW)
+        let summary = frame
+            .summarize(MAX_FRAME_RAW, &self.sid, &self.server_id)
             .map_err(|e| Status::invalid_argument(format!("session {}: {e}", self.sid)))?;
-        let count = frame.last_ei - frame.first_ei + 1;
-        if events.len() as u64 != count
-            || events
-                .iter()
-                .enumerate()
-                .any(|(i, e)| e.ei != frame.first_ei + i as u64)
+        if summary.count != frame.last_ei - frame.first_ei + 1
+            || summary.first_ei != Some(frame.first_ei)
+            || !summary.consecutive
         {
             return Err(Status::invalid_argument(format!(
                 "frame of events {}..={} does not hold exactly those events",
                 frame.first_ei, frame.last_ei
             )));
         }
-        if events
-            .iter()
-            .any(|e| e.sid != self.sid || e.server_id != self.server_id)
-        {
+        if !summary.owned {
             return Err(Status::permission_denied(
                 "failed to validate event metadata: the event is for another session or server",
             ));
         }
-        if let Some(end) = events.iter().find(|e| e.event == SESSION_END) {
-            self.stop_ms = Some(end.session_stop_ms);
+        if let Some(stop) = summary.stop_ms {
+            self.stop_ms = Some(stop);
         }
         let zstd = if (frame.first_ei as i64) > self.taken {
             frame.zstd
         } else {
-            // Partly taken before: keep only the new events.
+            // Partly taken before (a resend cut differently): keep the new events.
+            let events = frame
+                .events(MAX_FRAME_RAW)
+                .map_err(|e| Status::invalid_argument(format!("session {}: {e}", self.sid)))?;
             let mut records = Vec::new();
             for e in events.iter().filter(|e| e.ei as i64 > self.taken) {
                 encode_record(e, &mut records);

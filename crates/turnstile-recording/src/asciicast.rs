@@ -5,36 +5,48 @@ use serde_json::json;
 
 use crate::event::{PRINT, RESIZE, RecordingEvent, SESSION_START};
 
-pub fn export(events: &[RecordingEvent]) -> String {
-    let start = events.iter().find(|e| e.event == SESSION_START);
-    let (width, height) = start
-        .filter(|s| s.cols > 0 && s.rows > 0)
-        .map_or((80, 24), |s| (s.cols, s.rows));
-    let mut header = json!({
-        "version": 2,
-        "width": width,
-        "height": height,
-        "timestamp": start.map_or(0, |s| s.time_ms / 1000),
-    });
-    if let Some(s) = start.filter(|s| !s.term.is_empty()) {
-        header["env"] = json!({"TERM": s.term});
-    }
-    let mut out = header.to_string();
-    out.push('\n');
-    // Output split inside a UTF-8 sequence is carried over to the next event.
-    let mut pending: Vec<u8> = Vec::new();
-    for e in events {
+/// Writes asciicast v2 as events arrive: a header from `session.start`, then
+/// one line per output or resize. Output split inside a UTF-8 sequence is
+/// carried over to the next event.
+#[derive(Debug, Default)]
+pub struct Writer {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+impl Writer {
+    /// The lines (each ending in a newline) this event adds.
+    pub fn event(&mut self, e: &RecordingEvent) -> String {
+        let mut out = String::new();
+        if !self.started {
+            self.started = true;
+            let start = (e.event == SESSION_START).then_some(e);
+            let (width, height) = start
+                .filter(|s| s.cols > 0 && s.rows > 0)
+                .map_or((80, 24), |s| (s.cols, s.rows));
+            let mut header = json!({
+                "version": 2,
+                "width": width,
+                "height": height,
+                "timestamp": start.map_or(0, |s| s.time_ms / 1000),
+            });
+            if let Some(s) = start.filter(|s| !s.term.is_empty()) {
+                header["env"] = json!({"TERM": s.term});
+            }
+            out.push_str(&header.to_string());
+            out.push('\n');
+        }
         let t = e.ms as f64 / 1000.0;
         match e.event.as_str() {
             PRINT => {
-                pending.extend_from_slice(&e.data);
-                let valid = match std::str::from_utf8(&pending) {
-                    Ok(_) => pending.len(),
+                self.pending.extend_from_slice(&e.data);
+                let valid = match std::str::from_utf8(&self.pending) {
+                    Ok(_) => self.pending.len(),
                     Err(err) if err.error_len().is_none() => err.valid_up_to(),
-                    Err(_) => pending.len(),
+                    Err(_) => self.pending.len(),
                 };
-                let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
-                pending.drain(..valid);
+                let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                self.pending.drain(..valid);
                 if !text.is_empty() {
                     out.push_str(&json!([t, "o", text]).to_string());
                     out.push('\n');
@@ -46,8 +58,14 @@ pub fn export(events: &[RecordingEvent]) -> String {
             }
             _ => {}
         }
+        out
     }
-    out
+}
+
+/// A whole recording as asciicast v2.
+pub fn export(events: &[RecordingEvent]) -> String {
+    let mut w = Writer::default();
+    events.iter().map(|e| w.event(e)).collect()
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ struct State {
     /// Encoded records not yet framed, of events `first_ei..first_ei+count`.
     records: Vec<u8>,
     first_ei: u64,
-    /// Bytes of `records` plus those of frames sent and not acknowledged.
+    /// Bytes of `records` plus those of frames (compressed) not acknowledged.
     held: usize,
     /// The recorder wrote the last event.
     ended: bool,
@@ -241,6 +241,20 @@ impl Backlog {
                 records,
             }
         })
+    }
+
+    /// Records of `raw` bytes taken became a frame of `compressed` bytes:
+    /// what is held shrinks to what memory really keeps.
+    pub fn framed(&self, raw: usize, compressed: usize) {
+        let less = raw.saturating_sub(compressed);
+        self.with(|s| s.held = s.held.saturating_sub(less));
+        self.process.give_back(less);
+        self.room.notify_waiters();
+    }
+
+    /// Holding half of what it may: auth should store what it has at once.
+    pub fn pressed(&self) -> bool {
+        self.with(|s| s.held >= self.cap / 2) || self.process.held() >= self.process.cap / 2
     }
 
     /// Frames of `n` bytes were acknowledged: their room is free again.

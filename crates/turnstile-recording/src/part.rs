@@ -128,6 +128,149 @@ impl Frame {
     }
 }
 
+/// What auth needs to know of a frame's events, read without copying their
+/// output: their indexes, whose they are, and the session's stop time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrameSummary {
+    pub count: u64,
+    pub first_ei: Option<u64>,
+    pub last_ei: Option<u64>,
+    /// Every event's index follows the one before it.
+    pub consecutive: bool,
+    /// Every event names this session and this server.
+    pub owned: bool,
+    /// `session_stop_ms` of a `session.end` among them.
+    pub stop_ms: Option<i64>,
+}
+
+impl Frame {
+    /// Reads the frame's records as a stream (one record's bytes in memory
+    /// at a time, none of their output copied out), refusing more than
+    /// `max_raw` bytes of records.
+    pub fn summarize(
+        &self,
+        max_raw: usize,
+        sid: &str,
+        server_id: &str,
+    ) -> Result<FrameSummary, String> {
+        let decoder = zstd::stream::read::Decoder::new(self.zstd.as_slice())
+            .map_err(|e| format!("frame does not decompress: {e}"))?;
+        let mut src = decoder.take(max_raw as u64 + 1);
+        let mut out = FrameSummary {
+            consecutive: true,
+            owned: true,
+            ..Default::default()
+        };
+        let mut body = Vec::new();
+        let mut consumed = 0u64;
+        loop {
+            let mut len_bytes = [0u8; 4];
+            match read_full(&mut src, &mut len_bytes) {
+                Ok(0) => break,
+                Ok(4) => {}
+                Ok(_) => return Err(format!("truncated record length at {consumed}")),
+                Err(e) => return Err(format!("at {consumed}: {e}")),
+            }
+            let len = u32::from_be_bytes(len_bytes) as usize;
+            if len == 0 || len > MAX_EVENT {
+                return Err(format!("record of {len} bytes at {consumed}"));
+            }
+            body.resize(len, 0);
+            match read_full(&mut src, &mut body) {
+                Ok(n) if n == len => {}
+                Ok(_) => return Err(format!("truncated record at {consumed}")),
+                Err(e) => return Err(format!("at {consumed}: {e}")),
+            }
+            consumed += 4 + len as u64;
+            let fields =
+                scan_event(&body).ok_or_else(|| format!("record at {consumed} does not decode"))?;
+            if let Some(last) = out.last_ei
+                && fields.ei != last + 1
+            {
+                out.consecutive = false;
+            }
+            out.first_ei.get_or_insert(fields.ei);
+            out.last_ei = Some(fields.ei);
+            out.count += 1;
+            out.owned &= fields.sid == sid.as_bytes() && fields.server_id == server_id.as_bytes();
+            if fields.is_end {
+                out.stop_ms = Some(fields.stop_ms);
+            }
+        }
+        if consumed > max_raw as u64 {
+            return Err(format!("frame holds more than {max_raw} bytes of events"));
+        }
+        Ok(out)
+    }
+}
+
+/// The fields of an encoded `RecordingEvent` that checks need.
+struct ScannedEvent<'a> {
+    ei: u64,
+    sid: &'a [u8],
+    server_id: &'a [u8],
+    is_end: bool,
+    stop_ms: i64,
+}
+
+/// Reads a protobuf varint.
+fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Walks an encoded `RecordingEvent` (see turnstile.proto) for `ei` (1),
+/// `event` (2), `sid` (4), `server_id` (5) and `session_stop_ms` (17),
+/// skipping everything else; `None` if it is not well-formed protobuf.
+fn scan_event(buf: &[u8]) -> Option<ScannedEvent<'_>> {
+    let mut e = ScannedEvent {
+        ei: 0,
+        sid: &[],
+        server_id: &[],
+        is_end: false,
+        stop_ms: 0,
+    };
+    let mut at = 0usize;
+    while at < buf.len() {
+        let key = varint(buf, &mut at)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                let v = varint(buf, &mut at)?;
+                match field {
+                    1 => e.ei = v,
+                    17 => e.stop_ms = v as i64,
+                    _ => {}
+                }
+            }
+            1 => at = at.checked_add(8).filter(|&a| a <= buf.len())?,
+            5 => at = at.checked_add(4).filter(|&a| a <= buf.len())?,
+            2 => {
+                let len = usize::try_from(varint(buf, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|&a| a <= buf.len())?;
+                let bytes = &buf[at..end];
+                match field {
+                    2 => e.is_end = bytes == crate::event::SESSION_END.as_bytes(),
+                    4 => e.sid = bytes,
+                    5 => e.server_id = bytes,
+                    _ => {}
+                }
+                at = end;
+            }
+            _ => return None,
+        }
+    }
+    Some(e)
+}
+
 /// Length-prefixed records read one at a time from a stream.
 pub struct Records<R> {
     src: R,
@@ -212,6 +355,68 @@ mod tests {
         assert_eq!(events[9].ei, 9);
         let err = frame.events(records.len() - 1).unwrap_err();
         assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn a_summary_reads_indexes_and_owners_without_decoding_output() {
+        let ev = |ei: u64, sid: &str, kind: &str| RecordingEvent {
+            ei,
+            event: kind.into(),
+            sid: sid.into(),
+            server_id: "node".into(),
+            data: vec![7; 5000],
+            session_stop_ms: 42,
+            ..Default::default()
+        };
+        let mut records = Vec::new();
+        for e in [
+            ev(3, "s", "print"),
+            ev(4, "s", "print"),
+            ev(5, "s", "session.end"),
+        ] {
+            encode_record(&e, &mut records);
+        }
+        let f = Frame::compress(3, 5, &records).unwrap();
+        let sum = f.summarize(MAX_FRAME_RAW, "s", "node").unwrap();
+        assert_eq!(
+            sum,
+            FrameSummary {
+                count: 3,
+                first_ei: Some(3),
+                last_ei: Some(5),
+                consecutive: true,
+                owned: true,
+                stop_ms: Some(42),
+            }
+        );
+        assert!(!f.summarize(MAX_FRAME_RAW, "other", "node").unwrap().owned);
+        let mut gap = Vec::new();
+        for e in [ev(1, "s", "print"), ev(3, "s", "print")] {
+            encode_record(&e, &mut gap);
+        }
+        let f = Frame::compress(1, 3, &gap).unwrap();
+        assert!(!f.summarize(MAX_FRAME_RAW, "s", "node").unwrap().consecutive);
+        let garbage = Frame::compress(0, 0, &[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
+        assert!(garbage.summarize(MAX_FRAME_RAW, "s", "node").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scanner_agrees_with_prost(ei in 0u64..u64::MAX, stop in proptest::prelude::any::<i64>(), sid in "[a-f0-9-]{0,40}", data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let e = RecordingEvent { ei, sid: sid.clone(), server_id: "srv".into(), event: "session.end".into(), data, session_stop_ms: stop, cols: 80, ..Default::default() };
+            let buf = e.encode_to_vec();
+            let scanned = scan_event(&buf).unwrap();
+            proptest::prop_assert_eq!(scanned.ei, ei);
+            proptest::prop_assert_eq!(scanned.sid, sid.as_bytes());
+            proptest::prop_assert_eq!(scanned.server_id, b"srv");
+            proptest::prop_assert!(scanned.is_end);
+            proptest::prop_assert_eq!(scanned.stop_ms, stop);
+        }
+
+        #[test]
+        fn the_scanner_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = scan_event(&bytes);
+        }
     }
 
     #[test]

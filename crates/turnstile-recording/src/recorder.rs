@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use turnstile_api::audit::AuditEvent;
@@ -167,6 +167,10 @@ struct State {
     sink: Sink,
     /// Output is recorded (not for `off`, nor for subsystems).
     record_output: bool,
+    /// Spooled events not yet synced to disk.
+    unsynced: bool,
+    /// Wakes the ticker when something starts waiting for it.
+    waiting: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -178,6 +182,7 @@ struct Shared {
     state: Mutex<State>,
     outcome: watch::Sender<Outcome>,
     min_free: u64,
+    waiting: Arc<Notify>,
 }
 
 /// One session channel's recording.
@@ -285,6 +290,7 @@ impl Recorder {
             None => (0, 0, String::new()),
         };
         let (outcome, _) = watch::channel(Outcome::Recording);
+        let waiting = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             meta: start.meta.clone(),
             policy: start.policy,
@@ -301,7 +307,10 @@ impl Recorder {
                 pending_since: None,
                 sink,
                 record_output,
+                unsynced: false,
+                waiting: waiting.clone(),
             }),
+            waiting,
             outcome,
             min_free: self.config.spool_min_free,
         });
@@ -416,6 +425,10 @@ impl State {
                 if live.keep_or_spill(record.len(), e.ei, offset) {
                     live.push(e.ei, &record);
                 }
+                if !self.unsynced {
+                    self.unsynced = true;
+                    self.waiting.notify_one();
+                }
                 Ok(())
             }
         }
@@ -436,6 +449,7 @@ impl State {
         if !rest.is_empty() {
             self.pending = rest;
             self.pending_since = Some(self.now_stamp(now));
+            self.waiting.notify_one();
         }
         Ok(())
     }
@@ -526,6 +540,7 @@ impl Shared {
     /// The spool's periodic sync, off the session's lock while the disk works.
     fn start_sync(&self) -> Option<(PendingSync, Arc<Backlog>)> {
         let result: Result<_, String> = self.with(|s| {
+            s.unsynced = false;
             let Sink::Spool { writer, live, .. } = &mut s.sink else {
                 return Ok(None);
             };
@@ -562,16 +577,30 @@ impl Shared {
 }
 
 impl SessionRecording {
+    /// The session's timer: batched output becomes events within
+    /// [`BATCH_FOR`]; spooled events are synced within [`SYNC_EVERY`] (and
+    /// the spool's free space checked). It sleeps while nothing waits.
     fn with_ticker(self) -> Self {
         let shared = self.shared.clone();
         let ticks = self.ticks.clone();
         let ticker = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(BATCH_FOR);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last_sync = Instant::now();
+            let mut synced_at = Instant::now();
             loop {
+                let (flush_at, unsynced) =
+                    shared.with(|s| (s.pending_since.map(|(at, _, _)| at + BATCH_FOR), s.unsynced));
+                let sync_at = unsynced.then_some(synced_at + SYNC_EVERY);
+                let wake = match (flush_at, sync_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    _ = async {
+                        match wake {
+                            Some(at) => tokio::time::sleep_until(at.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                    _ = shared.waiting.notified() => continue,
                     _ = ticks.cancelled() => return,
                 }
                 let flushed = shared.with(|s| {
@@ -587,8 +616,8 @@ impl SessionRecording {
                 if let Err(reason) = flushed {
                     shared.fail(&reason);
                 }
-                if last_sync.elapsed() >= SYNC_EVERY {
-                    last_sync = Instant::now();
+                if unsynced && synced_at.elapsed() >= SYNC_EVERY {
+                    synced_at = Instant::now();
                     if let Some((pending, live)) = shared.start_sync() {
                         let waited = tokio::task::spawn_blocking(move || pending.wait()).await;
                         match waited {
@@ -597,8 +626,7 @@ impl SessionRecording {
                             Err(e) => shared.fail(&e.to_string()),
                         }
                     }
-                    let shared = shared.clone();
-                    let _ = tokio::task::spawn_blocking(move || shared.check_free_space()).await;
+                    shared.check_free_space();
                 }
             }
         });
@@ -650,6 +678,7 @@ impl SessionRecording {
             }
             if s.pending_since.is_none() {
                 s.pending_since = Some(s.now_stamp(now));
+                s.waiting.notify_one();
             }
             s.pending.extend_from_slice(data);
             if s.pending.len() >= MAX_PRINT {

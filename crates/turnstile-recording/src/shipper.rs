@@ -146,8 +146,9 @@ struct Progress {
 }
 
 impl Progress {
+    /// Bytes of the frames not acknowledged, as memory holds them.
     fn in_flight(&self) -> usize {
-        self.unacked.iter().map(|f| f.raw_len as usize).sum()
+        self.unacked.iter().map(|f| f.zstd.len()).sum()
     }
 }
 
@@ -376,7 +377,9 @@ impl Shipper {
                         last_ei,
                         records,
                     } => {
+                        let raw = records.len();
                         let frame = compress(first_ei, last_ei, records).await?;
+                        backlog.framed(raw, frame.zstd.len());
                         progress.taken_to = last_ei as i64;
                         self.queue(progress, frame);
                         cut_any = true;
@@ -460,7 +463,7 @@ impl Shipper {
             .is_some_and(|f| f.last_ei as i64 <= last_ei)
         {
             if let Some(f) = progress.unacked.pop_front() {
-                freed += f.raw_len as usize;
+                freed += f.zstd.len();
             }
         }
         progress.waiting_since = if progress.unacked.is_empty() {
@@ -551,6 +554,7 @@ impl Shipper {
         for frame in resend {
             send(record_request::Request::Frames(RecordFrames {
                 frames: vec![frame.into_proto()],
+                flush: false,
             }))
             .await?;
         }
@@ -562,11 +566,18 @@ impl Shipper {
             self.cut(sid, source, progress).await?;
             while sent < progress.unacked.len() {
                 let frame = progress.unacked[sent].clone();
+                sent += 1;
+                // Short of room: ask auth to store at once rather than wait.
+                let flush = sent == progress.unacked.len()
+                    && match &backlog {
+                        Some(b) if progress.spool_at.is_none() => b.pressed(),
+                        _ => progress.in_flight() >= SPOOL_IN_FLIGHT / 2,
+                    };
                 send(record_request::Request::Frames(RecordFrames {
                     frames: vec![frame.into_proto()],
+                    flush,
                 }))
                 .await?;
-                sent += 1;
                 last_sent_at = Instant::now();
             }
             if progress.all_taken && !complete_sent {
@@ -576,6 +587,7 @@ impl Shipper {
             if last_sent_at.elapsed() >= KEEPALIVE {
                 send(record_request::Request::Frames(RecordFrames {
                     frames: Vec::new(),
+                    flush: false,
                 }))
                 .await?;
                 last_sent_at = Instant::now();

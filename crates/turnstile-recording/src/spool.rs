@@ -45,6 +45,9 @@ pub struct Spool {
     size: Arc<AtomicU64>,
     /// Free space to report instead of the file system's (tests); MAX: none.
     pretend_free: Arc<AtomicU64>,
+    /// The last reading of the free space, and when: every session of a
+    /// process checks it, the file system is asked at most twice a second.
+    free_seen: Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>>,
 }
 
 /// Bytes of the files under `dir`, recursively.
@@ -80,6 +83,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             size: Arc::new(AtomicU64::new(tree_size(dir))),
             pretend_free: Arc::new(AtomicU64::new(u64::MAX)),
+            free_seen: Arc::default(),
         })
     }
 
@@ -101,12 +105,20 @@ impl Spool {
         if pretend != u64::MAX {
             return Ok(pretend);
         }
+        let mut seen = self.free_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, free)) = *seen
+            && at.elapsed() < std::time::Duration::from_millis(500)
+        {
+            return Ok(free);
+        }
         let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| SpoolError::Io {
             path: self.dir.clone(),
             source: std::io::Error::from(e),
         })?;
         #[allow(clippy::unnecessary_cast)]
-        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        *seen = Some((std::time::Instant::now(), free));
+        Ok(free)
     }
 
     pub fn dir(&self) -> &Path {

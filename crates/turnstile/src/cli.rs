@@ -317,7 +317,9 @@ pub enum ConfigCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
-    /// Change one: session_recording (node, off) or session_control_timeout (e.g. 2m).
+    /// Change one: session_recording (node, node-sync, proxy, proxy-sync, off; recorders
+    /// follow within 10 s, each session keeps the mode it started in) or
+    /// session_control_timeout (e.g. 2m).
     Set { key: String, value: String },
 }
 

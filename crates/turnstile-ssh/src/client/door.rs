@@ -222,22 +222,25 @@ pub async fn list_recordings(
     }
 }
 
-/// The whole recording of a session, fetched in chunks over one connection.
+/// Fetches a recording (its objects, as one byte stream) chunk by chunk,
+/// handing each to `chunks` as it arrives; stops early if the receiver is
+/// gone. Memory stays at one chunk whatever the recording's size.
 pub async fn fetch_recording(
     proxy_addr: &str,
     host_ca: &[PublicKey],
     creds: &UserCredentials,
     sid: &str,
+    chunks: tokio::sync::mpsc::Sender<Vec<u8>>,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Vec<u8>, ClientError> {
+) -> Result<(), ClientError> {
     const CHUNK: u32 = 512 * 1024;
     let mut conn = open_proxy(proxy_addr, host_ca).await?;
     conn.auth_certificate(creds.user(), creds).await?;
-    let mut out = Vec::new();
+    let mut offset = 0u64;
     loop {
         let request = DoorRequest::RecordingChunk {
             sid: sid.to_string(),
-            offset: out.len() as u64,
+            offset,
             length: CHUNK,
         };
         match call(&conn, &request).await? {
@@ -249,10 +252,13 @@ pub async fn fetch_recording(
                         message: format!("bad chunk: {e}"),
                     })?;
                 let done = data.is_empty();
-                out.extend_from_slice(&data);
-                progress(out.len() as u64, total);
-                if done || out.len() as u64 >= total {
-                    return Ok(out);
+                offset += data.len() as u64;
+                progress(offset, total);
+                if !done && chunks.send(data).await.is_err() {
+                    return Ok(());
+                }
+                if done || offset >= total {
+                    return Ok(());
                 }
             }
             _ => {

@@ -286,49 +286,137 @@ fn repeated_file(path: &std::path::Path, seed: &[u8], size: u64) -> anyhow::Resu
     Ok(())
 }
 
-/// `cat FILE` through the proxy with Turnstile's client; returns (bytes, seconds).
-async fn cat_through(
-    proxy: &str,
-    creds: &turnstile_ssh::client::UserCredentials,
-    host_ca: &[russh::keys::PublicKey],
-    file: &std::path::Path,
-) -> anyhow::Result<(u64, f64, String)> {
-    let t0 = Instant::now();
-    let conn =
-        turnstile_ssh::client::connect_via_proxy(proxy, "bench", "root", creds, host_ca).await?;
-    let mut ch = conn.handle.channel_open_session().await?;
-    ch.exec(
-        true,
-        format!("echo $TURNSTILE_SESSION_ID; cat {}", file.display()),
-    )
-    .await?;
-    let mut bytes = 0u64;
-    let mut first = Vec::new();
-    while let Some(msg) = ch.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => {
-                if first.len() < 37 {
-                    first.extend_from_slice(&data[..data.len().min(37 - first.len())]);
-                }
-                bytes += data.len() as u64;
-            }
-            ChannelMsg::ExitStatus { .. } => break,
-            _ => {}
-        }
-    }
-    let sid = String::from_utf8_lossy(&first).trim().to_string();
-    Ok((bytes, t0.elapsed().as_secs_f64(), sid))
+/// A `turnstile start` of the release binary with its own config, ready.
+struct Service {
+    child: std::process::Child,
+    banner: String,
 }
 
-/// Bulk output through `turnstile ssh` with recording on (`node`) and off.
+impl Service {
+    fn start(name: &str, bin: &std::path::Path, config: &std::path::Path) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let log = std::fs::File::create(config.with_extension("log"))?;
+        let mut child = std::process::Command::new(bin)
+            .args(["start", "--config", config.to_str().unwrap_or_default()])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut banner = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            banner.push_str(&line);
+            banner.push('\n');
+            if line == "turnstile is ready" {
+                return Ok(Self { child, banner });
+            }
+        }
+        bail!(
+            "{name} did not start; see {}",
+            config.with_extension("log").display()
+        )
+    }
+
+    /// The value after `label` in the ready block.
+    fn field(&self, label: &str) -> anyhow::Result<String> {
+        self.banner
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(label).map(str::trim_start))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .with_context(|| format!("no {label} in {}", self.banner))
+    }
+
+    fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn turnstile_ok(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(bin).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "turnstile {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `program args` with stdout to /dev/null; returns the seconds it
+/// took and what it wrote to stderr.
+fn timed(program: &str, args: &[&str]) -> anyhow::Result<(f64, String)> {
+    let t0 = Instant::now();
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        bail!("{program} {args:?} failed: {stderr}");
+    }
+    Ok((secs, stderr))
+}
+
+/// A free loopback port (for sshd, which cannot report the one it took).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Bulk output through `turnstile ssh` in each recording mode, against
+/// OpenSSH direct to a plain sshd, on a cluster of separate processes.
 async fn recording_bench() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let size: u64 = std::env::var("BENCH_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let login = std::env::var("BENCH_LOGIN").unwrap_or_else(|_| {
+        if nix::unistd::User::from_name("turnstile-test")
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            "turnstile-test".into()
+        } else {
+            "root".into()
+        }
+    });
+    let bin = std::env::current_exe()?.with_file_name("turnstile");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run scripts/bench.sh",
+        bin.display()
+    );
     let dir = tempfile::tempdir()?;
-    let (data, config_path) = one_process_config(dir.path())?;
-    // Inputs: base64 of random bytes, and a real build log repeated.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    // Inputs, readable by the login: base64 of random bytes, a real build log repeated.
     let base64 = dir.path().join("base64.txt");
     let status = std::process::Command::new("sh")
         .arg("-c")
@@ -345,106 +433,276 @@ async fn recording_bench() -> anyhow::Result<()> {
         .with_context(|| format!("the build log {log_seed_path} (scripts/bench.sh writes it)"))?;
     let build_log = dir.path().join("build.log");
     repeated_file(&build_log, &log_seed, size)?;
+    for f in [&base64, &build_log] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+    }
 
-    let running = launch(config::load(Some(&config_path), None)?).await?;
-    let authority = running.authority.clone().context("auth runs here")?;
-    let proxy = running.proxy_public_addr.clone().context("proxy address")?;
-    authority
-        .upsert_user(
-            turnstile_auth::authority::UserRecord {
-                name: "bench".into(),
-                roles: vec!["access".into()],
-                logins: vec!["root".into()],
-                password_hash: None,
-                created_unix: 0,
-            },
-            true,
-        )
-        .await?;
-    let key = Arc::new(generate_ed25519());
-    let issued = authority
-        .generate_user_cert("bench", key.public_key(), Duration::from_secs(3600))
-        .await?;
-    let creds = turnstile_ssh::client::UserCredentials {
-        key,
-        certificate: issued.certificate,
+    // Auth, a proxy and a node, each its own process, joined with tokens.
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(
+        path("auth.yaml"),
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: bench\n",
+            path("auth").display()
+        ),
+    )?;
+    let auth = Service::start("auth", &bin, &path("auth.yaml"))?;
+    let auth_addr = auth.field("auth")?;
+    let pin = auth.field("CA pin")?;
+    let auth_data = path("auth");
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        all.extend(["--data-dir", auth_data.to_str().unwrap_or_default()]);
+        turnstile_ok(&bin, &all)
     };
-    let host_ca = vec![authority.host_ca().public_key().clone()];
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let token = |kind: &str| -> anyhow::Result<String> {
+        let out = admin(&["tokens", "add", "--type", kind, "--format", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        v["token"].as_str().map(str::to_string).context("token")
+    };
+    let joining = |name: &str, token: &str, service: &str| -> anyhow::Result<std::path::PathBuf> {
+        let config = path(&format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth_addr}\"]\n  join_token: {token}\n  ca_pin: {pin}\n{service}",
+                path(name).display()
+            ),
+        )?;
+        Ok(config)
+    };
+    let proxy = Service::start(
+        "proxy",
+        &bin,
+        &joining(
+            "proxy",
+            &token("proxy")?,
+            "proxy_service:\n  listen_addr: 127.0.0.1:0\n",
+        )?,
+    )?;
+    let proxy_addr = proxy.field("proxy")?;
+    let node = Service::start(
+        "node",
+        &bin,
+        &joining(
+            "node",
+            &token("node")?,
+            "ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
+        )?,
+    )?;
+    admin(&[
+        "users", "add", "bench", "--roles", "access", "--logins", &login,
+    ])?;
+    let id = path("bench-id");
+    admin(&[
+        "sign",
+        "--user",
+        "bench",
+        "--out",
+        id.to_str().unwrap_or_default(),
+        "--proxy",
+        &proxy_addr,
+    ])?;
+    // Nodes see a new node in their view within a refresh.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !admin(&["nodes", "ls"])?.contains("bench") {
+        anyhow::ensure!(Instant::now() < deadline, "the node never registered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // OpenSSH's sshd, listening, trusting the cluster's user CA.
+    let sshd = openssh_sshd(dir.path(), &id)?;
+
     println!(
-        "Bulk output through turnstile ssh (proxy, node), {} MiB each, zstd level {}, \
-         {runs} run(s) of each mode taken in turn; MB/s is the median, the cost the \
-         median of each run against the off run before it, with its range",
+        "Bulk output (`cat` of {} MiB) to the client's /dev/null: Turnstile through its proxy (auth, proxy, node \
+         separate processes) in each recording mode, and OpenSSH direct to a plain sshd; login {login}; \
+         zstd level {}; {runs} run(s) of each, taken in turn. MB/s is the median; cost is the median of each \
+         run against the off run before it, with its range; RSS (MiB) is the largest seen after a run.",
         size >> 20,
         turnstile_recording::part::ZSTD_LEVEL
     );
     println!(
-        "{:<22}  {:>10}  {:>12}  {:>24}  {:>22}",
-        "input", "recording", "MB/s", "cost (min..max)", "stored bytes / output"
+        "{:<20}  {:<22}  {:>8}  {:>22}  {:>9}  {:>8}  {:>17}",
+        "input", "path", "MB/s", "cost vs off", "x OpenSSH", "stored", "RSS auth/prx/node"
     );
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    const MODES: [&str; 4] = ["off", "node", "node-sync", "proxy"];
     for (name, file) in [
         ("base64 of random", &base64),
         ("build log, repeated", &build_log),
     ] {
-        let (mut off_rates, mut node_rates, mut costs) = (Vec::new(), Vec::new(), Vec::new());
-        let mut stored = 0.0;
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut costs: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut stored = vec![0.0f64; MODES.len()];
+        let mut rss = vec![[0.0f64; 3]; MODES.len()];
+        let mut openssh = Vec::new();
+        let command = format!("echo $TURNSTILE_SESSION_ID >&2; cat {}", file.display());
         for _ in 0..runs {
-            for mode in ["off", "node"] {
-                turnstile_auth::cluster_config::put(
-                    authority.backend().as_ref(),
-                    &turnstile_auth::cluster_config::ClusterConfig {
-                        session_control_timeout_ms: 120_000,
-                        session_recording: mode.parse()?,
-                    },
-                )
-                .await?;
-                // Nodes read the mode from a view refreshed every 5 s.
+            for (m, mode) in MODES.iter().enumerate() {
+                admin(&["config", "set", "session_recording", mode])?;
+                // Recorders read the mode from a view refreshed every 5 s.
                 tokio::time::sleep(Duration::from_secs(6)).await;
-                let (bytes, secs, sid) = cat_through(&proxy, &creds, &host_ca, file).await?;
-                let rate = bytes as f64 / secs / 1e6;
-                if mode == "off" {
-                    off_rates.push(rate);
-                    continue;
+                let (secs, stderr) = timed(
+                    bin.to_str().unwrap_or_default(),
+                    &[
+                        "ssh",
+                        "-i",
+                        id.to_str().unwrap_or_default(),
+                        "bench",
+                        "--",
+                        &command,
+                    ],
+                )?;
+                let rate = size as f64 / secs / 1e6;
+                rates[m].push(rate);
+                if m > 0 {
+                    costs[m].push((1.0 - rate / rates[0][rates[0].len() - 1]) * 100.0);
+                    // The next run starts once this recording is stored.
+                    let sid = stderr.lines().next().unwrap_or_default().trim().to_string();
+                    let rec = auth_data.join(format!("records/{sid}.rec"));
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    while !rec.exists() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    let len = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
+                    stored[m] = len as f64 / size as f64;
                 }
-                costs.push((1.0 - rate / off_rates[off_rates.len() - 1]) * 100.0);
-                node_rates.push(rate);
-                // The next run starts once this recording is stored, so an
-                // upload still under way does not slow it.
-                let rec = data.join(format!("records/{sid}.rec"));
-                let deadline = Instant::now() + Duration::from_secs(600);
-                while !rec.exists() && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                for (i, s) in [&auth, &proxy, &node].iter().enumerate() {
+                    rss[m][i] = rss[m][i].max(s.rss_mib());
                 }
-                let len = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
-                stored = len as f64 / bytes as f64;
+            }
+            if let Some(Sshd { port, cert, .. }) = &sshd {
+                let (secs, _) = timed(
+                    "/usr/bin/ssh",
+                    &[
+                        "-F",
+                        "/dev/null",
+                        "-o",
+                        "BatchMode=yes",
+                        "-o",
+                        "StrictHostKeyChecking=no",
+                        "-o",
+                        "UserKnownHostsFile=/dev/null",
+                        "-o",
+                        "LogLevel=ERROR",
+                        "-o",
+                        "IdentitiesOnly=yes",
+                        "-i",
+                        id.to_str().unwrap_or_default(),
+                        "-o",
+                        cert,
+                        "-p",
+                        &port.to_string(),
+                        &format!("{login}@127.0.0.1"),
+                        &format!("cat {}", file.display()),
+                    ],
+                )?;
+                openssh.push(size as f64 / secs / 1e6);
             }
         }
-        let (low, high) = costs
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(l, h), &c| (l.min(c), h.max(c)));
-        let off = median(&mut off_rates);
-        let node = median(&mut node_rates);
-        let cost = median(&mut costs);
+        let direct = if openssh.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut openssh)
+        };
+        for (m, mode) in MODES.iter().enumerate() {
+            let rate = median(&mut rates[m]);
+            let cost = if m == 0 {
+                "-".to_string()
+            } else {
+                let (low, high) = costs[m]
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), &c| (l.min(c), h.max(c)));
+                format!("{:.1}% ({low:.1}..{high:.1})", median(&mut costs[m]))
+            };
+            let stored = if m == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", stored[m])
+            };
+            println!(
+                "{name:<20}  {:<22}  {rate:>8.1}  {cost:>22}  {:>9.2}  {stored:>8}  {:>17}",
+                format!("turnstile, {mode}"),
+                rate / direct,
+                format!("{:.0}/{:.0}/{:.0}", rss[m][0], rss[m][1], rss[m][2])
+            );
+        }
         println!(
-            "{name:<22}  {:>10}  {off:>12.1}  {:>24}  {:>22}",
-            "off", "-", "-"
-        );
-        println!(
-            "{name:<22}  {:>10}  {node:>12.1}  {:>24}  {stored:>22.3}",
-            "node",
-            format!("{cost:.1}% ({low:.1}..{high:.1})")
+            "{name:<20}  {:<22}  {direct:>8.1}  {:>22}  {:>9.2}  {:>8}  {:>17}",
+            "OpenSSH direct", "-", 1.0, "-", "-"
         );
     }
-    running.stop().await?;
+    drop(sshd);
     Ok(())
+}
+
+/// A private sshd listening on loopback, trusting the cluster's user CA.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    /// `CertificateFile=…` for the client.
+    cert: String,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn openssh_sshd(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Result<Option<Sshd>> {
+    if !std::path::Path::new("/usr/sbin/sshd").exists() {
+        println!("(OpenSSH rows skipped: no /usr/sbin/sshd)");
+        return Ok(None);
+    }
+    let host_key = dir.join("sshd_host_key");
+    std::process::Command::new("/usr/bin/ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            host_key.to_str().unwrap_or_default(),
+        ])
+        .status()?;
+    let ca = dir.join("user_ca.pub");
+    let cert = std::fs::read_to_string(format!("{}-cert.pub", id.display()))?;
+    let parsed = russh::keys::Certificate::from_openssh(cert.trim())?;
+    let ca_line = russh::keys::PublicKey::new(parsed.signature_key().clone(), "").to_openssh()?;
+    std::fs::write(&ca, ca_line)?;
+    let port = free_port()?;
+    let config = dir.join("sshd_listen_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nTrustedUserCAKeys {}\nUsePAM no\nPidFile none\nStrictModes no\nAuthorizedKeysFile none\n",
+            host_key.display(),
+            ca.display()
+        ),
+    )?;
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let child = std::process::Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f", config.to_str().unwrap_or_default()])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let sshd = Sshd {
+        child,
+        port,
+        cert: format!("CertificateFile={}-cert.pub", id.display()),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "sshd did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(sshd))
 }
 
 fn time_command(n: usize, program: &str, args: &[&str]) -> anyhow::Result<Summary> {

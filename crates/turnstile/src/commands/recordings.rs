@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::json;
-use turnstile_recording::player::{FrameKind, output, position_at, timeline};
+use turnstile_recording::player::{FrameKind, position_at, timeline};
 use turnstile_recording::{RecordingEvent, asciicast, event, reader};
 use turnstile_ssh::client::door::{fetch_recording, list_recordings};
 use turnstile_ssh::client::terminal::{RawMode, stdin_is_tty, stdout_is_tty};
@@ -15,17 +15,129 @@ use turnstile_ssh::client::terminal::{RawMode, stdin_is_tty, stdout_is_tty};
 use crate::cli::{ClientArgs, ExportFormat, Format, PlayArgs, PlayFormat, RecordingsCommand};
 use crate::profile::client_identity;
 
-async fn fetch_events(client: &ClientArgs, sid: &str) -> anyhow::Result<Vec<RecordingEvent>> {
+/// Bytes arriving from the fetch, read as a stream by the decoder's thread.
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => (self.chunk, self.at) = (chunk, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Where decoded events go, one at a time.
+trait EventSink: Send + 'static {
+    fn event(&mut self, e: RecordingEvent) -> std::io::Result<()>;
+    fn finish(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The output alone (`play --format text`).
+struct TextOut(std::io::BufWriter<std::io::Stdout>);
+
+impl EventSink for TextOut {
+    fn event(&mut self, e: RecordingEvent) -> std::io::Result<()> {
+        if e.event == event::PRINT {
+            self.0.write_all(&e.data)?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The events as JSON lines (`play --format json`).
+struct JsonOut(std::io::BufWriter<std::io::Stdout>);
+
+impl EventSink for JsonOut {
+    fn event(&mut self, e: RecordingEvent) -> std::io::Result<()> {
+        writeln!(self.0, "{}", event::to_json(&e))
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// asciicast v2 (`recordings export`).
+struct CastOut(std::io::BufWriter<Box<dyn Write + Send>>, asciicast::Writer);
+
+impl EventSink for CastOut {
+    fn event(&mut self, e: RecordingEvent) -> std::io::Result<()> {
+        self.0.write_all(self.1.event(&e).as_bytes())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Every event (the timed player seeks back and forth, so it keeps them).
+struct Collect(Vec<RecordingEvent>);
+
+impl EventSink for Collect {
+    fn event(&mut self, e: RecordingEvent) -> std::io::Result<()> {
+        self.0.push(e);
+        Ok(())
+    }
+}
+
+/// Fetches a recording and decodes it as it arrives, handing every event in
+/// order to `sink` (on a blocking thread); memory does not grow with the
+/// recording unless the sink keeps the events. Returns the sink.
+async fn for_each_event<S: EventSink>(
+    client: &ClientArgs,
+    sid: &str,
+    mut sink: S,
+) -> anyhow::Result<S> {
     if uuid::Uuid::parse_str(sid).is_err() {
         anyhow::bail!("{sid:?} is not a session id; see `turnstile recordings ls`");
     }
     let (identity, proxy) = client_identity(client)?;
     let show = stdout_is_tty() || std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bytes = fetch_recording(
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let decoder = tokio::task::spawn_blocking(move || -> anyhow::Result<S> {
+        let chunks = Chunks {
+            rx,
+            chunk: Vec::new(),
+            at: 0,
+        };
+        let mut reader =
+            reader::EventReader::new(std::io::BufReader::with_capacity(1 << 16, chunks));
+        while let Some(e) = reader
+            .next_event()
+            .context("the recording cannot be read")?
+        {
+            match sink.event(e) {
+                Ok(()) => {}
+                // `| head`: the reader stopped reading; so do we.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(sink),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match sink.finish() {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(sink),
+        }
+    });
+    let fetched = fetch_recording(
         &proxy,
         &identity.host_ca,
         &identity.credentials,
         sid,
+        tx,
         |got, total| {
             if show && total > 4 << 20 {
                 eprint!(
@@ -36,9 +148,13 @@ async fn fetch_events(client: &ClientArgs, sid: &str) -> anyhow::Result<Vec<Reco
             }
         },
     )
-    .await?;
-    let events = reader::read_events(&bytes).context("the recording cannot be read")?;
-    Ok(events)
+    .await;
+    if show {
+        eprint!("\r\x1b[K");
+    }
+    let decoded = decoder.await?;
+    fetched?;
+    decoded
 }
 
 fn rfc3339_ms(ms: i64) -> String {
@@ -49,22 +165,23 @@ fn rfc3339_ms(ms: i64) -> String {
 }
 
 pub async fn play(args: PlayArgs) -> anyhow::Result<()> {
-    let events = fetch_events(&args.client, &args.sid).await?;
     let format = args.format.unwrap_or(if stdout_is_tty() {
         PlayFormat::Tty
     } else {
         PlayFormat::Text
     });
-    let mut stdout = std::io::stdout().lock();
+    let stdout = || std::io::BufWriter::new(std::io::stdout());
     match format {
+        // Streamed: printed as the recording arrives.
         PlayFormat::Json => {
-            for e in &events {
-                writeln!(stdout, "{}", event::to_json(e))?;
-            }
+            for_each_event(&args.client, &args.sid, JsonOut(stdout())).await?;
         }
-        PlayFormat::Text => stdout.write_all(&output(&events))?,
+        PlayFormat::Text => {
+            for_each_event(&args.client, &args.sid, TextOut(stdout())).await?;
+        }
         PlayFormat::Tty => {
-            drop(stdout);
+            let Collect(events) =
+                for_each_event(&args.client, &args.sid, Collect(Vec::new())).await?;
             let max_idle = (args.max_idle > 0.0).then(|| Duration::from_secs_f64(args.max_idle));
             replay(&events, args.speed, max_idle).await?;
         }
@@ -250,13 +367,15 @@ pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
             format: ExportFormat::Asciicast,
             output,
         } => {
-            let events = fetch_events(&client, &sid).await?;
-            let text = asciicast::export(&events);
-            match output {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => std::io::stdout().write_all(text.as_bytes())?,
-            }
+            let out: Box<dyn Write + Send> = match &output {
+                Some(path) => Box::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot write {}", path.display()))?,
+                ),
+                None => Box::new(std::io::stdout()),
+            };
+            let sink = CastOut(std::io::BufWriter::new(out), asciicast::Writer::default());
+            for_each_event(&client, &sid, sink).await?;
             Ok(())
         }
     }

@@ -475,5 +475,7 @@ mod example_tests {
             c.proxy.unwrap().public_addr.as_deref(),
             Some("127.0.0.1:3023")
         );
+        assert_eq!(c.recording.spool_max_size, 10 << 30);
+        assert_eq!(c.recording.sync_ack_timeout, Duration::from_secs(30));
     }
 }
