@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproducible benchmarks; each prints a table. Release build.
 #   scripts/bench.sh semaphores   connection slots and connect latency vs OpenSSH
-#   scripts/bench.sh recording    bulk output with recording on and off (BENCH_BYTES, default 1 GiB;
-#                                 BENCH_RUNS runs of each mode, default 3)
+#   scripts/bench.sh recording    bulk output in each recording mode and with OpenSSH (BENCH_BYTES,
+#                                 default 1 GiB; BENCH_RUNS runs of each, default 3; BENCH_MODES,
+#                                 default node,node-sync,proxy, always after off)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-semaphores}"

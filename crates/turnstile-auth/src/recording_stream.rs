@@ -243,13 +243,7 @@ pub async fn serve(
 ) -> Result<(), Status> {
     use proto::record_request::Request;
     let opening = match inbound.message().await?.and_then(|m| m.request) {
-        Some(Request::Open(o)) => Opening {
-            sid: o.sid,
-            user: o.user,
-            login: o.login,
-            node_name: o.node_name,
-            start_ms: o.start_ms,
-        },
+        Some(Request::Open(o)) => o,
         _ => {
             return Err(Status::invalid_argument(
                 "a recording stream starts with open",
@@ -364,6 +358,14 @@ mod tests {
         Frame::compress(first, last, &records).unwrap()
     }
 
+    fn recordings_on(store: &Arc<MemoryStore>) -> Recordings {
+        Recordings::new(
+            Arc::new(MemoryBackend::new()),
+            store.clone(),
+            Arc::new(SystemClock),
+        )
+    }
+
     async fn receiver(recordings: &Recordings) -> Receiver {
         let opening = Opening {
             sid: SID.into(),
@@ -380,11 +382,7 @@ mod tests {
     #[tokio::test]
     async fn staged_events_are_durable_resumed_and_completed_without_loss_or_repeats() {
         let store = Arc::new(MemoryStore::new(1 << 20));
-        let recordings = Recordings::new(
-            Arc::new(MemoryBackend::new()),
-            store.clone(),
-            Arc::new(SystemClock),
-        );
+        let recordings = recordings_on(&store);
         let mut rx = receiver(&recordings).await;
         rx.take(frame(0, 9)).unwrap();
         assert_eq!(rx.durable, -1, "taken is not durable");
@@ -444,11 +442,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_acknowledged_while_the_store_refuses_writes() {
         let store = Arc::new(MemoryStore::new(1 << 20));
-        let recordings = Recordings::new(
-            Arc::new(MemoryBackend::new()),
-            store.clone(),
-            Arc::new(SystemClock),
-        );
+        let recordings = recordings_on(&store);
         let mut rx = receiver(&recordings).await;
         rx.take(frame(0, 4)).unwrap();
         store.refuse_writes(true);
@@ -462,11 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_part_is_stored_padded_and_its_chunks_deleted() {
         let store = Arc::new(MemoryStore::new(64));
-        let recordings = Recordings::new(
-            Arc::new(MemoryBackend::new()),
-            store.clone(),
-            Arc::new(SystemClock),
-        );
+        let recordings = recordings_on(&store);
         let mut rx = receiver(&recordings).await;
         rx.take(frame(0, 0)).unwrap();
         rx.stage(&recordings).await.unwrap();

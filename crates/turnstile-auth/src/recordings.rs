@@ -124,15 +124,8 @@ pub struct Recordings {
     clock: Arc<dyn Clock>,
 }
 
-/// What a recorder's stream opened.
-#[derive(Debug, Clone)]
-pub struct Opening {
-    pub sid: String,
-    pub user: String,
-    pub login: String,
-    pub node_name: String,
-    pub start_ms: i64,
-}
+/// What a recorder's stream opened with.
+pub use turnstile_api::rpc::proto::RecordOpen as Opening;
 
 impl Recordings {
     pub fn new(

@@ -52,8 +52,8 @@ impl ProcessBudget {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Encoded records not yet framed, of events `first_ei..first_ei+count`.
-    records: Vec<u8>,
+    /// Encoded records not yet framed, one per event from `first_ei` on.
+    records: std::collections::VecDeque<Vec<u8>>,
     first_ei: u64,
     /// Bytes of `records` plus those of frames (compressed) not acknowledged.
     held: usize,
@@ -71,11 +71,11 @@ struct State {
 /// What the stream takes from the backlog.
 #[derive(Debug)]
 pub enum Taken {
-    /// Records of events `first_ei..=last_ei`.
+    /// The records of events `first_ei..=last_ei`, one each.
     Records {
         first_ei: u64,
         last_ei: u64,
-        records: Vec<u8>,
+        records: Vec<Vec<u8>>,
     },
     /// Nothing now.
     Empty,
@@ -141,22 +141,23 @@ impl Backlog {
         }
     }
 
-    /// Adds the encoded records of the events from `first_ei` on.
+    /// Adds the encoded record of event `ei`, the next one.
     /// (Dropped once the recording has failed: nobody takes them.)
-    pub fn push(&self, first_ei: u64, records: &[u8]) {
+    pub fn push(&self, ei: u64, record: Vec<u8>) {
+        let len = record.len();
         let taken = self.with(|s| {
             if s.failed.is_some() {
                 return false;
             }
             if s.records.is_empty() {
-                s.first_ei = first_ei;
+                s.first_ei = ei;
             }
-            s.records.extend_from_slice(records);
-            s.held += records.len();
+            s.records.push_back(record);
+            s.held += len;
             true
         });
         if taken {
-            self.process.take(records.len());
+            self.process.take(len);
             self.more.notify_one();
         }
     }
@@ -200,7 +201,7 @@ impl Backlog {
         self.with(|s| s.spilled.is_some())
     }
 
-    /// Takes up to `max` bytes of whole records.
+    /// Takes up to `max` bytes of whole records (at least one).
     pub fn take(&self, max: usize) -> Taken {
         self.with(|s| {
             if s.records.is_empty() {
@@ -210,34 +211,21 @@ impl Backlog {
                     (None, false) => Taken::Empty,
                 };
             }
-            // Whole records up to `max` (at least one).
-            let mut at = 0usize;
-            let mut n = 0u64;
-            while at + 4 <= s.records.len() {
-                let len = u32::from_be_bytes([
-                    s.records[at],
-                    s.records[at + 1],
-                    s.records[at + 2],
-                    s.records[at + 3],
-                ]) as usize;
-                if n > 0 && at + 4 + len > max {
+            let mut n = 0usize;
+            let mut bytes = 0usize;
+            for r in &s.records {
+                if n > 0 && bytes + r.len() > max {
                     break;
                 }
-                at += 4 + len;
+                bytes += r.len();
                 n += 1;
             }
-            let at = at.min(s.records.len());
-            let records = if at == s.records.len() {
-                std::mem::take(&mut s.records)
-            } else {
-                let rest = s.records.split_off(at);
-                std::mem::replace(&mut s.records, rest)
-            };
+            let records: Vec<Vec<u8>> = s.records.drain(..n).collect();
             let first_ei = s.first_ei;
-            s.first_ei += n;
+            s.first_ei += n as u64;
             Taken::Records {
                 first_ei,
-                last_ei: first_ei + n.saturating_sub(1),
+                last_ei: first_ei + n as u64 - 1,
                 records,
             }
         })
@@ -343,9 +331,9 @@ mod tests {
     async fn the_recorder_waits_for_room_until_frames_are_acknowledged() {
         let process = ProcessBudget::new(1 << 20);
         let b = Backlog::new(100, process.clone());
-        b.push(0, &record(60));
+        b.push(0, record(60));
         b.room().await.unwrap();
-        b.push(1, &record(60));
+        b.push(1, record(60));
         let waiting = tokio::time::timeout(std::time::Duration::from_secs(5), b.room()).await;
         assert!(waiting.is_err(), "full: the recorder waits");
         let Taken::Records {
@@ -356,7 +344,8 @@ mod tests {
         else {
             panic!("records expected")
         };
-        assert_eq!((first_ei, last_ei, records.len()), (0, 1, 128));
+        let bytes: usize = records.iter().map(Vec::len).sum();
+        assert_eq!((first_ei, last_ei, bytes), (0, 1, 128));
         // Taken is not freed: only an acknowledgement frees room.
         assert!(
             tokio::time::timeout(std::time::Duration::from_secs(5), b.room())
@@ -376,7 +365,7 @@ mod tests {
         let b = Backlog::new(200, process);
         for ei in 0..3 {
             assert!(b.keep_or_spill(54, ei, ei * 54));
-            b.push(ei, &record(50));
+            b.push(ei, record(50));
         }
         assert!(!b.keep_or_spill(54, 3, 162), "the fourth does not fit");
         assert!(!b.keep_or_spill(1, 4, 216), "once spilled, always spilled");

@@ -92,6 +92,18 @@ impl Frame {
         })
     }
 
+    /// Compresses records given one by one (events `first_ei..=last_ei`).
+    pub fn compress_records(
+        first_ei: u64,
+        last_ei: u64,
+        records: &[Vec<u8>],
+    ) -> std::io::Result<Self> {
+        match records {
+            [one] => Self::compress(first_ei, last_ei, one),
+            _ => Self::compress(first_ei, last_ei, &records.concat()),
+        }
+    }
+
     pub fn from_proto(f: turnstile_api::rpc::proto::RecordFrame) -> Self {
         Self {
             first_ei: f.first_ei,

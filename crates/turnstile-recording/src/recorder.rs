@@ -409,21 +409,28 @@ impl State {
 
     /// Hands one event to the sink.
     fn store(&mut self, e: &RecordingEvent) -> Result<(), String> {
+        if matches!(self.sink, Sink::Off) {
+            return Ok(());
+        }
+        let mut record = Vec::with_capacity(e.data.len() + 96);
+        encode_record(e, &mut record);
+        self.store_record(e.ei, record)
+    }
+
+    /// Hands one encoded record to the sink: appended to the spool, then
+    /// moved (not copied) into the stream's backlog.
+    fn store_record(&mut self, ei: u64, record: Vec<u8>) -> Result<(), String> {
         match &mut self.sink {
             Sink::Off => Ok(()),
             Sink::Stream(backlog) => {
-                let mut record = Vec::with_capacity(e.data.len() + 96);
-                encode_record(e, &mut record);
-                backlog.push(e.ei, &record);
+                backlog.push(ei, record);
                 Ok(())
             }
             Sink::Spool { writer, live, .. } => {
-                let mut record = Vec::with_capacity(e.data.len() + 96);
-                encode_record(e, &mut record);
                 let offset = writer.offset();
                 writer.append_records(&record).map_err(|e| e.to_string())?;
-                if live.keep_or_spill(record.len(), e.ei, offset) {
-                    live.push(e.ei, &record);
+                if live.keep_or_spill(record.len(), ei, offset) {
+                    live.push(ei, record);
                 }
                 if !self.unsynced {
                     self.unsynced = true;
@@ -440,39 +447,86 @@ impl State {
         (now, ms, now_ms())
     }
 
-    /// Turns whole 64 KiB of the batched output into `print` events; the
-    /// rest waits, stamped `now`.
-    fn flush_full(&mut self, meta: &SessionMeta, now: Instant) -> Result<(), String> {
-        let whole = self.pending.len() / MAX_PRINT * MAX_PRINT;
-        let rest = self.pending.split_off(whole);
-        self.flush_output(meta)?;
+    /// One `print` event of `data`, stamped `(ms, time_ms)`, encoded straight
+    /// from the slice (the output is copied once, into the record).
+    fn print_record(
+        &mut self,
+        meta: &SessionMeta,
+        ms: u64,
+        time_ms: i64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let mut e = self.stamp(meta, PRINT);
+        e.ms = ms;
+        e.time_ms = time_ms;
+        e.offset = self.offset;
+        self.offset += data.len() as u64;
+        if matches!(self.sink, Sink::Off) {
+            return Ok(());
+        }
+        let ei = e.ei;
+        self.store_record(ei, encode_print_record(&e, data))
+    }
+
+    /// Output arriving at `now`: whole 64 KiB go out as events at once
+    /// (topping up what waits first); the rest waits, for at most [`BATCH_FOR`].
+    fn take_output(
+        &mut self,
+        meta: &SessionMeta,
+        now: Instant,
+        mut data: &[u8],
+    ) -> Result<(), String> {
+        if !self.pending.is_empty() {
+            let room = MAX_PRINT - self.pending.len();
+            let (top, rest) = data.split_at(room.min(data.len()));
+            self.pending.extend_from_slice(top);
+            data = rest;
+            if self.pending.len() < MAX_PRINT {
+                return Ok(());
+            }
+            self.flush_output(meta)?;
+        }
+        let stamp = self.now_stamp(now);
+        let mut chunks = data.chunks_exact(MAX_PRINT);
+        for chunk in &mut chunks {
+            self.print_record(meta, stamp.1, stamp.2, chunk)?;
+        }
+        let rest = chunks.remainder();
         if !rest.is_empty() {
-            self.pending = rest;
-            self.pending_since = Some(self.now_stamp(now));
+            self.pending.extend_from_slice(rest);
+            self.pending_since = Some(stamp);
             self.waiting.notify_one();
         }
         Ok(())
     }
 
-    /// Turns the batched output into `print` events.
+    /// Turns the batched output into a `print` event.
     fn flush_output(&mut self, meta: &SessionMeta) -> Result<(), String> {
         let Some((_, ms, time_ms)) = self.pending_since.take() else {
             return Ok(());
         };
         let pending = std::mem::take(&mut self.pending);
-        for chunk in pending.chunks(MAX_PRINT) {
-            let mut e = self.stamp(meta, PRINT);
-            e.ms = ms;
-            e.time_ms = time_ms;
-            e.data = chunk.to_vec();
-            e.offset = self.offset;
-            self.offset += chunk.len() as u64;
-            self.store(&e)?;
-        }
+        let result = self.print_record(meta, ms, time_ms, &pending);
         self.pending = pending;
         self.pending.clear();
-        Ok(())
+        result
     }
+}
+
+/// `[u32 BE length][protobuf]` of `e` with `data` as its output, without
+/// copying `data` into the event first (field 8 is appended; protobuf fields
+/// may come in any order).
+fn encode_print_record(e: &RecordingEvent, data: &[u8]) -> Vec<u8> {
+    use prost::Message;
+    let head = e.encoded_len();
+    let len = head + 1 + prost::encoding::encoded_len_varint(data.len() as u64) + data.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    e.encode(&mut out).unwrap_or_default();
+    out.push(0x42); // field 8, length-delimited
+    prost::encoding::encode_varint(data.len() as u64, &mut out);
+    out.extend_from_slice(data);
+    out
 }
 
 impl Shared {
@@ -676,14 +730,7 @@ impl SessionRecording {
             if due {
                 s.flush_output(&self.shared.meta)?;
             }
-            if s.pending_since.is_none() {
-                s.pending_since = Some(s.now_stamp(now));
-                s.waiting.notify_one();
-            }
-            s.pending.extend_from_slice(data);
-            if s.pending.len() >= MAX_PRINT {
-                s.flush_full(&self.shared.meta, now)?;
-            }
+            s.take_output(&self.shared.meta, now, data)?;
             Ok(())
         });
         match result {
@@ -868,6 +915,29 @@ mod tests {
                 "session.data",
                 "session.end"
             ]
+        );
+    }
+
+    #[test]
+    fn a_print_record_decodes_as_the_event_with_its_data() {
+        use prost::Message;
+        let e = RecordingEvent {
+            ei: 7,
+            event: PRINT.into(),
+            sid: "s".into(),
+            offset: 99,
+            ..Default::default()
+        };
+        let record = encode_print_record(&e, b"hello");
+        let len = u32::from_be_bytes(record[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, record.len() - 4);
+        let back = RecordingEvent::decode(&record[4..]).unwrap();
+        assert_eq!(
+            back,
+            RecordingEvent {
+                data: b"hello".to_vec(),
+                ..e
+            }
         );
     }
 

@@ -44,15 +44,8 @@ const SPOOL_IN_FLIGHT: usize = 16 << 20;
 /// An idle stream still tells auth its recorder is alive this often.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// What opens the stream: who and where.
-#[derive(Debug, Clone)]
-pub struct Opening {
-    pub sid: String,
-    pub user: String,
-    pub login: String,
-    pub node_name: String,
-    pub start_ms: i64,
-}
+/// What opens the stream: whose session, where, since when.
+pub type Opening = RecordOpen;
 
 /// The rules of a sync-mode stream: fail rather than fall behind.
 pub struct SyncRules {
@@ -377,7 +370,7 @@ impl Shipper {
                         last_ei,
                         records,
                     } => {
-                        let raw = records.len();
+                        let raw = records.iter().map(Vec::len).sum();
                         let frame = compress(first_ei, last_ei, records).await?;
                         backlog.framed(raw, frame.zstd.len());
                         progress.taken_to = last_ei as i64;
@@ -423,7 +416,7 @@ impl Shipper {
                 let frame = compress(
                     first.take().unwrap_or(last),
                     last,
-                    std::mem::take(&mut records),
+                    vec![std::mem::take(&mut records)],
                 )
                 .await?;
                 progress.taken_to = last as i64;
@@ -432,7 +425,7 @@ impl Shipper {
             }
         }
         if let Some(first) = first {
-            let frame = compress(first, last, records).await?;
+            let frame = compress(first, last, vec![records]).await?;
             progress.taken_to = last as i64;
             self.queue(progress, frame);
             cut_any = true;
@@ -508,14 +501,7 @@ impl Shipper {
                     .map_err(|_| ShipError::Transient("the stream to auth closed".into()))
             }
         };
-        send(record_request::Request::Open(RecordOpen {
-            sid: sid.to_string(),
-            user: opening.user,
-            login: opening.login,
-            node_name: opening.node_name,
-            start_ms: opening.start_ms,
-        }))
-        .await?;
+        send(record_request::Request::Open(opening)).await?;
         let mut client = self.client.clone();
         let response = tokio::select! {
             r = client.record_session(ReceiverStream::new(rx)) => r?,
@@ -656,14 +642,15 @@ fn timed_out(sync: Option<&SyncRules>) -> ShipError {
     ))
 }
 
-/// Compresses records into a frame off the async workers.
-async fn compress(first_ei: u64, last_ei: u64, records: Vec<u8>) -> Result<Frame, ShipError> {
-    let frame = if records.len() >= 64 * 1024 {
-        tokio::task::spawn_blocking(move || Frame::compress(first_ei, last_ei, &records))
+/// Compresses records into a frame, off the async workers when it is big.
+async fn compress(first_ei: u64, last_ei: u64, records: Vec<Vec<u8>>) -> Result<Frame, ShipError> {
+    let raw: usize = records.iter().map(Vec::len).sum();
+    let frame = if raw >= 64 * 1024 {
+        tokio::task::spawn_blocking(move || Frame::compress_records(first_ei, last_ei, &records))
             .await
             .map_err(|e| ShipError::Transient(format!("compressing: {e}")))?
     } else {
-        Frame::compress(first_ei, last_ei, &records)
+        Frame::compress_records(first_ei, last_ei, &records)
     };
     frame.map_err(|e| ShipError::Transient(format!("compressing: {e}")))
 }

@@ -458,6 +458,7 @@ async fn launch_services(
             tokio::spawn(async move { Ok(service.run(listener, token).await?) }),
         ));
     }
+    crate::memory::spawn_trimmer(shutdown.clone());
     running.tasks = tasks;
     Ok(running)
 }

@@ -329,6 +329,10 @@ impl Service {
             .with_context(|| format!("no {label} in {}", self.banner))
     }
 
+    fn cpu(&self) -> f64 {
+        cpu_secs(self.child.id())
+    }
+
     fn rss_mib(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
@@ -375,6 +379,21 @@ fn timed(program: &str, args: &[&str]) -> anyhow::Result<(f64, String)> {
         bail!("{program} {args:?} failed: {stderr}");
     }
     Ok((secs, stderr))
+}
+
+/// CPU seconds (user and system) a process used, with those of its children
+/// it waited for (sshd's sessions, the benchmark's clients).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After "pid (comm) ": state is field 3; utime, stime, cutime, cstime are 14-17.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    fields.iter().sum::<f64>() / 100.0
 }
 
 /// A free loopback port (for sshd, which cannot report the one it took).
@@ -523,29 +542,56 @@ async fn recording_bench() -> anyhow::Result<()> {
         turnstile_recording::part::ZSTD_LEVEL
     );
     println!(
-        "{:<20}  {:<22}  {:>8}  {:>22}  {:>9}  {:>8}  {:>17}",
-        "input", "path", "MB/s", "cost vs off", "x OpenSSH", "stored", "RSS auth/prx/node"
+        "{:<20}  {:<22}  {:>8}  {:>22}  {:>9}  {:>8}  {:>17}  {:>27}",
+        "input",
+        "path",
+        "MB/s",
+        "cost vs off",
+        "x OpenSSH",
+        "stored",
+        "RSS auth/prx/node",
+        "CPU s/GiB auth/prx/node/cli"
     );
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    const MODES: [&str; 4] = ["off", "node", "node-sync", "proxy"];
+    // `off` first: the others are measured against it.
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "node,node-sync,proxy".into());
+    let mut modes: Vec<&str> = modes
+        .split(',')
+        .filter(|m| !m.is_empty() && *m != "off")
+        .collect();
+    modes.insert(0, "off");
+    for m in &modes {
+        m.parse::<turnstile_api::recording::RecordingMode>()?;
+    }
+    let modes = modes;
     for (name, file) in [
         ("base64 of random", &base64),
         ("build log, repeated", &build_log),
     ] {
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let mut costs: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let mut stored = vec![0.0f64; MODES.len()];
-        let mut rss = vec![[0.0f64; 3]; MODES.len()];
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let mut costs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        let mut stored = vec![0.0f64; modes.len()];
+        let mut rss = vec![[0.0f64; 3]; modes.len()];
+        // auth, proxy, node, client: CPU seconds per GiB, averaged over runs.
+        let mut cpu = vec![[0.0f64; 4]; modes.len()];
+        let mut openssh_cpu = 0.0f64;
         let mut openssh = Vec::new();
         let command = format!("echo $TURNSTILE_SESSION_ID >&2; cat {}", file.display());
         for _ in 0..runs {
-            for (m, mode) in MODES.iter().enumerate() {
+            for (m, mode) in modes.iter().enumerate() {
                 admin(&["config", "set", "session_recording", mode])?;
                 // Recorders read the mode from a view refreshed every 5 s.
                 tokio::time::sleep(Duration::from_secs(6)).await;
+                let cpu_before: Vec<f64> = [
+                    auth.cpu(),
+                    proxy.cpu(),
+                    node.cpu(),
+                    cpu_secs(std::process::id()),
+                ]
+                .to_vec();
                 let (secs, stderr) = timed(
                     bin.to_str().unwrap_or_default(),
                     &[
@@ -574,8 +620,20 @@ async fn recording_bench() -> anyhow::Result<()> {
                 for (i, s) in [&auth, &proxy, &node].iter().enumerate() {
                     rss[m][i] = rss[m][i].max(s.rss_mib());
                 }
+                // CPU of the whole session, its upload included, per GiB.
+                let cpu_after = [
+                    auth.cpu(),
+                    proxy.cpu(),
+                    node.cpu(),
+                    cpu_secs(std::process::id()),
+                ];
+                let gib = size as f64 / (1u64 << 30) as f64;
+                for i in 0..4 {
+                    cpu[m][i] += (cpu_after[i] - cpu_before[i]) / gib / runs as f64;
+                }
             }
-            if let Some(Sshd { port, cert, .. }) = &sshd {
+            if let Some(Sshd { port, cert, child }) = &sshd {
+                let before = cpu_secs(child.id()) + cpu_secs(std::process::id());
                 let (secs, _) = timed(
                     "/usr/bin/ssh",
                     &[
@@ -602,6 +660,10 @@ async fn recording_bench() -> anyhow::Result<()> {
                     ],
                 )?;
                 openssh.push(size as f64 / secs / 1e6);
+                let gib = size as f64 / (1u64 << 30) as f64;
+                openssh_cpu += (cpu_secs(child.id()) + cpu_secs(std::process::id()) - before)
+                    / gib
+                    / runs as f64;
             }
         }
         let direct = if openssh.is_empty() {
@@ -609,7 +671,7 @@ async fn recording_bench() -> anyhow::Result<()> {
         } else {
             median(&mut openssh)
         };
-        for (m, mode) in MODES.iter().enumerate() {
+        for (m, mode) in modes.iter().enumerate() {
             let rate = median(&mut rates[m]);
             let cost = if m == 0 {
                 "-".to_string()
@@ -624,20 +686,56 @@ async fn recording_bench() -> anyhow::Result<()> {
             } else {
                 format!("{:.3}", stored[m])
             };
+            let c = cpu[m];
             println!(
-                "{name:<20}  {:<22}  {rate:>8.1}  {cost:>22}  {:>9.2}  {stored:>8}  {:>17}",
+                "{name:<20}  {:<22}  {rate:>8.1}  {cost:>22}  {:>9.2}  {stored:>8}  {:>17}  {:>27}",
                 format!("turnstile, {mode}"),
                 rate / direct,
-                format!("{:.0}/{:.0}/{:.0}", rss[m][0], rss[m][1], rss[m][2])
+                format!("{:.0}/{:.0}/{:.0}", rss[m][0], rss[m][1], rss[m][2]),
+                format!(
+                    "{:.1} = {:.1}/{:.1}/{:.1}/{:.1}",
+                    c.iter().sum::<f64>(),
+                    c[0],
+                    c[1],
+                    c[2],
+                    c[3]
+                )
             );
         }
         println!(
-            "{name:<20}  {:<22}  {direct:>8.1}  {:>22}  {:>9.2}  {:>8}  {:>17}",
-            "OpenSSH direct", "-", 1.0, "-", "-"
+            "{name:<20}  {:<22}  {direct:>8.1}  {:>22}  {:>9.2}  {:>8}  {:>17}  {:>27}",
+            "OpenSSH direct",
+            "-",
+            1.0,
+            "-",
+            "-",
+            format!("{openssh_cpu:.1} (sshd+client)")
         );
     }
     drop(sshd);
     Ok(())
+}
+
+/// The lines of a private sshd's config: a fresh host key, the cluster's
+/// user CA (read off the identity's certificate) trusted, no PAM.
+fn sshd_base_config(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Result<String> {
+    let host_key = dir.join("sshd_host_key");
+    if !host_key.exists() {
+        std::process::Command::new("/usr/bin/ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .status()?;
+    }
+    let ca = dir.join("user_ca.pub");
+    let cert = std::fs::read_to_string(format!("{}-cert.pub", id.display()))?;
+    let parsed = russh::keys::Certificate::from_openssh(cert.trim())?;
+    let ca_line = russh::keys::PublicKey::new(parsed.signature_key().clone(), "").to_openssh()?;
+    std::fs::write(&ca, ca_line)?;
+    Ok(format!(
+        "HostKey {}\nTrustedUserCAKeys {}\nUsePAM no\nPidFile none\nStrictModes no\nAuthorizedKeysFile none\n",
+        host_key.display(),
+        ca.display()
+    ))
 }
 
 /// A private sshd listening on loopback, trusting the cluster's user CA.
@@ -660,32 +758,12 @@ fn openssh_sshd(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Result<O
         println!("(OpenSSH rows skipped: no /usr/sbin/sshd)");
         return Ok(None);
     }
-    let host_key = dir.join("sshd_host_key");
-    std::process::Command::new("/usr/bin/ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            host_key.to_str().unwrap_or_default(),
-        ])
-        .status()?;
-    let ca = dir.join("user_ca.pub");
-    let cert = std::fs::read_to_string(format!("{}-cert.pub", id.display()))?;
-    let parsed = russh::keys::Certificate::from_openssh(cert.trim())?;
-    let ca_line = russh::keys::PublicKey::new(parsed.signature_key().clone(), "").to_openssh()?;
-    std::fs::write(&ca, ca_line)?;
+    let base = sshd_base_config(dir, id)?;
     let port = free_port()?;
     let config = dir.join("sshd_listen_config");
     std::fs::write(
         &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nTrustedUserCAKeys {}\nUsePAM no\nPidFile none\nStrictModes no\nAuthorizedKeysFile none\n",
-            host_key.display(),
-            ca.display()
-        ),
+        format!("Port {port}\nListenAddress 127.0.0.1\n{base}"),
     )?;
     let _ = std::fs::create_dir_all("/run/sshd");
     let child = std::process::Command::new("/usr/sbin/sshd")
@@ -734,32 +812,9 @@ fn openssh_baseline(
     if !std::path::Path::new("/usr/sbin/sshd").exists() {
         return Ok(None);
     }
-    let host_key = dir.join("sshd_host_key");
-    std::process::Command::new("/usr/bin/ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            host_key.to_str().unwrap_or_default(),
-        ])
-        .status()?;
-    let ca = dir.join("user_ca.pub");
-    let cert = std::fs::read_to_string(format!("{}-cert.pub", id.display()))?;
-    let parsed = russh::keys::Certificate::from_openssh(cert.trim())?;
-    let ca_line = russh::keys::PublicKey::new(parsed.signature_key().clone(), "").to_openssh()?;
-    std::fs::write(&ca, ca_line)?;
+    let base = sshd_base_config(dir, id)?;
     let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "HostKey {}\nTrustedUserCAKeys {}\nUsePAM no\nPidFile none\nStrictModes no\nAuthorizedKeysFile none\n",
-            host_key.display(),
-            ca.display()
-        ),
-    )?;
+    std::fs::write(&config, &base)?;
     let proxy_command = format!("ProxyCommand=/usr/sbin/sshd -i -f {}", config.display());
     let cert_file = format!("CertificateFile={}-cert.pub", id.display());
     let target = format!("{login}@baseline");

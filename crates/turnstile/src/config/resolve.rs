@@ -24,8 +24,10 @@ pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
-/// Parts of recordings in a directory: small, so auth acknowledges often.
-pub const FILE_STORE_MIN_PART: usize = 1 << 20;
+/// Parts of recordings in a directory. Acknowledgements do not wait for a
+/// part (auth stages chunks), so this only trades auth's memory per stream
+/// against the number of part files written and synced.
+pub const FILE_STORE_MIN_PART: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ResolvedConfig {

@@ -4,13 +4,12 @@
 //! asciicast export checked with asciinema, and who may read what.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::cluster::{Cluster, admin, joining_yaml, node_service};
-use crate::support::{BIN, Proc, TestCluster, poll_until, run, text};
+use crate::support::{BIN, Proc, TestCluster, poll_until, run, spawn_turnstile, text};
 
 fn id_arg(id: &Path) -> String {
     id.to_str().unwrap().to_string()
@@ -308,20 +307,15 @@ pub(crate) async fn counting_session(
     c: &Cluster,
     until: u64,
 ) -> (tokio::process::Child, Lines, String, u64) {
-    let mut session = tokio::process::Command::new(BIN)
-        .args([
+    let mut session = spawn_turnstile(
+        &[
             "ssh",
             "web1",
             "--",
             "echo sid=$TURNSTILE_SESSION_ID; i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.05; done",
-        ])
-        .env("TURNSTILE_HOME", c.home())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ],
+        Some(&c.home()),
+    );
     let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
     let sid = lines
         .next_line()
@@ -486,21 +480,17 @@ async fn a_session_not_yet_uploaded_says_so_and_exports_check_with_asciinema() {
     let c = TestCluster::start().await;
     c.add_user("alice", "access", "root").await;
     let id = c.sign("alice").await;
-    let mut running = tokio::process::Command::new(BIN)
-        .args([
+    let mut running = spawn_turnstile(
+        &[
             "ssh",
             "-i",
             &id_arg(&id),
             "web1",
             "--",
             "echo sid=$TURNSTILE_SESSION_ID; echo cast-marker; cat",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ],
+        None,
+    );
     let stdin = running.stdin.take().unwrap();
     let mut lines = BufReader::new(running.stdout.take().unwrap()).lines();
     let sid = lines

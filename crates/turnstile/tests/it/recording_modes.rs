@@ -6,14 +6,15 @@
 //! that returns to idle after bulk sessions.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::cluster::{Cluster, PROXY_SERVICE, joining_yaml};
 use crate::recording::{as_user, counting_session, play, wait_complete};
-use crate::support::{BIN, ClusterSpec, Proc, TestCluster, openssh, poll_until, run, text};
+use crate::support::{
+    BIN, ClusterSpec, Proc, TestCluster, openssh, poll_until, run, spawn_turnstile, text,
+};
 
 /// Bytes of the files under `dir`.
 fn tree_size(dir: &Path) -> u64 {
@@ -55,17 +56,9 @@ fn parts_in(rec: &[u8]) -> usize {
 
 /// `turnstile ssh` through the cluster's profile, as a child process.
 fn spawn_ssh(home: &Path, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(BIN)
-        .arg("ssh")
-        .args(args)
-        .env("TURNSTILE_HOME", home)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    let mut all = vec!["ssh"];
+    all.extend_from_slice(args);
+    spawn_turnstile(&all, Some(home))
 }
 
 async fn audit_events(data: &Path, event: &str) -> Vec<serde_json::Value> {
@@ -333,39 +326,28 @@ async fn sftp_and_scp_uploads_are_recorded_in_proxy_and_proxy_sync_modes() {
             "{mode}: sftp: {}",
             text(&sftp.stderr)
         );
-        let scp = run(
-            "/usr/bin/scp",
-            &[
-                "-F",
-                &cfg,
-                "-o",
-                "BatchMode=yes",
-                local.to_str().unwrap(),
-                &format!("web1:{}", target("by-scp")),
-            ],
-            None,
-        )
-        .await;
-        assert!(scp.status.success(), "{mode}: scp: {}", text(&scp.stderr));
-        let legacy = run(
-            "/usr/bin/scp",
-            &[
-                "-O",
-                "-F",
-                &cfg,
-                "-o",
-                "BatchMode=yes",
-                local.to_str().unwrap(),
-                &format!("web1:{}", target("by-scp-O")),
-            ],
-            None,
-        )
-        .await;
-        assert!(
-            legacy.status.success(),
-            "{mode}: scp -O: {}",
-            text(&legacy.stderr)
-        );
+        // scp speaks SFTP by default; -O is the legacy protocol (an exec of `scp -t`).
+        for (name, protocol) in [("by-scp", "-s"), ("by-scp-O", "-O")] {
+            let scp = run(
+                "/usr/bin/scp",
+                &[
+                    protocol,
+                    "-F",
+                    &cfg,
+                    "-o",
+                    "BatchMode=yes",
+                    local.to_str().unwrap(),
+                    &format!("web1:{}", target(name)),
+                ],
+                None,
+            )
+            .await;
+            assert!(
+                scp.status.success(),
+                "{mode}: scp {protocol}: {}",
+                text(&scp.stderr)
+            );
+        }
         for name in ["by-sftp", "by-scp", "by-scp-O"] {
             assert_eq!(
                 std::fs::read(target(name)).unwrap(),
@@ -511,21 +493,17 @@ async fn a_spool_at_its_size_bound_refuses_new_sessions() {
     c.add_user("alice", "access", "root").await;
     let id = c.sign("alice").await;
     // A session holds 2 MiB in the spool while it runs.
-    let mut holder = tokio::process::Command::new(BIN)
-        .args([
+    let mut holder = spawn_turnstile(
+        &[
             "ssh",
             "-i",
             id.to_str().unwrap(),
             "web1",
             "--",
             "head -c 1572864 /dev/urandom | base64; echo held; cat",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ],
+        None,
+    );
     let _stdin = holder.stdin.take().unwrap();
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
     while lines.next_line().await.unwrap().as_deref() != Some("held") {}
@@ -657,20 +635,14 @@ async fn memory_returns_near_idle_after_bulk_sessions() {
     ];
     let idle: Vec<u64> = procs.iter().map(|(_, p)| p.rss()).collect();
     for _ in 0..3 {
-        let mut session = tokio::process::Command::new(BIN)
-            .args([
-                "ssh",
+        let mut session = spawn_ssh(
+            &c.home(),
+            &[
                 "web1",
                 "--",
                 "echo $TURNSTILE_SESSION_ID; head -c 150000000 /dev/urandom | base64",
-            ])
-            .env("TURNSTILE_HOME", c.home())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            ],
+        );
         let mut lines = BufReader::new(session.stdout.take().unwrap());
         let mut sid = String::new();
         lines.read_line(&mut sid).await.unwrap();

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::cluster::{Cluster, admin};
-use crate::support::{BIN, ClusterSpec, Proc, TestCluster, client, openssh, poll_until, run, text};
+use crate::support::{
+    BIN, ClusterSpec, Proc, TestCluster, client, openssh, poll_until, run, spawn_turnstile, text,
+};
 
 fn limited_role(name: &str, max_connections: u32, max_sessions: u32) -> String {
     format!(
@@ -560,16 +562,10 @@ async fn during_an_auth_outage_limited_sessions_last_until_their_lease_expires()
     }
 
     // Alice holds a limited session open.
-    let mut alice = tokio::process::Command::new(BIN)
-        .args(["ssh", "web1", "--", "echo connected; cat"])
-        .env("TURNSTILE_HOME", &homes[0])
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut alice = spawn_turnstile(
+        &["ssh", "web1", "--", "echo connected; cat"],
+        Some(&homes[0]),
+    );
     // Kept open: `cat` holds the session until the node closes it.
     let _alice_stdin = alice.stdin.take().unwrap();
     let mut out = BufReader::new(alice.stdout.take().unwrap()).lines();

@@ -394,6 +394,24 @@ impl Proc {
     }
 }
 
+/// `turnstile ARGS` as a child that goes on running (a session held open):
+/// stdin, stdout and stderr piped, killed on drop; `home`: a profile home.
+pub fn spawn_turnstile(args: &[&str], home: Option<&Path>) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(home) = home {
+        cmd.env("TURNSTILE_HOME", home);
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+}
+
 /// `turnstile ARGS` with a profile home, for client commands.
 pub async fn client(home: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut cmd = tokio::process::Command::new(BIN);
