@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::cluster::{Cluster, admin, joining_yaml, node_service};
-use crate::support::{BIN, Proc, TestCluster, poll_until, run, spawn_turnstile, text};
+use crate::support::{
+    BIN, Proc, TestCluster, audit_events, poll_until, run, spawn_turnstile, text,
+};
 
 fn id_arg(id: &Path) -> String {
     id.to_str().unwrap().to_string()
@@ -87,25 +89,7 @@ async fn an_exec_session_plays_back_byte_for_byte() {
     );
     assert!(events.iter().enumerate().all(|(i, e)| e["ei"] == i));
     // Non-print events went to the audit log too.
-    let data = c.data_dir();
-    let audit = run(
-        BIN,
-        &[
-            "admin",
-            "audit",
-            "search",
-            "--format",
-            "json",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        None,
-    )
-    .await;
-    let logged: Vec<serde_json::Value> = text(&audit.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let logged = audit_events(&c.data_dir(), None).await;
     for event in ["session.start", "exec", "session.end", "session.upload"] {
         assert!(
             logged
@@ -243,23 +227,10 @@ async fn off_mode_records_no_output_but_audits_start_and_end() {
         assert!(Instant::now() < deadline, "off mode never took effect");
         let (sid, _) = recorded_exec(&c, &id, "printf '%s-%s' secret output").await;
         poll_until(Duration::from_secs(10), || async {
-            let a = run(
-                BIN,
-                &[
-                    "admin",
-                    "audit",
-                    "search",
-                    "--event",
-                    "session.end",
-                    "--format",
-                    "json",
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                ],
-                None,
-            )
-            .await;
-            text(&a.stdout).contains(&sid)
+            audit_events(&data, Some("session.end"))
+                .await
+                .iter()
+                .any(|e| e["sid"] == sid.as_str())
         })
         .await
         .expect("session.end is audited in every mode");
@@ -269,26 +240,12 @@ async fn off_mode_records_no_output_but_audits_start_and_end() {
         }
     }
     let sid = unrecorded.unwrap();
-    let a = run(
-        BIN,
-        &[
-            "admin",
-            "audit",
-            "search",
-            "--format",
-            "json",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        None,
-    )
-    .await;
-    let log = text(&a.stdout);
+    let log = audit_events(&data, None).await;
     assert!(
-        log.lines()
-            .any(|l| l.contains(&sid) && l.contains("session.start"))
+        log.iter()
+            .any(|e| e["sid"] == sid.as_str() && e["event"] == "session.start")
     );
-    assert!(!log.contains("secret-output"));
+    assert!(!log.iter().any(|e| e.to_string().contains("secret-output")));
     let spool_files = std::fs::read_dir(data.join("spool")).unwrap().filter(|e| {
         e.as_ref()
             .unwrap()
@@ -705,24 +662,11 @@ async fn proxy_mode_records_at_the_proxy_and_nodes_refuse_direct_sessions() {
     assert!(out.stdout.is_empty());
 
     // One recorder per session: the node audits no session.start of its own.
-    let data = c.data_dir();
-    let audit = run(
-        BIN,
-        &[
-            "admin",
-            "audit",
-            "search",
-            "--event",
-            "session.start",
-            "--format",
-            "json",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(text(&audit.stdout).matches(&sid).count(), 1);
+    let started = audit_events(&c.data_dir(), Some("session.start")).await;
+    assert_eq!(
+        started.iter().filter(|e| e["sid"] == sid.as_str()).count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

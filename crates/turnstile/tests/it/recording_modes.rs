@@ -13,7 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use crate::cluster::{Cluster, PROXY_SERVICE, joining_yaml};
 use crate::recording::{as_user, counting_session, play, wait_complete};
 use crate::support::{
-    BIN, ClusterSpec, Proc, TestCluster, openssh, poll_until, run, spawn_turnstile, text,
+    ClusterSpec, Proc, TestCluster, audit_events, openssh, poll_until, run, spawn_turnstile,
+    stderr_of, text,
 };
 
 /// Bytes of the files under `dir`.
@@ -59,29 +60,6 @@ fn spawn_ssh(home: &Path, args: &[&str]) -> tokio::process::Child {
     let mut all = vec!["ssh"];
     all.extend_from_slice(args);
     spawn_turnstile(&all, Some(home))
-}
-
-async fn audit_events(data: &Path, event: &str) -> Vec<serde_json::Value> {
-    let out = run(
-        BIN,
-        &[
-            "admin",
-            "audit",
-            "search",
-            "--event",
-            event,
-            "--format",
-            "json",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        None,
-    )
-    .await;
-    text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,14 +155,7 @@ async fn node_sync_sessions_go_on_through_an_auth_restart_and_lose_nothing() {
         shown.push('\n');
     }
     let status = session.wait().await.unwrap();
-    let mut stderr = String::new();
-    session
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let stderr = stderr_of(&mut session).await;
     assert!(status.success(), "the session went on: {stderr}");
     assert!(shown.contains("line-159\n"), "{shown}");
     let identity = c.home().join("keys/prod/alice");
@@ -224,14 +195,7 @@ async fn node_sync_ends_the_session_when_auth_acknowledges_nothing() {
         .expect("the session ends")
         .unwrap();
     let ended_after = stopped.elapsed();
-    let mut stderr = String::new();
-    session
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let stderr = stderr_of(&mut session).await;
     assert_eq!(status.code(), Some(255), "{stderr}");
     assert!(
         stderr.contains(
@@ -391,7 +355,7 @@ async fn sftp_and_scp_uploads_are_recorded_in_proxy_and_proxy_sync_modes() {
         }
         assert_eq!((subsystems, commands), (2, 1), "{mode}: {listed:?}");
         // And audited, at the proxy, as they started.
-        let started = audit_events(&c.data_dir(), "session.start").await;
+        let started = audit_events(&c.data_dir(), Some("session.start")).await;
         assert_eq!(
             started.iter().filter(|e| e["subsystem"] == "sftp").count(),
             2,
@@ -466,7 +430,7 @@ async fn a_proxy_whose_spool_cannot_be_created_ends_sessions_unless_best_effort(
         "{}",
         text(&out.stderr)
     );
-    let failed = audit_events(&c.data_dir(), "recording.failed").await;
+    let failed = audit_events(&c.data_dir(), Some("recording.failed")).await;
     let actions: Vec<(&str, &str)> = failed
         .iter()
         .map(|e| (e["user"].as_str().unwrap(), e["action"].as_str().unwrap()))

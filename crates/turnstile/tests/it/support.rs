@@ -394,6 +394,32 @@ impl Proc {
     }
 }
 
+/// The audit log's events (of kind `event`, if given), through
+/// `turnstile admin audit search --data-dir DATA`.
+pub async fn audit_events(data: &Path, event: Option<&str>) -> Vec<serde_json::Value> {
+    let mut args = vec!["admin", "audit", "search", "--format", "json"];
+    if let Some(event) = event {
+        args.extend(["--event", event]);
+    }
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    let out = run(BIN, &args, None).await;
+    assert!(out.status.success(), "audit search: {}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// What a finished child wrote to stderr.
+pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr).await;
+    }
+    stderr
+}
+
 /// `turnstile ARGS` as a child that goes on running (a session held open):
 /// stdin, stdout and stderr piped, killed on drop; `home`: a profile home.
 pub fn spawn_turnstile(args: &[&str], home: Option<&Path>) -> tokio::process::Child {
