@@ -20,6 +20,30 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   }
 fi
 
+# Test servers that are not Debian packages, kept out of the tree and built
+# or downloaded once: moto (an S3 server, PyPI) in its own virtual
+# environment (Debian's pip is externally managed), s3s-fs (an S3 server on
+# disk that checks signatures, crates.io).
+tools="${TURNSTILE_TEST_TOOLS:-$HOME/.cache/turnstile-test-tools}"
+mkdir -p "$tools"
+if [ ! -x "$tools/venv/bin/moto_server" ]; then
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    echo "==> apt-get install python3-venv"
+    apt-get install -y --no-install-recommends python3-venv >/dev/null 2>&1 || {
+      apt-get update >/dev/null
+      apt-get install -y --no-install-recommends python3-venv >/dev/null
+    }
+  fi
+  echo "==> moto (S3 server) into $tools/venv"
+  rm -rf "$tools/venv"
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q "moto[s3]==5.1.4" "flask==3.1.1" "flask-cors==6.0.0"
+fi
+if [ ! -x "$tools/bin/s3s-fs" ]; then
+  echo "==> cargo install s3s-fs 0.14.1 into $tools (once; about two minutes)"
+  cargo install --quiet --root "$tools" s3s-fs --version 0.14.1 --features binary --locked
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> cargo install cargo-nextest"
   cargo install cargo-nextest --locked

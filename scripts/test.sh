@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with a Rust toolchain:
 # installs what the tests need if it is missing (OpenSSH client and server,
-# cargo-nextest), prepares the unprivileged test login, and runs every test
-# of the workspace. Servers the tests need are started by the tests themselves
-# on 127.0.0.1 with port 0, and stopped by them.
+# asciinema, cargo-nextest, the S3 servers moto and s3s-fs), prepares the
+# unprivileged test login, and runs every test of the workspace. Servers the
+# tests need are started by the tests themselves on 127.0.0.1, on free ports,
+# and stopped by them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Where the test servers are (scripts/install-test-deps.sh installs them).
+export TURNSTILE_TEST_TOOLS="${TURNSTILE_TEST_TOOLS:-$HOME/.cache/turnstile-test-tools}"
 scripts/install-test-deps.sh
 
 # Debug builds with line tables only: faster to build, same tests.

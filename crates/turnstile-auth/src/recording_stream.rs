@@ -21,7 +21,7 @@ use turnstile_recording::part::{
 use turnstile_recording::storage::{StagedChunk, Upload};
 
 use crate::authority::Authority;
-use crate::recordings::{Opening, Recordings, storage, upload_event};
+use crate::recordings::{Opening, Recordings, upload_event};
 
 /// Events wait at most this long before they are staged and acknowledged.
 pub const STAGE_AFTER: Duration = Duration::from_millis(500);
@@ -216,10 +216,13 @@ impl Receiver {
             .collect();
         let bytes = part_from_payload([zstd.as_slice()], 0);
         let chunk = recordings
-            .store()
-            .stage(&self.upload, first_ei, last_ei, bytes)
-            .await
-            .map_err(|e| fail(storage(e)))?;
+            .observe(
+                recordings
+                    .store()
+                    .stage(&self.upload, first_ei, last_ei, bytes)
+                    .await,
+            )
+            .map_err(fail)?;
         self.pieces.truncate(start);
         self.pieces.push(Piece {
             zstd,
@@ -451,6 +454,24 @@ mod tests {
         store.refuse_writes(false);
         rx.stage(&recordings).await.unwrap();
         assert_eq!(rx.durable, 4);
+    }
+
+    #[tokio::test]
+    async fn a_part_the_store_refused_leaves_no_gap_in_the_numbers() {
+        let store = Arc::new(MemoryStore::new(64));
+        let recordings = recordings_on(&store);
+        let mut rx = receiver(&recordings).await;
+        rx.take(frame(0, 40)).unwrap();
+        store.refuse_writes(true);
+        assert!(rx.store_part(&recordings, false).await.is_err());
+        store.refuse_writes(false);
+        rx.store_part(&recordings, false).await.unwrap();
+        let record = recordings.get(SID).await.unwrap().unwrap();
+        assert_eq!(
+            record.parts.iter().map(|p| p.number).collect::<Vec<_>>(),
+            [1]
+        );
+        assert_eq!(record.next_part, 2);
     }
 
     #[tokio::test]

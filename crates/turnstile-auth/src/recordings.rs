@@ -26,6 +26,9 @@ pub struct StoredPart {
     pub number: u32,
     pub size: u64,
     pub last_ei: u64,
+    /// The store's id of the part (ETag, block id), needed to complete.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
 }
 
 /// The index entry of a session's recording.
@@ -122,6 +125,18 @@ pub struct Recordings {
     backend: Arc<dyn Backend>,
     store: Arc<dyn UploadStore>,
     clock: Arc<dyn Clock>,
+    /// The recording store's failure being reported, if it is failing.
+    failing: std::sync::Mutex<Option<String>>,
+}
+
+/// What kind of failure a store error is, for logging once per cause:
+/// its text without the numbers (request ids, ports, sizes) that vary.
+fn cause(e: &turnstile_recording::storage::StorageError) -> String {
+    e.to_string()
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(160)
+        .collect()
 }
 
 /// What a recorder's stream opened with.
@@ -137,6 +152,35 @@ impl Recordings {
             backend,
             store,
             clock,
+            failing: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A store call's result, mapped to an API error; a failure is logged
+    /// once per cause (not once per request) and the recovery once.
+    pub fn observe<T>(
+        &self,
+        result: Result<T, turnstile_recording::storage::StorageError>,
+    ) -> Result<T, ApiError> {
+        use turnstile_recording::storage::StorageError as S;
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(v) => {
+                if failing.take().is_some() {
+                    tracing::info!("the recording store works again");
+                }
+                Ok(v)
+            }
+            // Not the store's failure: a caller's mistake, or a thing not there.
+            Err(e @ (S::NotFound(_) | S::BadParameter(_))) => Err(storage(e)),
+            Err(e) => {
+                let now = cause(&e);
+                if failing.as_deref() != Some(now.as_str()) {
+                    tracing::error!(error = %e, "the recording store fails; nothing more is acknowledged until it works again (logged once per cause)");
+                    *failing = Some(now);
+                }
+                Err(storage(e))
+            }
         }
     }
 
@@ -225,16 +269,11 @@ impl Recordings {
         // A new upload is needed for a new session or a continuation.
         let fresh = match &existing {
             Some(r) if r.upload.is_some() => None,
-            Some(r) => Some(
-                self.store
-                    .create_upload(
-                        &o.sid,
-                        u32::try_from(r.object_sizes().len()).unwrap_or(u32::MAX),
-                    )
-                    .await
-                    .map_err(storage)?,
-            ),
-            None => Some(self.store.create_upload(&o.sid, 0).await.map_err(storage)?),
+            Some(r) => {
+                let n = u32::try_from(r.object_sizes().len()).unwrap_or(u32::MAX);
+                Some(self.observe(self.store.create_upload(&o.sid, n).await)?)
+            }
+            None => Some(self.observe(self.store.create_upload(&o.sid, 0).await)?),
         };
         let now = self.now_ms();
         let url = self.store.url(&o.sid, 0);
@@ -318,11 +357,25 @@ impl Recordings {
                 Ok((r, n))
             })
             .await?;
-        let stored = self
-            .store
-            .upload_part(upload, number, bytes)
-            .await
-            .map_err(storage)?;
+        let stored = match self.observe(self.store.upload_part(upload, number, bytes).await) {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Give the number back if nobody took the next one: stores that
+                // number parts by position (S3) need them to run without a gap.
+                let _ = self
+                    .update(sid, |r| {
+                        let mut r = r.ok_or_else(|| ApiError::not_found(sid.to_string()))?;
+                        if r.next_part == number + 1
+                            && r.upload.as_ref().map(|u| &u.id) == Some(&upload.id)
+                        {
+                            r.next_part = number;
+                        }
+                        Ok((r, ()))
+                    })
+                    .await;
+                return Err(e);
+            }
+        };
         let now = self.now_ms();
         self.update(sid, |r| {
             let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
@@ -335,6 +388,7 @@ impl Recordings {
                 number: stored.number,
                 size: stored.size,
                 last_ei,
+                id: stored.id.clone(),
             });
             r.last_ei = r.last_ei.max(last_ei as i64);
             r.last_seen_ms = now;
@@ -353,7 +407,7 @@ impl Recordings {
     ) -> Result<Vec<(StagedChunk, Vec<u8>)>, ApiError> {
         let mut out = Vec::new();
         let mut durable = after;
-        for chunk in self.store.list_staged(upload).await.map_err(storage)? {
+        for chunk in self.observe(self.store.list_staged(upload).await)? {
             if chunk.last_ei as i64 <= durable {
                 continue;
             }
@@ -361,11 +415,7 @@ impl Recordings {
                 tracing::warn!(sid = %upload.sid, chunk = %chunk.name, after = durable, "a staged chunk does not follow the events before it; left out");
                 break;
             }
-            let bytes = self
-                .store
-                .read_staged(upload, &chunk)
-                .await
-                .map_err(storage)?;
+            let bytes = self.observe(self.store.read_staged(upload, &chunk).await)?;
             let payload = chunk_payload(&bytes).ok_or_else(|| {
                 ApiError::internal(format!(
                     "staged chunk {} of {} is damaged",
@@ -408,18 +458,14 @@ impl Recordings {
             .map(|p| Part {
                 number: p.number,
                 size: p.size,
+                id: p.id.clone(),
             })
             .collect();
         let size = if parts.is_empty() {
-            self.store.abort(&upload).await.map_err(storage)?;
+            self.observe(self.store.abort(&upload).await)?;
             None
         } else {
-            Some(
-                self.store
-                    .complete(&upload, &parts)
-                    .await
-                    .map_err(storage)?,
-            )
+            Some(self.observe(self.store.complete(&upload, &parts).await)?)
         };
         self.update(sid, |current| {
             let mut r = current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
@@ -458,11 +504,7 @@ impl Recordings {
             return Ok((Vec::new(), total));
         };
         let len = len.min(usize::try_from(left).unwrap_or(usize::MAX));
-        let data = self
-            .store
-            .read(&r.sid, n, within, len)
-            .await
-            .map_err(storage)?;
+        let data = self.observe(self.store.read(&r.sid, n, within, len).await)?;
         Ok((data, total))
     }
 

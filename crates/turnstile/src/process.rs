@@ -33,7 +33,7 @@ use crate::config::resolve::{FILE_STORE_MIN_PART, StorageKind, host_name};
 use turnstile_recording::recorder::Recorder;
 use turnstile_recording::shipper::{self, Shipper};
 use turnstile_recording::spool::Spool;
-use turnstile_recording::storage::FileStore;
+use turnstile_recording::storage::{StoreUri, UploadStore};
 
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
@@ -223,6 +223,19 @@ fn host_part(addr: &str) -> String {
     }
 }
 
+/// Opens the recording store and proves it is there and writable: a URI with
+/// bad credentials or a missing bucket stops the start, with the store's answer.
+async fn recording_store(uri: &StoreUri) -> anyhow::Result<Arc<dyn UploadStore>> {
+    let store = turnstile_recording::storage::open(uri, FILE_STORE_MIN_PART)
+        .map_err(|e| anyhow::anyhow!("turnstile.storage.audit_sessions_uri: {e}"))?;
+    store.check().await.map_err(|e| {
+        anyhow::anyhow!(
+            "turnstile.storage.audit_sessions_uri: the recording store cannot be used: {e}"
+        )
+    })?;
+    Ok(store)
+}
+
 pub async fn launch(config: ResolvedConfig) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let result = launch_services(config, shutdown.clone()).await;
@@ -338,10 +351,7 @@ async fn launch_services(
                 AuthServiceConfig {
                     host_id: host_id.clone(),
                     node_ttl: NODE_TTL,
-                    store: Arc::new(
-                        FileStore::new(&auth_settings.recordings_dir, FILE_STORE_MIN_PART)
-                            .map_err(|e| anyhow::anyhow!("recordings directory: {e}"))?,
-                    ),
+                    store: recording_store(&auth_settings.recordings).await?,
                     upload_grace: auth_settings.upload_grace,
                 },
             );

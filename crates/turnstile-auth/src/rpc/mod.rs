@@ -749,7 +749,12 @@ impl proto::auth_server::Auth for AuthApi {
             )
             .await
             {
-                tracing::warn!(recorder = %c.id, error = %status.message(), "recording stream ended with an error");
+                // The store's failures are logged once per cause where they happen.
+                if status.code() == tonic::Code::Unavailable {
+                    tracing::debug!(recorder = %c.id, error = %status.message(), "recording stream ended");
+                } else {
+                    tracing::warn!(recorder = %c.id, error = %status.message(), "recording stream ended with an error");
+                }
                 let _ = tx.send(Err(status)).await;
             }
         });

@@ -84,6 +84,7 @@ impl UploadStore for FileStore {
             id: uuid::Uuid::new_v4().to_string(),
             sid: sid.to_string(),
             object,
+            native: String::new(),
         };
         let dir = self.upload_dir(&upload)?;
         tokio::fs::create_dir_all(dir.join("staged"))
@@ -104,7 +105,11 @@ impl UploadStore for FileStore {
         }
         let size = data.len() as u64;
         write_synced(&dir.join(format!("{number:08}.part")), &data).await?;
-        Ok(Part { number, size })
+        Ok(Part {
+            number,
+            size,
+            id: String::new(),
+        })
     }
 
     async fn complete(&self, upload: &Upload, parts: &[Part]) -> Result<u64> {

@@ -78,6 +78,7 @@ impl UploadStore for MemoryStore {
             id: uuid::Uuid::new_v4().to_string(),
             sid: sid.to_string(),
             object,
+            native: String::new(),
         };
         self.write(|s| {
             s.uploads.insert(upload.id.clone(), UploadState::default());
@@ -90,7 +91,11 @@ impl UploadStore for MemoryStore {
         self.write(|s| {
             let size = data.len() as u64;
             upload_of(s, upload)?.parts.insert(number, data);
-            Ok(Part { number, size })
+            Ok(Part {
+                number,
+                size,
+                id: format!("part-{number}-{size}"),
+            })
         })
     }
 

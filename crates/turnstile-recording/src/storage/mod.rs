@@ -13,9 +13,13 @@ use serde::{Deserialize, Serialize};
 pub mod conformance;
 mod file;
 mod memory;
+mod object;
+mod uri;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
+pub use object::{Multipart, ObjectUploadStore};
+pub use uri::{S3_MIN_PART, S3Options, StoreUri, open};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Upload {
@@ -25,6 +29,9 @@ pub struct Upload {
     /// continuation `<sid>.<n>.rec`.
     #[serde(default)]
     pub object: u32,
+    /// The store's own id of the upload (S3's UploadId), if it has one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub native: String,
 }
 
 /// The name of object `n` of a session's recording.
@@ -71,10 +78,13 @@ impl StagedChunk {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     pub number: u32,
     pub size: u64,
+    /// The store's id of the stored part (an ETag, a block id), if it has one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +115,11 @@ pub trait UploadStore: Send + Sync + std::fmt::Debug {
     fn min_part_size(&self) -> usize;
     /// Where object `object` of a session's recording is, for `session.upload`.
     fn url(&self, sid: &str, object: u32) -> String;
+    /// Proves the store is there and writable (at start: a URI with bad
+    /// credentials or a missing bucket is refused with the store's answer).
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
     async fn create_upload(&self, sid: &str, object: u32) -> Result<Upload>;
     /// Stores part `number` (from 1; gaps allowed; a number may be rewritten).
     async fn upload_part(&self, upload: &Upload, number: u32, data: Vec<u8>) -> Result<Part>;

@@ -13,6 +13,7 @@ use turnstile_api::labels::{Labels, validate_label};
 use turnstile_api::recording::{ByteSize, RecordingMode};
 use turnstile_api::role::validate_name;
 use turnstile_recording::recorder::RecorderConfig;
+use turnstile_recording::storage::StoreUri;
 
 use super::file::FileConfig;
 
@@ -60,8 +61,8 @@ pub struct AuthSettings {
     pub session_recording: RecordingMode,
     pub session_control_timeout: Duration,
     pub storage_path: PathBuf,
-    /// Where recordings go (a directory; `file://` URIs).
-    pub recordings_dir: PathBuf,
+    /// Where recordings go (`storage.audit_sessions_uri`).
+    pub recordings: StoreUri,
     /// An upload whose recorder has been silent this long is completed.
     pub upload_grace: Duration,
 }
@@ -185,19 +186,12 @@ pub fn resolve(
                 "must be longer than zero (default 10m)",
             ));
         }
-        let recordings_dir = match storage.audit_sessions_uri.as_deref() {
-            None => data_dir.join("records"),
-            Some(uri) => match uri.strip_prefix("file://") {
-                Some(path) if path.starts_with('/') => PathBuf::from(path),
-                _ => {
-                    return Err(field_error(
-                        "turnstile.storage.audit_sessions_uri",
-                        format!(
-                            "{uri:?}: this build stores recordings in a directory only; write file:///absolute/dir"
-                        ),
-                    ));
-                }
+        let recordings = match storage.audit_sessions_uri.as_deref() {
+            None => StoreUri::File {
+                dir: data_dir.join("records"),
             },
+            Some(uri) => StoreUri::parse(uri)
+                .map_err(|e| field_error("turnstile.storage.audit_sessions_uri", e))?,
         };
         let timeout = a
             .session_control_timeout
@@ -227,7 +221,7 @@ pub fn resolve(
                 .path
                 .clone()
                 .unwrap_or_else(|| data_dir.join("backend.sqlite")),
-            recordings_dir,
+            recordings,
             upload_grace,
         })
     } else {

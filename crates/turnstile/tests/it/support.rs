@@ -291,8 +291,25 @@ impl Proc {
             })
     }
 
+    /// Like `start`, with more environment variables (credentials of a store).
+    pub async fn start_env(config: &Path, env: &[(&str, String)]) -> Self {
+        Self::try_start_env(config, env)
+            .await
+            .unwrap_or_else(|(status, stderr)| {
+                panic!("turnstile start failed ({status}):\n{stderr}")
+            })
+    }
+
     /// Like `start`, but returns the exit status and stderr if it fails.
     pub async fn try_start(config: &Path) -> Result<Self, (String, String)> {
+        Self::try_start_env(config, &[]).await
+    }
+
+    /// Like `try_start`, with more environment variables.
+    pub async fn try_start_env(
+        config: &Path,
+        env: &[(&str, String)],
+    ) -> Result<Self, (String, String)> {
         use tokio::io::{AsyncBufReadExt, BufReader};
         let stderr_path = config.with_extension("stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -300,6 +317,7 @@ impl Proc {
             .args(["start", "--config", config.to_str().unwrap()])
             .env("RUST_BACKTRACE", "0")
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

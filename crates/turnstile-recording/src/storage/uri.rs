@@ -1,0 +1,255 @@
+//! `storage.audit_sessions_uri` as operators write it, parsed once and
+//! checked (every refusal names the option and the fix), and the store it
+//! opens:
+//!
+//! - `file:///dir`
+//! - `s3://bucket[/prefix][?region=…&endpoint=…&virtual_hosted=true&sse=aws:kms&sse_kms_key_id=…]`
+//!
+//! Credentials come from each cloud's standard environment variables (and
+//! files, and instance metadata where `object_store` supports them).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{FileStore, ObjectUploadStore, UploadStore};
+
+/// The smallest part S3 accepts (but for the last).
+pub const S3_MIN_PART: usize = 5 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUri {
+    File { dir: PathBuf },
+    S3(S3Options),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    /// The URI as written, without its query.
+    pub uri: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub region: Option<String>,
+    /// A custom endpoint (an S3-compatible store); plain HTTP only if it says `http://`.
+    pub endpoint: Option<String>,
+    /// Virtual-hosted-style addressing; path style by default, as S3-compatible stores want.
+    pub virtual_hosted: bool,
+    /// Server-side encryption with this KMS key, only when asked for.
+    pub sse_kms_key_id: Option<String>,
+    /// Parts of at least this many bytes (tests lower it on stores that allow it).
+    pub min_part: usize,
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+impl StoreUri {
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        if let Some(path) = uri.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{uri:?}: a file URI needs an absolute directory: file:///var/lib/turnstile/records"
+                ));
+            }
+            return Ok(StoreUri::File {
+                dir: PathBuf::from(path),
+            });
+        }
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+            if bucket.is_empty() {
+                return Err(format!("{uri:?}: no bucket; write s3://bucket/prefix"));
+            }
+            let mut o = S3Options {
+                uri: format!("s3://{}", location.trim_end_matches('/')),
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                region: None,
+                endpoint: None,
+                virtual_hosted: false,
+                sse_kms_key_id: None,
+                min_part: S3_MIN_PART,
+            };
+            let mut sse = None;
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let value = percent_decode(value).map_err(|e| format!("{uri:?}: {key}: {e}"))?;
+                match key {
+                    "region" => o.region = Some(value),
+                    "endpoint" => {
+                        if !(value.starts_with("https://") || value.starts_with("http://")) {
+                            return Err(format!(
+                                "{uri:?}: endpoint {value:?} must start with https:// (or http:// for a store without TLS)"
+                            ));
+                        }
+                        o.endpoint = Some(value);
+                    }
+                    "virtual_hosted" => {
+                        o.virtual_hosted = match value.as_str() {
+                            "true" => true,
+                            "false" => false,
+                            _ => {
+                                return Err(format!(
+                                    "{uri:?}: virtual_hosted is true or false, not {value:?}"
+                                ));
+                            }
+                        }
+                    }
+                    "sse" => sse = Some(value),
+                    "sse_kms_key_id" => o.sse_kms_key_id = Some(value),
+                    "min_part" => {
+                        o.min_part = value
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|n| *n >= 1024)
+                            .ok_or_else(|| {
+                                format!("{uri:?}: min_part is a number of bytes, at least 1024")
+                            })?;
+                    }
+                    other => {
+                        return Err(format!(
+                            "{uri:?}: unknown option {other:?}; known: region, endpoint, virtual_hosted, sse, sse_kms_key_id, min_part"
+                        ));
+                    }
+                }
+            }
+            match (sse.as_deref(), &o.sse_kms_key_id) {
+                (None, None) => {}
+                (Some("aws:kms"), Some(_)) => {}
+                (Some("aws:kms"), None) => {
+                    return Err(format!("{uri:?}: sse=aws:kms needs sse_kms_key_id=KEY"));
+                }
+                (None, Some(_)) => {
+                    return Err(format!("{uri:?}: sse_kms_key_id needs sse=aws:kms"));
+                }
+                (Some(other), _) => {
+                    return Err(format!(
+                        "{uri:?}: sse={other:?} is not supported; use sse=aws:kms with sse_kms_key_id, or leave it out (the bucket's default encryption applies)"
+                    ));
+                }
+            }
+            return Ok(StoreUri::S3(o));
+        }
+        Err(format!(
+            "{uri:?}: not a recording store this build knows; write file:///dir or s3://bucket/prefix"
+        ))
+    }
+}
+
+/// Retries bounded so that a store that is down surfaces within seconds.
+fn retries() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(5),
+    }
+}
+
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(60))
+}
+
+/// Opens the store a URI names (no request is made: see `UploadStore::check`).
+pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>, String> {
+    match uri {
+        StoreUri::File { dir } => Ok(Arc::new(
+            FileStore::new(dir, file_min_part).map_err(|e| e.to_string())?,
+        )),
+        StoreUri::S3(o) => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(&o.bucket)
+                .with_virtual_hosted_style_request(o.virtual_hosted)
+                .with_retry(retries())
+                .with_client_options(client_options());
+            if let Some(region) = &o.region {
+                b = b.with_region(region);
+            }
+            if let Some(endpoint) = &o.endpoint {
+                b = b
+                    .with_endpoint(endpoint)
+                    .with_allow_http(endpoint.starts_with("http://"));
+            }
+            if let Some(key) = &o.sse_kms_key_id {
+                b = b.with_sse_kms_encryption(key);
+            }
+            let store = b.build().map_err(|e| format!("{}: {e}", o.uri))?;
+            Ok(Arc::new(ObjectUploadStore::new(
+                &o.uri,
+                Arc::new(store),
+                &o.prefix,
+                o.min_part,
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_uris_parse_and_bad_ones_say_why() {
+        let StoreUri::S3(o) = StoreUri::parse(
+            "s3://recs/prod/sessions/?region=eu-west-1&endpoint=http%3A%2F%2F127.0.0.1%3A9000",
+        )
+        .unwrap() else {
+            panic!("s3 expected")
+        };
+        assert_eq!(o.bucket, "recs");
+        assert_eq!(o.prefix, "prod/sessions");
+        assert_eq!(o.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(!o.virtual_hosted);
+        assert_eq!(o.uri, "s3://recs/prod/sessions");
+        for (uri, says) in [
+            ("s3://", "no bucket"),
+            ("s3://b?regoin=x", "unknown option \"regoin\""),
+            ("s3://b?endpoint=minio:9000", "must start with https://"),
+            ("s3://b?sse=AES256", "not supported"),
+            ("s3://b?sse=aws:kms", "needs sse_kms_key_id"),
+            ("s3://b?virtual_hosted=yes", "true or false"),
+            ("file://relative", "absolute"),
+            ("ftp://x", "write file:///dir or s3://bucket/prefix"),
+        ] {
+            let err = StoreUri::parse(uri).unwrap_err();
+            assert!(err.contains(says), "{uri}: {err}");
+        }
+        assert_eq!(
+            StoreUri::parse("file:///var/rec").unwrap(),
+            StoreUri::File {
+                dir: "/var/rec".into()
+            }
+        );
+    }
+}
