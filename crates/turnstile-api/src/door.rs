@@ -84,8 +84,12 @@ pub struct RecordingEntry {
     pub start_ms: i64,
     pub stop_ms: i64,
     pub size: u64,
+    /// live, uploading, complete or failed.
     pub status: String,
     pub parts: u32,
+    /// Why the recording failed, if it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub failure: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -290,7 +290,8 @@ pub async fn serve(
                             touched = Instant::now();
                         }
                     }
-                    if stage_at.is_some_and(|at| Instant::now() >= at) {
+                    // Short of room, the recorder asks for its events to be stored now.
+                    if batch.flush || stage_at.is_some_and(|at| Instant::now() >= at) {
                         rx.stage(recordings).await?;
                     }
                 }

@@ -20,6 +20,10 @@ use crate::backend::{Backend, BackendError};
 
 pub const STATUS_RECORDING: &str = "recording";
 pub const STATUS_COMPLETE: &str = "complete";
+/// States users read (`RecordingRecord::state`), besides `complete`.
+pub const STATE_LIVE: &str = "live";
+pub const STATE_UPLOADING: &str = "uploading";
+pub const STATE_FAILED: &str = "failed";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredPart {
@@ -63,6 +67,12 @@ pub struct RecordingRecord {
     pub last_seen_ms: i64,
     #[serde(default)]
     pub url: String,
+    /// When the session ended (its `session.end` reached auth); 0: not yet.
+    #[serde(default)]
+    pub ended_ms: i64,
+    /// Why the recorder could not record the session (all of it), if it could not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub failed: String,
 }
 
 impl RecordingRecord {
@@ -75,10 +85,27 @@ impl RecordingRecord {
             server_id: self.server_id.clone(),
             start_ms: self.start_ms,
             stop_ms: self.stop_ms,
-            size: self.size,
-            status: self.status.clone(),
+            size: self.size + self.parts.iter().map(|p| p.size).sum::<u64>(),
+            status: self.state().to_string(),
             parts: u32::try_from(self.parts.len()).unwrap_or(u32::MAX),
             url: self.url.clone(),
+            failure: self.failed.clone(),
+        }
+    }
+
+    /// How the recording stands, as users read it: `failed` (the recorder
+    /// could not record all of the session; what was stored can still be
+    /// played once complete), `complete`, `uploading` (the session ended, its
+    /// events are still on their way) or `live`.
+    pub fn state(&self) -> &'static str {
+        if !self.failed.is_empty() {
+            STATE_FAILED
+        } else if self.status == STATUS_COMPLETE {
+            STATUS_COMPLETE
+        } else if self.ended_ms > 0 {
+            STATE_UPLOADING
+        } else {
+            STATE_LIVE
         }
     }
 
@@ -296,6 +323,8 @@ impl Recordings {
                     last_ei: -1,
                     last_seen_ms: now,
                     url: url.clone(),
+                    ended_ms: 0,
+                    failed: String::new(),
                 });
                 if r.upload.is_none() {
                     let Some(fresh) = fresh.clone() else {
@@ -321,6 +350,65 @@ impl Recordings {
             let _ = self.store.abort(&fresh).await;
         }
         Ok(record)
+    }
+
+    /// Notes that the session recorded by `server_id` ended (its
+    /// `session.end` reached the audit log).
+    pub async fn mark_ended(&self, server_id: &str, sid: &str) -> Result<(), ApiError> {
+        let now = self.now_ms();
+        self.update(sid, |r| {
+            let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+            if r.server_id == server_id && r.ended_ms == 0 {
+                r.ended_ms = now;
+            }
+            Ok((r, ()))
+        })
+        .await
+    }
+
+    /// Notes that the recorder could not record the session (a session
+    /// refused at its start has no entry yet: it gets one, so auditors see it).
+    pub async fn mark_failed(
+        &self,
+        server_id: &str,
+        sid: &str,
+        user: &str,
+        login: &str,
+        node_name: &str,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        check_id("session id", sid).map_err(storage)?;
+        let now = self.now_ms();
+        self.update(sid, |current| {
+            let mut r = current.unwrap_or_else(|| RecordingRecord {
+                sid: sid.to_string(),
+                user: user.to_string(),
+                login: login.to_string(),
+                node_name: node_name.to_string(),
+                server_id: server_id.to_string(),
+                start_ms: now,
+                stop_ms: 0,
+                size: 0,
+                objects: Vec::new(),
+                status: STATUS_COMPLETE.into(),
+                upload: None,
+                parts: Vec::new(),
+                next_part: 1,
+                last_ei: -1,
+                last_seen_ms: now,
+                url: String::new(),
+                ended_ms: now,
+                failed: String::new(),
+            });
+            if r.server_id != server_id {
+                return Err(ApiError::access_denied(format!(
+                    "session {sid} was recorded by another server"
+                )));
+            }
+            r.failed = reason.to_string();
+            Ok((r, ()))
+        })
+        .await
     }
 
     /// Notes that the recorder is alive.

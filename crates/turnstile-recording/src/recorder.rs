@@ -580,6 +580,7 @@ impl Shared {
         fields.insert("policy".into(), json!(self.policy.as_str()));
         fields.insert("action".into(), json!(action));
         fields.insert("session_recording".into(), json!(self.mode.as_str()));
+        fields.insert("node".into(), json!(self.meta.node_name));
         self.audit.emit(AuditEvent::SessionEvent {
             event: event::RECORDING_FAILED.into(),
             sid: self.meta.sid.clone(),

@@ -584,6 +584,33 @@ impl proto::auth_server::Auth for AuthApi {
                 c.role, c.id
             )));
         }
+        // What `recordings ls` says follows the session's audit events, which
+        // reach auth whatever becomes of the recording store: an ended
+        // session is uploading until complete; a failed recording is failed.
+        if let AuditEvent::SessionEvent {
+            event: name,
+            sid,
+            user,
+            login,
+            fields,
+            ..
+        } = &event
+        {
+            let text = |k: &str| fields.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            if name == turnstile_recording::event::RECORDING_FAILED {
+                self.recordings
+                    .mark_failed(&c.id, sid, user, login, text("node"), text("error"))
+                    .await
+                    .map_err(fail)?;
+            } else if name == turnstile_recording::event::SESSION_END {
+                // Sessions recorded by nobody (`off`) have no entry.
+                match self.recordings.mark_ended(&c.id, sid).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind == turnstile_api::error::ErrorKind::NotFound => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+        }
         self.authority
             .audit()
             .emit(event)
@@ -804,6 +831,12 @@ impl proto::auth_server::Auth for AuthApi {
             return Err(Status::permission_denied(format!(
                 "session {} belongs to user {:?}; reading others' sessions needs a role rule allowing session read",
                 r.sid, rec.user
+            )));
+        }
+        if !rec.failed.is_empty() && rec.object_sizes().is_empty() && rec.parts.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "session {} was not recorded: {}",
+                r.sid, rec.failed
             )));
         }
         if rec.status != crate::recordings::STATUS_COMPLETE {

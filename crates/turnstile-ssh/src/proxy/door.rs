@@ -165,6 +165,7 @@ async fn answer(
                             size: r.size,
                             status: r.status,
                             parts: r.parts,
+                            failure: r.failure,
                         })
                         .collect(),
                 },

@@ -327,6 +327,7 @@ pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
                             "start": rfc3339_ms(r.start_ms),
                             "duration_ms": (r.stop_ms - r.start_ms).max(0),
                             "size": r.size, "status": r.status, "parts": r.parts,
+                            "failure": r.failure,
                         })
                     );
                 }

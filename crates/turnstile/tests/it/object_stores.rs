@@ -22,7 +22,10 @@ const SECRET_KEY: &str = "turnstile-test-secret-key";
 fn tools() -> PathBuf {
     std::env::var_os("TURNSTILE_TEST_TOOLS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tools"))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/turnstile-test-tools"))
+        })
+        .expect("TURNSTILE_TEST_TOOLS or HOME is set")
 }
 
 fn tool(relative: &str) -> PathBuf {
@@ -525,8 +528,23 @@ async fn a_store_down_mid_session_ends_sync_sessions_and_async_ones_land_later()
         "the node session went on"
     );
     assert!(rest.contains("line-60\n"), "{rest}");
-    s3s.start().await;
+    // Ended, not yet stored: `recordings ls` says so.
     let sid = sid.trim().to_string();
+    let state = || async {
+        let out = crate::recording::as_user(&id, &["recordings", "ls", "--format", "json"]).await;
+        text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["sid"] == sid.as_str())
+            .map(|v| v["status"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    poll_until(Duration::from_secs(20), || async {
+        state().await == "uploading"
+    })
+    .await
+    .unwrap_or_else(|_| panic!("listed as {:?}, not uploading", "?"));
+    s3s.start().await;
     wait_complete(&id, &sid).await;
     let played = text(&play(&id, &sid, "text").await);
     assert_eq!(played, format!("{sid}\n{rest}"));

@@ -274,17 +274,17 @@ pub(crate) async fn counting_session(
         Some(&c.home()),
     );
     let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
-    let sid = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim_start_matches("sid=")
-        .to_string();
+    let mut next = async || match lines.next_line().await.unwrap() {
+        Some(line) => line,
+        None => panic!(
+            "the session ended early: {}",
+            crate::support::stderr_of(&mut session).await
+        ),
+    };
+    let sid = next().await.trim_start_matches("sid=").to_string();
     let mut last = 0;
     while last < until {
-        let line = lines.next_line().await.unwrap().unwrap();
-        last = line.trim_start_matches("line-").parse().unwrap();
+        last = next().await.trim_start_matches("line-").parse().unwrap();
     }
     (session, lines, sid, last)
 }
@@ -467,6 +467,17 @@ async fn a_session_not_yet_uploaded_says_so_and_exports_check_with_asciinema() {
     })
     .await
     .expect("the session is listed while it runs");
+    let listed = text(
+        &as_user(&id, &["recordings", "ls", "--format", "json"])
+            .await
+            .stdout,
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&sid) && l.contains("\"status\":\"live\"")),
+        "{listed}"
+    );
     let out = as_user(&id, &["play", &sid, "--format", "text"]).await;
     assert_eq!(out.status.code(), Some(255));
     assert!(

@@ -445,6 +445,24 @@ async fn a_proxy_whose_spool_cannot_be_created_ends_sessions_unless_best_effort(
             .iter()
             .all(|e| e["code"].as_str().unwrap().starts_with("T2010"))
     );
+    // Listed as failed, with why; there is nothing to play of alice's.
+    let listed = crate::recording::as_user(&alice, &["recordings", "ls", "--format", "json"]).await;
+    let entry: serde_json::Value = text(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|v: &serde_json::Value| v["user"] == "alice")
+        .expect("the refused session is listed");
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert!(
+        entry["failure"].as_str().unwrap().starts_with("spool "),
+        "{entry}"
+    );
+    let out = crate::recording::as_user(&alice, &["play", entry["sid"].as_str().unwrap()]).await;
+    assert!(
+        text(&out.stderr).contains("was not recorded: spool "),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
