@@ -223,6 +223,7 @@ impl Receiver {
                     .await,
             )
             .map_err(fail)?;
+        turnstile_api::metrics::METRICS.chunks_staged.inc();
         self.pieces.truncate(start);
         self.pieces.push(Piece {
             zstd,

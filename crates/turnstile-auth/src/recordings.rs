@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 use turnstile_api::error::ApiError;
+use turnstile_api::metrics::{METRICS, StoreErrorKind};
 use turnstile_api::rpc::proto::RecordingInfo;
 use turnstile_recording::part::{HEADER_LEN, part_from_payload};
 use turnstile_recording::storage::{Part, StagedChunk, Upload, UploadStore, check_id};
@@ -199,8 +200,16 @@ impl Recordings {
                 Ok(v)
             }
             // Not the store's failure: a caller's mistake, or a thing not there.
-            Err(e @ (S::NotFound(_) | S::BadParameter(_))) => Err(storage(e)),
+            Err(e @ (S::NotFound(_) | S::BadParameter(_))) => {
+                METRICS.store_error(if matches!(e, S::NotFound(_)) {
+                    StoreErrorKind::NotFound
+                } else {
+                    StoreErrorKind::BadParameter
+                });
+                Err(storage(e))
+            }
             Err(e) => {
+                METRICS.store_error(StoreErrorKind::Io);
                 let now = cause(&e);
                 if failing.as_deref() != Some(now.as_str()) {
                     tracing::error!(error = %e, "the recording store fails; nothing more is acknowledged until it works again (logged once per cause)");
@@ -464,6 +473,8 @@ impl Recordings {
                 return Err(e);
             }
         };
+        METRICS.parts_stored.inc();
+        METRICS.part_bytes_stored.add(stored.size);
         let now = self.now_ms();
         self.update(sid, |r| {
             let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;

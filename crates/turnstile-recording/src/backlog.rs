@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
+use turnstile_api::metrics::METRICS;
 
 /// Bytes held in memory by every session of a process.
 #[derive(Debug)]
@@ -38,14 +39,21 @@ impl ProcessBudget {
 
     fn take(&self, n: usize) {
         self.held.fetch_add(n, Ordering::Relaxed);
+        METRICS
+            .unacknowledged_bytes
+            .add(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     fn give_back(&self, n: usize) {
-        let _ = self
+        let before = self
             .held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
                 Some(h.saturating_sub(n))
-            });
+            })
+            .unwrap_or(0);
+        METRICS
+            .unacknowledged_bytes
+            .add(-i64::try_from(n.min(before)).unwrap_or(i64::MAX));
         self.room.notify_waiters();
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use turnstile_api::audit::AuditEvent;
+use turnstile_api::metrics::METRICS;
 use turnstile_api::recording::{ByteSize, RecordingMode, RecordingPolicy};
 use turnstile_api::rpc::AuthClient;
 
@@ -194,6 +195,8 @@ pub struct SessionRecording {
     ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
     ticks: CancellationToken,
     ended: std::sync::atomic::AtomicBool,
+    /// Counts the session in `turnstile_sessions_live` while it lives.
+    _live: turnstile_api::metrics::GaugeGuard,
 }
 
 fn now_ms() -> i64 {
@@ -321,6 +324,7 @@ impl Recorder {
             ticker: Mutex::new(None),
             ticks: CancellationToken::new(),
             ended: std::sync::atomic::AtomicBool::new(false),
+            _live: turnstile_api::metrics::GaugeGuard::hold(METRICS.session_live(mode)),
         };
         if let Some(reason) = failure {
             shared.fail(&reason);
@@ -575,6 +579,7 @@ impl Shared {
             ),
         };
         tracing::warn!(sid = %self.meta.sid, user = %self.meta.user, %reason, policy = self.policy.as_str(), action, "session recording failed");
+        METRICS.recording_failures.inc();
         let mut fields = serde_json::Map::new();
         fields.insert("error".into(), json!(reason));
         fields.insert("policy".into(), json!(self.policy.as_str()));
@@ -732,6 +737,7 @@ impl SessionRecording {
                 s.flush_output(&self.shared.meta)?;
             }
             s.take_output(&self.shared.meta, now, data)?;
+            METRICS.recorded_bytes.add(data.len() as u64);
             Ok(())
         });
         match result {

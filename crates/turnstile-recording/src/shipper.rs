@@ -508,6 +508,8 @@ impl Shipper {
             _ = watchdog(sync, progress.waiting_since) => return Err(timed_out(sync)),
         };
         let mut inbound = response.into_inner();
+        let _open =
+            turnstile_api::metrics::GaugeGuard::hold(&turnstile_api::metrics::METRICS.streams_open);
         let first: RecordStatus = tokio::select! {
             m = inbound.message() => m?.ok_or_else(|| ShipError::Transient("auth closed the stream".into()))?,
             _ = watchdog(sync, progress.waiting_since) => return Err(timed_out(sync)),

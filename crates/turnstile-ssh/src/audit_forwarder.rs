@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use turnstile_api::audit::AuditEvent;
+use turnstile_api::metrics::METRICS;
 use turnstile_api::rpc::{AuthClient, proto};
 
 /// Events held while auth cannot be reached.
@@ -38,7 +39,10 @@ impl AuditForwarder {
 
     /// Queues the event; never waits.
     pub fn emit(&self, event: AuditEvent) {
-        if self.tx.try_send(event).is_err() {
+        if self.tx.try_send(event).is_ok() {
+            METRICS.audit_events_queued.add(1);
+        } else {
+            METRICS.audit_events_dropped.inc();
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::error!(
@@ -71,6 +75,7 @@ async fn forward(
             e = rx.recv() => match e { Some(e) => e, None => return },
             _ = shutdown.cancelled() => return,
         };
+        METRICS.audit_events_queued.add(-1);
         let json = serde_json::to_string(&event).unwrap_or_default();
         let mut backoff = Duration::from_millis(100);
         let mut failing = false;

@@ -8,5 +8,6 @@ pub mod commands;
 pub mod config;
 pub mod identity_file;
 pub mod memory;
+pub mod metrics_endpoint;
 pub mod process;
 pub mod profile;

@@ -55,6 +55,8 @@ pub struct Running {
     pub proxy_public_addr: Option<String>,
     pub node_addr: Option<SocketAddr>,
     pub node_name: Option<String>,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     pub host_id: String,
     pub ca_pin: Option<String>,
     pub cluster_name: Option<String>,
@@ -269,6 +271,10 @@ async fn launch_services(
         Some(n) => Some(bind(n.listen_addr, "node", "ssh_service.listen_addr").await?),
         None => None,
     };
+    let metrics_listener = match config.metrics_listen_addr {
+        Some(a) => Some(bind(a, "metrics", "turnstile.metrics_listen_addr").await?),
+        None => None,
+    };
     let mut roles = Vec::new();
     if config.proxy.is_some() {
         roles.push(SystemRole::Proxy);
@@ -284,6 +290,7 @@ async fn launch_services(
         proxy_public_addr: None,
         node_addr: None,
         node_name: config.node.as_ref().map(|n| n.node_name.clone()),
+        metrics_addr: None,
         host_id: String::new(),
         ca_pin: None,
         cluster_name: None,
@@ -469,6 +476,10 @@ async fn launch_services(
         ));
     }
     crate::memory::spawn_trimmer(shutdown.clone());
+    if let Some(listener) = metrics_listener {
+        running.metrics_addr = Some(listener.local_addr()?);
+        crate::metrics_endpoint::spawn(listener, shutdown.clone());
+    }
     running.tasks = tasks;
     Ok(running)
 }

@@ -191,6 +191,9 @@ impl NodeConnection {
         match ConnectionLease::acquire(self.shared.lease_service.clone(), params, timeout).await {
             Ok(lease) => Ok(lease),
             Err(AcquireError::Limit { max }) => {
+                turnstile_api::metrics::METRICS
+                    .limit_refusals_connection
+                    .inc();
                 self.shared
                     .audit
                     .emit(self.limit_event(user, login, max, SessctlKind::Connection));
@@ -308,6 +311,7 @@ impl Handler for NodeConnection {
             } => {
                 let Some(slot) = channels.try_open(channel.id()) else {
                     let max = channels.max();
+                    turnstile_api::metrics::METRICS.limit_refusals_session.inc();
                     self.shared.audit.emit(self.limit_event(
                         &identity.user,
                         login,

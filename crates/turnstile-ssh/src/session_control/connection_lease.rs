@@ -133,6 +133,8 @@ pub struct ConnectionLease {
     timeout: Duration,
     renewer: JoinHandle<()>,
     lost: watch::Receiver<Option<String>>,
+    /// Counts the slot in `turnstile_connection_slots_held` while it lives.
+    _held: turnstile_api::metrics::GaugeGuard,
 }
 
 impl std::fmt::Debug for ConnectionLease {
@@ -167,6 +169,9 @@ impl ConnectionLease {
             timeout,
             renewer,
             lost,
+            _held: turnstile_api::metrics::GaugeGuard::hold(
+                &turnstile_api::metrics::METRICS.connection_slots_held,
+            ),
         })
     }
 

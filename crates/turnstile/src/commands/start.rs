@@ -37,6 +37,9 @@ pub fn ready_banner(r: &Running) -> String {
     if let (Some(n), Some(name)) = (r.node_addr, &r.node_name) {
         out.push_str(&format!("  node     {n}  (SSH, node name {name})\n"));
     }
+    if let Some(m) = r.metrics_addr {
+        out.push_str(&format!("  metrics  http://{m}/metrics\n"));
+    }
     out.push_str(&format!("  data     {}\n", r.data_dir.display()));
     if let Some(pin) = &r.ca_pin {
         out.push_str(&format!("  CA pin   {pin}\n"));

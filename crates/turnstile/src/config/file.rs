@@ -28,6 +28,7 @@ pub struct GlobalSection {
     pub ca_pin: Option<String>,
     pub storage: Option<StorageSection>,
     pub recording: Option<RecordingSection>,
+    pub metrics_listen_addr: Option<String>,
 }
 
 /// How this process records sessions, when it is a recorder (node, or proxy

@@ -42,6 +42,8 @@ pub struct ResolvedConfig {
     pub node: Option<NodeSettings>,
     /// The bounds of this process's recorder (node; proxy in proxy modes).
     pub recording: RecorderConfig,
+    /// Where `/metrics` is served, if anywhere (off by default).
+    pub metrics_listen_addr: Option<SocketAddr>,
 }
 
 /// Where auth keeps the cluster's state.
@@ -315,6 +317,14 @@ pub fn resolve(
         ));
     }
     let recording = resolve_recording(global.recording.unwrap_or_default())?;
+    let metrics_listen_addr = match global.metrics_listen_addr.as_deref() {
+        None => None,
+        Some(addr) => Some(parse_listen(
+            "turnstile.metrics_listen_addr",
+            Some(addr),
+            "127.0.0.1:9090",
+        )?),
+    };
     Ok(ResolvedConfig {
         data_dir,
         auth_servers,
@@ -324,6 +334,7 @@ pub fn resolve(
         proxy,
         node,
         recording,
+        metrics_listen_addr,
     })
 }
 

@@ -697,3 +697,104 @@ async fn in_sync_modes_a_killed_recorder_loses_no_output_older_than_a_second() {
         }
     }
 }
+
+/// `GET PATH` on `addr`; the status line and the body.
+async fn http_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of one sample in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_a_live_session_and_its_bytes_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::support::one_process_config(dir.path(), "web1");
+    let yaml = std::fs::read_to_string(&config).unwrap().replace(
+        "turnstile:\n",
+        "turnstile:\n  metrics_listen_addr: 127.0.0.1:0\n",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let p = Proc::start(&config).await;
+    let url = p.field("metrics");
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let data = dir.path().join("data");
+    crate::cluster::admin(
+        &data,
+        &[
+            "users", "add", "alice", "--roles", "access", "--logins", "root",
+        ],
+    )
+    .await;
+    let id = dir.path().join("alice");
+    crate::cluster::admin(
+        &data,
+        &["sign", "--user", "alice", "--out", id.to_str().unwrap()],
+    )
+    .await;
+    let mut session = spawn_turnstile(
+        &[
+            "ssh",
+            "-i",
+            id.to_str().unwrap(),
+            "web1",
+            "--",
+            "while true; do echo tick-tock; sleep 0.05; done",
+        ],
+        None,
+    );
+    let mut lines = BufReader::new(session.stdout.take().unwrap()).lines();
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("tick-tock")
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let live = r#"turnstile_sessions_live{mode="node"}"#;
+    let (status, body) = http_get(&addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(sample(&body, live), 1.0, "{body}");
+    let before = sample(&body, "turnstile_recorded_bytes_total");
+    poll_until(Duration::from_secs(20), || async {
+        sample(
+            &http_get(&addr, "/metrics").await.1,
+            "turnstile_recorded_bytes_total",
+        ) > before
+    })
+    .await
+    .expect("recorded bytes grow while the session prints");
+    let (_, body) = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        sample(&body, "turnstile_recording_streams_open"),
+        1.0,
+        "{body}"
+    );
+    let _ = session.kill().await;
+    poll_until(Duration::from_secs(20), || async {
+        sample(&http_get(&addr, "/metrics").await.1, live) == 0.0
+    })
+    .await
+    .expect("the session is gone from the gauge when it ends");
+    assert_eq!(http_get(&addr, "/").await.0, "HTTP/1.1 404 Not Found");
+    p.stop().await;
+}
