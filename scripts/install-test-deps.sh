@@ -23,7 +23,8 @@ fi
 # Test servers that are not Debian packages, kept out of the tree and built
 # or downloaded once: moto (an S3 server, PyPI) in its own virtual
 # environment (Debian's pip is externally managed), s3s-fs (an S3 server on
-# disk that checks signatures, crates.io).
+# disk that checks signatures, crates.io), Azurite (the Azure blob
+# emulator, npm) with the Azure SDK the tests use to create a container.
 tools="${TURNSTILE_TEST_TOOLS:-$HOME/.cache/turnstile-test-tools}"
 mkdir -p "$tools"
 if [ ! -x "$tools/venv/bin/moto_server" ]; then
@@ -42,6 +43,17 @@ fi
 if [ ! -x "$tools/bin/s3s-fs" ]; then
   echo "==> cargo install s3s-fs 0.14.1 into $tools (once; about two minutes)"
   cargo install --quiet --root "$tools" s3s-fs --version 0.14.1 --features binary --locked
+fi
+
+if [ ! -x "$tools/node/node_modules/.bin/azurite-blob" ] || [ ! -d "$tools/node/node_modules/@azure/storage-blob" ]; then
+  if ! command -v npm >/dev/null; then
+    echo "missing npm (Node.js): Azurite, the Azure blob emulator, is an npm package" >&2
+    exit 1
+  fi
+  echo "==> azurite 3.35.0 (Azure blob emulator) into $tools/node"
+  mkdir -p "$tools/node"
+  npm install --silent --no-audit --no-fund --prefix "$tools/node" \
+    azurite@3.35.0 @azure/storage-blob@12.28.0 >/dev/null
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

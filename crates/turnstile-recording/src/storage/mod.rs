@@ -19,7 +19,7 @@ mod uri;
 pub use file::FileStore;
 pub use memory::MemoryStore;
 pub use object::{Multipart, ObjectUploadStore};
-pub use uri::{S3_MIN_PART, S3Options, StoreUri, open};
+pub use uri::{AZURE_MIN_PART, AzureOptions, S3_MIN_PART, S3Options, StoreUri, open};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Upload {

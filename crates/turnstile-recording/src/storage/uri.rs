@@ -4,6 +4,7 @@
 //!
 //! - `file:///dir`
 //! - `s3://bucket[/prefix][?region=…&endpoint=…&virtual_hosted=true&sse=aws:kms&sse_kms_key_id=…]`
+//! - `azblob://container[/prefix]?account=…[&endpoint=…]`
 //!
 //! Credentials come from each cloud's standard environment variables (and
 //! files, and instance metadata where `object_store` supports them).
@@ -16,11 +17,58 @@ use super::{FileStore, ObjectUploadStore, UploadStore};
 
 /// The smallest part S3 accepts (but for the last).
 pub const S3_MIN_PART: usize = 5 << 20;
+/// Blocks of Azure block blobs: any size; this many bytes keeps a blob's
+/// 50,000 blocks above 190 GiB.
+pub const AZURE_MIN_PART: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUri {
     File { dir: PathBuf },
     S3(S3Options),
+    Azure(AzureOptions),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureOptions {
+    /// The URI as written, without its query.
+    pub uri: String,
+    pub container: String,
+    pub prefix: String,
+    pub account: String,
+    /// The blob service's URL (Azurite, a sovereign cloud); plain HTTP only
+    /// if it says `http://`.
+    pub endpoint: Option<String>,
+    pub min_part: usize,
+}
+
+/// `location?query` split, the query's pairs decoded.
+fn split_query(uri: &str, rest: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut pairs = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value).map_err(|e| format!("{uri:?}: {key}: {e}"))?;
+        pairs.push((key.to_string(), value));
+    }
+    Ok((location.to_string(), pairs))
+}
+
+fn endpoint_option(uri: &str, value: String) -> Result<String, String> {
+    if value.starts_with("https://") || value.starts_with("http://") {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{uri:?}: endpoint {value:?} must start with https:// (or http:// for a store without TLS)"
+        ))
+    }
+}
+
+fn min_part_option(uri: &str, value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1024)
+        .ok_or_else(|| format!("{uri:?}: min_part is a number of bytes, at least 1024"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +128,8 @@ impl StoreUri {
             });
         }
         if let Some(rest) = uri.strip_prefix("s3://") {
-            let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+            let (location, query) = split_query(uri, rest)?;
+            let (bucket, prefix) = location.split_once('/').unwrap_or((&location, ""));
             if bucket.is_empty() {
                 return Err(format!("{uri:?}: no bucket; write s3://bucket/prefix"));
             }
@@ -96,19 +144,10 @@ impl StoreUri {
                 min_part: S3_MIN_PART,
             };
             let mut sse = None;
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                let value = percent_decode(value).map_err(|e| format!("{uri:?}: {key}: {e}"))?;
-                match key {
+            for (key, value) in query {
+                match key.as_str() {
                     "region" => o.region = Some(value),
-                    "endpoint" => {
-                        if !(value.starts_with("https://") || value.starts_with("http://")) {
-                            return Err(format!(
-                                "{uri:?}: endpoint {value:?} must start with https:// (or http:// for a store without TLS)"
-                            ));
-                        }
-                        o.endpoint = Some(value);
-                    }
+                    "endpoint" => o.endpoint = Some(endpoint_option(uri, value)?),
                     "virtual_hosted" => {
                         o.virtual_hosted = match value.as_str() {
                             "true" => true,
@@ -122,15 +161,7 @@ impl StoreUri {
                     }
                     "sse" => sse = Some(value),
                     "sse_kms_key_id" => o.sse_kms_key_id = Some(value),
-                    "min_part" => {
-                        o.min_part = value
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|n| *n >= 1024)
-                            .ok_or_else(|| {
-                                format!("{uri:?}: min_part is a number of bytes, at least 1024")
-                            })?;
-                    }
+                    "min_part" => o.min_part = min_part_option(uri, &value)?,
                     other => {
                         return Err(format!(
                             "{uri:?}: unknown option {other:?}; known: region, endpoint, virtual_hosted, sse, sse_kms_key_id, min_part"
@@ -155,8 +186,41 @@ impl StoreUri {
             }
             return Ok(StoreUri::S3(o));
         }
+        if let Some(rest) = uri.strip_prefix("azblob://") {
+            let (location, query) = split_query(uri, rest)?;
+            let (container, prefix) = location.split_once('/').unwrap_or((&location, ""));
+            if container.is_empty() {
+                return Err(format!(
+                    "{uri:?}: no container; write azblob://container/prefix?account=NAME"
+                ));
+            }
+            let mut o = AzureOptions {
+                uri: format!("azblob://{}", location.trim_end_matches('/')),
+                container: container.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                account: String::new(),
+                endpoint: None,
+                min_part: AZURE_MIN_PART,
+            };
+            for (key, value) in query {
+                match key.as_str() {
+                    "account" => o.account = value,
+                    "endpoint" => o.endpoint = Some(endpoint_option(uri, value)?),
+                    "min_part" => o.min_part = min_part_option(uri, &value)?,
+                    other => {
+                        return Err(format!(
+                            "{uri:?}: unknown option {other:?}; known: account, endpoint, min_part"
+                        ));
+                    }
+                }
+            }
+            if o.account.is_empty() {
+                return Err(format!("{uri:?}: no storage account; add ?account=NAME"));
+            }
+            return Ok(StoreUri::Azure(o));
+        }
         Err(format!(
-            "{uri:?}: not a recording store this build knows; write file:///dir or s3://bucket/prefix"
+            "{uri:?}: not a recording store this build knows; write file:///dir, s3://bucket/prefix or azblob://container/prefix?account=NAME"
         ))
     }
 }
@@ -211,6 +275,25 @@ pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>
                 o.min_part,
             )))
         }
+        StoreUri::Azure(o) => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_account(&o.account)
+                .with_container_name(&o.container)
+                .with_retry(retries())
+                .with_client_options(client_options());
+            if let Some(endpoint) = &o.endpoint {
+                b = b
+                    .with_endpoint(endpoint.clone())
+                    .with_allow_http(endpoint.starts_with("http://"));
+            }
+            let store = b.build().map_err(|e| format!("{}: {e}", o.uri))?;
+            Ok(Arc::new(ObjectUploadStore::new(
+                &o.uri,
+                Arc::new(store),
+                &o.prefix,
+                o.min_part,
+            )))
+        }
     }
 }
 
@@ -240,7 +323,13 @@ mod tests {
             ("s3://b?sse=aws:kms", "needs sse_kms_key_id"),
             ("s3://b?virtual_hosted=yes", "true or false"),
             ("file://relative", "absolute"),
-            ("ftp://x", "write file:///dir or s3://bucket/prefix"),
+            (
+                "ftp://x",
+                "write file:///dir, s3://bucket/prefix or azblob://",
+            ),
+            ("azblob://c/p", "no storage account"),
+            ("azblob://?account=a", "no container"),
+            ("azblob://c?account=a&region=x", "unknown option \"region\""),
         ] {
             let err = StoreUri::parse(uri).unwrap_err();
             assert!(err.contains(says), "{uri}: {err}");

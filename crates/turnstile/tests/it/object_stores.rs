@@ -221,6 +221,50 @@ fn parts_in(rec: &[u8]) -> usize {
         .count()
 }
 
+/// Runs `command` (which prints `$TURNSTILE_SESSION_ID` first) through
+/// Turnstile, waits for its recording to complete, and checks that it is one
+/// object of at least `min_parts` parts in `client` that plays back byte for
+/// byte. Returns the session's id.
+async fn recorded_object_plays_back(
+    client: &dyn object_store::ObjectStore,
+    prefix: &str,
+    id: &Path,
+    command: &str,
+    min_parts: usize,
+) -> String {
+    let out = run(
+        BIN,
+        &["ssh", "-i", id.to_str().unwrap(), "web1", "--", command],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sid = text(&out.stdout[..36]);
+    wait_complete(id, &sid).await;
+    let object = client
+        .get(&object_store::path::Path::from(format!(
+            "{prefix}/{sid}.rec"
+        )))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        parts_in(&object) >= min_parts,
+        "{} parts",
+        parts_in(&object)
+    );
+    let played = play(id, &sid, "text").await;
+    assert!(
+        played == out.stdout,
+        "{} bytes played, {} printed",
+        played.len(),
+        out.stdout.len()
+    );
+    sid
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_sync_session_becomes_one_object_of_several_parts_on_moto() {
     let moto = S3Server::moto().await;
@@ -235,40 +279,14 @@ async fn a_node_sync_session_becomes_one_object_of_several_parts_on_moto() {
     .unwrap();
     let p = Proc::start_env(&config, &aws_env(SECRET_KEY)).await;
     let id = alice(&data, dir.path()).await;
-    let out = run(
-        BIN,
-        &[
-            "ssh",
-            "-i",
-            id.to_str().unwrap(),
-            "web1",
-            "--",
-            "echo $TURNSTILE_SESSION_ID; head -c 33554432 /dev/urandom",
-        ],
-        None,
+    recorded_object_plays_back(
+        &moto.client(),
+        &prefix,
+        &id,
+        "echo $TURNSTILE_SESSION_ID; head -c 33554432 /dev/urandom",
+        3,
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let sid = text(&out.stdout[..36]);
-    wait_complete(&id, &sid).await;
-    let object = moto
-        .client()
-        .get(&object_store::path::Path::from(format!(
-            "{prefix}/{sid}.rec"
-        )))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert!(parts_in(&object) >= 3, "{} parts", parts_in(&object));
-    let played = play(&id, &sid, "text").await;
-    assert!(
-        played == out.stdout,
-        "{} bytes played, {} printed",
-        played.len(),
-        out.stdout.len()
-    );
     // Nothing is left in the staging area once complete.
     use futures::TryStreamExt;
     let staged: Vec<_> = object_store::ObjectStore::list(
@@ -548,5 +566,164 @@ async fn a_store_down_mid_session_ends_sync_sessions_and_async_ones_land_later()
     wait_complete(&id, &sid).await;
     let played = text(&play(&id, &sid, "text").await);
     assert_eq!(played, format!("{sid}\n{rest}"));
+    p.stop().await;
+}
+
+/// Azurite's well-known development account.
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Azurite's blob service, its container made; stopped on drop.
+struct Azurite {
+    _child: tokio::process::Child,
+    _location: tempfile::TempDir,
+    port: u16,
+}
+
+impl Azurite {
+    async fn start() -> Self {
+        let location = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = tokio::process::Command::new(tool("node/node_modules/.bin/azurite-blob"))
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &port.to_string(),
+                "--location",
+            ])
+            .arg(location.path())
+            .args(["--skipApiVersionCheck", "--silent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        S3Server::wait_listening(port).await;
+        let script = format!(
+            "const {{BlobServiceClient, StorageSharedKeyCredential}} = require('@azure/storage-blob');\
+             const cred = new StorageSharedKeyCredential('{AZURITE_ACCOUNT}', '{AZURITE_KEY}');\
+             new BlobServiceClient('http://127.0.0.1:{port}/{AZURITE_ACCOUNT}', cred)\
+               .getContainerClient('{BUCKET}').create()\
+               .then(() => process.exit(0), e => {{ console.error(e.message); process.exit(1); }});"
+        );
+        let out = tokio::process::Command::new("node")
+            .args(["-e", &script])
+            .current_dir(tool("node"))
+            .output()
+            .await
+            .expect("node runs");
+        assert!(
+            out.status.success(),
+            "creating the container: {}",
+            text(&out.stderr)
+        );
+        Self {
+            _child: child,
+            _location: location,
+            port,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+
+    fn uri(&self, prefix: &str) -> String {
+        format!(
+            "azblob://{BUCKET}/{prefix}?account={AZURITE_ACCOUNT}&endpoint={}",
+            self.endpoint()
+        )
+    }
+
+    fn client(&self) -> object_store::azure::MicrosoftAzure {
+        object_store::azure::MicrosoftAzureBuilder::new()
+            .with_account(AZURITE_ACCOUNT)
+            .with_access_key(AZURITE_KEY)
+            .with_container_name(BUCKET)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_block_blobs_pass_the_conformance_suite_and_record_a_session() {
+    let azurite = Azurite::start().await;
+    let store = turnstile_recording::storage::ObjectUploadStore::new(
+        &azurite.uri("conformance"),
+        Arc::new(azurite.client()),
+        &format!("conformance/{}", uuid::Uuid::new_v4()),
+        turnstile_recording::storage::AZURE_MIN_PART,
+    );
+    turnstile_recording::storage::UploadStore::check(&store)
+        .await
+        .unwrap();
+    turnstile_recording::storage::conformance::run(&store).await;
+
+    // A wrong key or a container that is not there: refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("turnstile.yaml");
+    std::fs::write(
+        &config,
+        one_process_yaml(&data, &azurite.uri("x"), "node", ""),
+    )
+    .unwrap();
+    let wrong_key = base64_of(&[7u8; 64]);
+    let Err((_, stderr)) =
+        Proc::try_start_env(&config, &[("AZURE_STORAGE_ACCOUNT_KEY", wrong_key)]).await
+    else {
+        panic!("started with a wrong account key");
+    };
+    assert!(
+        stderr.contains("turnstile.storage.audit_sessions_uri")
+            && stderr.contains(&format!("azblob://{BUCKET}/x"))
+            && stderr.contains("cannot write"),
+        "{stderr}"
+    );
+    let missing = azurite.uri("x").replace(
+        &format!("azblob://{BUCKET}/"),
+        "azblob://no-such-container/",
+    );
+    std::fs::write(&config, one_process_yaml(&data, &missing, "node", "")).unwrap();
+    let Err((_, stderr)) = Proc::try_start_env(
+        &config,
+        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string())],
+    )
+    .await
+    else {
+        panic!("started with a missing container");
+    };
+    assert!(
+        stderr.contains("azblob://no-such-container/x") && stderr.contains("ContainerNotFound"),
+        "{stderr}"
+    );
+
+    // A session recorded into block blobs (small blocks: several of them).
+    let prefix = format!("sessions/{}", uuid::Uuid::new_v4());
+    let uri = format!("{}&min_part=262144", azurite.uri(&prefix));
+    std::fs::write(&config, one_process_yaml(&data, &uri, "node-sync", "")).unwrap();
+    let p = Proc::start_env(
+        &config,
+        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string())],
+    )
+    .await;
+    let id = alice(&data, dir.path()).await;
+    recorded_object_plays_back(
+        &azurite.client(),
+        &prefix,
+        &id,
+        "echo $TURNSTILE_SESSION_ID; head -c 2000000 /dev/urandom | base64",
+        3,
+    )
+    .await;
     p.stop().await;
 }
