@@ -21,13 +21,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # Test servers that are not Debian packages, kept out of the tree and built
-# or downloaded once: moto (an S3 server, PyPI) in its own virtual
+# or downloaded once: moto (an S3 server, PyPI) and gcp-storage-emulator
+# (PyPI) in their own virtual
 # environment (Debian's pip is externally managed), s3s-fs (an S3 server on
 # disk that checks signatures, crates.io), Azurite (the Azure blob
 # emulator, npm) with the Azure SDK the tests use to create a container.
 tools="${TURNSTILE_TEST_TOOLS:-$HOME/.cache/turnstile-test-tools}"
 mkdir -p "$tools"
-if [ ! -x "$tools/venv/bin/moto_server" ]; then
+if [ ! -x "$tools/venv/bin/moto_server" ] || [ ! -x "$tools/venv/bin/gcp-storage-emulator" ]; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
     echo "==> apt-get install python3-venv"
     apt-get install -y --no-install-recommends python3-venv >/dev/null 2>&1 || {
@@ -35,10 +36,10 @@ if [ ! -x "$tools/venv/bin/moto_server" ]; then
       apt-get install -y --no-install-recommends python3-venv >/dev/null
     }
   fi
-  echo "==> moto (S3 server) into $tools/venv"
-  rm -rf "$tools/venv"
-  python3 -m venv "$tools/venv"
-  "$tools/venv/bin/pip" install -q "moto[s3]==5.1.4" "flask==3.1.1" "flask-cors==6.0.0"
+  echo "==> moto (S3 server) and gcp-storage-emulator into $tools/venv"
+  [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q "moto[s3]==5.1.4" "flask==3.1.1" "flask-cors==6.0.0" \
+    "gcp-storage-emulator==2026.7.19"
 fi
 if [ ! -x "$tools/bin/s3s-fs" ]; then
   echo "==> cargo install s3s-fs 0.14.1 into $tools (once; about two minutes)"

@@ -12,14 +12,18 @@ use serde::{Deserialize, Serialize};
 
 pub mod conformance;
 mod file;
+mod gcs;
 mod memory;
 mod object;
 mod uri;
 
 pub use file::FileStore;
+pub use gcs::{COMPOSE_MAX_SOURCES, ComposedParts, GcsJson};
 pub use memory::MemoryStore;
-pub use object::{Multipart, ObjectUploadStore};
-pub use uri::{AZURE_MIN_PART, AzureOptions, S3_MIN_PART, S3Options, StoreUri, open};
+pub use object::{Blobs, ObjectUploadStore};
+pub use uri::{
+    AZURE_MIN_PART, AzureOptions, GCS_MIN_PART, GcsOptions, S3_MIN_PART, S3Options, StoreUri, open,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Upload {

@@ -1,11 +1,15 @@
-//! Recordings in an object store with native multipart uploads (S3 and any
-//! S3-compatible store, Azure block blobs), through the `object_store`
-//! crate. A recording object is `<prefix>/<sid>.rec` (continuations
-//! `<sid>.<n>.rec`); an upload is the store's own multipart upload of that
-//! object, whose id and part ids (ETags, block ids) the caller keeps (in the
-//! backend: object_store can list neither uploads nor parts); staged chunks
-//! are objects of their own under `<prefix>/staging/<upload-id>/`.
+//! Recordings in an object store: S3 and any S3-compatible store, Azure
+//! block blobs and GCS. A recording object is `<prefix>/<sid>.rec`
+//! (continuations `<sid>.<n>.rec`); an upload is a multipart upload of that
+//! object, whose id and part ids (ETags, block ids, part objects) the caller
+//! keeps (in the backend: object_store can list neither uploads nor parts);
+//! staged chunks are objects of their own under `<prefix>/staging/<upload-id>/`.
+//!
+//! Two seams: [`Blobs`], whole objects (object_store's for S3 and Azure, the
+//! JSON API for GCS), and object_store's `MultipartStore`, the store's own
+//! multipart uploads (S3, Azure) or parts composed into one object (GCS).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,14 +20,50 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::{Part, Result, StagedChunk, StorageError, Upload, UploadStore, check_id, object_name};
 
-/// A store that is both an object store and a multipart store.
-pub trait Multipart: ObjectStore + MultipartStore {}
-impl<T: ObjectStore + MultipartStore> Multipart for T {}
+/// What a recording needs of an object store besides its multipart uploads.
+#[async_trait]
+pub trait Blobs: Send + Sync + 'static {
+    async fn put(&self, path: &Path, data: Vec<u8>) -> object_store::Result<()>;
+    async fn size(&self, path: &Path) -> object_store::Result<u64>;
+    /// The bytes in `range`, which lies within the object.
+    async fn read(&self, path: &Path, range: Range<u64>) -> object_store::Result<Vec<u8>>;
+    /// Deletes an object; one that is not there is an error `NotFound`.
+    async fn delete(&self, path: &Path) -> object_store::Result<()>;
+    /// The objects under `prefix` with their sizes.
+    async fn list(&self, prefix: &Path) -> object_store::Result<Vec<(Path, u64)>>;
+}
+
+#[async_trait]
+impl<T: ObjectStore> Blobs for T {
+    async fn put(&self, path: &Path, data: Vec<u8>) -> object_store::Result<()> {
+        ObjectStoreExt::put(self, path, PutPayload::from(data))
+            .await
+            .map(drop)
+    }
+
+    async fn size(&self, path: &Path) -> object_store::Result<u64> {
+        Ok(self.head(path).await?.size)
+    }
+
+    async fn read(&self, path: &Path, range: Range<u64>) -> object_store::Result<Vec<u8>> {
+        Ok(self.get_range(path, range).await?.to_vec())
+    }
+
+    async fn delete(&self, path: &Path) -> object_store::Result<()> {
+        ObjectStoreExt::delete(self, path).await
+    }
+
+    async fn list(&self, prefix: &Path) -> object_store::Result<Vec<(Path, u64)>> {
+        let listed: Vec<_> = ObjectStore::list(self, Some(prefix)).try_collect().await?;
+        Ok(listed.into_iter().map(|m| (m.location, m.size)).collect())
+    }
+}
 
 pub struct ObjectUploadStore {
     /// The URI operators wrote, for messages.
     uri: String,
-    store: Arc<dyn Multipart>,
+    blobs: Arc<dyn Blobs>,
+    parts: Arc<dyn MultipartStore>,
     prefix: Path,
     min_part: usize,
 }
@@ -38,10 +78,27 @@ impl std::fmt::Debug for ObjectUploadStore {
 }
 
 impl ObjectUploadStore {
-    pub fn new(uri: &str, store: Arc<dyn Multipart>, prefix: &str, min_part: usize) -> Self {
+    /// A store with native multipart uploads (S3, Azure).
+    pub fn new<T: ObjectStore + MultipartStore>(
+        uri: &str,
+        store: Arc<T>,
+        prefix: &str,
+        min_part: usize,
+    ) -> Self {
+        Self::with_parts(uri, store.clone(), store, prefix, min_part)
+    }
+
+    pub fn with_parts(
+        uri: &str,
+        blobs: Arc<dyn Blobs>,
+        parts: Arc<dyn MultipartStore>,
+        prefix: &str,
+        min_part: usize,
+    ) -> Self {
         Self {
             uri: uri.trim_end_matches('/').to_string(),
-            store,
+            blobs,
+            parts,
             prefix: Path::from(prefix.trim_matches('/')),
             min_part,
         }
@@ -82,14 +139,11 @@ impl UploadStore for ObjectUploadStore {
 
     async fn check(&self) -> Result<()> {
         let probe = self.prefix.clone().join(".turnstile-probe");
-        self.store
-            .put(
-                &probe,
-                PutPayload::from_static(b"turnstile can write here\n"),
-            )
+        self.blobs
+            .put(&probe, b"turnstile can write here\n".to_vec())
             .await
             .map_err(|e| StorageError::Io(format!("{}: cannot write: {e}", self.uri)))?;
-        self.store
+        self.blobs
             .delete(&probe)
             .await
             .map_err(|e| StorageError::Io(format!("{}: cannot delete: {e}", self.uri)))
@@ -98,7 +152,7 @@ impl UploadStore for ObjectUploadStore {
     async fn create_upload(&self, sid: &str, object: u32) -> Result<Upload> {
         let path = self.object(sid, object)?;
         let native = self
-            .store
+            .parts
             .create_multipart(&path)
             .await
             .map_err(|e| self.error(e))?;
@@ -119,7 +173,7 @@ impl UploadStore for ObjectUploadStore {
         }
         let size = data.len() as u64;
         let id = self
-            .store
+            .parts
             .put_part(
                 &path,
                 &upload.native,
@@ -159,26 +213,25 @@ impl UploadStore for ObjectUploadStore {
             })
             .collect();
         if let Err(e) = self
-            .store
+            .parts
             .complete_multipart(&path, &upload.native, ids)
             .await
         {
             // Completed before (a retry after a crash)? Then the object is there.
-            match self.store.head(&path).await {
-                Ok(meta) => return Ok(meta.size),
+            match self.blobs.size(&path).await {
+                Ok(size) => return Ok(size),
                 Err(_) => return Err(self.error(e)),
             }
         }
         if let Err(e) = self.delete_all_staged(upload).await {
             tracing::warn!(uri = %self.uri, upload = %upload.id, error = %e, "cannot delete staged chunks of a completed upload");
         }
-        let meta = self.store.head(&path).await.map_err(|e| self.error(e))?;
-        Ok(meta.size)
+        self.blobs.size(&path).await.map_err(|e| self.error(e))
     }
 
     async fn abort(&self, upload: &Upload) -> Result<()> {
         let path = self.object(&upload.sid, upload.object)?;
-        match self.store.abort_multipart(&path, &upload.native).await {
+        match self.parts.abort_multipart(&path, &upload.native).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.error(e)),
         }
@@ -195,8 +248,8 @@ impl UploadStore for ObjectUploadStore {
         let name = StagedChunk::new_name(first_ei, last_ei);
         let size = data.len() as u64;
         let path = self.staging(upload)?.join(name.as_str());
-        self.store
-            .put(&path, PutPayload::from(data))
+        self.blobs
+            .put(&path, data)
             .await
             .map_err(|e| self.error(e))?;
         Ok(StagedChunk {
@@ -209,18 +262,12 @@ impl UploadStore for ObjectUploadStore {
 
     async fn list_staged(&self, upload: &Upload) -> Result<Vec<StagedChunk>> {
         let dir = self.staging(upload)?;
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| self.error(e))?;
+        let listed = self.blobs.list(&dir).await.map_err(|e| self.error(e))?;
         let mut out: Vec<StagedChunk> = listed
             .iter()
-            .filter_map(|m| {
-                m.location
-                    .filename()
-                    .and_then(|name| StagedChunk::parse(name, m.size))
+            .filter_map(|(path, size)| {
+                path.filename()
+                    .and_then(|name| StagedChunk::parse(name, *size))
             })
             .collect();
         out.sort_by(|a, b| (a.first_ei, a.last_ei, &a.name).cmp(&(b.first_ei, b.last_ei, &b.name)));
@@ -235,15 +282,18 @@ impl UploadStore for ObjectUploadStore {
             )));
         }
         let path = self.staging(upload)?.join(chunk.name.as_str());
-        let got = self.store.get(&path).await.map_err(|e| self.error(e))?;
-        Ok(got.bytes().await.map_err(|e| self.error(e))?.to_vec())
+        let size = self.blobs.size(&path).await.map_err(|e| self.error(e))?;
+        self.blobs
+            .read(&path, 0..size)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     async fn delete_staged(&self, upload: &Upload, chunks: &[StagedChunk]) -> Result<()> {
         let dir = self.staging(upload)?;
         for chunk in chunks {
             match self
-                .store
+                .blobs
                 .delete(&dir.clone().join(chunk.name.as_str()))
                 .await
             {
@@ -256,31 +306,19 @@ impl UploadStore for ObjectUploadStore {
 
     async fn size(&self, sid: &str, object: u32) -> Result<u64> {
         let path = self.object(sid, object)?;
-        Ok(self
-            .store
-            .head(&path)
-            .await
-            .map_err(|e| self.error(e))?
-            .size)
+        self.blobs.size(&path).await.map_err(|e| self.error(e))
     }
 
     async fn read(&self, sid: &str, object: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.object(sid, object)?;
-        let size = self
-            .store
-            .head(&path)
-            .await
-            .map_err(|e| self.error(e))?
-            .size;
+        let size = self.blobs.size(&path).await.map_err(|e| self.error(e))?;
         let end = offset.saturating_add(len as u64).min(size);
         if offset >= end {
             return Ok(Vec::new());
         }
-        let bytes = self
-            .store
-            .get_range(&path, offset..end)
+        self.blobs
+            .read(&path, offset..end)
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(bytes.to_vec())
+            .map_err(|e| self.error(e))
     }
 }

@@ -5,6 +5,7 @@
 //! - `file:///dir`
 //! - `s3://bucket[/prefix][?region=…&endpoint=…&virtual_hosted=true&sse=aws:kms&sse_kms_key_id=…]`
 //! - `azblob://container[/prefix]?account=…[&endpoint=…]`
+//! - `gs://bucket[/prefix][?endpoint=…]`
 //!
 //! Credentials come from each cloud's standard environment variables (and
 //! files, and instance metadata where `object_store` supports them).
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::gcs::{ComposedParts, GcsJson};
 use super::{FileStore, ObjectUploadStore, UploadStore};
 
 /// The smallest part S3 accepts (but for the last).
@@ -20,12 +22,28 @@ pub const S3_MIN_PART: usize = 5 << 20;
 /// Blocks of Azure block blobs: any size; this many bytes keeps a blob's
 /// 50,000 blocks above 190 GiB.
 pub const AZURE_MIN_PART: usize = 4 << 20;
+/// Parts of GCS uploads (part objects joined by compose). An object is made
+/// of at most 1,024 components, so this many bytes allows 8 GiB a recording
+/// object.
+pub const GCS_MIN_PART: usize = 8 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUri {
     File { dir: PathBuf },
     S3(S3Options),
     Azure(AzureOptions),
+    Gcs(GcsOptions),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcsOptions {
+    /// The URI as written, without its query.
+    pub uri: String,
+    pub bucket: String,
+    pub prefix: String,
+    /// The JSON API's address when not Google's (an emulator).
+    pub endpoint: Option<String>,
+    pub min_part: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,8 +237,34 @@ impl StoreUri {
             }
             return Ok(StoreUri::Azure(o));
         }
+        if let Some(rest) = uri.strip_prefix("gs://") {
+            let (location, query) = split_query(uri, rest)?;
+            let (bucket, prefix) = location.split_once('/').unwrap_or((&location, ""));
+            if bucket.is_empty() {
+                return Err(format!("{uri:?}: no bucket; write gs://bucket/prefix"));
+            }
+            let mut o = GcsOptions {
+                uri: format!("gs://{}", location.trim_end_matches('/')),
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                endpoint: None,
+                min_part: GCS_MIN_PART,
+            };
+            for (key, value) in query {
+                match key.as_str() {
+                    "endpoint" => o.endpoint = Some(endpoint_option(uri, value)?),
+                    "min_part" => o.min_part = min_part_option(uri, &value)?,
+                    other => {
+                        return Err(format!(
+                            "{uri:?}: unknown option {other:?}; known: endpoint, min_part"
+                        ));
+                    }
+                }
+            }
+            return Ok(StoreUri::Gcs(o));
+        }
         Err(format!(
-            "{uri:?}: not a recording store this build knows; write file:///dir, s3://bucket/prefix or azblob://container/prefix?account=NAME"
+            "{uri:?}: not a recording store this build knows; write file:///dir, s3://bucket/prefix, gs://bucket/prefix or azblob://container/prefix?account=NAME"
         ))
     }
 }
@@ -294,6 +338,28 @@ pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>
                 o.min_part,
             )))
         }
+        StoreUri::Gcs(o) => {
+            // object_store's builder finds the credentials: GOOGLE_SERVICE_ACCOUNT
+            // (a key file), GOOGLE_SERVICE_ACCOUNT_KEY, GOOGLE_APPLICATION_CREDENTIALS,
+            // gcloud's application-default credentials, or the metadata server.
+            let credentials = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(&o.bucket)
+                .with_retry(retries())
+                .with_client_options(client_options())
+                .build()
+                .map_err(|e| format!("{}: {e}", o.uri))?
+                .credentials()
+                .clone();
+            let json = Arc::new(
+                GcsJson::new(&o.bucket, o.endpoint.as_deref(), credentials)
+                    .map_err(|e| format!("{}: {e}", o.uri))?,
+            );
+            let prefix = object_store::path::Path::from(o.prefix.as_str());
+            let parts = Arc::new(ComposedParts::new(json.clone(), &prefix));
+            Ok(Arc::new(ObjectUploadStore::with_parts(
+                &o.uri, json, parts, &o.prefix, o.min_part,
+            )))
+        }
     }
 }
 
@@ -325,9 +391,12 @@ mod tests {
             ("file://relative", "absolute"),
             (
                 "ftp://x",
-                "write file:///dir, s3://bucket/prefix or azblob://",
+                "write file:///dir, s3://bucket/prefix, gs://bucket/prefix or azblob://",
             ),
             ("azblob://c/p", "no storage account"),
+            ("gs://", "no bucket"),
+            ("gs://b/p?region=x", "unknown option \"region\""),
+            ("gs://b?endpoint=localhost:1", "must start with https://"),
             ("azblob://?account=a", "no container"),
             ("azblob://c?account=a&region=x", "unknown option \"region\""),
         ] {

@@ -1,13 +1,14 @@
-//! Recordings in S3 and S3-compatible stores, against real servers started
-//! here on 127.0.0.1 from what scripts/test.sh installs: moto (in memory,
-//! enforces the 5 MiB minimum part, checks no signature) and s3s-fs (on disk,
-//! so it survives a restart; checks SigV4).
+//! Recordings in S3 and S3-compatible stores, Azure and GCS, against real
+//! servers started here on 127.0.0.1 from what scripts/test.sh installs: moto
+//! (in memory, enforces the 5 MiB minimum part, checks no signature), s3s-fs
+//! (on disk, so it survives a restart; checks SigV4), Azurite, and
+//! gcp-storage-emulator (behind a proxy that counts compose sources: the
+//! emulator does not enforce GCS's limit of 32).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStoreExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::cluster::{admin, token};
@@ -226,7 +227,7 @@ fn parts_in(rec: &[u8]) -> usize {
 /// object of at least `min_parts` parts in `client` that plays back byte for
 /// byte. Returns the session's id.
 async fn recorded_object_plays_back(
-    client: &dyn object_store::ObjectStore,
+    client: &dyn turnstile_recording::storage::Blobs,
     prefix: &str,
     id: &Path,
     command: &str,
@@ -241,15 +242,9 @@ async fn recorded_object_plays_back(
     assert!(out.status.success(), "{}", text(&out.stderr));
     let sid = text(&out.stdout[..36]);
     wait_complete(id, &sid).await;
-    let object = client
-        .get(&object_store::path::Path::from(format!(
-            "{prefix}/{sid}.rec"
-        )))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let path = object_store::path::Path::from(format!("{prefix}/{sid}.rec"));
+    let size = client.size(&path).await.unwrap();
+    let object = client.read(&path, 0..size).await.unwrap();
     assert!(
         parts_in(&object) >= min_parts,
         "{} parts",
@@ -725,5 +720,203 @@ async fn azure_block_blobs_pass_the_conformance_suite_and_record_a_session() {
         3,
     )
     .await;
+    p.stop().await;
+}
+
+/// A service-account key that tells object_store to send no token (the
+/// emulator checks none).
+const GCS_NO_OAUTH: &str = r#"{"disable_oauth": true, "client_email": "test@example.invalid", "private_key": "", "private_key_id": ""}"#;
+
+/// gcp-storage-emulator with the bucket made, in memory, seen through a
+/// proxy that records how many sources each compose request names.
+struct GcsEmulator {
+    _child: tokio::process::Child,
+    proxy: u16,
+    composes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl GcsEmulator {
+    async fn start() -> Self {
+        let port = free_port();
+        let child = tokio::process::Command::new(tool("venv/bin/gcp-storage-emulator"))
+            .args(["start", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--default-bucket", BUCKET, "--in-memory", "--quiet"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        S3Server::wait_listening(port).await;
+        let composes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap().port();
+        let seen = composes.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward_one_request(client, port, seen.clone()));
+            }
+        });
+        Self {
+            _child: child,
+            proxy,
+            composes,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy)
+    }
+
+    fn uri(&self, prefix: &str) -> String {
+        format!("gs://{BUCKET}/{prefix}?endpoint={}", self.endpoint())
+    }
+
+    fn client(&self) -> Arc<turnstile_recording::storage::GcsJson> {
+        let anonymous =
+            object_store::StaticCredentialProvider::new(object_store::gcp::GcpCredential {
+                bearer: String::new(),
+            });
+        Arc::new(
+            turnstile_recording::storage::GcsJson::new(
+                BUCKET,
+                Some(&self.endpoint()),
+                Arc::new(anonymous),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn composes(&self) -> Vec<usize> {
+        self.composes.lock().unwrap().clone()
+    }
+}
+
+/// Passes one HTTP request to the emulator (which closes the connection
+/// after each answer) and its answer back; a compose request's number of
+/// sources is recorded.
+async fn forward_one_request(
+    mut client: tokio::net::TcpStream,
+    upstream: u16,
+    composes: Arc<std::sync::Mutex<Vec<usize>>>,
+) {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let head_end = loop {
+        let Ok(n) = client.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        request.extend_from_slice(&buf[..n]);
+        if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while request.len() < head_end + length {
+        let Ok(n) = client.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    if head.lines().next().is_some_and(|l| l.contains("/compose")) {
+        let body: serde_json::Value =
+            serde_json::from_slice(&request[head_end..head_end + length]).unwrap();
+        let sources = body["sourceObjects"].as_array().map_or(0, Vec::len);
+        composes.lock().unwrap().push(sources);
+    }
+    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    if server.write_all(&request).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy(&mut server, &mut client).await;
+    let _ = client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_composes_parts_in_rounds_of_at_most_32_and_the_recording_plays_back() {
+    let gcs = GcsEmulator::start().await;
+    let client = gcs.client();
+    let prefix = object_store::path::Path::from(format!("conformance/{}", uuid::Uuid::new_v4()));
+    let store = turnstile_recording::storage::ObjectUploadStore::with_parts(
+        &format!("gs://{BUCKET}/conformance"),
+        client.clone(),
+        Arc::new(turnstile_recording::storage::ComposedParts::new(
+            client.clone(),
+            &prefix,
+        )),
+        prefix.as_ref(),
+        turnstile_recording::storage::GCS_MIN_PART,
+    );
+    turnstile_recording::storage::UploadStore::check(&store)
+        .await
+        .unwrap();
+    turnstile_recording::storage::conformance::run(&store).await;
+
+    // A bucket that is not there: refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("turnstile.yaml");
+    let key = [("GOOGLE_SERVICE_ACCOUNT_KEY", GCS_NO_OAUTH.to_string())];
+    let missing = gcs
+        .uri("x")
+        .replace(&format!("gs://{BUCKET}/"), "gs://no-such-bucket/");
+    std::fs::write(&config, one_process_yaml(&data, &missing, "node", "")).unwrap();
+    let Err((_, stderr)) = Proc::try_start_env(&config, &key).await else {
+        panic!("started with a missing bucket");
+    };
+    assert!(
+        stderr.contains("turnstile.storage.audit_sessions_uri")
+            && stderr.contains("gs://no-such-bucket/x")
+            && stderr.contains("cannot write"),
+        "{stderr}"
+    );
+
+    // A session of more than 40 parts (auth's frames are up to ~200 KiB, so
+    // parts of 64 KiB hold one or two): composed in rounds.
+    let prefix = format!("sessions/{}", uuid::Uuid::new_v4());
+    let uri = format!("{}&min_part=65536", gcs.uri(&prefix));
+    std::fs::write(&config, one_process_yaml(&data, &uri, "node-sync", "")).unwrap();
+    let p = Proc::start_env(&config, &key).await;
+    let id = alice(&data, dir.path()).await;
+    let before = gcs.composes().len();
+    recorded_object_plays_back(
+        &*client,
+        &prefix,
+        &id,
+        "echo $TURNSTILE_SESSION_ID; head -c 12582912 /dev/urandom",
+        40,
+    )
+    .await;
+    let composes = gcs.composes()[before..].to_vec();
+    assert!(composes.len() >= 3, "compose calls: {composes:?}");
+    assert!(
+        composes
+            .iter()
+            .all(|n| (1..=turnstile_recording::storage::COMPOSE_MAX_SOURCES).contains(n)),
+        "compose calls: {composes:?}"
+    );
+    // The part objects and the rounds' objects are gone.
+    let left = turnstile_recording::storage::Blobs::list(
+        &*client,
+        &object_store::path::Path::from(format!("{prefix}/parts")),
+    )
+    .await
+    .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     p.stop().await;
 }
