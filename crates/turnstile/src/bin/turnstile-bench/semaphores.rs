@@ -1,0 +1,323 @@
+//! Connection slots and connect latency, against OpenSSH.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use russh::ChannelMsg;
+use turnstile::config;
+use turnstile::process::launch;
+use turnstile_api::identity::SystemRole;
+use turnstile_api::role::Role;
+use turnstile_api::rpc::proto;
+use turnstile_ssh::cluster_view::auth_client;
+use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
+
+use crate::common::sshd_base_config;
+
+/// Auth, proxy and node in one process on port 0, data in `dir/data`.
+fn one_process_config(
+    dir: &std::path::Path,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let data = dir.join("data");
+    let config = dir.join("bench.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
+            data.display()
+        ),
+    )?;
+    Ok((data, config))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(mut samples: Vec<Duration>) -> Summary {
+    samples.sort();
+    Summary {
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+    }
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, config_path) = one_process_config(dir.path())?;
+    let running = launch(config::load(Some(&config_path), None)?).await?;
+    let authority = running.authority.clone().context("auth runs here")?;
+    let auth_addr = running.auth_addr.context("auth address")?.to_string();
+    let proxy_addr = running.proxy_public_addr.clone().context("proxy address")?;
+
+    // The node's own identity: what a node pays for every slot.
+    let node_tls = TlsIdentity::load(&data, SystemRole::Node)?.context("node identity")?;
+    let client = auth_client(&auth_addr, &node_tls)?;
+
+    println!(
+        "Connection slots on one user's semaphore (SQLite, WAL, synchronous=NORMAL), from the node over gRPC/mTLS"
+    );
+    println!(
+        "{:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12}",
+        "contenders",
+        "pairs",
+        "acquire p50 ms",
+        "acquire p99 ms",
+        "acq+rel p50 ms",
+        "acq+rel p99 ms",
+        "pairs/s"
+    );
+    for contenders in [1usize, 16, 64] {
+        let per = (2000 / contenders).max(40);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..contenders {
+            let mut c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut acquire = Vec::with_capacity(per);
+                let mut pair = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t0 = Instant::now();
+                    let lease = c
+                        .acquire_semaphore(proto::AcquireSemaphoreRequest {
+                            kind: "connection".into(),
+                            name: "bench-user".into(),
+                            max: contenders as u32,
+                            ttl_ms: 120_000,
+                            login: "root".into(),
+                            remote_addr: "127.0.0.1:1".into(),
+                            holder_name: "bench".into(),
+                        })
+                        .await?
+                        .into_inner();
+                    let t1 = Instant::now();
+                    c.cancel_semaphore(proto::CancelSemaphoreRequest {
+                        kind: "connection".into(),
+                        name: "bench-user".into(),
+                        lease_id: lease.lease_id,
+                    })
+                    .await?;
+                    acquire.push(t1 - t0);
+                    pair.push(t0.elapsed());
+                }
+                Ok::<_, tonic::Status>((acquire, pair))
+            }));
+        }
+        let (mut acquire, mut pair) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let (a, p) = t.await??;
+            acquire.extend(a);
+            pair.extend(p);
+        }
+        let elapsed = start.elapsed();
+        let n = pair.len();
+        let a = summarize(acquire);
+        let p = summarize(pair);
+        println!(
+            "{:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12.0}",
+            contenders,
+            n,
+            ms(a.p50),
+            ms(a.p99),
+            ms(p.p50),
+            ms(p.p99),
+            n as f64 / elapsed.as_secs_f64()
+        );
+    }
+
+    // Connection latency: a limited user takes a slot on every connection.
+    let mut limited = Role::new("limited");
+    limited.spec.options.max_connections = Some(1000);
+    limited.spec.allow.logins = Some(vec!["{{internal.logins}}".into()]);
+    authority.upsert_role(limited, true).await?;
+    let login = std::env::var("BENCH_LOGIN").unwrap_or_else(|_| "root".into());
+    for (user, role) in [("free", "access"), ("capped", "limited")] {
+        authority
+            .upsert_user(
+                turnstile_auth::authority::UserRecord {
+                    name: user.into(),
+                    roles: vec![role.into()],
+                    logins: vec![login.clone()],
+                    password_hash: None,
+                    created_unix: 0,
+                },
+                true,
+            )
+            .await?;
+    }
+    let host_ca = vec![authority.host_ca().public_key().clone()];
+    const CONNECTIONS: usize = 60;
+    println!();
+    println!(
+        "Connect through the proxy and run `true` ({CONNECTIONS} sequential connections, login {login})"
+    );
+    println!("{:<44}  {:>8}  {:>8}", "client / user", "p50 ms", "p99 ms");
+    let mut p50s = Vec::new();
+    for user in ["free", "capped"] {
+        let key = Arc::new(generate_ed25519());
+        let issued = authority
+            .generate_user_cert(user, key.public_key(), Duration::from_secs(3600))
+            .await?;
+        let creds = turnstile_ssh::client::UserCredentials {
+            key: key.clone(),
+            certificate: issued.certificate,
+        };
+        let mut samples = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let t0 = Instant::now();
+            let conn = turnstile_ssh::client::connect_via_proxy(
+                &proxy_addr,
+                "bench",
+                &login,
+                &creds,
+                &host_ca,
+            )
+            .await?;
+            let mut ch = conn.handle.channel_open_session().await?;
+            ch.exec(true, "true").await?;
+            while let Some(msg) = ch.wait().await {
+                if let ChannelMsg::ExitStatus { .. } = msg {
+                    break;
+                }
+            }
+            samples.push(t0.elapsed());
+        }
+        let s = summarize(samples);
+        p50s.push(s.p50);
+        let label = if user == "free" {
+            "turnstile client, no limit"
+        } else {
+            "turnstile client, max_connections (slot)"
+        };
+        println!("{label:<44}  {:>8}  {:>8}", ms(s.p50), ms(s.p99));
+    }
+    println!(
+        "{:<44}  {:>8}",
+        "added by the slot (p50)",
+        ms(p50s[1].saturating_sub(p50s[0]))
+    );
+
+    // OpenSSH's client through the proxy, and OpenSSH end to end.
+    if std::path::Path::new("/usr/bin/ssh").exists() {
+        let id = dir.path().join("free");
+        let out = std::process::Command::new(std::env::current_exe()?.with_file_name("turnstile"))
+            .args([
+                "admin",
+                "sign",
+                "--user",
+                "free",
+                "--out",
+                id.to_str().unwrap_or_default(),
+                "--data-dir",
+                data.to_str().unwrap_or_default(),
+            ])
+            .output();
+        if out.as_ref().is_ok_and(|o| o.status.success()) {
+            let cfg = format!("{}.ssh_config", id.display());
+            let s = time_command(
+                CONNECTIONS,
+                "/usr/bin/ssh",
+                &["-F", &cfg, "-o", "BatchMode=yes", "bench", "true"],
+            )?;
+            println!(
+                "{:<44}  {:>8}  {:>8}",
+                "OpenSSH client via the proxy, no limit",
+                ms(s.p50),
+                ms(s.p99)
+            );
+            if let Some(s) = openssh_baseline(dir.path(), &id, &login, CONNECTIONS)? {
+                println!(
+                    "{:<44}  {:>8}  {:>8}",
+                    "OpenSSH client to OpenSSH sshd (baseline)",
+                    ms(s.p50),
+                    ms(s.p99)
+                );
+            }
+        } else {
+            println!(
+                "(OpenSSH rows skipped: run from target/release so `turnstile` is next to this binary)"
+            );
+        }
+    }
+    running.stop().await?;
+    Ok(())
+}
+
+/// A file of about `size` bytes: `seed` repeated.
+fn time_command(n: usize, program: &str, args: &[&str]) -> anyhow::Result<Summary> {
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let status = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("{program} {args:?} failed: {status}");
+        }
+        samples.push(t0.elapsed());
+    }
+    Ok(summarize(samples))
+}
+
+/// A private sshd in inetd mode (spawned per connection, as sshd forks per
+/// connection anyway) trusting the cluster's user CA.
+fn openssh_baseline(
+    dir: &std::path::Path,
+    id: &std::path::Path,
+    login: &str,
+    n: usize,
+) -> anyhow::Result<Option<Summary>> {
+    if !std::path::Path::new("/usr/sbin/sshd").exists() {
+        return Ok(None);
+    }
+    let base = sshd_base_config(dir, id)?;
+    let config = dir.join("sshd_config");
+    std::fs::write(&config, &base)?;
+    let proxy_command = format!("ProxyCommand=/usr/sbin/sshd -i -f {}", config.display());
+    let cert_file = format!("CertificateFile={}-cert.pub", id.display());
+    let target = format!("{login}@baseline");
+    let s = time_command(
+        n,
+        "/usr/bin/ssh",
+        &[
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            &proxy_command,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            id.to_str().unwrap_or_default(),
+            "-o",
+            &cert_file,
+            &target,
+            "true",
+        ],
+    );
+    Ok(s.ok())
+}
