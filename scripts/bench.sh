@@ -3,7 +3,13 @@
 #   scripts/bench.sh semaphores   connection slots and connect latency vs OpenSSH
 #   scripts/bench.sh recording    bulk output in each recording mode and with OpenSSH (BENCH_BYTES,
 #                                 default 1 GiB; BENCH_RUNS runs of each, default 3; BENCH_MODES,
-#                                 default node,node-sync,proxy, always after off)
+#                                 default node,node-sync,proxy, always after off) and node-sync to
+#                                 S3 servers (BENCH_STORES, default moto,s3s-fs; installed by
+#                                 scripts/install-test-deps.sh)
+#   scripts/bench.sh sessions     BENCH_SESSIONS interactive sessions at once (default 1000), each
+#                                 typing and printing ~1 KiB every 100 ms for BENCH_SECONDS (default
+#                                 60), per recording mode (BENCH_MODES, default node,node-sync) and
+#                                 against sshd: CPU, memory (PSS) per session, bytes stored
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-semaphores}"

@@ -30,10 +30,20 @@ impl Service {
         bin: &std::path::Path,
         config: &std::path::Path,
     ) -> anyhow::Result<Self> {
+        Self::start_env(name, bin, config, &[])
+    }
+
+    pub fn start_env(
+        name: &str,
+        bin: &std::path::Path,
+        config: &std::path::Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         use std::io::BufRead;
         let log = std::fs::File::create(config.with_extension("log"))?;
         let mut child = std::process::Command::new(bin)
             .args(["start", "--config", config.to_str().unwrap_or_default()])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -67,6 +77,10 @@ impl Service {
 
     pub fn cpu(&self) -> f64 {
         cpu_secs(self.child.id())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn rss_mib(&self) -> f64 {
@@ -179,6 +193,15 @@ impl Drop for Sshd {
 }
 
 pub fn openssh_sshd(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Result<Option<Sshd>> {
+    openssh_sshd_with(dir, id, "")
+}
+
+/// `openssh_sshd` with more lines of sshd_config.
+pub fn openssh_sshd_with(
+    dir: &std::path::Path,
+    id: &std::path::Path,
+    extra: &str,
+) -> anyhow::Result<Option<Sshd>> {
     if !std::path::Path::new("/usr/sbin/sshd").exists() {
         println!("(OpenSSH rows skipped: no /usr/sbin/sshd)");
         return Ok(None);
@@ -188,7 +211,7 @@ pub fn openssh_sshd(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Resu
     let config = dir.join("sshd_listen_config");
     std::fs::write(
         &config,
-        format!("Port {port}\nListenAddress 127.0.0.1\n{base}"),
+        format!("Port {port}\nListenAddress 127.0.0.1\n{base}{extra}"),
     )?;
     let _ = std::fs::create_dir_all("/run/sshd");
     let child = std::process::Command::new("/usr/sbin/sshd")
@@ -206,4 +229,362 @@ pub fn openssh_sshd(dir: &std::path::Path, id: &std::path::Path) -> anyhow::Resu
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(Some(sshd))
+}
+
+/// The login sessions run as: `BENCH_LOGIN`, else turnstile-test if the
+/// machine has it (scripts/install-test-deps.sh makes it), else root.
+pub fn bench_login() -> String {
+    std::env::var("BENCH_LOGIN").unwrap_or_else(|_| {
+        if nix::unistd::User::from_name("turnstile-test")
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            "turnstile-test".into()
+        } else {
+            "root".into()
+        }
+    })
+}
+
+/// The release `turnstile` next to this binary.
+pub fn turnstile_bin() -> anyhow::Result<std::path::PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("turnstile");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run scripts/bench.sh",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Where recordings go, and what auth's process needs to reach it.
+#[derive(Clone, Default)]
+pub struct Store {
+    /// `turnstile.storage.audit_sessions_uri`; the default (files) if None.
+    pub uri: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Auth, a proxy and a node, each its own process, joined with tokens; a
+/// user `bench` with an identity signed for the proxy.
+pub struct Cluster {
+    pub auth: Service,
+    pub proxy: Service,
+    pub node: Service,
+    pub bin: std::path::PathBuf,
+    pub auth_data: std::path::PathBuf,
+    pub proxy_addr: String,
+    /// The user's identity (`-i`).
+    pub id: std::path::PathBuf,
+}
+
+impl Cluster {
+    /// In `dir/<name>-*`; `node_config` is added to the node's
+    /// `ssh_service` section.
+    pub async fn start(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        name: &str,
+        login: &str,
+        store: &Store,
+        node_config: &str,
+    ) -> anyhow::Result<Self> {
+        let path = |part: &str| dir.join(format!("{name}-{part}"));
+        let storage = match &store.uri {
+            Some(uri) => format!("  storage:\n    audit_sessions_uri: \"{uri}\"\n"),
+            None => String::new(),
+        };
+        std::fs::write(
+            path("auth.yaml"),
+            format!(
+                "turnstile:\n  data_dir: {}\n{storage}auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: bench\n",
+                path("auth").display()
+            ),
+        )?;
+        let auth = Service::start_env("auth", bin, &path("auth.yaml"), &store.env)?;
+        let auth_addr = auth.field("auth")?;
+        let pin = auth.field("CA pin")?;
+        let auth_data = path("auth");
+        let admin = |args: &[&str]| admin_of(bin, &auth_data, args);
+        let token = |kind: &str| -> anyhow::Result<String> {
+            let out = admin(&["tokens", "add", "--type", kind, "--format", "json"])?;
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            v["token"].as_str().map(str::to_string).context("token")
+        };
+        let joining = |part: &str,
+                       token: &str,
+                       service: &str|
+         -> anyhow::Result<std::path::PathBuf> {
+            let config = path(&format!("{part}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth_addr}\"]\n  join_token: {token}\n  ca_pin: {pin}\n{service}",
+                    path(part).display()
+                ),
+            )?;
+            Ok(config)
+        };
+        let proxy = Service::start(
+            "proxy",
+            bin,
+            &joining(
+                "proxy",
+                &token("proxy")?,
+                "proxy_service:\n  listen_addr: 127.0.0.1:0\n",
+            )?,
+        )?;
+        let proxy_addr = proxy.field("proxy")?;
+        let node = Service::start(
+            "node",
+            bin,
+            &joining(
+                "node",
+                &token("node")?,
+                &format!(
+                    "ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n{node_config}"
+                ),
+            )?,
+        )?;
+        admin(&[
+            "users", "add", "bench", "--roles", "access", "--logins", login,
+        ])?;
+        let id = path("bench-id");
+        admin(&[
+            "sign",
+            "--user",
+            "bench",
+            "--out",
+            id.to_str().unwrap_or_default(),
+            "--proxy",
+            &proxy_addr,
+        ])?;
+        // Nodes see a new node in their view within a refresh.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !admin(&["nodes", "ls"])?.contains("bench") {
+            anyhow::ensure!(Instant::now() < deadline, "the node never registered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(Self {
+            auth,
+            proxy,
+            node,
+            bin: bin.to_path_buf(),
+            auth_data,
+            proxy_addr,
+            id,
+        })
+    }
+
+    pub fn admin(&self, args: &[&str]) -> anyhow::Result<String> {
+        admin_of(&self.bin, &self.auth_data, args)
+    }
+
+    /// CPU seconds of auth, proxy and node so far.
+    pub fn cpu(&self) -> [f64; 3] {
+        [self.auth.cpu(), self.proxy.cpu(), self.node.cpu()]
+    }
+
+    pub fn rss_mib(&self) -> [f64; 3] {
+        [
+            self.auth.rss_mib(),
+            self.proxy.rss_mib(),
+            self.node.rss_mib(),
+        ]
+    }
+
+    /// Sets the cluster's recording mode and waits until the node's view has
+    /// it (views refresh every 5 s).
+    pub async fn set_mode(&self, mode: &str) -> anyhow::Result<()> {
+        self.admin(&["config", "set", "session_recording", mode])?;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        Ok(())
+    }
+
+    /// Waits until the recording of `sid` is complete, as its user sees it
+    /// (`turnstile recordings ls`); its size in the store.
+    pub async fn wait_recorded(&self, sid: &str) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let out = turnstile_ok(
+                &self.bin,
+                &[
+                    "recordings",
+                    "ls",
+                    "-i",
+                    self.id.to_str().unwrap_or_default(),
+                    "--format",
+                    "json",
+                ],
+            )?;
+            for line in out.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                if v["sid"] == sid && v["status"] == "complete" {
+                    return v["size"].as_u64().context("size");
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the recording of {sid} never completed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn admin_of(
+    bin: &std::path::Path,
+    data: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let mut all = vec!["admin"];
+    all.extend_from_slice(args);
+    all.extend(["--data-dir", data.to_str().unwrap_or_default()]);
+    turnstile_ok(bin, &all)
+}
+
+/// Where scripts/install-test-deps.sh puts the test servers.
+pub fn test_tool(relative: &str) -> anyhow::Result<std::path::PathBuf> {
+    let root = std::env::var_os("TURNSTILE_TEST_TOOLS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/turnstile-test-tools"))
+        })
+        .context("HOME is not set")?;
+    let path = root.join(relative);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run scripts/install-test-deps.sh",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// An S3 server for the benchmark (moto or s3s-fs) on loopback, its bucket
+/// made; stopped on drop.
+pub struct S3Server {
+    child: std::process::Child,
+    pub store: Store,
+    _root: Option<tempfile::TempDir>,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BENCH_ACCESS_KEY: &str = "AKIATURNSTILEBENCH";
+const BENCH_SECRET_KEY: &str = "turnstile-bench-secret-key";
+
+impl S3Server {
+    /// `kind`: `moto` or `s3s-fs`.
+    pub async fn start(kind: &str) -> anyhow::Result<Self> {
+        use std::io::{Read, Write};
+        let port = free_port()?;
+        let quiet = |c: &mut std::process::Command| {
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        };
+        let (child, root) = match kind {
+            "moto" => {
+                let mut c = std::process::Command::new(test_tool("venv/bin/moto_server")?);
+                c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+                quiet(&mut c);
+                (c.spawn()?, None)
+            }
+            "s3s-fs" => {
+                let root = tempfile::tempdir()?;
+                std::fs::create_dir(root.path().join("turnstile"))?;
+                let mut c = std::process::Command::new(test_tool("bin/s3s-fs")?);
+                c.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--access-key", BENCH_ACCESS_KEY])
+                    .args(["--secret-key", BENCH_SECRET_KEY])
+                    .arg(root.path());
+                quiet(&mut c);
+                (c.spawn()?, Some(root))
+            }
+            other => bail!("BENCH_STORES: {other:?} is not a store here; known: moto, s3s-fs"),
+        };
+        let server = Self {
+            child,
+            store: Store {
+                uri: Some(format!(
+                    "s3://turnstile/bench?endpoint=http://127.0.0.1:{port}&region=us-east-1"
+                )),
+                env: vec![
+                    ("AWS_ACCESS_KEY_ID".into(), BENCH_ACCESS_KEY.into()),
+                    ("AWS_SECRET_ACCESS_KEY".into(), BENCH_SECRET_KEY.into()),
+                ],
+            },
+            _root: root,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "{kind} did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if kind == "moto" {
+            // moto checks no signature: a bare PUT makes the bucket.
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(
+                tcp,
+                "PUT /turnstile HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer)?;
+            anyhow::ensure!(answer.starts_with("HTTP/1.1 200"), "moto: {answer}");
+        }
+        Ok(server)
+    }
+}
+
+/// A process's proportional set size in MiB (its share of shared pages).
+pub fn pss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `pid` and all its descendants, with their command names.
+pub fn process_tree(pid: u32) -> Vec<(u32, String)> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = stat[open + 1..close].to_string();
+            let ppid = stat[close + 1..]
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0);
+            parent_of.push((p, ppid, comm));
+        }
+    }
+    let mut out = vec![(pid, String::new())];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i].0;
+        for (p, ppid, comm) in &parent_of {
+            if *ppid == parent {
+                out.push((*p, comm.clone()));
+            }
+        }
+        i += 1;
+    }
+    out
 }

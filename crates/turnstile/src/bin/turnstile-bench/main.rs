@@ -1,4 +1,5 @@
-//! Benchmarks that print a table: `turnstile-bench semaphores`.
+//! Benchmarks that print a table: `turnstile-bench semaphores|recording|sessions`
+//! (see each module).
 //!
 //! Starts a one-process cluster (auth on SQLite, proxy, node) on loopback in
 //! a temporary directory and measures, from the node's side of the gRPC API
@@ -15,6 +16,7 @@ use anyhow::bail;
 mod common;
 mod recording;
 mod semaphores;
+mod sessions;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -22,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
     match what.as_str() {
         "semaphores" => semaphores::run().await,
         "recording" => recording::run().await,
-        _ => bail!("usage: turnstile-bench semaphores|recording"),
+        "sessions" => sessions::run().await,
+        _ => bail!("usage: turnstile-bench semaphores|recording|sessions"),
     }
 }
