@@ -218,6 +218,47 @@ pub fn spawn_pty(
     Ok((child, pty))
 }
 
+/// Writes a session's input to its PTY. Not through pty-process's writer:
+/// once the terminal's other side is closed with input still queued,
+/// epoll keeps reporting the hang-up while write(2) says EAGAIN, and that
+/// writer retries inside one poll forever, holding a runtime thread at 100%
+/// CPU (seen with 1,000 sessions ending at once). Here a hang-up ends the
+/// writing with `BrokenPipe`.
+pub struct PtyInput(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl PtyInput {
+    /// A writer of its own (a duplicate descriptor) to `pty`.
+    pub fn new(pty: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
+        let fd = nix::unistd::dup(pty.as_fd())?;
+        #[allow(unsafe_code)]
+        // SAFETY: the AsyncFd owns `fd` (an OwnedFd), which stays open and
+        // the same descriptor until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
+        };
+        Ok(Self(registered.map_err(std::io::Error::from)?))
+    }
+
+    pub async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let mut guard = self.0.writable().await?;
+            let hung_up = guard.ready().is_write_closed();
+            match guard.try_io(|fd| nix::unistd::write(fd, buf).map_err(std::io::Error::from)) {
+                Ok(Ok(n)) => buf = &buf[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) if hung_up => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "the terminal was hung up",
+                    ));
+                }
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Gives the PTY's slave device to the session's user, as sshd does, so that
 /// programs reopening /dev/tty work.
 fn chown_pts(pts: &pty_process::Pts, user: &LocalUser) {
@@ -230,5 +271,45 @@ fn chown_pts(pts: &pty_process::Pts, user: &LocalUser) {
         let _ = nix::unistd::chown(&path, Some(user.uid), Some(user.gid));
         let _ =
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o620));
+    }
+}
+
+#[cfg(test)]
+mod pty_tests {
+    use super::PtyInput;
+
+    /// A process on a new PTY (its controlling terminal) that reads nothing,
+    /// its input queue full; then it dies with input still queued.
+    async fn hung_up_terminal() -> (pty_process::Pty, PtyInput) {
+        let (pty, pts) = pty_process::open().unwrap();
+        let mut child = pty_process::Command::new("sleep")
+            .arg("60")
+            .spawn(pts)
+            .unwrap();
+        let input = PtyInput::new(&pty).unwrap();
+        let chunk = vec![b'x'; 4096];
+        let filled = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+            loop {
+                input.write_all(&chunk).await.unwrap();
+            }
+        })
+        .await;
+        assert!(filled.is_err(), "the queue never filled");
+        child.kill().await.unwrap();
+        (pty, input)
+    }
+
+    #[tokio::test]
+    async fn input_to_a_hung_up_terminal_ends_instead_of_spinning() {
+        let (_pty, input) = hung_up_terminal().await;
+        let written = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            input.write_all(&[b'x'; 4096]),
+        )
+        .await
+        .expect("write_all returned: it did not hang on the hung-up terminal");
+        // pty-process's writer "succeeds" here (or, with the session's
+        // output also blocked, spins on EAGAIN): the writing must end.
+        assert!(written.is_err(), "wrote to a terminal nobody has open");
     }
 }

@@ -26,7 +26,7 @@ use turnstile_recording::recorder::{
     Outcome, Recorder, SessionKind, SessionMeta, SessionRecording, SessionStart,
 };
 
-use super::process::{Launch, LocalUser, spawn_piped, spawn_pty};
+use super::process::{Launch, LocalUser, PtyInput, spawn_piped, spawn_pty};
 use crate::audit_forwarder::AuditForwarder;
 use crate::server::ConnectionInfo;
 
@@ -78,8 +78,19 @@ enum Input {
 struct Running {
     child: Child,
     input: Option<mpsc::Sender<Input>>,
+    /// The task writing `input` to the process: ended with the session, so
+    /// input the process never read cannot keep it alive.
+    writing: Option<tokio::task::AbortHandle>,
     output: Vec<JoinHandle<()>>,
     recording: Option<Arc<SessionRecording>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(writing) = self.writing.take() {
+            writing.abort();
+        }
+    }
 }
 
 fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
@@ -202,6 +213,9 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
             status = exited => {
                 let Some(mut r) = running.take() else { break };
                 drop(r.input.take());
+                if let Some(writing) = r.writing.take() {
+                    writing.abort();
+                }
                 let drain = futures::future::join_all(r.output.drain(..));
                 let _ = tokio::time::timeout(OUTPUT_DRAIN_GRACE, drain).await;
                 if let Some(rec) = r.recording.take() {
@@ -400,9 +414,10 @@ async fn start(
     }
     *outcome = recording.as_ref().map(|r| r.outcome());
     match spawn_process(ctx, launch, pty, writer, recording.clone()) {
-        Ok(r) => {
+        Ok(mut r) => {
             tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
-            *running = Some(Running { recording, ..r });
+            r.recording = recording;
+            *running = Some(r);
             true
         }
         Err(e) => {
@@ -428,16 +443,18 @@ fn spawn_process(
         Some((term, cols, rows)) => {
             launch.term = Some(term.clone());
             let (child, pty) = spawn_pty(&ctx.local_user, &launch, pty_size(*cols, *rows))?;
-            let (read, mut write) = pty.into_split();
+            let input = PtyInput::new(&pty)?;
+            let (read, write) = pty.into_split();
             let out = tokio::spawn(pump(read, writer.make_writer(), recorder.clone()));
-            tokio::spawn(async move {
-                while let Some(input) = rx.recv().await {
-                    match input {
+            let writing = tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    match msg {
                         Input::Data(d) => {
-                            if write.write_all(&d).await.is_err() {
+                            if input.write_all(&d).await.is_err() {
                                 break;
                             }
                         }
+                        // `write` (pty-process's half) only resizes.
                         Input::Resize(size) => {
                             let _ = write.resize(size);
                         }
@@ -447,6 +464,7 @@ fn spawn_process(
             Running {
                 child,
                 input: Some(tx),
+                writing: Some(writing.abort_handle()),
                 output: vec![out],
                 recording: None,
             }
@@ -460,7 +478,7 @@ fn spawn_process(
                 recorder.clone(),
             ));
             let mut stdin = p.stdin;
-            tokio::spawn(async move {
+            let writing = tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {
                     if let Input::Data(d) = input
                         && stdin.write_all(&d).await.is_err()
@@ -473,6 +491,7 @@ fn spawn_process(
             Running {
                 child: p.child,
                 input: Some(tx),
+                writing: Some(writing.abort_handle()),
                 output: vec![out, err],
                 recording: None,
             }

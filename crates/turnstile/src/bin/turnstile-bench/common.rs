@@ -559,7 +559,11 @@ pub fn process_tree(pid: u32) -> Vec<(u32, String)> {
     let mut parent_of = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();

@@ -123,16 +123,25 @@ async fn session(
         counters.connected.fetch_add(1, Ordering::SeqCst);
         let (mut read, write) = ch.split();
         let bytes = counters.clone();
+        // Ok once cat exits of the Ctrl-D; what the server said on stderr
+        // if it ended the session first.
         let reader = tokio::spawn(async move {
+            let mut said = Vec::new();
             while let Some(msg) = read.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
                         bytes.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
-                    ChannelMsg::ExitStatus { .. } | ChannelMsg::Close => break,
+                    ChannelMsg::ExtendedData { data, .. } => said.extend_from_slice(&data),
+                    ChannelMsg::ExitStatus { .. } => return Ok(()),
+                    ChannelMsg::Close => break,
                     _ => {}
                 }
             }
+            Err(anyhow::anyhow!(
+                "the server ended the session: {:?}",
+                String::from_utf8_lossy(&said).trim()
+            ))
         });
         let start = loop {
             if let Some(start) = *go.borrow_and_update() {
@@ -148,14 +157,16 @@ async fn session(
         let mut line = vec![b'x'; LINE];
         line.push(b'\r');
         let line = bytes::Bytes::from(line);
-        while Instant::now() < stop {
+        while Instant::now() < stop && !reader.is_finished() {
             tick.tick().await;
-            write.data_bytes(line.clone()).await?;
+            if write.data_bytes(line.clone()).await.is_err() {
+                break;
+            }
         }
-        write.data_bytes(&b"\x04"[..]).await?;
+        let _ = write.data_bytes(&b"\x04"[..]).await;
         tokio::time::timeout(Duration::from_secs(60), reader)
             .await
-            .map_err(|_| anyhow::anyhow!("cat did not exit after Ctrl-D"))??;
+            .map_err(|_| anyhow::anyhow!("cat did not exit after Ctrl-D"))???;
         drop(conn);
         anyhow::Ok(())
     }
@@ -338,7 +349,8 @@ pub async fn run() -> anyhow::Result<()> {
     let bin = turnstile_bin()?;
     let dir = tempfile::tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    let cluster = Cluster::start(&bin, dir.path(), "sessions", &login, &Store::default(), "").await?;
+    let cluster =
+        Cluster::start(&bin, dir.path(), "sessions", &login, &Store::default(), "").await?;
     let identity = turnstile::identity_file::read(&cluster.id)?;
     // Enough room for every connection to start at once.
     let sshd = openssh_sshd_with(
@@ -372,8 +384,10 @@ pub async fn run() -> anyhow::Result<()> {
     let creds = identity.credentials.clone();
     for mode in &modes {
         cluster.set_mode(mode).await?;
-        let before: std::collections::HashSet<String> =
-            recordings(&cluster)?.into_iter().map(|(sid, _, _)| sid).collect();
+        let before: std::collections::HashSet<String> = recordings(&cluster)?
+            .into_iter()
+            .map(|(sid, _, _)| sid)
+            .collect();
         let target = Target::Turnstile {
             proxy: cluster.proxy_addr.clone(),
             host_ca: identity.host_ca.clone(),
@@ -418,7 +432,10 @@ pub async fn run() -> anyhow::Result<()> {
             m.peak_mib,
             (m.peak_mib - m.idle_mib) / n as f64,
             m.after_mib,
-            stored.map_or("-".into(), |b| format!("{:.1}", b as f64 / f64::from(1 << 20))),
+            stored.map_or("-".into(), |b| format!(
+                "{:.1}",
+                b as f64 / f64::from(1 << 20)
+            )),
             m.client_cpu_secs,
         );
     }
