@@ -68,15 +68,35 @@ impl Receiver {
         server_id: &str,
         opening: &Opening,
     ) -> Result<Self, Status> {
-        let record = recordings.open(server_id, opening).await.map_err(fail)?;
-        let upload = record
-            .upload
-            .clone()
-            .ok_or_else(|| Status::unavailable("the upload was completed meanwhile; try again"))?;
-        let staged = recordings
-            .staged_after(&upload, record.last_ei)
-            .await
-            .map_err(fail)?;
+        // The stream of a recorder that died may still be storing a part
+        // (the index moves on, then its staged chunks go): read the index
+        // again after the chunks, and start over if it moved, or the events
+        // that part holds would look lost.
+        let mut attempts = 0;
+        let (record, upload, staged) = loop {
+            let record = recordings.open(server_id, opening).await.map_err(fail)?;
+            let upload = record.upload.clone().ok_or_else(|| {
+                Status::unavailable("the upload was completed meanwhile; try again")
+            })?;
+            let staged = recordings
+                .staged_after(&upload, record.last_ei)
+                .await
+                .map_err(fail)?;
+            let now = recordings.get(&opening.sid).await.map_err(fail)?;
+            if now.as_ref().is_some_and(|r| {
+                r.last_ei == record.last_ei && r.upload.as_ref().map(|u| &u.id) == Some(&upload.id)
+            }) {
+                break (record, upload, staged);
+            }
+            attempts += 1;
+            if attempts >= 20 {
+                return Err(Status::unavailable(format!(
+                    "the recording of {} keeps changing under another stream; try again",
+                    opening.sid
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let mut rx = Receiver {
             sid: opening.sid.clone(),
             server_id: server_id.to_string(),
