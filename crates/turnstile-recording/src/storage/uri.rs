@@ -71,6 +71,37 @@ fn split_query(uri: &str, rest: &str) -> Result<(String, Vec<(String, String)>),
     Ok((location.to_string(), pairs))
 }
 
+/// An object-store URI's parts: `scheme://name[/prefix][?query]`.
+struct Located {
+    /// The URI as written, without its query or a trailing slash.
+    uri: String,
+    name: String,
+    prefix: String,
+    query: Vec<(String, String)>,
+}
+
+/// Splits what follows `scheme://`; `what` is the name's kind (bucket,
+/// container) and `example` the URI shown when it is missing.
+fn locate(
+    uri: &str,
+    scheme: &str,
+    rest: &str,
+    what: &str,
+    example: &str,
+) -> Result<Located, String> {
+    let (location, query) = split_query(uri, rest)?;
+    let (name, prefix) = location.split_once('/').unwrap_or((&location, ""));
+    if name.is_empty() {
+        return Err(format!("{uri:?}: no {what}; write {example}"));
+    }
+    Ok(Located {
+        uri: format!("{scheme}://{}", location.trim_end_matches('/')),
+        name: name.to_string(),
+        prefix: prefix.trim_matches('/').to_string(),
+        query,
+    })
+}
+
 fn endpoint_option(uri: &str, value: String) -> Result<String, String> {
     if value.starts_with("https://") || value.starts_with("http://") {
         Ok(value)
@@ -146,15 +177,12 @@ impl StoreUri {
             });
         }
         if let Some(rest) = uri.strip_prefix("s3://") {
-            let (location, query) = split_query(uri, rest)?;
-            let (bucket, prefix) = location.split_once('/').unwrap_or((&location, ""));
-            if bucket.is_empty() {
-                return Err(format!("{uri:?}: no bucket; write s3://bucket/prefix"));
-            }
+            let at = locate(uri, "s3", rest, "bucket", "s3://bucket/prefix")?;
+            let query = at.query;
             let mut o = S3Options {
-                uri: format!("s3://{}", location.trim_end_matches('/')),
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+                uri: at.uri,
+                bucket: at.name,
+                prefix: at.prefix,
                 region: None,
                 endpoint: None,
                 virtual_hosted: false,
@@ -205,17 +233,18 @@ impl StoreUri {
             return Ok(StoreUri::S3(o));
         }
         if let Some(rest) = uri.strip_prefix("azblob://") {
-            let (location, query) = split_query(uri, rest)?;
-            let (container, prefix) = location.split_once('/').unwrap_or((&location, ""));
-            if container.is_empty() {
-                return Err(format!(
-                    "{uri:?}: no container; write azblob://container/prefix?account=NAME"
-                ));
-            }
+            let at = locate(
+                uri,
+                "azblob",
+                rest,
+                "container",
+                "azblob://container/prefix?account=NAME",
+            )?;
+            let query = at.query;
             let mut o = AzureOptions {
-                uri: format!("azblob://{}", location.trim_end_matches('/')),
-                container: container.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+                uri: at.uri,
+                container: at.name,
+                prefix: at.prefix,
                 account: String::new(),
                 endpoint: None,
                 min_part: AZURE_MIN_PART,
@@ -238,15 +267,12 @@ impl StoreUri {
             return Ok(StoreUri::Azure(o));
         }
         if let Some(rest) = uri.strip_prefix("gs://") {
-            let (location, query) = split_query(uri, rest)?;
-            let (bucket, prefix) = location.split_once('/').unwrap_or((&location, ""));
-            if bucket.is_empty() {
-                return Err(format!("{uri:?}: no bucket; write gs://bucket/prefix"));
-            }
+            let at = locate(uri, "gs", rest, "bucket", "gs://bucket/prefix")?;
+            let query = at.query;
             let mut o = GcsOptions {
-                uri: format!("gs://{}", location.trim_end_matches('/')),
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+                uri: at.uri,
+                bucket: at.name,
+                prefix: at.prefix,
                 endpoint: None,
                 min_part: GCS_MIN_PART,
             };
