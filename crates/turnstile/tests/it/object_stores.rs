@@ -55,27 +55,35 @@ struct S3Server {
     root: Option<PathBuf>,
 }
 
-impl S3Server {
-    async fn wait_listening(port: u16) {
-        poll_until(Duration::from_secs(30), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the S3 server never listened on {port}"));
-    }
+/// Starts a test server (`program` under the tools directory), quiet and
+/// stopped on drop, and waits until it listens on `port`.
+async fn start_server(program: &str, args: &[&str], port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new(tool(program))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    poll_until(Duration::from_secs(30), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{program} never listened on {port}"));
+    child
+}
 
+impl S3Server {
     async fn moto() -> Self {
         let port = free_port();
-        let child = tokio::process::Command::new(tool("venv/bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Self::wait_listening(port).await;
+        let child = start_server(
+            "venv/bin/moto_server",
+            &["-H", "127.0.0.1", "-p", &port.to_string()],
+            port,
+        )
+        .await;
         // moto checks no signature: a bare PUT makes the bucket.
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -110,8 +118,9 @@ impl S3Server {
 
     async fn start(&mut self) {
         let root = self.root.clone().expect("s3s-fs");
-        let child = tokio::process::Command::new(tool("bin/s3s-fs"))
-            .args([
+        let child = start_server(
+            "bin/s3s-fs",
+            &[
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -120,15 +129,12 @@ impl S3Server {
                 ACCESS_KEY,
                 "--secret-key",
                 SECRET_KEY,
-            ])
-            .arg(&root)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+                root.to_str().unwrap(),
+            ],
+            self.port,
+        )
+        .await;
         self.child = Some(child);
-        Self::wait_listening(self.port).await;
     }
 
     async fn stop(&mut self) {
@@ -585,22 +591,21 @@ impl Azurite {
     async fn start() -> Self {
         let location = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = tokio::process::Command::new(tool("node/node_modules/.bin/azurite-blob"))
-            .args([
+        let child = start_server(
+            "node/node_modules/.bin/azurite-blob",
+            &[
                 "--blobHost",
                 "127.0.0.1",
                 "--blobPort",
                 &port.to_string(),
                 "--location",
-            ])
-            .arg(location.path())
-            .args(["--skipApiVersionCheck", "--silent"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        S3Server::wait_listening(port).await;
+                location.path().to_str().unwrap(),
+                "--skipApiVersionCheck",
+                "--silent",
+            ],
+            port,
+        )
+        .await;
         let script = format!(
             "const {{BlobServiceClient, StorageSharedKeyCredential}} = require('@azure/storage-blob');\
              const cred = new StorageSharedKeyCredential('{AZURITE_ACCOUNT}', '{AZURITE_KEY}');\
@@ -738,15 +743,22 @@ struct GcsEmulator {
 impl GcsEmulator {
     async fn start() -> Self {
         let port = free_port();
-        let child = tokio::process::Command::new(tool("venv/bin/gcp-storage-emulator"))
-            .args(["start", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--default-bucket", BUCKET, "--in-memory", "--quiet"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        S3Server::wait_listening(port).await;
+        let child = start_server(
+            "venv/bin/gcp-storage-emulator",
+            &[
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--default-bucket",
+                BUCKET,
+                "--in-memory",
+                "--quiet",
+            ],
+            port,
+        )
+        .await;
         let composes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = listener.local_addr().unwrap().port();
