@@ -177,6 +177,24 @@ pub fn sshd_base_config(dir: &std::path::Path, id: &std::path::Path) -> anyhow::
     ))
 }
 
+/// OpenSSH client options of every benchmark run against a private sshd:
+/// no user config, no prompt, no host key check (loopback), errors only,
+/// only the identity given with `-i`.
+pub const OPENSSH_OPTIONS: [&str; 12] = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "IdentitiesOnly=yes",
+];
+
 /// A private sshd listening on loopback, trusting the cluster's user CA.
 pub struct Sshd {
     pub child: std::process::Child,

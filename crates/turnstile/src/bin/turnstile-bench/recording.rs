@@ -155,31 +155,21 @@ pub async fn run() -> anyhow::Result<()> {
             }
             if let Some(Sshd { port, cert, child }) = &sshd {
                 let before = cpu_secs(child.id()) + cpu_secs(std::process::id());
-                let (secs, _) = timed(
-                    "/usr/bin/ssh",
-                    &[
-                        "-F",
-                        "/dev/null",
-                        "-o",
-                        "BatchMode=yes",
-                        "-o",
-                        "StrictHostKeyChecking=no",
-                        "-o",
-                        "UserKnownHostsFile=/dev/null",
-                        "-o",
-                        "LogLevel=ERROR",
-                        "-o",
-                        "IdentitiesOnly=yes",
-                        "-i",
-                        files.id.to_str().unwrap_or_default(),
-                        "-o",
-                        cert,
-                        "-p",
-                        &port.to_string(),
-                        &format!("{login}@127.0.0.1"),
-                        &format!("cat {}", file.display()),
-                    ],
-                )?;
+                let port = port.to_string();
+                let target = format!("{login}@127.0.0.1");
+                let remote = format!("cat {}", file.display());
+                let mut args = OPENSSH_OPTIONS.to_vec();
+                args.extend([
+                    "-i",
+                    files.id.to_str().unwrap_or_default(),
+                    "-o",
+                    cert,
+                    "-p",
+                    &port,
+                    &target,
+                    &remote,
+                ]);
+                let (secs, _) = timed("/usr/bin/ssh", &args)?;
                 openssh.push(size as f64 / secs / 1e6);
                 openssh_cpu += (cpu_secs(child.id()) + cpu_secs(std::process::id()) - before)
                     / gib

@@ -13,7 +13,7 @@ use turnstile_api::rpc::proto;
 use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
-use crate::common::sshd_base_config;
+use crate::common::{OPENSSH_OPTIONS, sshd_base_config};
 
 /// Auth, proxy and node in one process on port 0, data in `dir/data`.
 fn one_process_config(
@@ -293,31 +293,17 @@ fn openssh_baseline(
     let proxy_command = format!("ProxyCommand=/usr/sbin/sshd -i -f {}", config.display());
     let cert_file = format!("CertificateFile={}-cert.pub", id.display());
     let target = format!("{login}@baseline");
-    let s = time_command(
-        n,
-        "/usr/bin/ssh",
-        &[
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            &proxy_command,
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-            id.to_str().unwrap_or_default(),
-            "-o",
-            &cert_file,
-            &target,
-            "true",
-        ],
-    );
+    let mut args = OPENSSH_OPTIONS.to_vec();
+    args.extend([
+        "-o",
+        &proxy_command,
+        "-i",
+        id.to_str().unwrap_or_default(),
+        "-o",
+        &cert_file,
+        &target,
+        "true",
+    ]);
+    let s = time_command(n, "/usr/bin/ssh", &args);
     Ok(s.ok())
 }
