@@ -49,11 +49,7 @@ impl FileStore {
     }
 
     fn staged_path(&self, upload: &Upload, chunk: &str) -> Result<PathBuf> {
-        if StagedChunk::parse(chunk, 0).is_none() {
-            return Err(StorageError::BadParameter(format!(
-                "{chunk:?} is not a staged chunk's name"
-            )));
-        }
+        StagedChunk::check_name(chunk)?;
         Ok(self.upload_dir(upload)?.join("staged").join(chunk))
     }
 }
@@ -192,7 +188,7 @@ impl UploadStore for FileStore {
                 out.push(chunk);
             }
         }
-        out.sort_by(|a, b| (a.first_ei, a.last_ei, &a.name).cmp(&(b.first_ei, b.last_ei, &b.name)));
+        StagedChunk::sort(&mut out);
         Ok(out)
     }
 

@@ -66,6 +66,24 @@ impl StagedChunk {
         )
     }
 
+    /// Refuses a name [`StagedChunk::new_name`] did not make (so a caller
+    /// cannot reach other files or objects through it).
+    pub fn check_name(name: &str) -> Result<()> {
+        match Self::parse(name, 0) {
+            Some(_) => Ok(()),
+            None => Err(StorageError::BadParameter(format!(
+                "{name:?} is not a staged chunk's name"
+            ))),
+        }
+    }
+
+    /// Puts chunks in the order `list_staged` returns them: by events.
+    pub fn sort(chunks: &mut [StagedChunk]) {
+        chunks.sort_by(|a, b| {
+            (a.first_ei, a.last_ei, &a.name).cmp(&(b.first_ei, b.last_ei, &b.name))
+        });
+    }
+
     /// Reads back what [`StagedChunk::new_name`] wrote.
     pub fn parse(name: &str, size: u64) -> Option<Self> {
         let stem = name.strip_suffix(".chunk")?;

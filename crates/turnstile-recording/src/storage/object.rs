@@ -270,17 +270,12 @@ impl UploadStore for ObjectUploadStore {
                     .and_then(|name| StagedChunk::parse(name, *size))
             })
             .collect();
-        out.sort_by(|a, b| (a.first_ei, a.last_ei, &a.name).cmp(&(b.first_ei, b.last_ei, &b.name)));
+        StagedChunk::sort(&mut out);
         Ok(out)
     }
 
     async fn read_staged(&self, upload: &Upload, chunk: &StagedChunk) -> Result<Vec<u8>> {
-        if StagedChunk::parse(&chunk.name, 0).is_none() {
-            return Err(StorageError::BadParameter(format!(
-                "{:?} is not a staged chunk's name",
-                chunk.name
-            )));
-        }
+        StagedChunk::check_name(&chunk.name)?;
         let path = self.staging(upload)?.join(chunk.name.as_str());
         let size = self.blobs.size(&path).await.map_err(|e| self.error(e))?;
         self.blobs
