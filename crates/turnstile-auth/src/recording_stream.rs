@@ -7,6 +7,7 @@
 //! every [`STAGE_AFTER`]), and deleted once a part holds them. While the
 //! store refuses writes, nothing more is acknowledged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -258,7 +259,7 @@ impl Receiver {
 
 /// Serves one recorder's stream until it completes or goes away.
 pub async fn serve(
-    recordings: &Recordings,
+    recordings: &Arc<Recordings>,
     authority: &Authority,
     server_id: &str,
     inbound: &mut tonic::Streaming<proto::RecordRequest>,
@@ -284,6 +285,7 @@ pub async fn serve(
     send(rx.durable, false).await?;
     let mut acked = rx.durable;
     let mut touched = Instant::now();
+    let mut touching: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let stage_at = rx.unstaged_since.map(|t| t + STAGE_AFTER);
         let msg = tokio::select! {
@@ -334,8 +336,15 @@ pub async fn serve(
             acked = rx.durable;
             send(acked, false).await?;
         }
-        if touched.elapsed() > TOUCH_EVERY {
-            recordings.touch(&sid).await.map_err(fail)?;
+        if touched.elapsed() > TOUCH_EVERY && touching.as_ref().is_none_or(|t| t.is_finished()) {
+            // Off the loop: a slow index must not stop the stream being read
+            // (what it leaves unread holds the connection's window for all).
+            let (recordings, sid) = (recordings.clone(), sid.clone());
+            touching = Some(tokio::spawn(async move {
+                if let Err(e) = recordings.touch(&sid).await {
+                    tracing::warn!(%sid, error = %e, "cannot note the recorder alive in the index");
+                }
+            }));
             touched = Instant::now();
         }
     }

@@ -99,6 +99,12 @@ impl AuthService {
             })
         });
         Server::builder()
+            // A recorder's connection carries a stream per session (1,000 and
+            // more): a stream read late must not use up the whole
+            // connection's window (1 MiB by default) and stall the others.
+            // Each stream keeps its own window (1 MiB), so memory stays bounded
+            // by what is actually in flight.
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .tls_config(tls)?
             .add_service(AuthServer::new(api))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
@@ -107,6 +113,10 @@ impl AuthService {
         Ok(())
     }
 }
+
+/// The HTTP/2 flow-control window of one connection to auth, all its
+/// streams together.
+const CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// The upload completer: finishes uploads whose recorder has been silent for
 /// the grace period (its node crashed, or its session was abandoned), with

@@ -406,16 +406,13 @@ async fn launch_services(
             view.clone(),
             host,
             // The proxy records in proxy modes; its spool is its own.
-            Recorder::new(
-                Shipper::start(
-                    Spool::open(&data_dir.join("proxy-spool"))
-                        .map_err(|e| anyhow::anyhow!("proxy session spool: {e}"))?,
-                    view.client(),
-                    shipper::DEFAULT_CONCURRENCY,
-                    shutdown.clone(),
-                ),
-                config.recording.clone(),
-            ),
+            recorder(
+                &data_dir.join("proxy-spool"),
+                &auth_target,
+                tls,
+                &config.recording,
+                &shutdown,
+            )?,
             AuditForwarder::spawn(
                 view.client(),
                 audit_forwarder::QUEUE_CAPACITY,
@@ -457,16 +454,13 @@ async fn launch_services(
                 audit_forwarder::QUEUE_CAPACITY,
                 shutdown.clone(),
             ),
-            Recorder::new(
-                Shipper::start(
-                    Spool::open(&data_dir.join("spool"))
-                        .map_err(|e| anyhow::anyhow!("session spool: {e}"))?,
-                    view.client(),
-                    shipper::DEFAULT_CONCURRENCY,
-                    shutdown.clone(),
-                ),
-                config.recording.clone(),
-            ),
+            recorder(
+                &data_dir.join("spool"),
+                &auth_target,
+                tls,
+                &config.recording,
+                &shutdown,
+            )?,
         );
         running.node_addr = Some(bound);
         let token = shutdown.clone();
@@ -482,4 +476,29 @@ async fn launch_services(
     }
     running.tasks = tasks;
     Ok(running)
+}
+
+/// The recorder of a proxy or node, spooling under `spool`. Its streams to
+/// auth get a connection of their own: a thousand recording streams share
+/// that connection's flow-control window, and a stream auth is slow to
+/// read must never hold up the small calls (cluster view, audit events,
+/// heartbeats) on the service's connection.
+fn recorder(
+    spool: &Path,
+    auth_target: &str,
+    tls: &TlsIdentity,
+    config: &turnstile_recording::recorder::RecorderConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Recorder>> {
+    let spool = Spool::open(spool)
+        .map_err(|e| anyhow::anyhow!("session spool {}: {e}", spool.display()))?;
+    Ok(Recorder::new(
+        Shipper::start(
+            spool,
+            auth_client(auth_target, tls)?,
+            shipper::DEFAULT_CONCURRENCY,
+            shutdown.clone(),
+        ),
+        config.clone(),
+    ))
 }

@@ -109,7 +109,7 @@ pub struct Part {
     pub id: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     #[error("{0} not found")]
     NotFound(String),
