@@ -46,6 +46,8 @@ struct Receiver {
     server_id: String,
     upload: Upload,
     min_part: usize,
+    /// Parts stored in `upload`.
+    parts: u32,
     pieces: Vec<Piece>,
     bytes: usize,
     /// The highest event index taken.
@@ -103,6 +105,7 @@ impl Receiver {
             server_id: server_id.to_string(),
             upload,
             min_part: recordings.store().min_part_size(),
+            parts: u32::try_from(record.parts.len()).unwrap_or(u32::MAX),
             pieces: Vec::new(),
             bytes: 0,
             taken: record.last_ei,
@@ -218,6 +221,15 @@ impl Receiver {
         {
             // Left over, they only repeat events a part holds.
             tracing::warn!(sid = %self.sid, error = %e, "cannot delete staged chunks");
+        }
+        self.parts += 1;
+        if !last && self.parts >= recordings.store().max_parts() {
+            // The object is full: the recording goes on in the next one.
+            self.upload = recordings
+                .roll(&self.sid, &self.upload)
+                .await
+                .map_err(fail)?;
+            self.parts = 0;
         }
         Ok(())
     }
@@ -522,5 +534,42 @@ mod tests {
         let record = recordings.get(SID).await.unwrap().unwrap();
         assert_eq!(record.last_ei, 40);
         assert!(record.parts[0].size >= 64);
+    }
+    #[tokio::test]
+    async fn an_object_full_of_parts_is_completed_and_the_recording_goes_on_in_the_next() {
+        // As GCS, which composes at most 1,024 components into an object.
+        let store = Arc::new(MemoryStore::new(64).with_max_parts(2));
+        let recordings = recordings_on(&store);
+        let mut rx = receiver(&recordings).await;
+        for k in 0..3u64 {
+            rx.take(frame(k * 41, k * 41 + 40)).unwrap();
+            assert!(rx.full());
+            rx.store_part(&recordings, false).await.unwrap();
+        }
+        let record = recordings.get(SID).await.unwrap().unwrap();
+        assert_eq!(record.objects.len(), 1, "two parts made the first object");
+        assert_eq!(record.parts.len(), 1);
+        // The stream breaks; the next one goes on in the second object.
+        drop(rx);
+        let mut rx = receiver(&recordings).await;
+        assert_eq!(rx.durable, 122);
+        rx.take(frame(123, 163)).unwrap();
+        rx.store_part(&recordings, false).await.unwrap();
+        rx.take(frame(164, 170)).unwrap();
+        rx.stage(&recordings).await.unwrap();
+        drop(rx);
+        // The completer folds the staged events into a third object.
+        let done = recordings.complete(SID, None).await.unwrap();
+        assert_eq!(done.objects.len(), 3);
+        let mut bytes = Vec::new();
+        for n in 0..3 {
+            bytes.extend(store.read(SID, n, 0, usize::MAX).await.unwrap());
+        }
+        assert_eq!(done.size, bytes.len() as u64);
+        let events = read_events(&bytes).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.ei).collect::<Vec<_>>(),
+            (0..=170).collect::<Vec<_>>()
+        );
     }
 }

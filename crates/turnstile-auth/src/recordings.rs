@@ -110,6 +110,31 @@ impl RecordingRecord {
         }
     }
 
+    /// The parts of the upload in progress, as the store completes them.
+    fn upload_parts(&self) -> Vec<Part> {
+        self.parts
+            .iter()
+            .map(|p| Part {
+                number: p.number,
+                size: p.size,
+                id: p.id.clone(),
+            })
+            .collect()
+    }
+
+    /// Notes that the upload in progress became an object of `size` bytes
+    /// (none if it had no parts).
+    fn push_object(&mut self, size: Option<u64>) {
+        let mut objects = self.object_sizes();
+        if let Some(size) = size {
+            objects.push(size);
+        }
+        self.size = objects.iter().sum();
+        self.objects = objects;
+        self.upload = None;
+        self.parts.clear();
+    }
+
     /// Sizes of the completed objects (a recording indexed before
     /// continuations were objects of their own has one).
     pub fn object_sizes(&self) -> Vec<u64> {
@@ -541,25 +566,21 @@ impl Recordings {
             return Ok(r);
         };
         // Events staged but never packed into a part (the stream broke)
-        // become the last part.
+        // become the last part (of the next object if this one is full).
+        let mut upload = upload;
         let staged = self.staged_after(&upload, r.last_ei).await?;
         if let Some((last, _)) = staged.last() {
             let last_ei = last.last_ei;
             let bytes = part_from_payload(staged.iter().map(|(_, p)| p.as_slice()), 0);
+            if u32::try_from(r.parts.len()).unwrap_or(u32::MAX) >= self.store.max_parts() {
+                upload = self.roll(sid, &upload).await?;
+            }
             self.store_part(sid, &upload, bytes, last_ei).await?;
         }
         let Some(r) = self.get(sid).await? else {
             return Err(ApiError::not_found(format!("recording {sid}")));
         };
-        let parts: Vec<Part> = r
-            .parts
-            .iter()
-            .map(|p| Part {
-                number: p.number,
-                size: p.size,
-                id: p.id.clone(),
-            })
-            .collect();
+        let parts = r.upload_parts();
         let size = if parts.is_empty() {
             self.observe(self.store.abort(&upload).await)?;
             None
@@ -572,14 +593,7 @@ impl Recordings {
                 // Completed by someone else meanwhile.
                 return Ok((r.clone(), r));
             }
-            let mut objects = r.object_sizes();
-            if let Some(size) = size {
-                objects.push(size);
-            }
-            r.size = objects.iter().sum();
-            r.objects = objects;
-            r.upload = None;
-            r.parts.clear();
+            r.push_object(size);
             r.status = STATUS_COMPLETE.into();
             if let Some(stop) = stop_ms {
                 r.stop_ms = stop;
@@ -587,6 +601,40 @@ impl Recordings {
             Ok((r.clone(), r))
         })
         .await
+    }
+
+    /// Completes the upload of a recording whose object holds the store's
+    /// most parts, and opens the next object's: the recording goes on there
+    /// (a continuation, read as one with the objects before it).
+    pub async fn roll(&self, sid: &str, upload: &Upload) -> Result<Upload, ApiError> {
+        let meanwhile =
+            || ApiError::bad_parameter(format!("the upload of {sid} was completed meanwhile"));
+        let Some(r) = self.get(sid).await? else {
+            return Err(ApiError::not_found(format!("recording {sid}")));
+        };
+        if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
+            return Err(meanwhile());
+        }
+        let size = self.observe(self.store.complete(upload, &r.upload_parts()).await)?;
+        let object = u32::try_from(r.object_sizes().len() + 1).unwrap_or(u32::MAX);
+        let next = self.observe(self.store.create_upload(sid, object).await)?;
+        let rolled = self
+            .update(sid, |current| {
+                let mut r =
+                    current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+                if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
+                    return Err(meanwhile());
+                }
+                r.push_object(Some(size));
+                r.upload = Some(next.clone());
+                r.next_part = 1;
+                Ok((r, ()))
+            })
+            .await;
+        if rolled.is_err() {
+            let _ = self.store.abort(&next).await;
+        }
+        rolled.map(|()| next)
     }
 
     /// `len` bytes (at most, and never past one object) from byte `offset`

@@ -10,6 +10,7 @@ use super::{Part, Result, StagedChunk, StorageError, Upload, UploadStore, check_
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     min_part: usize,
+    max_parts: Option<u32>,
     state: Mutex<State>,
 }
 
@@ -33,8 +34,15 @@ impl MemoryStore {
     pub fn new(min_part: usize) -> Self {
         Self {
             min_part,
+            max_parts: None,
             state: Mutex::default(),
         }
+    }
+
+    /// A store whose objects hold at most `max` parts.
+    pub fn with_max_parts(mut self, max: u32) -> Self {
+        self.max_parts = Some(max);
+        self
     }
 
     /// Makes every write fail (or succeed again), as a store that is down.
@@ -66,6 +74,10 @@ fn upload_of<'a>(s: &'a mut State, upload: &Upload) -> Result<&'a mut UploadStat
 impl UploadStore for MemoryStore {
     fn min_part_size(&self) -> usize {
         self.min_part
+    }
+
+    fn max_parts(&self) -> u32 {
+        self.max_parts.unwrap_or(u32::MAX)
     }
 
     fn url(&self, sid: &str, object: u32) -> String {

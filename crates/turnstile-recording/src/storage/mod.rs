@@ -135,6 +135,12 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
 pub trait UploadStore: Send + Sync + std::fmt::Debug {
     /// Every part but an upload's last is at least this big.
     fn min_part_size(&self) -> usize;
+    /// An object holds at most this many parts (the store's limit: S3's
+    /// 10,000 parts, GCS's 1,024 composed components); a recording with more
+    /// goes on in a continuation object.
+    fn max_parts(&self) -> u32 {
+        u32::MAX
+    }
     /// Where object `object` of a session's recording is, for `session.upload`.
     fn url(&self, sid: &str, object: u32) -> String;
     /// Proves the store is there and writable (at start: a URI with bad

@@ -66,6 +66,7 @@ pub struct ObjectUploadStore {
     parts: Arc<dyn MultipartStore>,
     prefix: Path,
     min_part: usize,
+    max_parts: u32,
 }
 
 impl std::fmt::Debug for ObjectUploadStore {
@@ -101,7 +102,14 @@ impl ObjectUploadStore {
             parts,
             prefix: Path::from(prefix.trim_matches('/')),
             min_part,
+            max_parts: u32::MAX,
         }
+    }
+
+    /// Objects of at most `max` parts (the store's limit).
+    pub fn with_max_parts(mut self, max: u32) -> Self {
+        self.max_parts = max;
+        self
     }
 
     fn object(&self, sid: &str, n: u32) -> Result<Path> {
@@ -131,6 +139,10 @@ impl ObjectUploadStore {
 impl UploadStore for ObjectUploadStore {
     fn min_part_size(&self) -> usize {
         self.min_part
+    }
+
+    fn max_parts(&self) -> u32 {
+        self.max_parts
     }
 
     fn url(&self, sid: &str, object: u32) -> String {

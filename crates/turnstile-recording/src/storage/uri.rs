@@ -5,7 +5,7 @@
 //! - `file:///dir`
 //! - `s3://bucket[/prefix][?region=…&endpoint=…&virtual_hosted=true&sse=aws:kms&sse_kms_key_id=…]`
 //! - `azblob://container[/prefix]?account=…[&endpoint=…]`
-//! - `gs://bucket[/prefix][?endpoint=…]`
+//! - `gs://bucket[/prefix][?endpoint=…&min_part=…&max_parts=…]`
 //!
 //! Credentials come from each cloud's standard environment variables (and
 //! files, and instance metadata where `object_store` supports them).
@@ -26,6 +26,12 @@ pub const AZURE_MIN_PART: usize = 4 << 20;
 /// of at most 1,024 components, so this many bytes allows 8 GiB a recording
 /// object.
 pub const GCS_MIN_PART: usize = 8 << 20;
+/// The most parts of one multipart upload S3 takes.
+pub const S3_MAX_PARTS: u32 = 10_000;
+/// The most committed blocks of one Azure block blob.
+pub const AZURE_MAX_PARTS: u32 = 50_000;
+/// The most components of one composed GCS object.
+pub const GCS_MAX_PARTS: u32 = 1_024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUri {
@@ -44,6 +50,9 @@ pub struct GcsOptions {
     /// The JSON API's address when not Google's (an emulator).
     pub endpoint: Option<String>,
     pub min_part: usize,
+    /// Parts of one object, at most [`GCS_MAX_PARTS`]; a recording with more
+    /// goes on in a continuation object.
+    pub max_parts: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,14 +284,26 @@ impl StoreUri {
                 prefix: at.prefix,
                 endpoint: None,
                 min_part: GCS_MIN_PART,
+                max_parts: GCS_MAX_PARTS,
             };
             for (key, value) in query {
                 match key.as_str() {
                     "endpoint" => o.endpoint = Some(endpoint_option(uri, value)?),
                     "min_part" => o.min_part = min_part_option(uri, &value)?,
+                    "max_parts" => {
+                        o.max_parts = value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|n| (2..=GCS_MAX_PARTS).contains(n))
+                            .ok_or_else(|| {
+                                format!(
+                                    "{uri:?}: max_parts is a number of parts from 2 to {GCS_MAX_PARTS} (GCS composes at most {GCS_MAX_PARTS} components into one object)"
+                                )
+                            })?
+                    }
                     other => {
                         return Err(format!(
-                            "{uri:?}: unknown option {other:?}; known: endpoint, min_part"
+                            "{uri:?}: unknown option {other:?}; known: endpoint, min_part, max_parts"
                         ));
                     }
                 }
@@ -338,12 +359,10 @@ pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>
                 b = b.with_sse_kms_encryption(key);
             }
             let store = b.build().map_err(|e| format!("{}: {e}", o.uri))?;
-            Ok(Arc::new(ObjectUploadStore::new(
-                &o.uri,
-                Arc::new(store),
-                &o.prefix,
-                o.min_part,
-            )))
+            Ok(Arc::new(
+                ObjectUploadStore::new(&o.uri, Arc::new(store), &o.prefix, o.min_part)
+                    .with_max_parts(S3_MAX_PARTS),
+            ))
         }
         StoreUri::Azure(o) => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
@@ -357,12 +376,10 @@ pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>
                     .with_allow_http(endpoint.starts_with("http://"));
             }
             let store = b.build().map_err(|e| format!("{}: {e}", o.uri))?;
-            Ok(Arc::new(ObjectUploadStore::new(
-                &o.uri,
-                Arc::new(store),
-                &o.prefix,
-                o.min_part,
-            )))
+            Ok(Arc::new(
+                ObjectUploadStore::new(&o.uri, Arc::new(store), &o.prefix, o.min_part)
+                    .with_max_parts(AZURE_MAX_PARTS),
+            ))
         }
         StoreUri::Gcs(o) => {
             // object_store's builder finds the credentials: GOOGLE_SERVICE_ACCOUNT
@@ -382,9 +399,10 @@ pub fn open(uri: &StoreUri, file_min_part: usize) -> Result<Arc<dyn UploadStore>
             );
             let prefix = object_store::path::Path::from(o.prefix.as_str());
             let parts = Arc::new(ComposedParts::new(json.clone(), &prefix));
-            Ok(Arc::new(ObjectUploadStore::with_parts(
-                &o.uri, json, parts, &o.prefix, o.min_part,
-            )))
+            Ok(Arc::new(
+                ObjectUploadStore::with_parts(&o.uri, json, parts, &o.prefix, o.min_part)
+                    .with_max_parts(o.max_parts),
+            ))
         }
     }
 }
@@ -423,6 +441,8 @@ mod tests {
             ("gs://", "no bucket"),
             ("gs://b/p?region=x", "unknown option \"region\""),
             ("gs://b?endpoint=localhost:1", "must start with https://"),
+            ("gs://b?max_parts=1025", "from 2 to 1024"),
+            ("gs://b?max_parts=1", "from 2 to 1024"),
             ("azblob://?account=a", "no container"),
             ("azblob://c?account=a&region=x", "unknown option \"region\""),
         ] {

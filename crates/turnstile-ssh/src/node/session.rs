@@ -142,6 +142,10 @@ fn from_signal(signal: i32) -> Sig {
     }
 }
 
+/// The read buffer of [`pump`], at first and at most.
+const PUMP_MIN: usize = 4 * 1024;
+const PUMP_MAX: usize = 64 * 1024;
+
 /// Copies `from` into `to` until end of file; a read error (EIO from a PTY
 /// whose last holder closed it) is the end too. Output is recorded before the
 /// user sees it; output that cannot be recorded is not shown.
@@ -150,11 +154,16 @@ async fn pump(
     mut to: impl AsyncWrite + Unpin,
     recording: Option<Arc<SessionRecording>>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small while output trickles (a thousand interactive sessions hold a
+    // thousand of these), grown when reads fill it (bulk output).
+    let mut buf = vec![0u8; PUMP_MIN];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if n == buf.len() && buf.len() < PUMP_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
                 if let Some(r) = &recording
                     && r.print(&buf[..n]).await.is_err()
                 {

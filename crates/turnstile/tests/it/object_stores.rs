@@ -931,4 +931,62 @@ async fn gcs_composes_parts_in_rounds_of_at_most_32_and_the_recording_plays_back
     .unwrap();
     assert!(left.is_empty(), "{left:?}");
     p.stop().await;
+
+    // A recording of more parts than one object may hold (GCS composes at
+    // most 1,024 components; `max_parts` lowers that here) goes on in
+    // continuation objects, each of at most that many parts, played as one.
+    let prefix = format!("sessions/{}", uuid::Uuid::new_v4());
+    let uri = format!("{}&min_part=65536&max_parts=8", gcs.uri(&prefix));
+    std::fs::write(&config, one_process_yaml(&data, &uri, "node-sync", "")).unwrap();
+    let p = Proc::start_env(&config, &key).await;
+    // Signed again: the identity names the proxy's address, new after a restart.
+    admin(
+        &data,
+        &["sign", "--user", "alice", "--out", id.to_str().unwrap()],
+    )
+    .await;
+    let out = run(
+        BIN,
+        &[
+            "ssh",
+            "-i",
+            id.to_str().unwrap(),
+            "web1",
+            "--",
+            "echo $TURNSTILE_SESSION_ID; head -c 4194304 /dev/urandom",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sid = text(&out.stdout[..36]);
+    wait_complete(&id, &sid).await;
+    let mut parts = Vec::new();
+    for n in 0.. {
+        let name = if n == 0 {
+            format!("{prefix}/{sid}.rec")
+        } else {
+            format!("{prefix}/{sid}.{n}.rec")
+        };
+        let path = object_store::path::Path::from(name);
+        use turnstile_recording::storage::Blobs;
+        let Ok(size) = Blobs::size(&*client, &path).await else {
+            break;
+        };
+        parts.push(parts_in(
+            &Blobs::read(&*client, &path, 0..size).await.unwrap(),
+        ));
+    }
+    assert!(
+        parts.len() >= 2 && parts.iter().all(|n| (1..=8).contains(n)),
+        "parts of each object: {parts:?}"
+    );
+    let played = play(&id, &sid, "text").await;
+    assert!(
+        played == out.stdout,
+        "{} bytes played, {} printed",
+        played.len(),
+        out.stdout.len()
+    );
+    p.stop().await;
 }
