@@ -509,13 +509,20 @@ impl State {
         let Some((_, ms, time_ms)) = self.pending_since.take() else {
             return Ok(());
         };
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         let result = self.print_record(meta, ms, time_ms, &pending);
-        self.pending = pending;
-        self.pending.clear();
+        // Kept for the next batch unless output came in bulk: a thousand
+        // quiet sessions would each hold up to 64 KiB.
+        if pending.capacity() <= PENDING_KEPT {
+            pending.clear();
+            self.pending = pending;
+        }
         result
     }
 }
+
+/// The most capacity of the output batch kept once it became an event.
+const PENDING_KEPT: usize = 4 * 1024;
 
 /// `[u32 BE length][protobuf]` of `e` with `data` as its output, without
 /// copying `data` into the event first (field 8 is appended; protobuf fields
