@@ -125,7 +125,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
+        crate::outln!("{}", s.trim_end());
     };
     line(headers.to_vec());
     for row in rows {
@@ -160,9 +160,9 @@ async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
                 .map_err(|s| rpc_error(admin, s))?
                 .into_inner();
             if resp.created {
-                println!("role {:?} created", role.name());
+                crate::outln!("role {:?} created", role.name());
             } else {
-                println!("role {:?} replaced", role.name());
+                crate::outln!("role {:?} replaced", role.name());
             }
         }
         RolesCommand::Ls { format } => {
@@ -179,7 +179,7 @@ async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
                 .collect::<Result<_, _>>()?;
             if format == Format::Json {
                 for r in &roles {
-                    println!("{}", serde_json::to_string(r)?);
+                    crate::outln!("{}", serde_json::to_string(r)?);
                 }
                 return Ok(());
             }
@@ -224,7 +224,7 @@ async fn roles(admin: &mut Admin, cmd: RolesCommand) -> anyhow::Result<()> {
                 .delete_role(proto::DeleteRequest { name: name.clone() })
                 .await
                 .map_err(|s| rpc_error(admin, s))?;
-            println!("role {name:?} removed");
+            crate::outln!("role {name:?} removed");
         }
     }
     Ok(())
@@ -274,7 +274,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                         )
                     })?;
             }
-            println!(
+            crate::outln!(
                 "user {name:?} added (roles: {}; logins: {})",
                 roles.join(", "),
                 if logins.is_empty() {
@@ -283,7 +283,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                     logins.join(", ")
                 }
             );
-            println!(
+            crate::outln!(
                 "Give them an identity: turnstile admin sign --user {name} --out {name} --data-dir {}",
                 admin.data_dir.display()
             );
@@ -298,7 +298,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 .users;
             if format == Format::Json {
                 for u in &users {
-                    println!(
+                    crate::outln!(
                         "{}",
                         json!({"user": u.name, "roles": u.roles, "logins": u.logins, "created": rfc3339(u.created_unix)})
                     );
@@ -321,7 +321,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| rpc_error(admin, s))?;
-            println!("password of user {name:?} set");
+            crate::outln!("password of user {name:?} set");
         }
         UsersCommand::Rm { name } => {
             admin
@@ -329,7 +329,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 .delete_user(proto::DeleteRequest { name: name.clone() })
                 .await
                 .map_err(|s| rpc_error(admin, s))?;
-            println!("user {name:?} removed");
+            crate::outln!("user {name:?} removed");
         }
     }
     Ok(())
@@ -350,7 +350,7 @@ async fn nodes_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
         .nodes;
     if format == Format::Json {
         for n in &nodes {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"name": n.name, "id": n.id, "addr": n.addr, "labels": n.labels, "expires": rfc3339(n.expires_unix)})
             );
@@ -440,7 +440,7 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
             default_login: &default_login,
         },
     )?;
-    println!(
+    crate::outln!(
         "Identity of user {:?} written, valid until {} (logins: {}):",
         args.user,
         humantime::format_rfc3339_seconds(
@@ -454,11 +454,11 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
         &paths.known_hosts,
         &paths.ssh_config,
     ] {
-        println!("  {}", p.display());
+        crate::outln!("  {}", p.display());
     }
-    println!("Connect with:");
-    println!("  ssh -F {} NODE", paths.ssh_config.display());
-    println!("  turnstile ssh -i {} NODE", paths.key.display());
+    crate::outln!("Connect with:");
+    crate::outln!("  ssh -F {} NODE", paths.ssh_config.display());
+    crate::outln!("  turnstile ssh -i {} NODE", paths.key.display());
     Ok(())
 }
 
@@ -496,24 +496,24 @@ async fn tokens_add(
         .into_inner();
     let expires = rfc3339(resp.expires_unix);
     if format == Format::Json {
-        println!(
+        crate::outln!(
             "{}",
             json!({"token": resp.token, "type": roles, "expires": expires, "ca_pin": resp.ca_pin, "auth_server": admin.auth_addr})
         );
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "Join token for {} (single use, valid until {expires}):",
         roles.join(", ")
     );
-    println!("  {}", resp.token);
-    println!("CA pin:");
-    println!("  {}", resp.ca_pin);
-    println!("In the joining process's config:");
-    println!("  turnstile:");
-    println!("    auth_servers: [\"{}\"]", admin.auth_addr);
-    println!("    join_token: {}", resp.token);
-    println!("    ca_pin: {}", resp.ca_pin);
+    crate::outln!("  {}", resp.token);
+    crate::outln!("CA pin:");
+    crate::outln!("  {}", resp.ca_pin);
+    crate::outln!("In the joining process's config:");
+    crate::outln!("  turnstile:");
+    crate::outln!("    auth_servers: [\"{}\"]", admin.auth_addr);
+    crate::outln!("    join_token: {}", resp.token);
+    crate::outln!("    ca_pin: {}", resp.ca_pin);
     Ok(())
 }
 
@@ -534,7 +534,7 @@ async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> 
         .leases;
     if format == Format::Json {
         for l in &leases {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({
                     "kind": l.kind, "user": l.name, "lease_id": l.lease_id,
@@ -583,7 +583,7 @@ async fn sessions_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
         .trackers;
     if format == Format::Json {
         for t in &trackers {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({
                     "id": t.id, "user": t.user, "login": t.login, "node": t.node_name,
@@ -650,7 +650,7 @@ async fn audit_search(
         .event_json;
     for line in &events {
         if format == Format::Json {
-            println!("{line}");
+            crate::outln!("{line}");
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
@@ -678,7 +678,7 @@ async fn audit_search(
                 text.push_str(&format!(" {k}={}", field(k)));
             }
         }
-        println!("{text}");
+        crate::outln!("{text}");
     }
     Ok(())
 }
@@ -709,18 +709,18 @@ async fn config_cmd(admin: &mut Admin, cmd: ConfigCommand) -> anyhow::Result<()>
             format: Format::Json
         }
     ) {
-        println!(
+        crate::outln!(
             "{}",
             json!({"session_recording": c.session_recording, "session_control_timeout": timeout})
         );
         return Ok(());
     }
     if let ConfigCommand::Set { key, value } = &cmd {
-        println!(
+        crate::outln!(
             "{key} set to {value}; recorders pick it up within 10s, for sessions that start after that"
         );
     }
-    println!("session_recording        {}", c.session_recording);
-    println!("session_control_timeout  {timeout}");
+    crate::outln!("session_recording        {}", c.session_recording);
+    crate::outln!("session_control_timeout  {timeout}");
     Ok(())
 }

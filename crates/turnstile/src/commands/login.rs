@@ -166,14 +166,14 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
             identity: path.clone(),
         },
     )?;
-    println!(
+    crate::outln!(
         "Logged in as {:?} on cluster {cluster:?} through {}; certificate valid until {} (logins: {}).",
         args.user,
         args.proxy,
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(issued.valid_before)),
         issued.principals.join(", ")
     );
-    println!(
+    crate::outln!(
         "Profile saved in {}; OpenSSH: ssh -F {}.ssh_config NODE",
         home.display(),
         path.display()

@@ -13,7 +13,7 @@ pub async fn run(args: LsArgs) -> anyhow::Result<()> {
     let nodes = list_nodes(&proxy, &identity.host_ca, &identity.credentials).await?;
     if args.format == Format::Json {
         for n in &nodes {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"name": n.name, "addr": n.addr, "labels": n.labels, "id": n.id})
             );

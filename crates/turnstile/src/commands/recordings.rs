@@ -320,7 +320,7 @@ pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
             .await?;
             if format == Format::Json {
                 for r in &list {
-                    println!(
+                    crate::outln!(
                         "{}",
                         json!({
                             "sid": r.sid, "user": r.user, "login": r.login, "node": r.node,

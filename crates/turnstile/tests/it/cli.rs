@@ -198,3 +198,39 @@ async fn bad_roles_are_refused_and_change_nothing() {
         text(&out.stderr)
     );
 }
+
+/// `turnstile admin … | head -1`: when the reader goes away, a command ends
+/// quietly (it panicked on the broken pipe, exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_ends_a_command_quietly() {
+    let c = TestCluster::start().await;
+    c.admin_ok(&[
+        "users", "add", "dave", "--roles", "access", "--logins", "root",
+    ])
+    .await;
+    let data = c.data_dir();
+    for args in [["users", "ls"], ["roles", "ls"]] {
+        let mut child = tokio::process::Command::new(BIN)
+            .arg("admin")
+            .args(args)
+            .args(["--data-dir", data.to_str().unwrap()])
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The reader is gone before the command prints its first line.
+        drop(child.stdout.take());
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "admin {args:?}: {:?}: {stderr}",
+            out.status
+        );
+    }
+}
