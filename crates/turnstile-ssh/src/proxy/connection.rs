@@ -29,6 +29,12 @@ pub(crate) enum Principal {
         user: String,
         password: String,
     },
+    /// Gave a password that could not be checked (auth is unreachable):
+    /// every request is refused with `reason`, so the user reads why rather
+    /// than `wrong user name or password`.
+    Unchecked {
+        reason: String,
+    },
     /// Holds a valid certificate of the cluster.
     Certificate {
         identity: UserIdentity,
@@ -74,12 +80,31 @@ impl ProxyConnection {
                 };
                 Auth::Accept
             }
+            Err(status) if unreachable(&status) => {
+                tracing::warn!(client = %self.info.client, user, error = %status.message(), "cannot check a password: auth is unreachable");
+                self.principal = Principal::Unchecked {
+                    reason: format!(
+                        "the proxy cannot reach auth to check the password ({}); try again once auth is back",
+                        status.message()
+                    ),
+                };
+                Auth::Accept
+            }
             Err(status) => {
                 tracing::info!(client = %self.info.client, user, reason = %status.message(), "password login refused");
                 Auth::reject()
             }
         }
     }
+}
+
+/// Whether a failed call means auth could not answer (rather than refused).
+fn unreachable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
+    )
 }
 
 impl Handler for ProxyConnection {

@@ -550,6 +550,15 @@ async fn users_keep_working_while_auth_is_down_and_everything_resumes() {
     }
     let out = client(&c.home(), &["ls"], None).await;
     assert!(text(&out.stdout).contains("web1"), "{}", text(&out.stderr));
+    // A password cannot be checked: the user reads that, not "wrong password".
+    let out = c.login("correct horse battery").await;
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("the proxy cannot reach auth to check the password")
+            && !stderr.contains("wrong user name or password"),
+        "{stderr}"
+    );
 
     // Auth comes back on the same address; nodes re-register by themselves.
     let config = c.dirs.config("auth-again", &c.auth_again_yaml());
