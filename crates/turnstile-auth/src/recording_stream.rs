@@ -26,8 +26,6 @@ use crate::recordings::{Opening, Recordings, upload_event};
 
 /// Events wait at most this long before they are staged and acknowledged.
 pub const STAGE_AFTER: Duration = Duration::from_millis(500);
-/// A recorder that sends nothing is noted alive in the index this often.
-const TOUCH_EVERY: Duration = Duration::from_secs(10);
 
 /// Frames not yet in a stored part.
 #[derive(Debug)]
@@ -288,6 +286,8 @@ pub async fn serve(
         }
     };
     let sid = opening.sid.clone();
+    // Before the upload is opened: the completer must not take it meanwhile.
+    let _streaming = recordings.streaming(&sid);
     let mut rx = Receiver::open(recordings, server_id, &opening).await?;
     let send = |last_ei: i64, complete: bool| async move {
         tx.send(Ok(proto::RecordStatus { last_ei, complete }))
@@ -348,7 +348,9 @@ pub async fn serve(
             acked = rx.durable;
             send(acked, false).await?;
         }
-        if touched.elapsed() > TOUCH_EVERY && touching.as_ref().is_none_or(|t| t.is_finished()) {
+        if touched.elapsed() > recordings.touch_every()
+            && touching.as_ref().is_none_or(|t| t.is_finished())
+        {
             // Off the loop: a slow index must not stop the stream being read
             // (what it leaves unread holds the connection's window for all).
             let (recordings, sid) = (recordings.clone(), sid.clone());
@@ -571,5 +573,38 @@ mod tests {
             events.iter().map(|e| e.ei).collect::<Vec<_>>(),
             (0..=170).collect::<Vec<_>>()
         );
+    }
+    /// The completer takes uploads whose recorder looks silent in the index;
+    /// one whose stream is open here is never taken, however long it only
+    /// staged (staging notes nothing in the index). It was: the stream's
+    /// next chunk then went to a completed upload, and the recorder read
+    /// "auth lost acknowledged events".
+    #[tokio::test]
+    async fn the_completer_leaves_an_upload_alone_while_its_stream_is_open() {
+        let clock = Arc::new(turnstile_api::clock::ManualClock::new(
+            std::time::UNIX_EPOCH + Duration::from_secs(1_000_000),
+        ));
+        let store = Arc::new(MemoryStore::new(1 << 20));
+        let recordings =
+            Recordings::new(Arc::new(MemoryBackend::new()), store.clone(), clock.clone())
+                .with_grace(Duration::from_secs(2));
+        assert_eq!(recordings.touch_every(), Duration::from_millis(500));
+        let streaming = recordings.streaming(SID);
+        let mut rx = receiver(&recordings).await;
+        rx.take(frame(0, 9)).unwrap();
+        rx.stage(&recordings).await.unwrap();
+        clock.advance(Duration::from_secs(5));
+        assert!(
+            recordings
+                .abandoned(Duration::from_secs(2))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Gone (the recorder crashed): now it is abandoned.
+        drop(streaming);
+        drop(rx);
+        let abandoned = recordings.abandoned(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(abandoned.len(), 1);
     }
 }

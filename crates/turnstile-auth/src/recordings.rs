@@ -180,6 +180,39 @@ pub struct Recordings {
     clock: Arc<dyn Clock>,
     /// The recording store's failure being reported, if it is failing.
     failing: std::sync::Mutex<Option<String>>,
+    /// Sessions with a recording stream open on this auth server (how many):
+    /// the upload completer leaves them alone whatever the index says.
+    streaming: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// How often a live stream notes its recorder alive in the index: well
+    /// within the completer's grace period, so that other auth servers never
+    /// take a live upload for an abandoned one.
+    touch_every: Duration,
+}
+
+/// A live stream noted alive at least this often.
+const TOUCH_AT_MOST: Duration = Duration::from_secs(10);
+
+/// Holds a session's place in [`Recordings`]' live streams while it lives.
+#[derive(Debug)]
+pub struct Streaming<'a> {
+    recordings: &'a Recordings,
+    sid: String,
+}
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        let mut live = self
+            .recordings
+            .streaming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.sid) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.sid);
+            }
+        }
+    }
 }
 
 /// What kind of failure a store error is, for logging once per cause:
@@ -206,7 +239,41 @@ impl Recordings {
             store,
             clock,
             failing: std::sync::Mutex::new(None),
+            streaming: std::sync::Mutex::default(),
+            touch_every: TOUCH_AT_MOST,
         }
+    }
+
+    /// Live streams note themselves alive often enough for the completer's
+    /// `grace` (a quarter of it, at most every 10 s).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.touch_every = (grace / 4).clamp(Duration::from_millis(100), TOUCH_AT_MOST);
+        self
+    }
+
+    pub fn touch_every(&self) -> Duration {
+        self.touch_every
+    }
+
+    /// Notes a stream of `sid` open here until the guard is dropped.
+    pub fn streaming(&self, sid: &str) -> Streaming<'_> {
+        *self
+            .streaming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sid.to_string())
+            .or_default() += 1;
+        Streaming {
+            recordings: self,
+            sid: sid.to_string(),
+        }
+    }
+
+    fn is_streaming(&self, sid: &str) -> bool {
+        self.streaming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(sid)
     }
 
     /// A store call's result, mapped to an API error; a failure is logged
@@ -662,7 +729,7 @@ impl Recordings {
             .list()
             .await?
             .into_iter()
-            .filter(|r| r.upload.is_some() && r.last_seen_ms < cutoff)
+            .filter(|r| r.upload.is_some() && r.last_seen_ms < cutoff && !self.is_streaming(&r.sid))
             .collect())
     }
 

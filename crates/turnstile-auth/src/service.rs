@@ -72,11 +72,14 @@ impl AuthService {
             // Joining processes call before they have a certificate; every
             // other call checks for one.
             .client_auth_optional(true);
-        let recordings = Arc::new(Recordings::new(
-            self.authority.backend().clone(),
-            self.config.store.clone(),
-            self.authority.clock().clone(),
-        ));
+        let recordings = Arc::new(
+            Recordings::new(
+                self.authority.backend().clone(),
+                self.config.store.clone(),
+                self.authority.clock().clone(),
+            )
+            .with_grace(self.config.upload_grace),
+        );
         tokio::spawn(complete_abandoned(
             recordings.clone(),
             self.authority.clone(),
