@@ -270,6 +270,16 @@ pub enum UsersCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Change a user's roles or logins (what is not given stays).
+    Update {
+        name: String,
+        /// Comma-separated roles, replacing the user's.
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// Comma-separated logins for {{internal.logins}}, replacing the user's.
+        #[arg(long, value_delimiter = ',')]
+        logins: Option<Vec<String>>,
+    },
     /// Set a user's password (for `turnstile login`).
     Passwd {
         name: String,

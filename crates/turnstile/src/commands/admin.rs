@@ -289,13 +289,7 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
             );
         }
         UsersCommand::Ls { format } => {
-            let users = admin
-                .client
-                .list_users(proto::ListUsersRequest {})
-                .await
-                .map_err(|s| rpc_error(admin, s))?
-                .into_inner()
-                .users;
+            let users = list_users(admin).await?;
             if format == Format::Json {
                 for u in &users {
                     crate::outln!(
@@ -310,6 +304,53 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                 .map(|u| vec![u.name.clone(), u.roles.join(","), u.logins.join(",")])
                 .collect();
             print_table(&["USER", "ROLES", "LOGINS"], &rows);
+        }
+        UsersCommand::Update {
+            name,
+            roles,
+            logins,
+        } => {
+            if roles.is_none() && logins.is_none() {
+                anyhow::bail!(
+                    "nothing to change for user {name:?}: give --roles ROLE,… or --logins LOGIN,… (or both)"
+                );
+            }
+            let users = list_users(admin).await?;
+            let Some(mut user) = users.into_iter().find(|u| u.name == name) else {
+                anyhow::bail!(
+                    "there is no user {name:?}; add one with `turnstile admin users add {name} --roles …`"
+                );
+            };
+            let given = |v: Vec<String>| -> Vec<String> {
+                v.into_iter().filter(|s| !s.is_empty()).collect()
+            };
+            if let Some(roles) = roles {
+                let roles = given(roles);
+                if roles.is_empty() {
+                    anyhow::bail!("--roles is empty: a user needs at least one role");
+                }
+                user.roles = roles;
+            }
+            if let Some(logins) = logins {
+                user.logins = given(logins);
+            }
+            admin
+                .client
+                .upsert_user(proto::UpsertUserRequest {
+                    user: Some(user.clone()),
+                    create_only: false,
+                })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            crate::outln!(
+                "user {name:?} updated: roles {}, logins {}",
+                user.roles.join(","),
+                if user.logins.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    user.logins.join(",")
+                }
+            );
         }
         UsersCommand::Passwd { name, .. } => {
             let password = read_password_line()?;
@@ -333,6 +374,16 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn list_users(admin: &mut Admin) -> anyhow::Result<Vec<proto::User>> {
+    Ok(admin
+        .client
+        .list_users(proto::ListUsersRequest {})
+        .await
+        .map_err(|s| rpc_error(admin, s))?
+        .into_inner()
+        .users)
 }
 
 fn rfc3339(unix: i64) -> String {

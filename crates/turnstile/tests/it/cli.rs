@@ -234,3 +234,56 @@ async fn a_reader_that_goes_away_ends_a_command_quietly() {
         );
     }
 }
+
+/// `admin users ls`'s entry of `name`.
+async fn user(c: &TestCluster, name: &str) -> serde_json::Value {
+    let out = c.admin_ok(&["users", "ls", "--format", "json"]).await;
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|u| u["user"] == name)
+        .unwrap()
+}
+
+/// A user added without logins is fixed in place with `users update`
+/// (the only fix was `rm` and add again); what is not given stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_update_changes_roles_or_logins_and_keeps_the_rest() {
+    let c = TestCluster::start().await;
+    c.admin_ok(&["users", "add", "bob", "--roles", "access"])
+        .await;
+    c.admin_ok(&["users", "update", "bob", "--logins", "root,bob"])
+        .await;
+    let bob = user(&c, "bob").await;
+    assert_eq!(bob["logins"], serde_json::json!(["root", "bob"]));
+    assert_eq!(bob["roles"], serde_json::json!(["access"]));
+    // The user can now be signed for and log in as root.
+    let id = c.sign("bob").await;
+    let out = c.ssh(&id, &["root@web1", "--", "echo", "in"]).await;
+    assert_eq!(text(&out.stdout), "in\n", "{}", text(&out.stderr));
+
+    for (args, says) in [
+        (
+            vec!["users", "update", "bob"],
+            "give --roles ROLE,… or --logins LOGIN,…",
+        ),
+        (
+            vec!["users", "update", "nobody", "--logins", "root"],
+            "there is no user \"nobody\"",
+        ),
+        (
+            vec!["users", "update", "bob", "--roles", ""],
+            "at least one role",
+        ),
+    ] {
+        let out = c.admin(&args).await;
+        assert!(
+            !out.status.success() && text(&out.stderr).contains(says),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        user(&c, "bob").await["logins"],
+        serde_json::json!(["root", "bob"])
+    );
+}
