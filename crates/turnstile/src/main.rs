@@ -50,16 +50,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Start(args) => {
             init_logging("info");
-            match runtime.block_on(commands::start::run(args)) {
+            return match runtime.block_on(commands::start::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     report(&e);
                     ExitCode::FAILURE
                 }
-            }
+            };
         }
         Command::Login(args) => client_command(&runtime, commands::login::run(args)),
         Command::Ls(args) => client_command(&runtime, commands::ls::run(args)),
@@ -87,5 +87,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
+    };
+    // A client's standard input may still be read by a blocking thread (the
+    // player's keys): dropping the runtime would wait for the next key.
+    runtime.shutdown_background();
+    code
 }

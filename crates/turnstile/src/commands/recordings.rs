@@ -189,11 +189,25 @@ pub async fn play(args: PlayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Key {
     Pause,
     Back,
     Forward,
     Quit,
+}
+
+/// The key a read from the terminal holds. Arrows come as `ESC [ x`, or as
+/// `ESC O x` once a replayed program (top, vim) turned on the terminal's
+/// application cursor mode.
+fn key_of(read: &[u8]) -> Option<Key> {
+    match read {
+        b" " => Some(Key::Pause),
+        b"q" | b"Q" | [3] | [4] => Some(Key::Quit),
+        [27, b'[' | b'O', b'D' | b'B'] => Some(Key::Back),
+        [27, b'[' | b'O', b'C' | b'A'] => Some(Key::Forward),
+        _ => None,
+    }
 }
 
 /// Replays in this terminal with the original timing; keys pause, seek, quit.
@@ -217,12 +231,8 @@ async fn replay(
             if n == 0 {
                 break;
             }
-            let key = match &buf[..n] {
-                b" " => Key::Pause,
-                b"q" | b"Q" | [3] | [4] => Key::Quit,
-                [27, b'[', b'D'] | [27, b'[', b'B'] => Key::Back,
-                [27, b'[', b'C'] | [27, b'[', b'A'] => Key::Forward,
-                _ => continue,
+            let Some(key) = key_of(&buf[..n]) else {
+                continue;
             };
             if tx.send(key).await.is_err() {
                 break;
@@ -379,5 +389,28 @@ pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
             for_each_event(&client, &sid, sink).await?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrows_seek_in_either_cursor_mode() {
+        for (read, key) in [
+            (&b"\x1b[C"[..], Key::Forward),
+            (b"\x1bOC", Key::Forward),
+            (b"\x1b[A", Key::Forward),
+            (b"\x1bOA", Key::Forward),
+            (b"\x1b[D", Key::Back),
+            (b"\x1bOD", Key::Back),
+            (b"\x1bOB", Key::Back),
+            (b" ", Key::Pause),
+            (b"q", Key::Quit),
+        ] {
+            assert_eq!(key_of(read), Some(key), "{read:?}");
+        }
+        assert_eq!(key_of(b"x"), None);
     }
 }

@@ -11,6 +11,8 @@ use crate::support::{BIN, TestCluster, test_login};
 struct Terminal {
     pty: pty_process::Pty,
     seen: String,
+    /// What the last `expect` consumed, its needle included.
+    consumed: String,
 }
 
 impl Terminal {
@@ -32,7 +34,7 @@ impl Terminal {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(at) = self.seen.find(needle) {
-                self.seen.drain(..at + needle.len());
+                self.consumed = self.seen.drain(..at + needle.len()).collect();
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -70,6 +72,7 @@ async fn interactive_shell_in_a_real_pty() {
     let mut term = Terminal {
         pty,
         seen: String::new(),
+        consumed: String::new(),
     };
 
     term.send("echo marker-$((6*7)) $TERM\r").await;
@@ -78,6 +81,16 @@ async fn interactive_shell_in_a_real_pty() {
     term.send("tty; echo $TURNSTILE_SESSION_ID | wc -c\r").await;
     term.expect("/dev/pts/", Duration::from_secs(10)).await;
     term.expect("37", Duration::from_secs(10)).await;
+    term.send("echo sid-$TURNSTILE_SESSION_ID-end\r").await;
+    term.expect("-end", Duration::from_secs(10)).await; // the line typed
+    term.expect("-end", Duration::from_secs(10)).await; // its output
+    let sid = term
+        .consumed
+        .rsplit("sid-")
+        .next()
+        .and_then(|s| s.strip_suffix("-end"))
+        .filter(|s| s.len() == 36)
+        .map(str::to_string);
 
     // A resize of the local window reaches the remote PTY.
     term.pty.resize(pty_process::Size::new(40, 100)).unwrap();
@@ -99,60 +112,16 @@ async fn interactive_shell_in_a_real_pty() {
         .expect("turnstile ssh exits after the shell does")
         .unwrap();
     assert_eq!(status.code(), Some(5));
-}
+    drop(term);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
-    let c = TestCluster::start().await;
-    c.add_user("alice", "access", "root").await;
-    let data = c.data_dir();
-    let out = crate::support::run(
-        BIN,
-        &[
-            "admin",
-            "users",
-            "passwd",
-            "alice",
-            "--password-stdin",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        Some(b"correct horse battery\n"),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        crate::support::text(&out.stderr)
-    );
-    let home = c.dir.path().join("home");
-
-    // Without a terminal and without a pin there is no one to ask.
-    let out = crate::support::client(
-        &home,
-        &[
-            "login",
-            "--proxy",
-            &c.proxy_addr,
-            "--user",
-            "alice",
-            "--password-stdin",
-        ],
-        Some(b"correct horse battery\n"),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(255));
-    assert!(
-        crate::support::text(&out.stderr).contains("pass --ca-pin"),
-        "{}",
-        crate::support::text(&out.stderr)
-    );
-
+    // Played back on a terminal, the recording ends by itself (it waited
+    // for a key after the last frame).
+    let sid = sid.expect("the session printed its id");
+    crate::recording::wait_complete(&id, &sid).await;
     let (pty, pts) = pty_process::open().unwrap();
-    pty.resize(pty_process::Size::new(24, 100)).unwrap();
+    pty.resize(pty_process::Size::new(40, 100)).unwrap();
     let mut child = pty_process::Command::new(BIN)
-        .args(["login", "--proxy", &c.proxy_addr, "--user", "alice"])
-        .env("TURNSTILE_HOME", &home)
+        .args(["play", "-i", id.to_str().unwrap(), &sid, "--speed", "50"])
         .env("RUST_BACKTRACE", "0")
         .kill_on_drop(true)
         .spawn(pts)
@@ -160,44 +129,12 @@ async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
     let mut term = Terminal {
         pty,
         seen: String::new(),
+        consumed: String::new(),
     };
-    term.expect(
-        "Its host CA fingerprint is SHA256:",
-        Duration::from_secs(20),
-    )
-    .await;
-    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
-    term.send("y\r").await;
-    term.expect("Password for alice:", Duration::from_secs(10))
-        .await;
-    term.send("correct horse battery\r").await;
-    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
-        .await;
+    term.expect("marker-42", Duration::from_secs(20)).await;
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
-        .unwrap()
+        .expect("the player exits at the end of the recording, no key pressed")
         .unwrap();
-    assert!(status.success());
-
-    // The answer is remembered: no pin, no terminal, no question.
-    let out = crate::support::client(
-        &home,
-        &[
-            "login",
-            "--proxy",
-            &c.proxy_addr,
-            "--user",
-            "alice",
-            "--password-stdin",
-        ],
-        Some(b"correct horse battery\n"),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        crate::support::text(&out.stderr)
-    );
-    let out = crate::support::client(&home, &["ssh", "web1", "echo", "profile works"], None).await;
-    assert_eq!(crate::support::text(&out.stdout), "profile works\n");
+    assert!(status.success(), "{status:?}: {}", term.seen);
 }
