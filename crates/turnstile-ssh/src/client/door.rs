@@ -110,6 +110,12 @@ impl FirstContact {
             .collect()
     }
 
+    /// The CA pin of the cluster's TLS CA (`sha256:<hex>`), as `turnstile
+    /// start` and `admin tokens add` print it.
+    pub fn ca_pin(&self) -> Result<String, String> {
+        pin::ca_pin_of_pem(&self.info.tls_ca_pem).map_err(|e| e.to_string())
+    }
+
     /// Checks the trust material against the operator's CA pin: the TLS CA
     /// must have that pin, and must have signed the host CA keys.
     pub fn verify_pin(&self, expected_pin: &str) -> Result<Vec<PublicKey>, String> {

@@ -70,7 +70,13 @@ fn trust(
         turnstile_api::pin::validate(pin).map_err(|e| anyhow::anyhow!("--ca-pin: {e}"))?;
         return contact.verify_pin(pin).map_err(|e| anyhow::anyhow!("{e}"));
     }
-    let offered = contact.host_ca().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // What is shown is the CA pin operators have (`turnstile start` and
+    // `admin tokens add` print it); the host CA is trusted only if that CA
+    // endorses it.
+    let pin = contact.ca_pin().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let offered = contact
+        .verify_pin(&pin)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let offered_text: Vec<String> = offered.iter().filter_map(|k| k.to_openssh().ok()).collect();
     if let Some(remembered) = profile::trusted_host_ca(home, &args.proxy) {
         if remembered == offered_text {
@@ -87,10 +93,9 @@ fn trust(
     )?;
     let answer = tty.ask(
         &format!(
-            "The proxy at {} serves cluster {:?}.\nIts host CA fingerprint is {}.\nTrust it? [y/N] ",
+            "The proxy at {} serves cluster {:?}.\nIts CA pin is {pin} (`turnstile start` and `admin tokens add` print it: compare).\nTrust it? [y/N] ",
             args.proxy,
             contact.info.cluster_name,
-            fingerprints(&offered).join(", ")
         ),
         true,
     )?;

@@ -138,3 +138,104 @@ async fn interactive_shell_in_a_real_pty() {
         .unwrap();
     assert!(status.success(), "{status:?}: {}", term.seen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let data = c.data_dir();
+    let out = crate::support::run(
+        BIN,
+        &[
+            "admin",
+            "users",
+            "passwd",
+            "alice",
+            "--password-stdin",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        Some(b"correct horse battery\n"),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    let home = c.dir.path().join("home");
+
+    // Without a terminal and without a pin there is no one to ask.
+    let out = crate::support::client(
+        &home,
+        &[
+            "login",
+            "--proxy",
+            &c.proxy_addr,
+            "--user",
+            "alice",
+            "--password-stdin",
+        ],
+        Some(b"correct horse battery\n"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        crate::support::text(&out.stderr).contains("pass --ca-pin"),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+
+    let (pty, pts) = pty_process::open().unwrap();
+    pty.resize(pty_process::Size::new(24, 100)).unwrap();
+    let mut child = pty_process::Command::new(BIN)
+        .args(["login", "--proxy", &c.proxy_addr, "--user", "alice"])
+        .env("TURNSTILE_HOME", &home)
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .spawn(pts)
+        .unwrap();
+    let mut term = Terminal {
+        pty,
+        seen: String::new(),
+        consumed: String::new(),
+    };
+    // The pin operators were given, not a fingerprint in another form.
+    let pin = turnstile_api::pin::ca_pin_of_pem(&c.authority().tls_ca().cert_pem).unwrap();
+    term.expect(&format!("Its CA pin is {pin} "), Duration::from_secs(20))
+        .await;
+    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
+    term.send("y\r").await;
+    term.expect("Password for alice:", Duration::from_secs(10))
+        .await;
+    term.send("correct horse battery\r").await;
+    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
+        .await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    // The answer is remembered: no pin, no terminal, no question.
+    let out = crate::support::client(
+        &home,
+        &[
+            "login",
+            "--proxy",
+            &c.proxy_addr,
+            "--user",
+            "alice",
+            "--password-stdin",
+        ],
+        Some(b"correct horse battery\n"),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    let out = crate::support::client(&home, &["ssh", "web1", "echo", "profile works"], None).await;
+    assert_eq!(crate::support::text(&out.stdout), "profile works\n");
+}
