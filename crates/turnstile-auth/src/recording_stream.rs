@@ -84,9 +84,10 @@ impl Receiver {
                 .await
                 .map_err(fail)?;
             let now = recordings.get(&opening.sid).await.map_err(fail)?;
-            if now.as_ref().is_some_and(|r| {
-                r.last_ei == record.last_ei && r.upload.as_ref().map(|u| &u.id) == Some(&upload.id)
-            }) {
+            if now
+                .as_ref()
+                .is_some_and(|r| r.last_ei == record.last_ei && r.uploads_to(&upload))
+            {
                 break (record, upload, staged);
             }
             attempts += 1;

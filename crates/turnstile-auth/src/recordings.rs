@@ -110,6 +110,11 @@ impl RecordingRecord {
         }
     }
 
+    /// Whether `upload` is the one in progress (not completed, not replaced).
+    pub(crate) fn uploads_to(&self, upload: &Upload) -> bool {
+        self.upload.as_ref().is_some_and(|u| u.id == upload.id)
+    }
+
     /// The parts of the upload in progress, as the store completes them.
     fn upload_parts(&self) -> Vec<Part> {
         self.parts
@@ -158,6 +163,11 @@ pub fn locate(objects: &[u64], offset: u64) -> Option<(u32, u64, u64)> {
         start += size;
     }
     None
+}
+
+/// A writer's upload was completed (or replaced) under it.
+fn completed_meanwhile(sid: &str) -> ApiError {
+    ApiError::bad_parameter(format!("the upload of {sid} was completed meanwhile"))
 }
 
 fn key(sid: &str) -> String {
@@ -446,7 +456,7 @@ impl Recordings {
             .await?;
         // Another stream opened the session first: its upload is the one.
         if let Some(fresh) = fresh
-            && record.upload.as_ref().map(|u| &u.id) != Some(&fresh.id)
+            && !record.uploads_to(&fresh)
         {
             let _ = self.store.abort(&fresh).await;
         }
@@ -536,10 +546,8 @@ impl Recordings {
         let number = self
             .update(sid, |r| {
                 let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-                if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
-                    return Err(ApiError::bad_parameter(format!(
-                        "the upload of {sid} was completed meanwhile"
-                    )));
+                if !r.uploads_to(upload) {
+                    return Err(completed_meanwhile(sid));
                 }
                 let n = r.next_part;
                 r.next_part += 1;
@@ -554,9 +562,7 @@ impl Recordings {
                 let _ = self
                     .update(sid, |r| {
                         let mut r = r.ok_or_else(|| ApiError::not_found(sid.to_string()))?;
-                        if r.next_part == number + 1
-                            && r.upload.as_ref().map(|u| &u.id) == Some(&upload.id)
-                        {
+                        if r.next_part == number + 1 && r.uploads_to(upload) {
                             r.next_part = number;
                         }
                         Ok((r, ()))
@@ -570,10 +576,8 @@ impl Recordings {
         let now = self.now_ms();
         self.update(sid, |r| {
             let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-            if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
-                return Err(ApiError::bad_parameter(format!(
-                    "the upload of {sid} was completed meanwhile"
-                )));
+            if !r.uploads_to(upload) {
+                return Err(completed_meanwhile(sid));
             }
             r.parts.push(StoredPart {
                 number: stored.number,
@@ -656,7 +660,7 @@ impl Recordings {
         };
         self.update(sid, |current| {
             let mut r = current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-            if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
+            if !r.uploads_to(&upload) {
                 // Completed by someone else meanwhile.
                 return Ok((r.clone(), r));
             }
@@ -674,13 +678,11 @@ impl Recordings {
     /// most parts, and opens the next object's: the recording goes on there
     /// (a continuation, read as one with the objects before it).
     pub async fn roll(&self, sid: &str, upload: &Upload) -> Result<Upload, ApiError> {
-        let meanwhile =
-            || ApiError::bad_parameter(format!("the upload of {sid} was completed meanwhile"));
         let Some(r) = self.get(sid).await? else {
             return Err(ApiError::not_found(format!("recording {sid}")));
         };
-        if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
-            return Err(meanwhile());
+        if !r.uploads_to(upload) {
+            return Err(completed_meanwhile(sid));
         }
         let size = self.observe(self.store.complete(upload, &r.upload_parts()).await)?;
         let object = u32::try_from(r.object_sizes().len() + 1).unwrap_or(u32::MAX);
@@ -689,8 +691,8 @@ impl Recordings {
             .update(sid, |current| {
                 let mut r =
                     current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-                if r.upload.as_ref().map(|u| &u.id) != Some(&upload.id) {
-                    return Err(meanwhile());
+                if !r.uploads_to(upload) {
+                    return Err(completed_meanwhile(sid));
                 }
                 r.push_object(Some(size));
                 r.upload = Some(next.clone());
