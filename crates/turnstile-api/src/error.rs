@@ -47,6 +47,19 @@ impl ErrorKind {
     }
 }
 
+/// Whether a call that failed with `code` went unanswered (the service is
+/// down, too slow, or the connection broke) rather than refused; a transport
+/// failure reaches a tonic caller as `Unknown` too.
+pub fn unanswered(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+    )
+}
+
 /// An error as it travels between services: a kind to branch on and a message
 /// for the person who will read it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -80,7 +80,7 @@ impl ProxyConnection {
                 };
                 Auth::Accept
             }
-            Err(status) if unreachable(&status) => {
+            Err(status) if turnstile_api::error::unanswered(status.code()) => {
                 tracing::warn!(client = %self.info.client, user, error = %status.message(), "cannot check a password: auth is unreachable");
                 self.principal = Principal::Unchecked {
                     reason: format!(
@@ -96,15 +96,6 @@ impl ProxyConnection {
             }
         }
     }
-}
-
-/// Whether a failed call means auth could not answer (rather than refused).
-fn unreachable(status: &tonic::Status) -> bool {
-    use tonic::Code;
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
-    )
 }
 
 impl Handler for ProxyConnection {

@@ -75,15 +75,7 @@ impl LeaseService for AuthClient<Channel> {
             Err(s) if s.code() == tonic::Code::ResourceExhausted => {
                 Err(AcquireError::Limit { max: p.max })
             }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unknown
-                ) =>
-            {
+            Err(s) if turnstile_api::error::unanswered(s.code()) => {
                 Err(AcquireError::Unavailable(s.message().to_string()))
             }
             Err(s) => Err(AcquireError::Refused(s.message().to_string())),
