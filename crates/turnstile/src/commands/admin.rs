@@ -244,8 +244,8 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let roles: Vec<String> = roles.into_iter().filter(|r| !r.is_empty()).collect();
-            let logins: Vec<String> = logins.into_iter().filter(|l| !l.is_empty()).collect();
+            let roles = non_empty(roles);
+            let logins = non_empty(logins);
             admin
                 .client
                 .upsert_user(proto::UpsertUserRequest {
@@ -321,18 +321,15 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
                     "there is no user {name:?}; add one with `turnstile admin users add {name} --roles …`"
                 );
             };
-            let given = |v: Vec<String>| -> Vec<String> {
-                v.into_iter().filter(|s| !s.is_empty()).collect()
-            };
             if let Some(roles) = roles {
-                let roles = given(roles);
+                let roles = non_empty(roles);
                 if roles.is_empty() {
                     anyhow::bail!("--roles is empty: a user needs at least one role");
                 }
                 user.roles = roles;
             }
             if let Some(logins) = logins {
-                user.logins = given(logins);
+                user.logins = non_empty(logins);
             }
             admin
                 .client
@@ -374,6 +371,11 @@ async fn users(admin: &mut Admin, cmd: UsersCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A comma-separated list as given, without its empty entries (`a,,b`, `a,`).
+fn non_empty(list: Vec<String>) -> Vec<String> {
+    list.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
 async fn list_users(admin: &mut Admin) -> anyhow::Result<Vec<proto::User>> {
