@@ -16,6 +16,29 @@ struct Terminal {
 }
 
 impl Terminal {
+    /// `turnstile ARGS` on a new terminal of `rows`×`cols`, with `env`.
+    fn start(
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        (rows, cols): (u16, u16),
+    ) -> (Self, tokio::process::Child) {
+        let (pty, pts) = pty_process::open().unwrap();
+        pty.resize(pty_process::Size::new(rows, cols)).unwrap();
+        let child = pty_process::Command::new(BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true)
+            .spawn(pts)
+            .unwrap();
+        let term = Terminal {
+            pty,
+            seen: String::new(),
+            consumed: String::new(),
+        };
+        (term, child)
+    }
+
     async fn send(&mut self, keys: &str) {
         self.pty.write_all(keys.as_bytes()).await.unwrap();
         self.pty.flush().await.unwrap();
@@ -60,20 +83,11 @@ async fn interactive_shell_in_a_real_pty() {
     c.add_user("alice", "access", login).await;
     let id = c.sign("alice").await;
 
-    let (pty, pts) = pty_process::open().unwrap();
-    pty.resize(pty_process::Size::new(24, 80)).unwrap();
-    let mut child = pty_process::Command::new(BIN)
-        .args(["ssh", "-i", id.to_str().unwrap(), &format!("{login}@web1")])
-        .env("TERM", "xterm-256color")
-        .env("RUST_BACKTRACE", "0")
-        .kill_on_drop(true)
-        .spawn(pts)
-        .unwrap();
-    let mut term = Terminal {
-        pty,
-        seen: String::new(),
-        consumed: String::new(),
-    };
+    let (mut term, mut child) = Terminal::start(
+        &["ssh", "-i", id.to_str().unwrap(), &format!("{login}@web1")],
+        &[("TERM", "xterm-256color".as_ref())],
+        (24, 80),
+    );
 
     term.send("echo marker-$((6*7)) $TERM\r").await;
     term.expect("marker-42 xterm-256color", Duration::from_secs(20))
@@ -118,19 +132,11 @@ async fn interactive_shell_in_a_real_pty() {
     // for a key after the last frame).
     let sid = sid.expect("the session printed its id");
     crate::recording::wait_complete(&id, &sid).await;
-    let (pty, pts) = pty_process::open().unwrap();
-    pty.resize(pty_process::Size::new(40, 100)).unwrap();
-    let mut child = pty_process::Command::new(BIN)
-        .args(["play", "-i", id.to_str().unwrap(), &sid, "--speed", "50"])
-        .env("RUST_BACKTRACE", "0")
-        .kill_on_drop(true)
-        .spawn(pts)
-        .unwrap();
-    let mut term = Terminal {
-        pty,
-        seen: String::new(),
-        consumed: String::new(),
-    };
+    let (mut term, mut child) = Terminal::start(
+        &["play", "-i", id.to_str().unwrap(), &sid, "--speed", "50"],
+        &[],
+        (40, 100),
+    );
     term.expect("marker-42", Duration::from_secs(20)).await;
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
@@ -186,20 +192,11 @@ async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
         crate::support::text(&out.stderr)
     );
 
-    let (pty, pts) = pty_process::open().unwrap();
-    pty.resize(pty_process::Size::new(24, 100)).unwrap();
-    let mut child = pty_process::Command::new(BIN)
-        .args(["login", "--proxy", &c.proxy_addr, "--user", "alice"])
-        .env("TURNSTILE_HOME", &home)
-        .env("RUST_BACKTRACE", "0")
-        .kill_on_drop(true)
-        .spawn(pts)
-        .unwrap();
-    let mut term = Terminal {
-        pty,
-        seen: String::new(),
-        consumed: String::new(),
-    };
+    let (mut term, mut child) = Terminal::start(
+        &["login", "--proxy", &c.proxy_addr, "--user", "alice"],
+        &[("TURNSTILE_HOME", home.as_os_str())],
+        (24, 100),
+    );
     // The pin operators were given, not a fingerprint in another form.
     let pin = turnstile_api::pin::ca_pin_of_pem(&c.authority().tls_ca().cert_pem).unwrap();
     term.expect(&format!("Its CA pin is {pin} "), Duration::from_secs(20))
