@@ -44,8 +44,6 @@ struct Receiver {
     server_id: String,
     upload: Upload,
     min_part: usize,
-    /// Parts stored in `upload`.
-    parts: u32,
     pieces: Vec<Piece>,
     bytes: usize,
     /// The highest event index taken.
@@ -104,7 +102,6 @@ impl Receiver {
             server_id: server_id.to_string(),
             upload,
             min_part: recordings.store().min_part_size(),
-            parts: u32::try_from(record.parts.len()).unwrap_or(u32::MAX),
             pieces: Vec::new(),
             bytes: 0,
             taken: record.last_ei,
@@ -204,8 +201,11 @@ impl Receiver {
         };
         let pad_to = if last { 0 } else { self.min_part };
         let bytes = part_from_payload(self.pieces.iter().map(|p| p.zstd.as_slice()), pad_to);
+        // The upload changes when its object was full; the staged chunks are
+        // the earlier upload's.
+        let staged_in = self.upload.clone();
         recordings
-            .store_part(&self.sid, &self.upload, bytes, last_ei)
+            .store_part(&self.sid, &mut self.upload, bytes, last_ei)
             .await
             .map_err(fail)?;
         let staged: Vec<StagedChunk> = self.pieces.drain(..).filter_map(|p| p.staged).collect();
@@ -213,22 +213,10 @@ impl Receiver {
         self.unstaged_since = None;
         self.durable = self.durable.max(last_ei as i64);
         if !staged.is_empty()
-            && let Err(e) = recordings
-                .store()
-                .delete_staged(&self.upload, &staged)
-                .await
+            && let Err(e) = recordings.store().delete_staged(&staged_in, &staged).await
         {
             // Left over, they only repeat events a part holds.
             tracing::warn!(sid = %self.sid, error = %e, "cannot delete staged chunks");
-        }
-        self.parts += 1;
-        if !last && self.parts >= recordings.store().max_parts() {
-            // The object is full: the recording goes on in the next one.
-            self.upload = recordings
-                .roll(&self.sid, &self.upload)
-                .await
-                .map_err(fail)?;
-            self.parts = 0;
         }
         Ok(())
     }

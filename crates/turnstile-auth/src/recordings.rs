@@ -538,22 +538,34 @@ impl Recordings {
     pub async fn store_part(
         &self,
         sid: &str,
-        upload: &Upload,
+        upload: &mut Upload,
         bytes: Vec<u8>,
         last_ei: u64,
     ) -> Result<i64, ApiError> {
-        // Reserve a part number first, so two writers never share one.
-        let number = self
-            .update(sid, |r| {
-                let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-                if !r.uploads_to(upload) {
-                    return Err(completed_meanwhile(sid));
-                }
-                let n = r.next_part;
-                r.next_part += 1;
-                Ok((r, n))
-            })
-            .await?;
+        // Reserve a part number first, so two writers never share one; an
+        // object that holds the store's most parts is completed first and the
+        // part goes to the next (a crash between two parts leaves it full).
+        let max = self.store.max_parts();
+        let number = loop {
+            let reserved = self
+                .update(sid, |r| {
+                    let mut r = r.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+                    if !r.uploads_to(upload) {
+                        return Err(completed_meanwhile(sid));
+                    }
+                    if u32::try_from(r.parts.len()).unwrap_or(u32::MAX) >= max {
+                        return Ok((r, None));
+                    }
+                    let n = r.next_part;
+                    r.next_part += 1;
+                    Ok((r, Some(n)))
+                })
+                .await?;
+            match reserved {
+                Some(n) => break n,
+                None => *upload = self.roll(sid, upload).await?,
+            }
+        };
         let stored = match self.observe(self.store.upload_part(upload, number, bytes).await) {
             Ok(stored) => stored,
             Err(e) => {
@@ -643,10 +655,7 @@ impl Recordings {
         if let Some((last, _)) = staged.last() {
             let last_ei = last.last_ei;
             let bytes = part_from_payload(staged.iter().map(|(_, p)| p.as_slice()), 0);
-            if u32::try_from(r.parts.len()).unwrap_or(u32::MAX) >= self.store.max_parts() {
-                upload = self.roll(sid, &upload).await?;
-            }
-            self.store_part(sid, &upload, bytes, last_ei).await?;
+            self.store_part(sid, &mut upload, bytes, last_ei).await?;
         }
         let Some(r) = self.get(sid).await? else {
             return Err(ApiError::not_found(format!("recording {sid}")));
