@@ -57,6 +57,90 @@ pub enum AuditEvent {
         max: u32,
         sessctl_kind: SessctlKind,
     },
+    /// An administrator changed the cluster: a user, role, token, lock or
+    /// setting. `user` is who did it; `target` what was changed.
+    AdminChange {
+        event: String,
+        user: String,
+        target: String,
+        fields: Map<String, Value>,
+    },
+    /// Access refused: a certificate not accepted, a login or node not
+    /// allowed, a lock, a user no longer in the cluster.
+    AccessDenied {
+        user: String,
+        login: String,
+        server_id: String,
+        remote_addr: String,
+        reason: String,
+    },
+    /// Turnstile ended a live connection: a lock, a removed user, idleness,
+    /// an expired certificate, shutdown.
+    ClientDisconnect {
+        user: String,
+        login: String,
+        server_id: String,
+        remote_addr: String,
+        reason: String,
+    },
+}
+
+/// Every event the audit log can hold, with its code: the list that
+/// `docs/audit-events.md` documents (a test holds the two together).
+pub const CATALOGUE: &[(&str, &str)] = &[
+    ("user.login", "T1000I"),
+    ("user.login", "T1000W"),
+    ("user.create", "T1002I"),
+    ("user.update", "T1003I"),
+    ("user.delete", "T1004I"),
+    ("user.password_change", "T1005I"),
+    ("sessctl.limit", "T1006W"),
+    ("session.start", "T2000I"),
+    ("resize", "T2002I"),
+    ("session.end", "T2004I"),
+    ("session.upload", "T2005I"),
+    ("session.data", "T2006I"),
+    ("recording.failed", "T2010W"),
+    ("recording.failed", "T2010E"),
+    ("exec", "T3002I"),
+    ("exec", "T3002E"),
+    ("client.disconnect", "T3006I"),
+    ("auth", "T3007W"),
+    ("role.created", "T9000I"),
+    ("role.deleted", "T9001I"),
+    ("role.updated", "T9002I"),
+    ("join_token.create", "TJT00I"),
+    ("lock.created", "TLK00I"),
+    ("lock.deleted", "TLK01I"),
+    ("cluster_config.update", "TST00I"),
+];
+
+/// The code of an event named `name` with one code; `T0000I` for an unknown name.
+fn code_of(name: &str) -> &'static str {
+    CATALOGUE
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("T0000I", |(_, c)| c)
+}
+
+impl AuditEvent {
+    /// An administrator's change of the cluster.
+    pub fn admin<const N: usize>(
+        event: &str,
+        actor: &str,
+        target: &str,
+        fields: [(&str, String); N],
+    ) -> AuditEvent {
+        AuditEvent::AdminChange {
+            event: event.to_string(),
+            user: actor.to_string(),
+            target: target.to_string(),
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Value::String(v)))
+                .collect(),
+        }
+    }
 }
 
 impl AuditEvent {
@@ -64,7 +148,9 @@ impl AuditEvent {
         match self {
             AuditEvent::UserLogin { .. } => "user.login",
             AuditEvent::SessctlLimit { .. } => "sessctl.limit",
-            AuditEvent::SessionEvent { event, .. } => event,
+            AuditEvent::SessionEvent { event, .. } | AuditEvent::AdminChange { event, .. } => event,
+            AuditEvent::AccessDenied { .. } => "auth",
+            AuditEvent::ClientDisconnect { .. } => "client.disconnect",
         }
     }
 
@@ -89,8 +175,9 @@ impl AuditEvent {
                     "T2010E"
                 }
                 "recording.failed" => "T2010W",
-                _ => "T0000I",
+                other => code_of(other),
             },
+            other => code_of(other.name()),
         }
     }
 
@@ -98,7 +185,10 @@ impl AuditEvent {
         match self {
             AuditEvent::UserLogin { user, .. }
             | AuditEvent::SessctlLimit { user, .. }
-            | AuditEvent::SessionEvent { user, .. } => user,
+            | AuditEvent::SessionEvent { user, .. }
+            | AuditEvent::AdminChange { user, .. }
+            | AuditEvent::AccessDenied { user, .. }
+            | AuditEvent::ClientDisconnect { user, .. } => user,
         }
     }
 
@@ -106,8 +196,10 @@ impl AuditEvent {
     pub fn server_id(&self) -> Option<&str> {
         match self {
             AuditEvent::SessctlLimit { server_id, .. }
-            | AuditEvent::SessionEvent { server_id, .. } => Some(server_id),
-            AuditEvent::UserLogin { .. } => None,
+            | AuditEvent::SessionEvent { server_id, .. }
+            | AuditEvent::AccessDenied { server_id, .. }
+            | AuditEvent::ClientDisconnect { server_id, .. } => Some(server_id),
+            AuditEvent::UserLogin { .. } | AuditEvent::AdminChange { .. } => None,
         }
     }
 
@@ -171,6 +263,43 @@ impl AuditEvent {
                     m.entry(k.clone()).or_insert_with(|| v.clone());
                 }
             }
+            AuditEvent::AdminChange {
+                user,
+                target,
+                fields,
+                ..
+            } => {
+                m.insert("user".into(), json!(user));
+                m.insert("target".into(), json!(target));
+                for (k, v) in fields {
+                    m.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            AuditEvent::AccessDenied {
+                user,
+                login,
+                server_id,
+                remote_addr,
+                reason,
+            }
+            | AuditEvent::ClientDisconnect {
+                user,
+                login,
+                server_id,
+                remote_addr,
+                reason,
+            } => {
+                m.insert("user".into(), json!(user));
+                m.insert("login".into(), json!(login));
+                m.insert("server_id".into(), json!(server_id));
+                m.insert("addr.remote".into(), json!(remote_addr));
+                if matches!(self, AuditEvent::AccessDenied { .. }) {
+                    m.insert("success".into(), json!(false));
+                    m.insert("error".into(), json!(reason));
+                } else {
+                    m.insert("reason".into(), json!(reason));
+                }
+            }
         }
         Value::Object(m)
     }
@@ -208,6 +337,85 @@ mod tests {
         }
         let wire = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<AuditEvent>(&wire).unwrap(), e);
+    }
+
+    #[test]
+    fn the_documented_events_are_the_events_of_the_code() {
+        let doc = include_str!("../../../docs/audit-events.md");
+        let documented: Vec<(String, String)> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+            })
+            .collect();
+        let coded: Vec<(String, String)> = CATALOGUE
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.to_string()))
+            .collect();
+        for e in &coded {
+            assert!(
+                documented.contains(e),
+                "{e:?} is not in docs/audit-events.md"
+            );
+        }
+        for e in &documented {
+            assert!(
+                coded.contains(e),
+                "{e:?} is documented but not in CATALOGUE"
+            );
+        }
+    }
+
+    #[test]
+    fn every_kind_of_event_has_a_catalogued_code() {
+        let none = Map::new;
+        let events = [
+            AuditEvent::admin("lock.created", "admin", "user \"dave\"", []),
+            AuditEvent::admin("user.delete", "admin", "dave", []),
+            AuditEvent::AccessDenied {
+                user: "dave".into(),
+                login: "root".into(),
+                server_id: "n".into(),
+                remote_addr: "a".into(),
+                reason: "locked".into(),
+            },
+            AuditEvent::ClientDisconnect {
+                user: "dave".into(),
+                login: "root".into(),
+                server_id: "n".into(),
+                remote_addr: "a".into(),
+                reason: "locked".into(),
+            },
+            AuditEvent::SessionEvent {
+                event: "session.end".into(),
+                sid: "s".into(),
+                server_id: "n".into(),
+                user: "dave".into(),
+                login: "root".into(),
+                fields: none(),
+            },
+        ];
+        for e in events {
+            let code = e.code();
+            assert!(
+                CATALOGUE.contains(&(e.name(), code)),
+                "{} has code {code}, not in CATALOGUE",
+                e.name()
+            );
+        }
+        let v = AuditEvent::AccessDenied {
+            user: "dave".into(),
+            login: "root".into(),
+            server_id: "n".into(),
+            remote_addr: "a".into(),
+            reason: "locked".into(),
+        }
+        .to_json("t", "u");
+        assert_eq!(v["event"], "auth");
+        assert_eq!(v["code"], "T3007W");
+        assert_eq!(v["error"], "locked");
     }
 
     #[test]

@@ -82,6 +82,45 @@ impl UserIdentity {
         ext
     }
 
+    /// What a certificate's identity may still do under the user's current
+    /// record (`None`: the user no longer exists): its roles and logins cut
+    /// down to those the user holds now, so a certificate never outgrants
+    /// the record. Refused, with the reason, when no role is left.
+    pub fn bounded_by(
+        &self,
+        current: Option<(&[String], &[String])>,
+    ) -> Result<UserIdentity, String> {
+        let Some((roles, logins)) = current else {
+            return Err(format!(
+                "user {:?} no longer exists; their certificates are no longer accepted",
+                self.user
+            ));
+        };
+        let kept_roles: Vec<String> = self
+            .roles
+            .iter()
+            .filter(|r| roles.contains(r))
+            .cloned()
+            .collect();
+        if kept_roles.is_empty() {
+            return Err(format!(
+                "user {:?} no longer holds any role of this certificate ({}); get a new one with `turnstile login`",
+                self.user,
+                self.roles.join(", ")
+            ));
+        }
+        Ok(UserIdentity {
+            user: self.user.clone(),
+            roles: kept_roles,
+            logins: self
+                .logins
+                .iter()
+                .filter(|l| logins.contains(l))
+                .cloned()
+                .collect(),
+        })
+    }
+
     /// Reads the identity back; `None` if the certificate is not Turnstile's.
     pub fn from_extensions<'a>(
         mut get: impl FnMut(&str) -> Option<&'a str>,
@@ -141,5 +180,23 @@ mod tests {
         let back = UserIdentity::from_extensions(|k| ext.get(k).map(String::as_str)).unwrap();
         assert_eq!(back, id);
         assert!(UserIdentity::from_extensions(|_| None).is_none());
+    }
+
+    #[test]
+    fn a_certificate_never_outgrants_the_current_record() {
+        let id = UserIdentity {
+            user: "dave".into(),
+            roles: vec!["access".into(), "admin-ish".into()],
+            logins: vec!["dave".into(), "root".into()],
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (roles, logins) = (s(&["access", "other"]), s(&["dave"]));
+        let bounded = id.bounded_by(Some((&roles, &logins))).unwrap();
+        assert_eq!(bounded.roles, s(&["access"]));
+        assert_eq!(bounded.logins, s(&["dave"]));
+        let gone = id.bounded_by(None).unwrap_err();
+        assert!(gone.contains("no longer exists"), "{gone}");
+        let none_left = id.bounded_by(Some((&s(&["other"]), &logins))).unwrap_err();
+        assert!(none_left.contains("access, admin-ish"), "{none_left}");
     }
 }

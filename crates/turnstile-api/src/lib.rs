@@ -10,6 +10,7 @@ pub mod duration;
 pub mod error;
 pub mod identity;
 pub mod labels;
+pub mod lock;
 pub mod metrics;
 pub mod pin;
 pub mod recording;

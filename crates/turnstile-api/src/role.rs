@@ -117,13 +117,15 @@ teleport_struct! {
             max_session_ttl: WrittenDuration,
             /// What happens when a session's recording cannot be written.
             record_session: RecordSession,
+            /// Ends a session after this long without input from the user.
+            client_idle_timeout: WrittenDuration,
+            /// Ends a session when the certificate it was opened with expires.
+            disconnect_expired_cert: bool,
         }
         unimplemented {
             forward_agent,
             port_forwarding,
             cert_format,
-            client_idle_timeout,
-            disconnect_expired_cert,
             permit_x11_forwarding,
             enhanced_recording,
             require_session_mfa,
@@ -431,6 +433,10 @@ pub struct Limits {
     pub max_session_ttl: Duration,
     /// `strict` unless a role says `best_effort` and none says `strict`.
     pub recording: RecordingPolicy,
+    /// The shortest non-zero `client_idle_timeout` of the roles.
+    pub client_idle_timeout: Option<Duration>,
+    /// Some role says `disconnect_expired_cert: true`.
+    pub disconnect_expired_cert: bool,
 }
 
 /// Why a role set refused access.
@@ -594,6 +600,17 @@ impl RoleSet {
             RecordingPolicy::Strict
         };
         Limits {
+            client_idle_timeout: self
+                .roles
+                .iter()
+                .filter_map(|r| r.spec.options.client_idle_timeout)
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero())
+                .min(),
+            disconnect_expired_cert: self
+                .roles
+                .iter()
+                .any(|r| r.spec.options.disconnect_expired_cert == Some(true)),
             recording,
             max_connections: smallest_nonzero(|o| o.max_connections),
             max_sessions: smallest_nonzero(|o| o.max_sessions),

@@ -98,7 +98,7 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn unix_secs(t: SystemTime) -> i64 {
+pub(crate) fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
@@ -361,11 +361,54 @@ impl Authority {
         }
     }
 
-    /// The identity in a user certificate of this cluster that is valid now.
-    pub fn verify_user_certificate(
+    /// The identity in a user certificate of this cluster that is valid now,
+    /// cut down to the user's current record (refused for a locked or
+    /// removed user).
+    pub async fn verify_user_certificate(
         &self,
         text: &str,
     ) -> Result<(Certificate, UserIdentity), ApiError> {
+        let (cert, identity) = self.certified_identity(text)?;
+        let current = self.current_identity(&identity).await?;
+        Ok((cert, current))
+    }
+
+    /// What a certificate's identity may do now: its roles and logins cut
+    /// down to the user's current record; refused when a lock covers the
+    /// user or the user is gone.
+    pub async fn current_identity(
+        &self,
+        identity: &UserIdentity,
+    ) -> Result<UserIdentity, ApiError> {
+        self.refuse_if_locked(&identity.user).await?;
+        let record = match self.get_user(&identity.user).await {
+            Ok(r) => Some(r),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        identity
+            .bounded_by(
+                record
+                    .as_ref()
+                    .map(|r| (r.roles.as_slice(), r.logins.as_slice())),
+            )
+            .map_err(ApiError::access_denied)
+    }
+
+    /// Refuses a user whom a lock covers.
+    pub async fn refuse_if_locked(&self, user: &str) -> Result<(), ApiError> {
+        let who = turnstile_api::lock::LockSubject {
+            user,
+            login: None,
+            node: None,
+        };
+        match turnstile_api::lock::covering(&self.list_locks().await?, &who, self.now_unix()) {
+            Some(lock) => Err(ApiError::access_denied(lock.refusal())),
+            None => Ok(()),
+        }
+    }
+
+    fn certified_identity(&self, text: &str) -> Result<(Certificate, UserIdentity), ApiError> {
         let cert = Certificate::from_openssh(text.trim())
             .map_err(|e| ApiError::bad_parameter(format!("certificate: {e}")))?;
         cert.validate_at(self.clock.unix_now(), [&self.user_ca.fingerprint()])
@@ -417,7 +460,7 @@ impl Authority {
         user_certificate: &str,
         proxy_key: &PublicKey,
     ) -> Result<IssuedUserCert, ApiError> {
-        let (current, identity) = self.verify_user_certificate(user_certificate)?;
+        let (current, identity) = self.verify_user_certificate(user_certificate).await?;
         let now = self.clock.now();
         let valid_before = now + Duration::from_secs(300);
         let mut b = Vec::new();
@@ -637,6 +680,7 @@ impl Authority {
         public_key: &PublicKey,
         ttl: Duration,
     ) -> Result<IssuedUserCert, ApiError> {
+        self.refuse_if_locked(user).await?;
         let record = self.get_user(user).await?;
         let roles = self.role_set(&record.roles).await?;
         let principals = roles.allowed_logins(&record.logins);
@@ -742,12 +786,26 @@ async fn load_or_create_ssh_ca(backend: &dyn Backend, key: &str) -> Result<SshCa
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::audit_log::MemoryAuditLog;
     use crate::backend::MemoryBackend;
     use crate::ca::generate_ed25519;
-    use turnstile_api::clock::SystemClock;
+    use turnstile_api::clock::{ManualClock, SystemClock};
+
+    /// An authority on a clock the test moves.
+    pub(crate) async fn authority_at() -> (Authority, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let a = Authority::open(
+            Arc::new(MemoryBackend::new()),
+            clock.clone(),
+            Arc::new(MemoryAuditLog::default()),
+            "main",
+        )
+        .await
+        .unwrap();
+        (a, clock)
+    }
 
     async fn authority() -> Authority {
         Authority::open(

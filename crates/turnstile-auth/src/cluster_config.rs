@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use turnstile_api::error::ApiError;
+use turnstile_api::lock::LockingMode;
 use turnstile_api::recording::RecordingMode;
+use turnstile_api::rpc::proto;
 
 use crate::backend::{Backend, BackendError};
 
@@ -16,6 +18,16 @@ const KEY: &str = "cluster/config";
 pub struct ClusterConfig {
     pub session_control_timeout_ms: u64,
     pub session_recording: RecordingMode,
+    /// How nodes and proxies apply cached locks while auth is unreachable.
+    #[serde(default)]
+    pub locking_mode: LockingMode,
+    /// Ends a session after this long without input, for roles that do not
+    /// set `client_idle_timeout`; 0: never.
+    #[serde(default)]
+    pub client_idle_timeout_ms: u64,
+    /// Ends a session when its certificate expires, for every role.
+    #[serde(default)]
+    pub disconnect_expired_cert: bool,
 }
 
 impl Default for ClusterConfig {
@@ -23,13 +35,67 @@ impl Default for ClusterConfig {
         Self {
             session_control_timeout_ms: 120_000,
             session_recording: RecordingMode::Node,
+            locking_mode: LockingMode::BestEffort,
+            client_idle_timeout_ms: 0,
+            disconnect_expired_cert: false,
         }
     }
+}
+
+/// The settings `turnstile admin config set` may change.
+pub const SETTABLE: &str = "session_recording, session_control_timeout, locking_mode, client_idle_timeout, disconnect_expired_cert";
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl ClusterConfig {
     pub fn session_control_timeout(&self) -> Duration {
         Duration::from_millis(self.session_control_timeout_ms)
+    }
+
+    /// Changes one setting from its written form; the error names the
+    /// setting and what it takes.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ApiError> {
+        let bad = |e: String| ApiError::bad_parameter(format!("{key}: {e}"));
+        let duration = |v: &str| turnstile_api::duration::parse(v).map_err(|e| bad(e.to_string()));
+        match key {
+            "session_recording" => {
+                self.session_recording = value.parse().map_err(|e| bad(format!("{e}")))?
+            }
+            "session_control_timeout" => {
+                let d = duration(value)?;
+                if d.is_zero() {
+                    return Err(bad("must be longer than zero".into()));
+                }
+                self.session_control_timeout_ms = millis(d);
+            }
+            "locking_mode" => self.locking_mode = value.parse().map_err(bad)?,
+            "client_idle_timeout" => self.client_idle_timeout_ms = millis(duration(value)?),
+            "disconnect_expired_cert" => {
+                self.disconnect_expired_cert = match value {
+                    "true" | "yes" => true,
+                    "false" | "no" => false,
+                    other => return Err(bad(format!("{other:?} is not true or false"))),
+                }
+            }
+            other => {
+                return Err(ApiError::bad_parameter(format!(
+                    "unknown setting {other:?}; settable: {SETTABLE}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_proto(&self) -> proto::ClusterConfig {
+        proto::ClusterConfig {
+            session_control_timeout_ms: self.session_control_timeout_ms,
+            session_recording: self.session_recording.to_string(),
+            locking_mode: self.locking_mode.to_string(),
+            client_idle_timeout_ms: self.client_idle_timeout_ms,
+            disconnect_expired_cert: self.disconnect_expired_cert,
+        }
     }
 }
 
@@ -47,4 +113,32 @@ pub async fn put(backend: &dyn Backend, config: &ClusterConfig) -> Result<(), Ap
         .put(KEY, serde_json::to_vec(config).unwrap_or_default(), None)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_change_by_name_and_bad_values_name_the_setting() {
+        let mut c = ClusterConfig::default();
+        c.set("locking_mode", "strict").unwrap();
+        c.set("client_idle_timeout", "15m").unwrap();
+        c.set("disconnect_expired_cert", "true").unwrap();
+        assert_eq!(c.locking_mode, LockingMode::Strict);
+        assert_eq!(c.client_idle_timeout_ms, 900_000);
+        assert!(c.disconnect_expired_cert);
+        let e = c.set("locking_mode", "strikt").unwrap_err().to_string();
+        assert!(
+            e.contains("locking_mode") && e.contains("best_effort, strict"),
+            "{e}"
+        );
+        let e = c
+            .set("session_control_timeout", "0s")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than zero"), "{e}");
+        let e = c.set("colour", "red").unwrap_err().to_string();
+        assert!(e.contains(SETTABLE), "{e}");
+    }
 }

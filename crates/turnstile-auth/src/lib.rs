@@ -8,6 +8,7 @@ pub mod authority;
 pub mod backend;
 pub mod ca;
 pub mod cluster_config;
+pub mod locks;
 pub mod passwords;
 pub mod recording_stream;
 pub mod recordings;

@@ -1,11 +1,11 @@
-//! What nodes and proxies know of the cluster: the CAs, the roles and the node
-//! list, fetched from auth over the gRPC API and cached, so that users without
+//! What nodes and proxies know of the cluster: the CAs, the roles, the users,
+//! the locks and the node list, fetched from auth over the gRPC API and cached, so that users without
 //! limits keep working while auth is briefly unreachable. The cache refreshes
 //! in the background; a miss (an unknown role or node) refreshes once at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::{HashAlg, PublicKey};
@@ -13,7 +13,9 @@ use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use turnstile_api::error::{ApiError, ErrorKind};
+use turnstile_api::identity::UserIdentity;
 use turnstile_api::labels::Labels;
+use turnstile_api::lock::{self, Lock, LockSubject, LockingMode, STRICT_LOCKS_MAX_AGE};
 use turnstile_api::recording::RecordingMode;
 use turnstile_api::role::{Role, RoleSet};
 use turnstile_api::rpc::{AUTH_SERVER_NAME, AuthClient, proto};
@@ -57,7 +59,21 @@ struct Snapshot {
     config: proto::ClusterConfig,
     roles: HashMap<String, Role>,
     nodes: Vec<NodeInfo>,
+    /// Each user's current roles and logins.
+    users: HashMap<String, (Vec<String>, Vec<String>)>,
+    locks: Vec<Lock>,
+    /// When auth last answered a refresh.
+    fetched_at: Option<Instant>,
     loaded: bool,
+}
+
+/// How a role set's sessions end by themselves, with the cluster's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEndings {
+    /// End after this long without input.
+    pub idle_timeout: Option<Duration>,
+    /// End when the certificate expires.
+    pub at_cert_expiry: bool,
 }
 
 #[derive(Debug)]
@@ -109,6 +125,22 @@ impl ClusterView {
             .get_cluster_config(proto::GetClusterConfigRequest {})
             .await?
             .into_inner();
+        let users = client
+            .list_users(proto::ListUsersRequest {})
+            .await?
+            .into_inner();
+        let locks = client
+            .list_locks(proto::ListLocksRequest {})
+            .await?
+            .into_inner();
+        let locks = locks
+            .locks
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<Lock>(&l.lock_json)
+                    .map_err(|e| ApiError::internal(format!("auth sent a bad lock: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut parsed_roles = HashMap::new();
         for json in roles.role_json {
             let role: Role = serde_json::from_str(&json)
@@ -134,6 +166,13 @@ impl ClusterView {
                     labels: n.labels.into_iter().collect(),
                 })
                 .collect(),
+            users: users
+                .users
+                .into_iter()
+                .map(|u| (u.name, (u.roles, u.logins)))
+                .collect(),
+            locks,
+            fetched_at: Some(Instant::now()),
             loaded: true,
         };
         *self.snapshot.write().await = fresh;
@@ -261,6 +300,85 @@ impl ClusterView {
             ErrorKind::AccessDenied,
             format!("role(s) {} no longer exist", missing.join(", ")),
         ))
+    }
+
+    /// The cluster's current word on a certificate's identity, for a
+    /// connection as `login` (once known) to `node` (name, host id; none at
+    /// the proxy): the identity cut down to the user's current record, or
+    /// why it may not go on (a lock, a user no longer there, no role left).
+    /// A user unknown to the cache refreshes it once.
+    pub async fn standing(
+        &self,
+        identity: &UserIdentity,
+        login: Option<&str>,
+        node: Option<(&str, &str)>,
+        now_unix: u64,
+    ) -> Result<UserIdentity, String> {
+        self.ensure_loaded()
+            .await
+            .map_err(|e| format!("cannot check user {:?} with auth: {e}", identity.user))?;
+        if !self
+            .snapshot
+            .read()
+            .await
+            .users
+            .contains_key(&identity.user)
+        {
+            let _ = self.refresh().await;
+        }
+        let s = self.snapshot.read().await;
+        let who = LockSubject {
+            user: &identity.user,
+            login,
+            node,
+        };
+        let now = i64::try_from(now_unix).unwrap_or(i64::MAX);
+        if let Some(lock) = lock::covering(&s.locks, &who, now) {
+            return Err(lock.refusal());
+        }
+        identity.bounded_by(
+            s.users
+                .get(&identity.user)
+                .map(|(r, l)| (r.as_slice(), l.as_slice())),
+        )
+    }
+
+    /// Refuses new connections, in `strict` locking mode, while the cached
+    /// locks are too old to trust.
+    pub async fn locks_fresh_enough(&self) -> Result<(), String> {
+        let s = self.snapshot.read().await;
+        let mode: LockingMode = s.config.locking_mode.parse().unwrap_or_default();
+        if mode == LockingMode::BestEffort {
+            return Ok(());
+        }
+        match s.fetched_at.map(|t| t.elapsed()) {
+            Some(age) if age <= STRICT_LOCKS_MAX_AGE => Ok(()),
+            age => Err(format!(
+                "locks cannot be checked: auth has not been reached {} and locking_mode is strict; try again once auth is back",
+                age.map_or("since this process started".into(), |a| format!(
+                    "for {}s",
+                    a.as_secs()
+                ))
+            )),
+        }
+    }
+
+    /// When sessions of `roles` end by themselves: the roles' options, else
+    /// the cluster's defaults (the shortest idle timeout wins; any `true`
+    /// ends sessions at certificate expiry).
+    pub async fn session_endings(&self, roles: &RoleSet) -> SessionEndings {
+        let s = self.snapshot.read().await;
+        let limits = roles.limits();
+        let cluster_idle = Duration::from_millis(s.config.client_idle_timeout_ms);
+        let idle_timeout = [limits.client_idle_timeout, Some(cluster_idle)]
+            .into_iter()
+            .flatten()
+            .filter(|d| !d.is_zero())
+            .min();
+        SessionEndings {
+            idle_timeout,
+            at_cert_expiry: limits.disconnect_expired_cert || s.config.disconnect_expired_cert,
+        }
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {

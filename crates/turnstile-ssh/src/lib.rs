@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster_view;
 pub mod identity;
 pub mod join;
+pub mod live;
 pub mod node;
 pub mod proxy;
 pub mod proxy_header;

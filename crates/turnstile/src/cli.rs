@@ -219,9 +219,13 @@ pub enum AdminCommand {
     /// Join tokens for nodes and proxies.
     #[command(subcommand)]
     Tokens(TokensCommand),
-    /// Cluster settings, changed live (session_recording, session_control_timeout).
+    /// Cluster settings, changed live (session_recording, session_control_timeout,
+    /// locking_mode, client_idle_timeout, disconnect_expired_cert).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Lock a user, a node or a login: live sessions end and new ones are refused.
+    #[command(subcommand)]
+    Locks(LocksCommand),
     /// Connection slots held under max_connections.
     #[command(subcommand)]
     Semaphores(ListCommand),
@@ -328,9 +332,46 @@ pub enum ConfigCommand {
         format: Format,
     },
     /// Change one: session_recording (node, node-sync, proxy, proxy-sync, off; recorders
-    /// follow within 10 s, each session keeps the mode it started in) or
-    /// session_control_timeout (e.g. 2m).
+    /// follow within 10 s, each session keeps the mode it started in),
+    /// session_control_timeout (e.g. 2m), locking_mode (best_effort, strict),
+    /// client_idle_timeout (e.g. 15m; 0s: none) or disconnect_expired_cert (true, false).
     Set { key: String, value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocksCommand {
+    /// Place a lock. Within 10s every node and proxy ends the live sessions
+    /// it covers, with the message on the user's terminal, and refuses new
+    /// connections, whatever certificate they carry.
+    #[command(
+        group(clap::ArgGroup::new("target").required(true).args(["user", "node", "login"])),
+        after_help = "Examples:\n  turnstile admin locks add --user dave --message \"offboarded; ask IT\"\n  \
+turnstile admin locks add --node db-1 --ttl 30m --message \"maintenance\""
+    )]
+    Add {
+        /// Lock every connection of this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Lock every connection to this node (its name or host id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Lock every connection as this login (OS user), on every node.
+        #[arg(long)]
+        login: Option<String>,
+        /// How long the lock lasts, e.g. 30m, 12h (default: until removed).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// Shown to the users it stops.
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    /// List the locks in force.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove a lock by its id (from `locks ls`).
+    Rm { id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,8 +38,7 @@ use turnstile_recording::storage::{StoreUri, UploadStore};
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
 const NODE_TTL: Duration = Duration::from_secs(60);
-/// How often nodes and proxies refresh their cached view of the cluster.
-const VIEW_REFRESH: Duration = Duration::from_secs(5);
+/// How long sessions may run on after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Files in the data dir where services leave their real addresses, for the
@@ -337,6 +336,12 @@ async fn launch_services(
                     )
                     .unwrap_or(u64::MAX),
                     session_recording: auth_settings.session_recording,
+                    locking_mode: auth_settings.locking_mode,
+                    client_idle_timeout_ms: u64::try_from(
+                        auth_settings.client_idle_timeout.as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                    disconnect_expired_cert: auth_settings.disconnect_expired_cert,
                 },
             )
             .await?;
@@ -396,7 +401,7 @@ async fn launch_services(
         principals.dedup();
         let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
         warm(&view).await;
-        view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
+        view.spawn_refresher(config.view_refresh, shutdown.clone());
         let service = ProxyService::new(
             ProxyConfig {
                 host_id: host_id.clone(),
@@ -437,7 +442,7 @@ async fn launch_services(
         let principals = vec![node.node_name.clone(), host_part(&advertised)];
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
         warm(&view).await;
-        view.spawn_refresher(VIEW_REFRESH, shutdown.clone());
+        view.spawn_refresher(config.view_refresh, shutdown.clone());
         let service = NodeService::new(
             NodeConfig {
                 host_id: host_id.clone(),

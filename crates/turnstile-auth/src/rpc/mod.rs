@@ -135,6 +135,7 @@ impl AuthApi {
         let (_, identity) = self
             .authority
             .verify_user_certificate(certificate)
+            .await
             .map_err(fail)?;
         let roles = self
             .authority
@@ -186,14 +187,23 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::UpsertRoleRequest>,
     ) -> RpcResult<proto::UpsertRoleResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
         let r = req.into_inner();
         let role = role_from_json(&r.role_json)?;
+        let name = role.metadata.name.clone();
         let created = self
             .authority
             .upsert_role(role, r.create_only)
             .await
             .map_err(fail)?;
+        let event = if created {
+            "role.created"
+        } else {
+            "role.updated"
+        };
+        self.authority
+            .record(AuditEvent::admin(event, &c.id, &name, []))
+            .await;
         ok(proto::UpsertRoleResponse { created })
     }
 
@@ -221,11 +231,12 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> RpcResult<proto::DeleteResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
+        let name = req.into_inner().name;
+        self.authority.delete_role(&name).await.map_err(fail)?;
         self.authority
-            .delete_role(&req.into_inner().name)
-            .await
-            .map_err(fail)?;
+            .record(AuditEvent::admin("role.deleted", &c.id, &name, []))
+            .await;
         ok(proto::DeleteResponse {})
     }
 
@@ -233,7 +244,7 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::UpsertUserRequest>,
     ) -> RpcResult<proto::UpsertUserResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
         let r = req.into_inner();
         let u = r
             .user
@@ -248,11 +259,28 @@ impl proto::auth_server::Auth for AuthApi {
                 .as_ref()
                 .map_or_else(|| self.authority.now_unix(), |e| e.created_unix),
         };
+        let audited = record.clone();
         let created = self
             .authority
             .upsert_user(record, r.create_only)
             .await
             .map_err(fail)?;
+        let event = if created {
+            "user.create"
+        } else {
+            "user.update"
+        };
+        self.authority
+            .record(AuditEvent::admin(
+                event,
+                &c.id,
+                &audited.name,
+                [
+                    ("roles", audited.roles.join(",")),
+                    ("logins", audited.logins.join(",")),
+                ],
+            ))
+            .await;
         ok(proto::UpsertUserResponse { created })
     }
 
@@ -260,7 +288,8 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::ListUsersRequest>,
     ) -> RpcResult<proto::UserList> {
-        require(&req, ADMIN)?;
+        // Nodes and proxies hold certificates to the user's current record.
+        require(&req, ANY)?;
         let users = self.authority.list_users().await.map_err(fail)?;
         ok(proto::UserList {
             users: users.into_iter().map(user_to_proto).collect(),
@@ -271,11 +300,12 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> RpcResult<proto::DeleteResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
+        let name = req.into_inner().name;
+        self.authority.delete_user(&name).await.map_err(fail)?;
         self.authority
-            .delete_user(&req.into_inner().name)
-            .await
-            .map_err(fail)?;
+            .record(AuditEvent::admin("user.delete", &c.id, &name, []))
+            .await;
         ok(proto::DeleteResponse {})
     }
 
@@ -366,7 +396,7 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::CreateTokenRequest>,
     ) -> RpcResult<proto::CreateTokenResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
         let r = req.into_inner();
         let roles = r
             .roles
@@ -379,6 +409,15 @@ impl proto::auth_server::Auth for AuthApi {
             .create_token(&roles, Duration::from_secs(r.ttl_seconds))
             .await
             .map_err(fail)?;
+        // The token itself is a secret: the log names it by its roles only.
+        self.authority
+            .record(AuditEvent::admin(
+                "join_token.create",
+                &c.id,
+                &r.roles.join(","),
+                [("ttl", format!("{}s", r.ttl_seconds))],
+            ))
+            .await;
         ok(proto::CreateTokenResponse {
             token,
             expires_unix: expires
@@ -426,12 +465,20 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::SetPasswordRequest>,
     ) -> RpcResult<proto::SetPasswordResponse> {
-        require(&req, ADMIN)?;
+        let c = require(&req, ADMIN)?;
         let r = req.into_inner();
         self.authority
             .set_password(&r.user, &r.password)
             .await
             .map_err(fail)?;
+        self.authority
+            .record(AuditEvent::admin(
+                "user.password_change",
+                &c.id,
+                &r.user,
+                [],
+            ))
+            .await;
         ok(proto::SetPasswordResponse {})
     }
 
@@ -488,10 +535,7 @@ impl proto::auth_server::Auth for AuthApi {
         let c = cluster_config::get(self.authority.backend().as_ref())
             .await
             .map_err(fail)?;
-        ok(proto::ClusterConfig {
-            session_control_timeout_ms: c.session_control_timeout_ms,
-            session_recording: c.session_recording.to_string(),
-        })
+        ok(c.to_proto())
     }
 
     async fn acquire_semaphore(
@@ -578,6 +622,12 @@ impl proto::auth_server::Auth for AuthApi {
         let c = require(&req, HOSTS)?;
         let event: AuditEvent = serde_json::from_str(&req.into_inner().event_json)
             .map_err(|e| Status::invalid_argument(format!("audit event: {e}")))?;
+        if matches!(event, AuditEvent::AdminChange { .. }) {
+            return Err(Status::permission_denied(format!(
+                "{} {} may not emit administrators' events",
+                c.role, c.id
+            )));
+        }
         if event.server_id().is_some_and(|id| id != c.id) {
             return Err(Status::permission_denied(format!(
                 "{} {} may not emit events for another server",
@@ -859,41 +909,68 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::SetClusterConfigRequest>,
     ) -> RpcResult<proto::ClusterConfig> {
-        require(&req, ADMIN)?;
+        let caller = require(&req, ADMIN)?;
         let r = req.into_inner();
         let backend = self.authority.backend();
         let mut c = cluster_config::get(backend.as_ref()).await.map_err(fail)?;
-        match r.key.as_str() {
-            "session_recording" => {
-                c.session_recording = r
-                    .value
-                    .parse()
-                    .map_err(|e| Status::invalid_argument(format!("session_recording: {e}")))?;
-            }
-            "session_control_timeout" => {
-                let d = turnstile_api::duration::parse(&r.value).map_err(|e| {
-                    Status::invalid_argument(format!("session_control_timeout: {e}"))
-                })?;
-                if d.is_zero() {
-                    return Err(Status::invalid_argument(
-                        "session_control_timeout: must be longer than zero",
-                    ));
-                }
-                c.session_control_timeout_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-            }
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown setting {other:?}; settable: session_recording, session_control_timeout"
-                )));
-            }
-        }
+        c.set(&r.key, &r.value).map_err(fail)?;
         cluster_config::put(backend.as_ref(), &c)
             .await
             .map_err(fail)?;
-        ok(proto::ClusterConfig {
-            session_control_timeout_ms: c.session_control_timeout_ms,
-            session_recording: c.session_recording.to_string(),
+        self.authority
+            .record(AuditEvent::admin(
+                "cluster_config.update",
+                &caller.id,
+                &r.key,
+                [("value", r.value)],
+            ))
+            .await;
+        ok(c.to_proto())
+    }
+
+    async fn create_lock(
+        &self,
+        req: Request<proto::CreateLockRequest>,
+    ) -> RpcResult<proto::LockMessage> {
+        let c = require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let target = r.target.parse().map_err(Status::invalid_argument)?;
+        let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
+        let lock = self
+            .authority
+            .create_lock(target, r.message, ttl, &c.id)
+            .await
+            .map_err(fail)?;
+        ok(lock_to_proto(&lock))
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<proto::ListLocksRequest>,
+    ) -> RpcResult<proto::LockList> {
+        require(&req, ANY)?;
+        let locks = self.authority.list_locks().await.map_err(fail)?;
+        ok(proto::LockList {
+            locks: locks.iter().map(lock_to_proto).collect(),
         })
+    }
+
+    async fn delete_lock(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> RpcResult<proto::DeleteResponse> {
+        let c = require(&req, ADMIN)?;
+        self.authority
+            .delete_lock(&req.into_inner().name, &c.id)
+            .await
+            .map_err(fail)?;
+        ok(proto::DeleteResponse {})
+    }
+}
+
+fn lock_to_proto(lock: &turnstile_api::lock::Lock) -> proto::LockMessage {
+    proto::LockMessage {
+        lock_json: serde_json::to_string(lock).unwrap_or_default(),
     }
 }
 

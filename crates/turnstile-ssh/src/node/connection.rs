@@ -24,6 +24,7 @@ use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 use super::NodeShared;
 use super::process::LocalUser;
 use super::session::{RecordingContext, SessionContext, serve_session};
+use crate::live::{Activity, WatchGuard, WatchRequest};
 use crate::server::ConnectionInfo;
 use crate::session_control::{AcquireError, ChannelLimit, ConnectionLease, LeaseParams};
 use crate::user_cert::verify_user_cert;
@@ -45,6 +46,10 @@ enum Access {
         via_proxy: bool,
         /// What becomes of a session whose recording cannot be written.
         recording: RecordingPolicy,
+        /// When the user's certificate expires, if the node is to end the
+        /// connection then.
+        cert_valid_before: Option<u64>,
+        activity: Arc<Activity>,
     },
     Denied {
         reason: String,
@@ -60,6 +65,8 @@ pub struct NodeConnection {
     access: Access,
     /// Cancelled when the connection ends, stopping its helper tasks.
     closed: CancellationToken,
+    /// On the node's list of live connections while it lives.
+    watch: Option<WatchGuard>,
 }
 
 /// "administratively prohibited" with our text, as OpenSSH prints it.
@@ -78,7 +85,25 @@ impl NodeConnection {
             id: uuid::Uuid::new_v4().to_string(),
             access: Access::Pending,
             closed: CancellationToken::new(),
+            watch: None,
         }
+    }
+
+    /// Records a refusal in the audit log, under the user the certificate
+    /// names (if it names one).
+    fn refused(&self, cert: &Certificate, login: &str, reason: &str) {
+        let user = cert
+            .extensions()
+            .get(turnstile_api::identity::EXT_USER)
+            .cloned()
+            .unwrap_or_default();
+        self.shared.audit.emit(AuditEvent::AccessDenied {
+            user,
+            login: login.to_string(),
+            server_id: self.shared.config.host_id.clone(),
+            remote_addr: self.info.client.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     fn limit_event(&self, user: &str, login: &str, max: u32, kind: SessctlKind) -> AuditEvent {
@@ -117,24 +142,13 @@ impl NodeConnection {
                 cert.valid_principals().join(", ")
             )));
         }
-        let roles = match self.shared.view.role_set(&identity.roles).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(denied(format!(
-                    "cannot check the roles of user {:?}: {e}",
-                    identity.user
-                )));
-            }
-        };
-        if let Err(refused) = roles.check_login(
-            &identity.user,
-            login,
-            &identity.logins,
-            &self.shared.config.node_name,
-            &self.shared.config.labels,
-        ) {
-            return Ok(denied(refused.0));
+        if let Err(reason) = self.shared.view.locks_fresh_enough().await {
+            return Ok(denied(reason));
         }
+        let roles = match self.shared.admit(&identity, login).await {
+            Ok((_, roles)) => roles,
+            Err(reason) => return Ok(denied(reason)),
+        };
         let local_user = match LocalUser::lookup(login) {
             Ok(u) => u,
             Err(reason) => return Ok(denied(reason)),
@@ -153,6 +167,10 @@ impl NodeConnection {
         };
         Ok(Access::Allowed {
             channels: ChannelLimit::new(limits.max_sessions),
+            // A proxy's certificate lives minutes: the proxy ends the
+            // session when the user's own certificate expires.
+            cert_valid_before: (!via_proxy).then(|| cert.valid_before()),
+            activity: Activity::new(),
             identity,
             login: login.to_string(),
             local_user,
@@ -210,17 +228,28 @@ impl NodeConnection {
 
     /// Registers the connection for `admin sessions ls` and, if it holds a
     /// slot, watches for the slot's loss to close the connection.
-    fn on_authenticated(&self, handle: Handle) {
+    fn on_authenticated(&mut self, handle: Handle) {
         let Access::Allowed {
             identity,
             login,
             channels,
             lease,
+            cert_valid_before,
+            activity,
             ..
         } = &self.access
         else {
             return;
         };
+        self.watch = Some(self.shared.live.watch(WatchRequest {
+            identity: identity.clone(),
+            login: login.clone(),
+            remote_addr: self.info.client.to_string(),
+            cert_valid_before: *cert_valid_before,
+            activity: activity.clone(),
+            handle: handle.clone(),
+            channels: Some(channels.clone()),
+        }));
         let tracker = proto::SessionTracker {
             id: self.id.clone(),
             node_id: self.shared.config.host_id.clone(),
@@ -243,15 +272,7 @@ impl NodeConnection {
                     _ = closed.cancelled() => return,
                 };
                 tracing::warn!(%reason, "closing a connection whose slot was lost");
-                let notice = format!("\r\nturnstile: {reason}; closing the connection\r\n");
-                for id in channels.open_channels() {
-                    let _ = handle
-                        .extended_data(id, 1, notice.clone().into_bytes())
-                        .await;
-                }
-                let _ = handle
-                    .disconnect(russh::Disconnect::ByApplication, reason, String::new())
-                    .await;
+                crate::live::end(&handle, &channels.open_channels(), &reason).await;
             });
         }
     }
@@ -277,12 +298,14 @@ impl Handler for NodeConnection {
             Ok(access) => {
                 if let Access::Denied { reason, .. } = &access {
                     tracing::warn!(client = %self.info.client, login = user, %reason, "access denied after authentication");
+                    self.refused(certificate, user, reason);
                 }
                 self.access = access;
                 Ok(Auth::Accept)
             }
             Err(reason) => {
                 tracing::warn!(client = %self.info.client, login = user, %reason, "certificate refused");
+                self.refused(certificate, user, &reason);
                 Ok(Auth::reject())
             }
         }
@@ -307,6 +330,7 @@ impl Handler for NodeConnection {
                 channels,
                 via_proxy,
                 recording,
+                activity,
                 ..
             } => {
                 let Some(slot) = channels.try_open(channel.id()) else {
@@ -344,6 +368,7 @@ impl Handler for NodeConnection {
                     return Ok(());
                 }
                 let ctx = SessionContext {
+                    activity: activity.clone(),
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
                     local_user: local_user.clone(),

@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use turnstile_api::clock::{Clock, SystemClock};
+use turnstile_api::identity::UserIdentity;
 use turnstile_api::labels::Labels;
+use turnstile_api::role::RoleSet;
 use turnstile_api::rpc::proto;
 
 use std::collections::HashMap;
@@ -20,6 +22,7 @@ use turnstile_recording::recorder::Recorder;
 
 use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
+use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 pub use crate::server::HostCredentials;
 use crate::server::{HeaderPolicy, serve, server_config};
 use crate::session_control::{ChannelLimit, LeaseService};
@@ -50,6 +53,9 @@ pub(crate) struct NodeShared {
     pub audit: Arc<AuditForwarder>,
     pub recorder: Arc<Recorder>,
     pub lease_service: Arc<dyn LeaseService>,
+    /// Users' connections, checked every second against locks, the users'
+    /// records and the ways sessions end by themselves.
+    pub live: Arc<LiveConnections>,
     /// Open connections of users, reported to auth for `admin sessions ls`.
     trackers: Mutex<HashMap<String, (proto::SessionTracker, Arc<ChannelLimit>)>>,
 }
@@ -57,6 +63,36 @@ pub(crate) struct NodeShared {
 impl NodeShared {
     pub fn clock_unix(&self) -> u64 {
         self.clock.unix_now()
+    }
+
+    /// May this certificate's identity log in as `login` here now? The
+    /// identity cut down to the user's current record, and its roles; or
+    /// why not. Asked at authentication and of every live connection.
+    pub async fn admit(
+        &self,
+        identity: &UserIdentity,
+        login: &str,
+    ) -> Result<(UserIdentity, RoleSet), String> {
+        let node = (self.config.node_name.as_str(), self.config.host_id.as_str());
+        let current = self
+            .view
+            .standing(identity, Some(login), Some(node), self.clock_unix())
+            .await?;
+        let roles = self
+            .view
+            .role_set(&current.roles)
+            .await
+            .map_err(|e| format!("cannot check the roles of user {:?}: {e}", identity.user))?;
+        roles
+            .check_login(
+                &current.user,
+                login,
+                &current.logins,
+                &self.config.node_name,
+                &self.config.labels,
+            )
+            .map_err(|refused| refused.0)?;
+        Ok((current, roles))
     }
 
     fn tracker_ttl_ms(&self) -> u64 {
@@ -111,6 +147,17 @@ impl NodeShared {
     }
 }
 
+impl Judge for NodeShared {
+    async fn why_end(&self, w: &Watched) -> Option<String> {
+        let roles = match self.admit(&w.identity, &w.login).await {
+            Ok((_, roles)) => roles,
+            Err(reason) => return Some(reason),
+        };
+        let endings = self.view.session_endings(&roles).await;
+        ends_by_itself(w, endings, self.clock_unix())
+    }
+}
+
 pub struct NodeService {
     config: NodeConfig,
     view: Arc<ClusterView>,
@@ -157,7 +204,14 @@ impl NodeService {
             recorder: self.recorder.clone(),
             lease_service: Arc::new(self.view.client()),
             trackers: Mutex::new(HashMap::new()),
+            live: LiveConnections::new(),
         });
+        shared.live.spawn_sweeper(
+            shared.clone(),
+            shared.audit.clone(),
+            shared.config.host_id.clone(),
+            shutdown.clone(),
+        );
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             advertised.clone(),

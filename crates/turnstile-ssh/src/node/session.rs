@@ -28,6 +28,7 @@ use turnstile_recording::recorder::{
 
 use super::process::{Launch, LocalUser, PtyInput, spawn_piped, spawn_pty};
 use crate::audit_forwarder::AuditForwarder;
+use crate::live::Activity;
 use crate::server::ConnectionInfo;
 
 /// How long output may keep flowing after the process exits (background jobs
@@ -55,6 +56,8 @@ pub struct SessionContext {
     /// The proxy records this session and names it with `TURNSTILE_SESSION_ID`.
     pub sid_from_proxy: bool,
     pub recording: RecordingContext,
+    /// The connection's last input, for `client_idle_timeout`.
+    pub activity: Arc<Activity>,
 }
 
 /// How this session is recorded, decided when it starts and kept for its life.
@@ -337,6 +340,7 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                         }
                     }
                     ChannelMsg::Data { data } => {
+                        ctx.activity.touch();
                         if let Some(rec) = running.as_ref().and_then(|r| r.recording.as_ref()) {
                             rec.received(data.len());
                         }

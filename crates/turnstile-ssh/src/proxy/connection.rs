@@ -8,12 +8,14 @@ use std::time::Duration;
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Response, Session};
 use russh::{Channel, ChannelOpenFailure};
+use turnstile_api::audit::AuditEvent;
 use turnstile_api::door::ANONYMOUS_USER;
 use turnstile_api::identity::UserIdentity;
 use turnstile_api::rpc::proto;
 
 use super::ProxyShared;
 use super::door::serve_door;
+use crate::live::{Activity, WatchGuard, WatchRequest};
 use crate::node::prohibited;
 use crate::server::ConnectionInfo;
 use crate::user_cert::verify_user_cert;
@@ -29,10 +31,11 @@ pub(crate) enum Principal {
         user: String,
         password: String,
     },
-    /// Gave a password that could not be checked (auth is unreachable):
-    /// every request is refused with `reason`, so the user reads why rather
-    /// than `wrong user name or password`.
-    Unchecked {
+    /// Authenticated, but may do nothing: every request is refused with
+    /// `reason`, so the user reads why rather than `wrong user name or
+    /// password` or `Permission denied` (a password that could not be
+    /// checked while auth is unreachable; a locked or removed user).
+    Refused {
         reason: String,
     },
     /// Holds a valid certificate of the cluster.
@@ -46,6 +49,9 @@ pub(crate) struct ProxyConnection {
     shared: Arc<ProxyShared>,
     info: ConnectionInfo,
     principal: Principal,
+    /// On the proxy's list of live connections while a certificate's holder
+    /// is connected.
+    watch: Option<WatchGuard>,
 }
 
 fn connect_failed(reason: String) -> ChannelOpenFailure {
@@ -58,6 +64,7 @@ impl ProxyConnection {
             shared,
             info,
             principal: Principal::Nobody,
+            watch: None,
         }
     }
 
@@ -82,7 +89,7 @@ impl ProxyConnection {
             }
             Err(status) if turnstile_api::error::unanswered(status.code()) => {
                 tracing::warn!(client = %self.info.client, user, error = %status.message(), "cannot check a password: auth is unreachable");
-                self.principal = Principal::Unchecked {
+                self.principal = Principal::Refused {
                     reason: format!(
                         "the proxy cannot reach auth to check the password ({}); try again once auth is back",
                         status.message()
@@ -147,9 +154,31 @@ impl Handler for ProxyConnection {
         };
         match verify_user_cert(certificate, &fingerprints, self.shared.clock.unix_now()) {
             Ok(identity) => {
-                self.principal = Principal::Certificate {
-                    identity,
-                    certificate: Box::new(certificate.clone()),
+                let standing = match self.shared.view.locks_fresh_enough().await {
+                    Ok(()) => {
+                        self.shared
+                            .view
+                            .standing(&identity, None, None, self.shared.clock.unix_now())
+                            .await
+                    }
+                    Err(reason) => Err(reason),
+                };
+                self.principal = match standing {
+                    Ok(_) => Principal::Certificate {
+                        identity,
+                        certificate: Box::new(certificate.clone()),
+                    },
+                    Err(reason) => {
+                        tracing::warn!(client = %self.info.client, user = %identity.user, %reason, "access denied after authentication");
+                        self.shared.audit.emit(AuditEvent::AccessDenied {
+                            user: identity.user.clone(),
+                            login: String::new(),
+                            server_id: self.shared.config.host_id.clone(),
+                            remote_addr: self.info.client.to_string(),
+                            reason: reason.clone(),
+                        });
+                        Principal::Refused { reason }
+                    }
                 };
                 Ok(Auth::Accept)
             }
@@ -158,6 +187,25 @@ impl Handler for ProxyConnection {
                 Ok(Auth::reject())
             }
         }
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Principal::Certificate {
+            identity,
+            certificate,
+        } = &self.principal
+        {
+            self.watch = Some(self.shared.live.watch(WatchRequest {
+                identity: identity.clone(),
+                login: String::new(),
+                remote_addr: self.info.client.to_string(),
+                cert_valid_before: Some(certificate.valid_before()),
+                activity: Activity::new(),
+                handle: session.handle(),
+                channels: None,
+            }));
+        }
+        Ok(())
     }
 
     async fn channel_open_session(
@@ -191,6 +239,10 @@ impl Handler for ProxyConnection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Principal::Refused { reason } = &self.principal {
+            reply.reject(prohibited(reason.clone())).await;
+            return Ok(());
+        }
         let Principal::Certificate {
             identity,
             certificate: _,
@@ -222,6 +274,20 @@ impl Handler for ProxyConnection {
                 return Ok(());
             }
         };
+        if let Err(reason) = self
+            .shared
+            .view
+            .standing(
+                identity,
+                None,
+                Some((&node.name, &node.id)),
+                self.shared.clock.unix_now(),
+            )
+            .await
+        {
+            reply.reject(prohibited(reason)).await;
+            return Ok(());
+        }
         // In a proxy recording mode the proxy ends the user's connection and records it.
         let mode = match self.shared.view.session_recording().await {
             Ok(mode) => mode,

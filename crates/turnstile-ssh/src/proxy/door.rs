@@ -41,7 +41,7 @@ async fn answer(
 ) -> DoorResponse {
     match (request, principal) {
         (_, Principal::Nobody) => error("not authenticated"),
-        (_, Principal::Unchecked { reason }) => error(reason.clone()),
+        (_, Principal::Refused { reason }) => error(reason.clone()),
         (DoorRequest::ClusterInfo, _) => match shared.view.cluster_info().await {
             Ok(info) => DoorResponse::ClusterInfo(info),
             Err(e) => error(format!(

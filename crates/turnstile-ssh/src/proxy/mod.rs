@@ -23,8 +23,9 @@ use tokio::net::TcpStream;
 use turnstile_recording::recorder::Recorder;
 
 use crate::audit_forwarder::AuditForwarder;
-use crate::cluster_view::ClusterView;
+use crate::cluster_view::{ClusterView, SessionEndings};
 use crate::identity::generate_ed25519;
+use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 use crate::proxy_header;
 use crate::server::{HostCredentials, serve, server_config};
 
@@ -53,6 +54,36 @@ pub(crate) struct ProxyShared {
     /// The key the proxy authenticates to nodes with, under certificates auth
     /// issues per session in proxy mode.
     pub session_key: Arc<PrivateKey>,
+    /// Certificate holders' connections, checked every second against locks
+    /// and the users' records.
+    pub live: Arc<LiveConnections>,
+}
+
+/// The proxy ends certificate holders' connections for locks and user
+/// records, and at certificate expiry; idleness is the node's to judge (it
+/// sees the session channels).
+impl Judge for ProxyShared {
+    async fn why_end(&self, w: &Watched) -> Option<String> {
+        let now = self.clock.unix_now();
+        let current = match self.view.standing(&w.identity, None, None, now).await {
+            Ok(current) => current,
+            Err(reason) => return Some(reason),
+        };
+        let roles = match self.view.role_set(&current.roles).await {
+            Ok(roles) => roles,
+            Err(e) => {
+                return Some(format!(
+                    "cannot check the roles of user {:?}: {e}",
+                    w.identity.user
+                ));
+            }
+        };
+        let endings = SessionEndings {
+            idle_timeout: None,
+            ..self.view.session_endings(&roles).await
+        };
+        ends_by_itself(w, endings, now)
+    }
 }
 
 impl ProxyShared {
@@ -119,7 +150,14 @@ impl ProxyService {
             recorder: self.recorder.clone(),
             audit: self.audit.clone(),
             session_key: Arc::new(generate_ed25519()),
+            live: LiveConnections::new(),
         });
+        shared.live.spawn_sweeper(
+            shared.clone(),
+            shared.audit.clone(),
+            shared.config.host_id.clone(),
+            shutdown.clone(),
+        );
         tracing::info!(addr = ?listener.local_addr().ok(), "proxy service listening");
         let methods = [
             MethodKind::PublicKey,

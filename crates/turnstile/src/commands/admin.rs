@@ -16,8 +16,8 @@ use turnstile_ssh::cluster_view::auth_client;
 use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
 use crate::cli::{
-    AdminArgs, AdminCommand, AuditCommand, ConfigCommand, Format, ListCommand, NodesCommand,
-    RolesCommand, SignArgs, TokensCommand, UsersCommand,
+    AdminArgs, AdminCommand, AuditCommand, ConfigCommand, Format, ListCommand, LocksCommand,
+    NodesCommand, RolesCommand, SignArgs, TokensCommand, UsersCommand,
 };
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
@@ -84,6 +84,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             tokens_add(&mut admin, roles, &ttl, format).await
         }
         AdminCommand::Config(cmd) => config_cmd(&mut admin, cmd).await,
+        AdminCommand::Locks(cmd) => locks(&mut admin, cmd).await,
         AdminCommand::Semaphores(ListCommand::Ls { format }) => {
             semaphores_ls(&mut admin, format).await
         }
@@ -754,26 +755,143 @@ async fn config_cmd(admin: &mut Admin, cmd: ConfigCommand) -> anyhow::Result<()>
             .map_err(|s| rpc_error(admin, s))?
             .into_inner(),
     };
-    let timeout =
-        turnstile_api::duration::format(Duration::from_millis(c.session_control_timeout_ms));
+    let duration = |ms: u64| turnstile_api::duration::format(Duration::from_millis(ms));
+    let settings = [
+        ("session_recording", c.session_recording.clone()),
+        (
+            "session_control_timeout",
+            duration(c.session_control_timeout_ms),
+        ),
+        ("locking_mode", c.locking_mode.clone()),
+        (
+            "client_idle_timeout",
+            if c.client_idle_timeout_ms == 0 {
+                "none".into()
+            } else {
+                duration(c.client_idle_timeout_ms)
+            },
+        ),
+        (
+            "disconnect_expired_cert",
+            c.disconnect_expired_cert.to_string(),
+        ),
+    ];
     if matches!(
         cmd,
         ConfigCommand::Get {
             format: Format::Json
         }
     ) {
-        crate::outln!(
-            "{}",
-            json!({"session_recording": c.session_recording, "session_control_timeout": timeout})
-        );
+        let object: serde_json::Map<String, serde_json::Value> = settings
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        crate::outln!("{}", serde_json::Value::Object(object));
         return Ok(());
     }
     if let ConfigCommand::Set { key, value } = &cmd {
         crate::outln!(
-            "{key} set to {value}; recorders pick it up within 10s, for sessions that start after that"
+            "{key} set to {value}; nodes and proxies pick it up within 10s (a recording mode applies to sessions that start after that)"
         );
     }
-    crate::outln!("session_recording        {}", c.session_recording);
-    crate::outln!("session_control_timeout  {timeout}");
+    for (k, v) in settings {
+        crate::outln!("{k:<24} {v}");
+    }
     Ok(())
+}
+
+async fn locks(admin: &mut Admin, cmd: LocksCommand) -> anyhow::Result<()> {
+    match cmd {
+        LocksCommand::Add {
+            user,
+            node,
+            login,
+            ttl,
+            message,
+        } => {
+            let target = match (user, node, login) {
+                (Some(u), None, None) => format!("user={u}"),
+                (None, Some(n), None) => format!("node={n}"),
+                (None, None, Some(l)) => format!("login={l}"),
+                _ => anyhow::bail!("a lock has one target: give one of --user, --node, --login"),
+            };
+            let ttl_seconds = match ttl.as_deref() {
+                None => 0,
+                Some(t) => {
+                    let d = turnstile_api::duration::parse(t)
+                        .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                    anyhow::ensure!(
+                        d.as_secs() > 0,
+                        "--ttl: a lock lasts at least 1s; leave --ttl out for a lock until removed"
+                    );
+                    d.as_secs()
+                }
+            };
+            let lock = admin
+                .client
+                .create_lock(proto::CreateLockRequest {
+                    target,
+                    message,
+                    ttl_seconds,
+                })
+                .await
+                .map_err(|s| rpc_error(admin, s))?
+                .into_inner();
+            let lock = parse_lock(&lock)?;
+            crate::outln!(
+                "lock {} placed on {}{}; nodes and proxies end its sessions and refuse new ones within 10s",
+                lock.id,
+                lock.target,
+                lock.expires_unix
+                    .map_or(String::new(), |t| format!(" until {}", rfc3339(t)))
+            );
+        }
+        LocksCommand::Ls { format } => {
+            let list = admin
+                .client
+                .list_locks(proto::ListLocksRequest {})
+                .await
+                .map_err(|s| rpc_error(admin, s))?
+                .into_inner()
+                .locks;
+            let locks = list
+                .iter()
+                .map(parse_lock)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if format == Format::Json {
+                for l in &locks {
+                    crate::outln!("{}", serde_json::to_string(l)?);
+                }
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = locks
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.id.clone(),
+                        l.target.to_string(),
+                        l.message.clone(),
+                        rfc3339(l.created_unix),
+                        l.expires_unix.map_or("never".into(), rfc3339),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "TARGET", "MESSAGE", "CREATED", "EXPIRES"], &rows);
+        }
+        LocksCommand::Rm { id } => {
+            admin
+                .client
+                .delete_lock(proto::DeleteRequest { name: id.clone() })
+                .await
+                .map_err(|s| rpc_error(admin, s))?;
+            crate::outln!(
+                "lock {id} removed; nodes and proxies let its target in again within 10s"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn parse_lock(m: &proto::LockMessage) -> anyhow::Result<turnstile_api::lock::Lock> {
+    serde_json::from_str(&m.lock_json).map_err(|e| anyhow::anyhow!("auth sent a bad lock: {e}"))
 }

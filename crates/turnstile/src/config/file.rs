@@ -29,6 +29,9 @@ pub struct GlobalSection {
     pub storage: Option<StorageSection>,
     pub recording: Option<RecordingSection>,
     pub metrics_listen_addr: Option<String>,
+    /// How often nodes and proxies refresh their view of the cluster (roles,
+    /// users, locks); default 5s.
+    pub view_refresh_interval: Option<WrittenDuration>,
 }
 
 /// How this process records sessions, when it is a recorder (node, or proxy
@@ -63,6 +66,9 @@ pub struct AuthSection {
     pub session_recording: Option<String>,
     pub session_control_timeout: Option<WrittenDuration>,
     pub upload_grace_period: Option<WrittenDuration>,
+    pub locking_mode: Option<String>,
+    pub client_idle_timeout: Option<WrittenDuration>,
+    pub disconnect_expired_cert: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

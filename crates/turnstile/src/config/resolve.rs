@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use turnstile_api::labels::{Labels, validate_label};
+use turnstile_api::lock::LockingMode;
 use turnstile_api::recording::{ByteSize, RecordingMode};
 use turnstile_api::role::validate_name;
 use turnstile_recording::recorder::RecorderConfig;
@@ -25,6 +26,7 @@ pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
+pub const DEFAULT_VIEW_REFRESH: Duration = Duration::from_secs(5);
 /// Parts of recordings in a directory. Acknowledgements do not wait for a
 /// part (auth stages chunks), so this only trades auth's memory per stream
 /// against the number of part files written and synced.
@@ -44,6 +46,8 @@ pub struct ResolvedConfig {
     pub recording: RecorderConfig,
     /// Where `/metrics` is served, if anywhere (off by default).
     pub metrics_listen_addr: Option<SocketAddr>,
+    /// How often nodes and proxies refresh their view of the cluster.
+    pub view_refresh: Duration,
 }
 
 /// Where auth keeps the cluster's state.
@@ -67,6 +71,10 @@ pub struct AuthSettings {
     pub recordings: StoreUri,
     /// An upload whose recorder has been silent this long is completed.
     pub upload_grace: Duration,
+    pub locking_mode: LockingMode,
+    /// The cluster-wide `client_idle_timeout`; zero: none.
+    pub client_idle_timeout: Duration,
+    pub disconnect_expired_cert: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +233,14 @@ pub fn resolve(
                 .unwrap_or_else(|| data_dir.join("backend.sqlite")),
             recordings,
             upload_grace,
+            locking_mode: match a.locking_mode.as_deref() {
+                None => LockingMode::default(),
+                Some(m) => m
+                    .parse()
+                    .map_err(|e| field_error("auth_service.locking_mode", e))?,
+            },
+            client_idle_timeout: a.client_idle_timeout.map_or(Duration::ZERO, |d| d.0),
+            disconnect_expired_cert: a.disconnect_expired_cert.unwrap_or(false),
         })
     } else {
         None
@@ -325,7 +341,17 @@ pub fn resolve(
             "127.0.0.1:9090",
         )?),
     };
+    let view_refresh = global
+        .view_refresh_interval
+        .map_or(DEFAULT_VIEW_REFRESH, |d| d.0);
+    if view_refresh.is_zero() || view_refresh > Duration::from_secs(10) {
+        return Err(field_error(
+            "turnstile.view_refresh_interval",
+            "must be between 1ms and 10s (locks and user changes must reach nodes within 10s; default 5s)",
+        ));
+    }
     Ok(ResolvedConfig {
+        view_refresh,
         data_dir,
         auth_servers,
         join_token: global.join_token,
