@@ -113,6 +113,7 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ("lock.created", "TLK00I"),
     ("lock.deleted", "TLK01I"),
     ("cluster_config.update", "TST00I"),
+    ("semaphore.release", "TST01I"),
 ];
 
 /// The code of an event named `name` with one code; `T0000I` for an unknown name.

@@ -46,6 +46,30 @@ pub fn too_many_connections(user: &str, max: u32) -> String {
     format!("too many concurrent ssh connections for user \"{user}\" (max={max})")
 }
 
+/// What a `max_connections` refusal adds about the oldest slot: where it is
+/// held and since when, so the user (or an admin) can find it.
+pub const HELD_ON: &str = "; held on ";
+
+/// `; held on <node> since <time>` for the oldest of `leases`.
+pub fn held_on(leases: &[Lease]) -> String {
+    match leases.iter().min_by_key(|l| l.since) {
+        Some(oldest) => {
+            let since = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(u64::try_from(oldest.since).unwrap_or(0));
+            let node = if oldest.holder_name.is_empty() {
+                &oldest.holder
+            } else {
+                &oldest.holder_name
+            };
+            format!(
+                "{HELD_ON}{node} since {}",
+                humantime::format_rfc3339_seconds(since)
+            )
+        }
+        None => String::new(),
+    }
+}
+
 /// The message a user reads when `max_sessions` refuses a channel.
 pub fn too_many_sessions(user: &str, max: u32) -> String {
     format!("too many session channels for user \"{user}\" (max={max})")
@@ -54,6 +78,24 @@ pub fn too_many_sessions(user: &str, max: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_slot_is_named_with_its_node_and_time() {
+        let lease = |name: &str, since: i64| Lease {
+            lease_id: "l".into(),
+            holder: "host".into(),
+            holder_name: name.into(),
+            expires: 0,
+            login: "root".into(),
+            remote_addr: "a".into(),
+            since,
+        };
+        assert_eq!(
+            held_on(&[lease("web2", 2_000_000), lease("web1", 1_000_000)]),
+            "; held on web1 since 1970-01-01T00:16:40Z"
+        );
+        assert_eq!(held_on(&[]), "");
+    }
 
     #[test]
     fn messages_match_the_reference_text() {

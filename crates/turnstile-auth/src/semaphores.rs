@@ -29,8 +29,9 @@ const MAX_ATTEMPTS: u32 = 64;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SemaphoreError {
-    #[error("semaphore {key} is full (max={max})")]
-    LimitExceeded { key: String, max: u32 },
+    /// `held`: where and since when the oldest lease is held.
+    #[error("semaphore {key} is full (max={max}){held}")]
+    LimitExceeded { key: String, max: u32, held: String },
     #[error("too much contention on semaphore {0}; try again")]
     Contention(String),
     #[error("lease {lease_id} of semaphore {key} expired or was released")]
@@ -170,6 +171,7 @@ fn apply(
                 return Err(SemaphoreError::LimitExceeded {
                     key: key.to_string(),
                     max: req.max,
+                    held: semaphore::held_on(&sem.leases),
                 });
             }
             let lease = Lease {
@@ -385,6 +387,19 @@ impl Semaphores {
             lease_id: lease_id.to_string(),
         };
         self.submit(&key(kind, name), op).await.map(|_| ())
+    }
+
+    /// Releases every lease `holder` holds (a node starting again frees
+    /// what its previous run held); returns how many.
+    pub async fn release_holder(&self, holder: &str) -> Result<usize, SemaphoreError> {
+        let mut released = 0;
+        for (kind, name, lease) in self.list("").await? {
+            if lease.holder == holder {
+                self.cancel(&kind, &name, &lease.lease_id).await?;
+                released += 1;
+            }
+        }
+        Ok(released)
     }
 
     /// Every live lease of `kind` (all kinds if empty), as (name, lease).

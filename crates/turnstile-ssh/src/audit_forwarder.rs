@@ -1,7 +1,8 @@
 //! Sends a node's audit events to auth. Events wait in a bounded queue and
 //! are retried, in order, until auth has them, so a brief auth outage loses
 //! nothing; if the queue is full (auth gone for long, or a flood), the new
-//! event is dropped and counted.
+//! event is dropped and counted. A stopping process sends what is queued
+//! before it exits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,17 +25,22 @@ pub struct AuditForwarder {
 }
 
 impl AuditForwarder {
+    /// Forwards events until `drain` fires, then sends what is queued (for
+    /// up to [`FLUSH_DEADLINE`]) and ends the returned task.
     pub fn spawn(
         client: AuthClient<Channel>,
         capacity: usize,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+        drain: CancellationToken,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
-        tokio::spawn(forward(client, rx, shutdown));
-        Arc::new(Self {
-            tx,
-            dropped: AtomicU64::new(0),
-        })
+        let task = tokio::spawn(forward(client, rx, drain));
+        (
+            Arc::new(Self {
+                tx,
+                dropped: AtomicU64::new(0),
+            }),
+            task,
+        )
     }
 
     /// Queues the event; never waits.
@@ -65,15 +71,29 @@ impl turnstile_recording::recorder::AuditSink for AuditForwarder {
     }
 }
 
+/// How long a stopping process keeps trying to hand its queued events to auth.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
 async fn forward(
     client: AuthClient<Channel>,
     mut rx: mpsc::Receiver<AuditEvent>,
-    shutdown: CancellationToken,
+    drain: CancellationToken,
 ) {
+    // Set once `drain` fires: what is queued then is still sent, until this.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let event = tokio::select! {
-            e = rx.recv() => match e { Some(e) => e, None => return },
-            _ = shutdown.cancelled() => return,
+        let event = match deadline {
+            Some(_) => match rx.try_recv() {
+                Ok(e) => e,
+                Err(_) => return,
+            },
+            None => tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = drain.cancelled() => {
+                    deadline = Some(tokio::time::Instant::now() + FLUSH_DEADLINE);
+                    continue;
+                }
+            },
         };
         METRICS.audit_events_queued.add(-1);
         let json = serde_json::to_string(&event).unwrap_or_default();
@@ -107,9 +127,27 @@ async fn forward(
                         tracing::warn!(error = %s.message(), "cannot send audit events to auth; holding them");
                         failing = true;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
+                    let pause = tokio::time::sleep(backoff);
+                    match deadline {
+                        Some(until) => {
+                            if tokio::time::Instant::now() + backoff > until {
+                                let left = rx.len() + 1;
+                                METRICS.audit_events_dropped.add(left as u64);
+                                tracing::error!(
+                                    left,
+                                    "stopping with audit events auth did not take within {}s",
+                                    FLUSH_DEADLINE.as_secs()
+                                );
+                                return;
+                            }
+                            pause.await;
+                        }
+                        None => tokio::select! {
+                            _ = pause => {}
+                            _ = drain.cancelled() => {
+                                deadline = Some(tokio::time::Instant::now() + FLUSH_DEADLINE);
+                            }
+                        },
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -132,6 +132,22 @@ impl LiveConnections {
         }
     }
 
+    /// Writes `text` on every open session channel of every connection.
+    pub async fn tell_all(&self, text: &str) {
+        let notice = format!("\r\nturnstile: {text}\r\n");
+        for w in self.all() {
+            let Some(channels) = &w.channels else {
+                continue;
+            };
+            for id in channels.open_channels() {
+                let _ = w
+                    .handle
+                    .extended_data(id, 1, notice.clone().into_bytes())
+                    .await;
+            }
+        }
+    }
+
     fn all(&self) -> Vec<Arc<Watched>> {
         self.map
             .lock()

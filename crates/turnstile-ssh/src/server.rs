@@ -105,8 +105,10 @@ async fn connection_info(
 }
 
 /// Accepts SSH connections until `shutdown`, one handler per connection from
-/// `make_handler`, then disconnects them (saying `who` is shutting down) and
-/// waits up to `grace` for `tasks` (connections and anything they spawned).
+/// `make_handler`; then stops accepting, lets the open connections finish
+/// for up to `grace`, disconnects those still open (saying `who` shut down)
+/// and waits a little more for `tasks` (connections and anything they
+/// spawned) to write their last events.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve<H, F>(
     listener: TcpListener,
@@ -124,6 +126,7 @@ pub(crate) async fn serve<H, F>(
     let config = Arc::new(config);
     let headers = headers.map(Arc::new);
     let make_handler = Arc::new(make_handler);
+    let grace_over = CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -138,7 +141,7 @@ pub(crate) async fn serve<H, F>(
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
         let config = config.clone();
-        let shutdown = shutdown.clone();
+        let grace_over = grace_over.clone();
         let headers = headers.clone();
         let make_handler = make_handler.clone();
         tasks.spawn(async move {
@@ -164,18 +167,36 @@ pub(crate) async fn serve<H, F>(
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 }
-                _ = shutdown.cancelled() => {
+                _ = grace_over.cancelled() => {
+                    let reason = format!(
+                        "the {who} shut down: its shutdown_grace of {} passed",
+                        turnstile_api::duration::format(grace)
+                    );
                     let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, format!("{who} shutting down"), String::new())
+                        .disconnect(russh::Disconnect::ByApplication, reason, String::new())
                         .await;
                 }
             }
         });
     }
+    drop(listener);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!(
-            "{who}: connections still open after the shutdown grace period; stopping anyway"
+            "{who}: connections still open after shutdown_grace ({}); ending them",
+            turnstile_api::duration::format(grace)
         );
+        grace_over.cancel();
+        if tokio::time::timeout(LAST_WORDS, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{who}: connections did not end after their disconnect; stopping anyway"
+            );
+        }
     }
 }
+
+/// How long ended connections get to write their last events at shutdown.
+const LAST_WORDS: Duration = Duration::from_secs(5);

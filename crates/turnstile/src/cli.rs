@@ -228,7 +228,7 @@ pub enum AdminCommand {
     Locks(LocksCommand),
     /// Connection slots held under max_connections.
     #[command(subcommand)]
-    Semaphores(ListCommand),
+    Semaphores(SemaphoresCommand),
     /// Active connections on nodes.
     #[command(subcommand)]
     Sessions(ListCommand),
@@ -372,6 +372,19 @@ turnstile admin locks add --node db-1 --ttl 30m --message \"maintenance\""
     },
     /// Remove a lock by its id (from `locks ls`).
     Rm { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SemaphoresCommand {
+    /// List the slots held, oldest first.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Free a slot by hand (its LEASE from `semaphores ls`), e.g. one a node
+    /// that will not come back still holds. The connection on it, if any,
+    /// is closed by its node when it next renews the slot.
+    Rm { lease: String },
 }
 
 #[derive(Debug, Subcommand)]

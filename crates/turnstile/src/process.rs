@@ -38,8 +38,6 @@ use turnstile_recording::storage::{StoreUri, UploadStore};
 /// How long auth keeps a silent node that did not say (nodes ask for three
 /// heartbeat intervals).
 const NODE_TTL: Duration = Duration::from_secs(60);
-/// How long sessions may run on after shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Files in the data dir where services leave their real addresses, for the
 /// admin CLI and scripts.
@@ -62,7 +60,50 @@ pub struct Running {
     /// The auth service's state, when this process runs it (tests sign with it).
     pub authority: Option<Arc<Authority>>,
     shutdown: CancellationToken,
-    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    /// Runs the shutdown in order and hands back every service's result.
+    supervisor: Option<JoinHandle<Vec<ServiceResult>>>,
+}
+
+type ServiceTask = (&'static str, JoinHandle<anyhow::Result<()>>);
+type ServiceResult = (
+    &'static str,
+    Result<anyhow::Result<()>, tokio::task::JoinError>,
+);
+
+/// What a process's shutdown waits for, in order: the proxy and node stop
+/// accepting and let their users finish (`shutdown_grace`); then their
+/// background work (audit forwarders, recorders, cluster views) drains,
+/// sending what is queued to auth; then auth stops, last, so that a
+/// single-process cluster's own node and proxy can still reach it.
+struct Stages {
+    front: Vec<ServiceTask>,
+    drain: CancellationToken,
+    flushers: Vec<JoinHandle<()>>,
+    auth_stop: CancellationToken,
+    auth: Option<ServiceTask>,
+}
+
+impl Stages {
+    async fn run(self, shutdown: CancellationToken) -> Vec<ServiceResult> {
+        shutdown.cancelled().await;
+        let mut results = Vec::new();
+        for (name, task) in self.front {
+            results.push((name, task.await));
+        }
+        self.drain.cancel();
+        for flusher in self.flushers {
+            let _ = tokio::time::timeout(
+                turnstile_ssh::audit_forwarder::FLUSH_DEADLINE + Duration::from_secs(1),
+                flusher,
+            )
+            .await;
+        }
+        self.auth_stop.cancel();
+        if let Some((name, task)) = self.auth {
+            results.push((name, task.await));
+        }
+        results
+    }
 }
 
 impl Running {
@@ -76,11 +117,15 @@ impl Running {
         self.wait().await
     }
 
-    /// Waits for the services to end (after the token fires, or on failure).
-    pub async fn wait(self) -> anyhow::Result<()> {
+    /// Waits for the services to end (after the token fires).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
-        for (name, task) in self.tasks {
-            match task.await {
+        let results = match self.supervisor.take() {
+            Some(s) => s.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for (name, result) in results {
+            match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::error!(service = name, error = %format!("{e:#}"), "service failed");
@@ -255,7 +300,14 @@ async fn launch_services(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
     let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
-    let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut stages = Stages {
+        front: Vec::new(),
+        drain: CancellationToken::new(),
+        flushers: Vec::new(),
+        auth_stop: CancellationToken::new(),
+        auth: None,
+    };
+    let drain = stages.drain.clone();
 
     // Bind everything first: a port in use fails before anything starts.
     let auth_listener = match &config.auth {
@@ -295,7 +347,7 @@ async fn launch_services(
         cluster_name: None,
         authority: None,
         shutdown: shutdown.clone(),
-        tasks: Vec::new(),
+        supervisor: None,
     };
 
     // Identities: issued directly by a local auth service, or obtained by
@@ -367,8 +419,8 @@ async fn launch_services(
                     upload_grace: auth_settings.upload_grace,
                 },
             );
-            let token = shutdown.clone();
-            tasks.push((
+            let token = stages.auth_stop.clone();
+            stages.auth = Some((
                 "auth",
                 tokio::spawn(async move { Ok(service.run(auth_listener, token).await?) }),
             ));
@@ -401,11 +453,11 @@ async fn launch_services(
         principals.dedup();
         let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
         warm(&view).await;
-        view.spawn_refresher(config.view_refresh, shutdown.clone());
+        view.spawn_refresher(config.view_refresh, drain.clone());
         let service = ProxyService::new(
             ProxyConfig {
                 host_id: host_id.clone(),
-                shutdown_grace: SHUTDOWN_GRACE,
+                shutdown_grace: config.shutdown_grace,
                 node_connect_timeout: Duration::from_secs(10),
             },
             view.clone(),
@@ -416,19 +468,15 @@ async fn launch_services(
                 &auth_target,
                 tls,
                 &config.recording,
-                &shutdown,
+                &drain,
             )?,
-            AuditForwarder::spawn(
-                view.client(),
-                audit_forwarder::QUEUE_CAPACITY,
-                shutdown.clone(),
-            ),
+            forwarder(&view, &mut stages),
         );
         std::fs::write(data_dir.join(PROXY_ADDR_FILE), &public)?;
         running.proxy_addr = Some(bound);
         running.proxy_public_addr = Some(public);
         let token = shutdown.clone();
-        tasks.push((
+        stages.front.push((
             "proxy",
             tokio::spawn(async move { Ok(service.run(listener, token).await?) }),
         ));
@@ -442,7 +490,7 @@ async fn launch_services(
         let principals = vec![node.node_name.clone(), host_part(&advertised)];
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
         warm(&view).await;
-        view.spawn_refresher(config.view_refresh, shutdown.clone());
+        view.spawn_refresher(config.view_refresh, drain.clone());
         let service = NodeService::new(
             NodeConfig {
                 host_id: host_id.clone(),
@@ -450,37 +498,44 @@ async fn launch_services(
                 labels: node.labels.clone(),
                 public_addr: node.public_addr.clone(),
                 heartbeat_interval: node.heartbeat_interval,
-                shutdown_grace: SHUTDOWN_GRACE,
+                shutdown_grace: config.shutdown_grace,
             },
             view.clone(),
             host,
-            AuditForwarder::spawn(
-                view.client(),
-                audit_forwarder::QUEUE_CAPACITY,
-                shutdown.clone(),
-            ),
+            forwarder(&view, &mut stages),
             recorder(
                 &data_dir.join("spool"),
                 &auth_target,
                 tls,
                 &config.recording,
-                &shutdown,
+                &drain,
             )?,
         );
         running.node_addr = Some(bound);
         let token = shutdown.clone();
-        tasks.push((
+        stages.front.push((
             "node",
             tokio::spawn(async move { Ok(service.run(listener, token).await?) }),
         ));
     }
-    crate::memory::spawn_trimmer(shutdown.clone());
+    crate::memory::spawn_trimmer(drain.clone());
     if let Some(listener) = metrics_listener {
         running.metrics_addr = Some(listener.local_addr()?);
-        crate::metrics_endpoint::spawn(listener, shutdown.clone());
+        crate::metrics_endpoint::spawn(listener, drain.clone());
     }
-    running.tasks = tasks;
+    running.supervisor = Some(tokio::spawn(stages.run(shutdown)));
     Ok(running)
+}
+
+/// A node's or proxy's audit forwarder, drained at the second stage of shutdown.
+fn forwarder(view: &ClusterView, stages: &mut Stages) -> Arc<AuditForwarder> {
+    let (forwarder, task) = AuditForwarder::spawn(
+        view.client(),
+        audit_forwarder::QUEUE_CAPACITY,
+        stages.drain.clone(),
+    );
+    stages.flushers.push(task);
+    forwarder
 }
 
 /// The recorder of a proxy or node, spooling under `spool`. Its streams to

@@ -586,14 +586,41 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::CancelSemaphoreRequest>,
     ) -> RpcResult<proto::CancelSemaphoreResponse> {
-        require(&req, &[SystemRole::Node])?;
+        // Nodes release their own; an admin frees a slot by hand.
+        let c = require(&req, &[SystemRole::Node, SystemRole::Admin])?;
         let r = req.into_inner();
         self.authority
             .semaphores()
             .cancel(&r.kind, &r.name, &r.lease_id)
             .await
             .map_err(|e| fail(e.into()))?;
+        if c.role == SystemRole::Admin {
+            self.authority
+                .record(AuditEvent::admin(
+                    "semaphore.release",
+                    &c.id,
+                    &r.name,
+                    [("lease", r.lease_id)],
+                ))
+                .await;
+        }
         ok(proto::CancelSemaphoreResponse {})
+    }
+
+    async fn release_semaphores(
+        &self,
+        req: Request<proto::ReleaseSemaphoresRequest>,
+    ) -> RpcResult<proto::ReleaseSemaphoresResponse> {
+        let c = require(&req, &[SystemRole::Node])?;
+        let released = self
+            .authority
+            .semaphores()
+            .release_holder(&c.id)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(proto::ReleaseSemaphoresResponse {
+            released: u32::try_from(released).unwrap_or(u32::MAX),
+        })
     }
 
     async fn list_semaphores(

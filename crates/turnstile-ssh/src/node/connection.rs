@@ -208,14 +208,14 @@ impl NodeConnection {
         };
         match ConnectionLease::acquire(self.shared.lease_service.clone(), params, timeout).await {
             Ok(lease) => Ok(lease),
-            Err(AcquireError::Limit { max }) => {
+            Err(AcquireError::Limit { max, held }) => {
                 turnstile_api::metrics::METRICS
                     .limit_refusals_connection
                     .inc();
                 self.shared
                     .audit
                     .emit(self.limit_event(user, login, max, SessctlKind::Connection));
-                Err(refuse(too_many_connections(user, max)))
+                Err(refuse(format!("{}{held}", too_many_connections(user, max))))
             }
             Err(AcquireError::Unavailable(e)) => Err(refuse(format!(
                 "cannot take a connection slot for user {user:?} (max_connections={max}): the auth service is unreachable ({e}); try again later"

@@ -206,12 +206,46 @@ impl NodeService {
             trackers: Mutex::new(HashMap::new()),
             live: LiveConnections::new(),
         });
+        // Live connections are watched until the node has stopped, through
+        // the shutdown grace.
+        let stopped = CancellationToken::new();
         shared.live.spawn_sweeper(
             shared.clone(),
             shared.audit.clone(),
             shared.config.host_id.clone(),
-            shutdown.clone(),
+            stopped.clone(),
         );
+        let notify = shared.clone();
+        let begun = shutdown.clone();
+        tokio::spawn(async move {
+            begun.cancelled().await;
+            let grace = turnstile_api::duration::format(notify.config.shutdown_grace);
+            notify
+                .live
+                .tell_all(&format!(
+                    "this node is shutting down; your session ends in {grace}"
+                ))
+                .await;
+        });
+        // Slots a previous run of this node held (it crashed, or stopped
+        // before auth heard each release) are freed now, not when they expire.
+        match self
+            .view
+            .client()
+            .release_semaphores(proto::ReleaseSemaphoresRequest {})
+            .await
+        {
+            Ok(r) if r.get_ref().released > 0 => {
+                tracing::info!(
+                    released = r.get_ref().released,
+                    "freed the connection slots of this node's previous run"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "cannot free the connection slots of this node's previous run; they expire with session_control_timeout");
+            }
+        }
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             advertised.clone(),
@@ -235,6 +269,7 @@ impl NodeService {
         )
         .await;
         heartbeat.abort();
+        stopped.cancel();
         tracing::info!("node service stopped");
         Ok(())
     }

@@ -152,11 +152,12 @@ impl ProxyService {
             session_key: Arc::new(generate_ed25519()),
             live: LiveConnections::new(),
         });
+        let stopped = CancellationToken::new();
         shared.live.spawn_sweeper(
             shared.clone(),
             shared.audit.clone(),
             shared.config.host_id.clone(),
-            shutdown.clone(),
+            stopped.clone(),
         );
         tracing::info!(addr = ?listener.local_addr().ok(), "proxy service listening");
         let methods = [
@@ -176,6 +177,7 @@ impl ProxyService {
             move |info| connection::ProxyConnection::new(for_handlers.clone(), info),
         )
         .await;
+        stopped.cancel();
         tracing::info!("proxy service stopped");
         Ok(())
     }

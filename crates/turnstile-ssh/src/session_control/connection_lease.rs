@@ -27,9 +27,9 @@ pub struct LeaseParams {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcquireError {
-    /// Every slot is taken.
-    #[error("at the limit of {max}")]
-    Limit { max: u32 },
+    /// Every slot is taken; `held` says where the oldest is (may be empty).
+    #[error("at the limit of {max}{held}")]
+    Limit { max: u32, held: String },
     /// Auth could not be asked.
     #[error("{0}")]
     Unavailable(String),
@@ -72,9 +72,13 @@ impl LeaseService for AuthClient<Channel> {
             .await;
         match resp {
             Ok(r) => Ok(r.into_inner().lease_id),
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                Err(AcquireError::Limit { max: p.max })
-            }
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => Err(AcquireError::Limit {
+                max: p.max,
+                held: s
+                    .message()
+                    .find(turnstile_api::semaphore::HELD_ON)
+                    .map_or(String::new(), |at| s.message()[at..].to_string()),
+            }),
             Err(s) if turnstile_api::error::unanswered(s.code()) => {
                 Err(AcquireError::Unavailable(s.message().to_string()))
             }

@@ -17,7 +17,7 @@ use turnstile_ssh::identity::{TlsIdentity, generate_ed25519};
 
 use crate::cli::{
     AdminArgs, AdminCommand, AuditCommand, ConfigCommand, Format, ListCommand, LocksCommand,
-    NodesCommand, RolesCommand, SignArgs, TokensCommand, UsersCommand,
+    NodesCommand, RolesCommand, SemaphoresCommand, SignArgs, TokensCommand, UsersCommand,
 };
 use crate::config::{self, resolve};
 use crate::identity_file::{self, NewIdentity};
@@ -85,7 +85,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Config(cmd) => config_cmd(&mut admin, cmd).await,
         AdminCommand::Locks(cmd) => locks(&mut admin, cmd).await,
-        AdminCommand::Semaphores(ListCommand::Ls { format }) => {
+        AdminCommand::Semaphores(SemaphoresCommand::Rm { lease }) => {
+            semaphores_rm(&mut admin, &lease).await
+        }
+        AdminCommand::Semaphores(SemaphoresCommand::Ls { format }) => {
             semaphores_ls(&mut admin, format).await
         }
         AdminCommand::Sessions(ListCommand::Ls { format }) => sessions_ls(&mut admin, format).await,
@@ -576,8 +579,9 @@ fn rfc3339_ms(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
-    let leases = admin
+/// Every connection slot held in the cluster.
+async fn list_leases(admin: &mut Admin) -> anyhow::Result<Vec<proto::SemaphoreLease>> {
+    Ok(admin
         .client
         .list_semaphores(proto::ListSemaphoresRequest {
             kind: String::new(),
@@ -585,7 +589,34 @@ async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> 
         .await
         .map_err(|s| rpc_error(admin, s))?
         .into_inner()
-        .leases;
+        .leases)
+}
+
+async fn semaphores_rm(admin: &mut Admin, lease: &str) -> anyhow::Result<()> {
+    let leases = list_leases(admin).await?;
+    let Some(l) = leases.iter().find(|l| l.lease_id == lease) else {
+        bail!("no slot with lease {lease:?} is held; see `turnstile admin semaphores ls`");
+    };
+    admin
+        .client
+        .cancel_semaphore(proto::CancelSemaphoreRequest {
+            kind: l.kind.clone(),
+            name: l.name.clone(),
+            lease_id: l.lease_id.clone(),
+        })
+        .await
+        .map_err(|s| rpc_error(admin, s))?;
+    crate::outln!(
+        "freed the slot of user {:?} held on {} since {}",
+        l.name,
+        l.holder_name,
+        rfc3339_ms(l.since_unix_ms)
+    );
+    Ok(())
+}
+
+async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> {
+    let leases = list_leases(admin).await?;
     if format == Format::Json {
         for l in &leases {
             crate::outln!(
@@ -604,6 +635,7 @@ async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> 
         .iter()
         .map(|l| {
             vec![
+                l.lease_id.clone(),
                 l.name.clone(),
                 l.holder_name.clone(),
                 l.login.clone(),
@@ -615,6 +647,7 @@ async fn semaphores_ls(admin: &mut Admin, format: Format) -> anyhow::Result<()> 
         .collect();
     print_table(
         &[
+            "LEASE",
             "USER",
             "NODE",
             "LOGIN",

@@ -32,6 +32,8 @@ pub struct GlobalSection {
     /// How often nodes and proxies refresh their view of the cluster (roles,
     /// users, locks); default 5s.
     pub view_refresh_interval: Option<WrittenDuration>,
+    /// How long a stopping node or proxy lets live sessions finish.
+    pub shutdown_grace: Option<WrittenDuration>,
 }
 
 /// How this process records sessions, when it is a recorder (node, or proxy

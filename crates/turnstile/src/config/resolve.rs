@@ -27,6 +27,7 @@ pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
 pub const DEFAULT_VIEW_REFRESH: Duration = Duration::from_secs(5);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Parts of recordings in a directory. Acknowledgements do not wait for a
 /// part (auth stages chunks), so this only trades auth's memory per stream
 /// against the number of part files written and synced.
@@ -48,6 +49,8 @@ pub struct ResolvedConfig {
     pub metrics_listen_addr: Option<SocketAddr>,
     /// How often nodes and proxies refresh their view of the cluster.
     pub view_refresh: Duration,
+    /// How long a stopping node or proxy lets live sessions finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Where auth keeps the cluster's state.
@@ -350,8 +353,18 @@ pub fn resolve(
             "must be between 1ms and 10s (locks and user changes must reach nodes within 10s; default 5s)",
         ));
     }
+    let shutdown_grace = global
+        .shutdown_grace
+        .map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0);
+    if shutdown_grace > Duration::from_secs(3600) {
+        return Err(field_error(
+            "turnstile.shutdown_grace",
+            "must be at most 1h (default 30s; 0s ends sessions at once)",
+        ));
+    }
     Ok(ResolvedConfig {
         view_refresh,
+        shutdown_grace,
         data_dir,
         auth_servers,
         join_token: global.join_token,

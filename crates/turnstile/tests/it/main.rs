@@ -12,4 +12,5 @@ mod recording;
 mod recording_modes;
 mod refusals;
 mod session_control;
+mod shutdown;
 mod support;

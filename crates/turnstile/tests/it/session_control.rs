@@ -402,14 +402,8 @@ async fn openssh_multiplexing_counts_one_connection_and_max_sessions_channels() 
     .expect("the master's slot is freed when it exits");
 }
 
-/// The user's profile identity, for the library client.
-fn profile_identity(c: &Cluster, user: &str) -> turnstile::identity_file::LoadedIdentity {
-    turnstile::identity_file::read(&c.home().join(format!("keys/prod/{user}"))).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
-    let mut c = Cluster::start_with("  session_control_timeout: 3s\n").await;
+/// Alice, limited to one connection, logged in with her password.
+async fn alice_with_one_slot(c: &Cluster) {
     let data = c.auth_data();
     let role = write_role(c.dirs.path("").as_path(), "single", 1, 0);
     admin(&data, &["roles", "create", "-f", role.to_str().unwrap()]).await;
@@ -430,6 +424,18 @@ async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
     .await;
     let out = c.login("correct horse battery").await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The user's profile identity, for the library client.
+fn profile_identity(c: &Cluster, user: &str) -> turnstile::identity_file::LoadedIdentity {
+    turnstile::identity_file::read(&c.home().join(format!("keys/prod/{user}"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
+    let mut c = Cluster::start_with("  session_control_timeout: 3s\n").await;
+    let data = c.auth_data();
+    alice_with_one_slot(&c).await;
 
     // A session on web1 blocks db1.
     let identity = profile_identity(&c, "alice");
@@ -445,8 +451,9 @@ async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
     let out = c.ssh(&["db1", "true"]).await;
     assert_eq!(out.status.code(), Some(255));
     assert!(
-        text(&out.stderr)
-            .contains("too many concurrent ssh connections for user \"alice\" (max=1)"),
+        text(&out.stderr).contains(
+            "too many concurrent ssh connections for user \"alice\" (max=1); held on web1 since 20"
+        ),
         "{}",
         text(&out.stderr)
     );
@@ -487,6 +494,68 @@ async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
     );
     let out = c.ssh(&["web1", "echo", "free again"]).await;
     assert_eq!(text(&out.stdout), "free again\n", "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_kill_9_frees_its_slots_at_once_and_admins_free_them_by_hand() {
+    // The default timeout: a slot a crashed node held would last two minutes.
+    let mut c = Cluster::start().await;
+    let data = c.auth_data();
+    alice_with_one_slot(&c).await;
+    let identity = profile_identity(&c, "alice");
+    let admin_args = ["--data-dir", data.to_str().unwrap()];
+    let _held = turnstile_ssh::client::connect_via_proxy(
+        &c.proxy_addr,
+        "db1",
+        "root",
+        &identity.credentials,
+        &identity.host_ca,
+    )
+    .await
+    .unwrap();
+    assert_eq!(lease_count(&admin_args).await, 1);
+    c.db1.take().unwrap().kill9().await;
+    let restarted = crate::support::Proc::start(&c.dirs.path("db1.yaml")).await;
+    poll_until(Duration::from_secs(5), || async {
+        lease_count(&admin_args).await == 0
+    })
+    .await
+    .expect("the restarted node frees its previous run's slot at once");
+    let out = c.ssh(&["db1", "echo", "back"]).await;
+    assert_eq!(text(&out.stdout), "back\n", "{}", text(&out.stderr));
+
+    // A slot whose node is gone for good is freed by hand.
+    let _held = turnstile_ssh::client::connect_via_proxy(
+        &c.proxy_addr,
+        "web1",
+        "root",
+        &identity.credentials,
+        &identity.host_ca,
+    )
+    .await
+    .unwrap();
+    c.web1.take().unwrap().kill9().await;
+    let listed = crate::cluster::admin(&data, &["semaphores", "ls", "--format", "json"]).await;
+    let lease: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    let id = lease["lease_id"].as_str().unwrap();
+    let out = crate::cluster::admin(&data, &["semaphores", "rm", id]).await;
+    assert!(
+        out.contains("freed the slot of user \"alice\" held on web1"),
+        "{out}"
+    );
+    assert_eq!(lease_count(&admin_args).await, 0);
+    let out = c.ssh(&["db1", "echo", "free"]).await;
+    assert_eq!(text(&out.stdout), "free\n", "{}", text(&out.stderr));
+    let mut all = vec!["admin", "semaphores", "rm", id];
+    all.extend_from_slice(&admin_args);
+    let out = run(BIN, &all, None).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("semaphores ls"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(restarted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

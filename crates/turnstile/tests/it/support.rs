@@ -389,15 +389,29 @@ impl Proc {
     /// SIGTERM, then waits for a clean exit.
     pub async fn stop(mut self) {
         nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+        // Live sessions get `shutdown_grace` (30s) to finish.
+        let status = tokio::time::timeout(Duration::from_secs(45), self.child.wait())
             .await
-            .expect("stops within 30s of SIGTERM")
+            .expect("stops within 45s of SIGTERM")
             .unwrap();
         assert!(
             status.success(),
             "clean exit, got {status:?}:\n{}",
             self.stderr()
         );
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn terminate(&self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// Waits for the process to exit, at most `bound`.
+    pub async fn exited_within(mut self, bound: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(bound, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running after {bound:?}:\n{}", self.stderr()))
+            .unwrap()
     }
 
     /// SIGKILL, as a crash.
@@ -410,6 +424,25 @@ impl Proc {
         nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
         let _ = self.child.wait().await;
     }
+}
+
+/// The audit log's events read from its files under `data/log`, for when
+/// auth is no longer running.
+pub fn audit_log_files(data: &Path) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    let Ok(dir) = std::fs::read_dir(data.join("log")) else {
+        return events;
+    };
+    let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths {
+        for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+            if let Ok(v) = serde_json::from_str(line) {
+                events.push(v);
+            }
+        }
+    }
+    events
 }
 
 /// The audit log's events (of kind `event`, if given), through
