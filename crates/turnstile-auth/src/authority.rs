@@ -436,7 +436,7 @@ impl Authority {
             .list_nodes()
             .await?
             .into_iter()
-            .find(|n| n.name == node_name)
+            .find(|n| n.name.eq_ignore_ascii_case(node_name))
             .ok_or_else(|| ApiError::not_found(format!("node {node_name:?} not found")))?;
         let host = node
             .addr
@@ -447,7 +447,7 @@ impl Authority {
             &node.id,
             SystemRole::Node,
             proxy_key,
-            &[node.name.clone(), host],
+            &[node.name.clone(), node.name.to_ascii_lowercase(), host],
         )
     }
 
@@ -709,7 +709,32 @@ impl Authority {
 
     // ---- nodes ----
 
+    /// A host certificate for the caller `host_id`, which may not claim a
+    /// name (ignoring case) another registered node holds.
+    pub async fn issue_host_cert(
+        &self,
+        host_id: &str,
+        role: SystemRole,
+        key: &PublicKey,
+        principals: &[String],
+    ) -> Result<Certificate, ApiError> {
+        let nodes = self.list_nodes().await?;
+        for p in principals {
+            if let Some(other) = nodes
+                .iter()
+                .find(|n| n.name.eq_ignore_ascii_case(p) && n.id != host_id)
+            {
+                return Err(ApiError::access_denied(format!(
+                    "principal {p:?} belongs to node {}",
+                    other.id
+                )));
+            }
+        }
+        self.generate_host_cert(host_id, role, key, principals)
+    }
+
     /// Registers or refreshes a node; it disappears after `ttl` without another call.
+    /// Node names are unique ignoring case, as OpenSSH lower-cases host names.
     pub async fn upsert_node(&self, node: NodeRecord, ttl: Duration) -> Result<(), ApiError> {
         validate_name("node name", &node.name).map_err(ApiError::bad_parameter)?;
         if node.addr.ends_with(":0") || node.addr.is_empty() {
@@ -719,10 +744,10 @@ impl Authority {
             )));
         }
         for other in self.list_nodes().await? {
-            if other.name == node.name && other.id != node.id {
+            if other.name.eq_ignore_ascii_case(&node.name) && other.id != node.id {
                 return Err(ApiError::already_exists(format!(
-                    "node name {:?} is already used by node {}; give this node another ssh_service.node_name",
-                    node.name, other.id
+                    "node name {:?} is already used by node {} as {:?} (names match ignoring case); give this node another ssh_service.node_name",
+                    node.name, other.id, other.name
                 )));
             }
         }
@@ -946,6 +971,23 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind, ErrorKind::AlreadyExists);
+        // OpenSSH lower-cases host names: WEB1 and web1 are one name.
+        let shouting = NodeRecord {
+            name: "WEB1".into(),
+            ..node("n3", "127.0.0.1:5022")
+        };
+        let err = a
+            .upsert_node(shouting, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
+        assert!(err.message.contains("ignoring case"), "{err}");
+        let key = generate_ed25519().public_key().clone();
+        let err = a
+            .issue_host_cert("n3", SystemRole::Node, &key, &["Web1".into()])
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("belongs to node n1"), "{err}");
         assert_eq!(a.list_nodes().await.unwrap().len(), 1);
         clock.advance(Duration::from_secs(61));
         assert!(a.list_nodes().await.unwrap().is_empty());

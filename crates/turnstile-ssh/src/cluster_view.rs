@@ -396,7 +396,7 @@ impl ClusterView {
                 .await
                 .nodes
                 .iter()
-                .find(|n| n.name == name || n.id == name)
+                .find(|n| n.name.eq_ignore_ascii_case(name) || n.id == name)
             {
                 return Ok(Some(n.clone()));
             }

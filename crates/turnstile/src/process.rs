@@ -487,7 +487,13 @@ async fn launch_services(
         let advertised = advertised_addr(node.public_addr.as_deref(), bound);
         let tls = &identities[&SystemRole::Node];
         let view = ClusterView::new(auth_client(&auth_target, tls)?);
-        let principals = vec![node.node_name.clone(), host_part(&advertised)];
+        // OpenSSH lower-cases the host name it checks the certificate against.
+        let mut principals = vec![
+            node.node_name.clone(),
+            node.node_name.to_ascii_lowercase(),
+            host_part(&advertised),
+        ];
+        principals.dedup();
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
         warm(&view).await;
         view.spawn_refresher(config.view_refresh, drain.clone());

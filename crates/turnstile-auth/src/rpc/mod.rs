@@ -331,19 +331,10 @@ impl proto::auth_server::Auth for AuthApi {
         let c = require(&req, HOSTS)?;
         let r = req.into_inner();
         let key = parse_public_key(&r.public_key)?;
-        // A host may not claim a name another registered node holds.
-        let nodes = self.authority.list_nodes().await.map_err(fail)?;
-        for p in &r.principals {
-            if let Some(other) = nodes.iter().find(|n| &n.name == p && n.id != c.id) {
-                return Err(Status::permission_denied(format!(
-                    "principal {p:?} belongs to node {}",
-                    other.id
-                )));
-            }
-        }
         let cert = self
             .authority
-            .generate_host_cert(&c.id, c.role, &key, &r.principals)
+            .issue_host_cert(&c.id, c.role, &key, &r.principals)
+            .await
             .map_err(fail)?;
         ok(proto::GenerateHostCertResponse {
             certificate: cert

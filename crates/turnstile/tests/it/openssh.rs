@@ -58,6 +58,32 @@ async fn ssh_dash_j_names_the_proxy_explicitly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_named_in_capitals_is_reached_as_openssh_lower_cases_it() {
+    let c = TestCluster::start_with(crate::support::ClusterSpec {
+        node_name: "VM".into(),
+        ..Default::default()
+    })
+    .await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let config = format!("{}.ssh_config", id.display());
+    let jump = format!("alice@{}", c.proxy_addr);
+    for host in ["root@VM", "root@vm"] {
+        let mut args = base_args(&config);
+        args.extend(["-J", &jump, host, "echo jumped"]);
+        let out = run(openssh(), &args, None).await;
+        assert_eq!(
+            text(&out.stdout),
+            "jumped\n",
+            "{host}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = c.ssh(&id, &["root@vm", "echo", "turnstile"]).await;
+    assert_eq!(text(&out.stdout), "turnstile\n", "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_straight_to_the_node_checks_its_host_certificate() {
     let c = TestCluster::start().await;
     c.add_user("alice", "access", "root").await;
