@@ -43,6 +43,11 @@ pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 /// Output is batched into `print` events of up to 64 KiB, for at most this long.
 pub const BATCH_FOR: Duration = Duration::from_millis(50);
 
+/// A session records at most one `resize` per this long: a flood of window
+/// changes becomes a few events, and the last size sent is always recorded
+/// (when the interval ends, and before the session's end).
+pub const RESIZE_EVERY: Duration = Duration::from_millis(250);
+
 /// Where audit events of recordings go (the process's forwarder to auth).
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     fn emit(&self, event: AuditEvent);
@@ -154,6 +159,17 @@ enum Sink {
     Stream(Arc<Backlog>),
 }
 
+impl State {
+    /// When the waiting size is to be recorded, if one waits.
+    fn resize_due_at(&self) -> Option<Instant> {
+        self.resize_pending?;
+        Some(
+            self.resized_at
+                .map_or_else(Instant::now, |at| at + RESIZE_EVERY),
+        )
+    }
+}
+
 #[derive(Debug)]
 struct State {
     next_ei: u64,
@@ -172,6 +188,9 @@ struct State {
     unsynced: bool,
     /// Wakes the ticker when something starts waiting for it.
     waiting: Arc<Notify>,
+    /// When the last `resize` was recorded, and a newer size not yet recorded.
+    resized_at: Option<Instant>,
+    resize_pending: Option<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -312,6 +331,8 @@ impl Recorder {
                 record_output,
                 unsynced: false,
                 waiting: waiting.clone(),
+                resized_at: None,
+                resize_pending: None,
             }),
             waiting,
             outcome,
@@ -545,6 +566,29 @@ impl Shared {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    fn record_resize(&self, cols: u32, rows: u32) {
+        self.with(|s| {
+            s.resized_at = Some(Instant::now());
+            s.resize_pending = None;
+        });
+        self.record(RESIZE, |e, _| {
+            e.cols = cols;
+            e.rows = rows;
+        });
+    }
+
+    /// Records the size waiting since the last `resize`, once its interval
+    /// is over (or `now`, at the session's end).
+    fn record_due_resize(&self, now: bool) {
+        let due = self.with(|s| match s.resize_due_at() {
+            Some(at) if now || Instant::now() >= at => s.resize_pending.take(),
+            _ => None,
+        });
+        if let Some((cols, rows)) = due {
+            self.record_resize(cols, rows);
+        }
+    }
+
     /// Stores one (non-output) event of `kind`, filled in by `fill`, after
     /// the output before it, and audits it. Returns its time.
     fn record(&self, kind: &str, fill: impl FnOnce(&mut RecordingEvent, &State)) -> i64 {
@@ -653,13 +697,15 @@ impl SessionRecording {
         let ticker = tokio::spawn(async move {
             let mut synced_at = Instant::now();
             loop {
-                let (flush_at, unsynced) =
-                    shared.with(|s| (s.pending_since.map(|(at, _, _)| at + BATCH_FOR), s.unsynced));
+                let (flush_at, unsynced, resize_at) = shared.with(|s| {
+                    (
+                        s.pending_since.map(|(at, _, _)| at + BATCH_FOR),
+                        s.unsynced,
+                        s.resize_due_at(),
+                    )
+                });
                 let sync_at = unsynced.then_some(synced_at + SYNC_EVERY);
-                let wake = match (flush_at, sync_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let wake = [flush_at, sync_at, resize_at].into_iter().flatten().min();
                 tokio::select! {
                     _ = async {
                         match wake {
@@ -670,6 +716,7 @@ impl SessionRecording {
                     _ = shared.waiting.notified() => continue,
                     _ = ticks.cancelled() => return,
                 }
+                shared.record_due_resize(false);
                 let flushed = shared.with(|s| {
                     let due = s
                         .pending_since
@@ -773,6 +820,8 @@ impl SessionRecording {
         self.shared.with(|s| s.rx += n as u64);
     }
 
+    /// The terminal's new size: recorded now, or (within [`RESIZE_EVERY`]
+    /// of the last one recorded) when the interval ends, as the latest size.
     pub async fn resize(&self, cols: u32, rows: u32) {
         let backlog = self.shared.with(|s| match &s.sink {
             Sink::Stream(b) => Some(b.clone()),
@@ -783,10 +832,17 @@ impl SessionRecording {
         {
             return;
         }
-        self.shared.record(RESIZE, |e, _| {
-            e.cols = cols;
-            e.rows = rows;
+        let later = self.shared.with(|s| {
+            let recent = s.resized_at.is_some_and(|at| at.elapsed() < RESIZE_EVERY);
+            if recent {
+                s.resize_pending = Some((cols, rows));
+                s.waiting.notify_one();
+            }
+            recent
         });
+        if !later {
+            self.shared.record_resize(cols, rows);
+        }
     }
 
     /// Ends the recording: the command's `exec` (with its exit code, -1 if
@@ -803,6 +859,7 @@ impl SessionRecording {
             let _ = t.await;
         }
         let shared = &self.shared;
+        shared.record_due_resize(true);
         if let SessionKind::Exec(command) = &self.kind {
             shared.record(EXEC, |e, _| {
                 e.command = command.clone();
@@ -930,6 +987,79 @@ mod tests {
                 "session.end"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_resizes_records_a_few_and_always_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = recorder(dir.path(), RecorderConfig::default());
+        let audit = Arc::new(Audit::default());
+        let s = start(RecordingMode::Node, RecordingPolicy::Strict);
+        let sid = s.meta.sid.clone();
+        let r = rec.begin(s, audit.clone()).await.unwrap();
+        for i in 0..100_000u32 {
+            r.resize(80 + i % 100, 24 + i % 50).await;
+        }
+        r.resize(123, 45).await;
+        r.end(Some(0)).await;
+        let (events, _) = rec.shipper.spool().read_from(&sid, 0, usize::MAX).unwrap();
+        let resizes: Vec<(u32, u32)> = events
+            .iter()
+            .filter(|e| e.event == "resize")
+            .map(|e| (e.cols, e.rows))
+            .collect();
+        assert!(resizes.len() <= 20, "{} resizes recorded", resizes.len());
+        assert_eq!(resizes.last(), Some(&(123, 45)));
+        let audited = audit
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.name() == "resize")
+            .count();
+        assert_eq!(audited, resizes.len());
+        // The last size comes before the session's end.
+        let last_resize = events.iter().rposition(|e| e.event == "resize").unwrap();
+        let end = events
+            .iter()
+            .position(|e| e.event == "session.end")
+            .unwrap();
+        assert!(last_resize < end);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_size_is_recorded_when_its_interval_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = recorder(dir.path(), RecorderConfig::default());
+        let audit = Arc::new(Audit::default());
+        let r = rec
+            .begin(
+                start(RecordingMode::Node, RecordingPolicy::Strict),
+                audit.clone(),
+            )
+            .await
+            .unwrap();
+        r.resize(100, 40).await;
+        r.resize(101, 41).await;
+        let sizes = |audit: &Audit| {
+            audit
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.name() == "resize")
+                .count()
+        };
+        assert_eq!(sizes(&audit), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sizes(&audit) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the waiting size is never recorded without another event"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.end(Some(0)).await;
     }
 
     #[test]

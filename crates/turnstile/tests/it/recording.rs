@@ -723,3 +723,91 @@ async fn a_node_back_after_the_completer_gave_up_continues_the_recording() {
     // Each line once: the continuation repeats nothing.
     assert_eq!(played.matches("line-1\n").count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_resizes_cost_no_other_users_events_and_the_last_size_is_kept() {
+    use russh::ChannelMsg;
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    c.add_user("bob", "access", "root").await;
+    let alice = c.sign("alice").await;
+    let bob = c.sign("bob").await;
+    let identity = turnstile::identity_file::read(&alice).unwrap();
+    let conn = turnstile_ssh::client::connect_via_proxy(
+        &c.proxy_addr,
+        "web1",
+        "root",
+        &identity.credentials,
+        &identity.host_ca,
+    )
+    .await
+    .unwrap();
+    let mut ch = conn.handle.channel_open_session().await.unwrap();
+    ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    ch.request_shell(true).await.unwrap();
+    for i in 0..100_000u32 {
+        ch.window_change(80 + i % 100, 24 + i % 50, 0, 0)
+            .await
+            .unwrap();
+    }
+    ch.window_change(123, 45, 0, 0).await.unwrap();
+    // Bob works while alice floods.
+    let (bob_sid, _) = recorded_exec(&c, &bob, "echo bob-was-here").await;
+    ch.data(&b"echo sid=$TURNSTILE_SESSION_ID; stty size; exit\n"[..])
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ch.wait())
+        .await
+        .expect("the session answers")
+    {
+        match msg {
+            ChannelMsg::Data { data } => seen.push_str(&String::from_utf8_lossy(&data)),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    assert!(
+        seen.contains("45 123"),
+        "the shell has the last size: {seen}"
+    );
+    let sid = seen
+        .split("sid=")
+        .filter_map(|s| uuid::Uuid::parse_str(&s.chars().take(36).collect::<String>()).ok())
+        .next()
+        .expect("the sid")
+        .to_string();
+    let data = c.data_dir();
+    poll_until(Duration::from_secs(30), || async {
+        let ends = audit_events(&data, Some("session.end")).await;
+        [&sid, &bob_sid]
+            .iter()
+            .all(|s| ends.iter().any(|e| e["sid"] == **s))
+    })
+    .await
+    .expect("both sessions' ends reach the audit log");
+    let bob_exec = audit_events(&data, Some("exec")).await;
+    assert!(
+        bob_exec.iter().any(|e| e["sid"] == bob_sid.as_str()),
+        "bob's exec is in the log"
+    );
+    let resizes = audit_events(&data, Some("resize")).await;
+    let alice_resizes = resizes.iter().filter(|e| e["sid"] == sid.as_str()).count();
+    assert!(
+        alice_resizes < 1_000,
+        "{alice_resizes} resize events for 100,000 window changes"
+    );
+    wait_complete(&alice, &sid).await;
+    let json = text(&play(&alice, &sid, "json").await);
+    let last = json
+        .lines()
+        .filter(|l| l.contains("\"event\":\"resize\""))
+        .last()
+        .expect("a resize is recorded");
+    assert!(
+        last.contains("123:45"),
+        "the recording ends with the last size: {last}"
+    );
+}
