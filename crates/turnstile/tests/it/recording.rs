@@ -803,8 +803,7 @@ async fn a_hundred_thousand_resizes_cost_no_other_users_events_and_the_last_size
     let json = text(&play(&alice, &sid, "json").await);
     let last = json
         .lines()
-        .filter(|l| l.contains("\"event\":\"resize\""))
-        .last()
+        .rfind(|l| l.contains("\"event\":\"resize\""))
         .expect("a resize is recorded");
     assert!(
         last.contains("123:45"),
