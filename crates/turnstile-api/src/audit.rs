@@ -74,6 +74,15 @@ pub enum AuditEvent {
         remote_addr: String,
         reason: String,
     },
+    /// Auth received events of a host's queue with numbers missing before
+    /// them: events were lost on the host (its queue was removed, or a crash
+    /// cut its last batch).
+    AuditGap {
+        server_id: String,
+        queue_id: String,
+        missing_from: u64,
+        missing_to: u64,
+    },
     /// Turnstile ended a live connection: a lock, a removed user, idleness,
     /// an expired certificate, shutdown.
     ClientDisconnect {
@@ -114,6 +123,7 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ("lock.deleted", "TLK01I"),
     ("cluster_config.update", "TST00I"),
     ("semaphore.release", "TST01I"),
+    ("audit.gap", "TST02W"),
 ];
 
 /// The code of an event named `name` with one code; `T0000I` for an unknown name.
@@ -151,6 +161,7 @@ impl AuditEvent {
             AuditEvent::SessctlLimit { .. } => "sessctl.limit",
             AuditEvent::SessionEvent { event, .. } | AuditEvent::AdminChange { event, .. } => event,
             AuditEvent::AccessDenied { .. } => "auth",
+            AuditEvent::AuditGap { .. } => "audit.gap",
             AuditEvent::ClientDisconnect { .. } => "client.disconnect",
         }
     }
@@ -190,6 +201,7 @@ impl AuditEvent {
             | AuditEvent::AdminChange { user, .. }
             | AuditEvent::AccessDenied { user, .. }
             | AuditEvent::ClientDisconnect { user, .. } => user,
+            AuditEvent::AuditGap { .. } => "",
         }
     }
 
@@ -199,7 +211,8 @@ impl AuditEvent {
             AuditEvent::SessctlLimit { server_id, .. }
             | AuditEvent::SessionEvent { server_id, .. }
             | AuditEvent::AccessDenied { server_id, .. }
-            | AuditEvent::ClientDisconnect { server_id, .. } => Some(server_id),
+            | AuditEvent::ClientDisconnect { server_id, .. }
+            | AuditEvent::AuditGap { server_id, .. } => Some(server_id),
             AuditEvent::UserLogin { .. } | AuditEvent::AdminChange { .. } => None,
         }
     }
@@ -263,6 +276,17 @@ impl AuditEvent {
                 for (k, v) in fields {
                     m.entry(k.clone()).or_insert_with(|| v.clone());
                 }
+            }
+            AuditEvent::AuditGap {
+                server_id,
+                queue_id,
+                missing_from,
+                missing_to,
+            } => {
+                m.insert("server_id".into(), json!(server_id));
+                m.insert("queue_id".into(), json!(queue_id));
+                m.insert("missing_from".into(), json!(missing_from));
+                m.insert("missing_to".into(), json!(missing_to));
             }
             AuditEvent::AdminChange {
                 user,

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod audit_forwarder;
+pub mod audit_queue;
 pub mod client;
 pub mod cluster_view;
 pub mod identity;

@@ -21,7 +21,7 @@ use turnstile_auth::audit_log::FileAuditLog;
 use turnstile_auth::backend::{Backend, MemoryBackend, SqliteBackend};
 use turnstile_auth::cluster_config::{self, ClusterConfig};
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
-use turnstile_ssh::audit_forwarder::{self, AuditForwarder};
+use turnstile_ssh::audit_forwarder::AuditForwarder;
 use turnstile_ssh::cluster_view::{ClusterView, auth_client};
 use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
 use turnstile_ssh::join::join;
@@ -98,6 +98,7 @@ impl Stages {
             )
             .await;
         }
+        tracing::debug!("audit events flushed; stopping auth");
         self.auth_stop.cancel();
         if let Some((name, task)) = self.auth {
             results.push((name, task.await));
@@ -470,7 +471,13 @@ async fn launch_services(
                 &config.recording,
                 &drain,
             )?,
-            forwarder(&view, &mut stages),
+            forwarder(
+                &view,
+                &data_dir,
+                "proxy",
+                config.audit_queue_max,
+                &mut stages,
+            )?,
         );
         std::fs::write(data_dir.join(PROXY_ADDR_FILE), &public)?;
         running.proxy_addr = Some(bound);
@@ -508,7 +515,13 @@ async fn launch_services(
             },
             view.clone(),
             host,
-            forwarder(&view, &mut stages),
+            forwarder(
+                &view,
+                &data_dir,
+                "node",
+                config.audit_queue_max,
+                &mut stages,
+            )?,
             recorder(
                 &data_dir.join("spool"),
                 &auth_target,
@@ -533,15 +546,21 @@ async fn launch_services(
     Ok(running)
 }
 
-/// A node's or proxy's audit forwarder, drained at the second stage of shutdown.
-fn forwarder(view: &ClusterView, stages: &mut Stages) -> Arc<AuditForwarder> {
-    let (forwarder, task) = AuditForwarder::spawn(
-        view.client(),
-        audit_forwarder::QUEUE_CAPACITY,
-        stages.drain.clone(),
-    );
+/// A node's or proxy's audit forwarder, its queue under
+/// `data_dir/audit-queue/<who>`, drained at the second stage of shutdown.
+fn forwarder(
+    view: &ClusterView,
+    data_dir: &Path,
+    who: &str,
+    max_bytes: u64,
+    stages: &mut Stages,
+) -> anyhow::Result<Arc<AuditForwarder>> {
+    let dir = data_dir.join("audit-queue").join(who);
+    let (forwarder, task) =
+        AuditForwarder::spawn(view.client(), &dir, max_bytes, stages.drain.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     stages.flushers.push(task);
-    forwarder
+    Ok(forwarder)
 }
 
 /// The recorder of a proxy or node, spooling under `spool`. Its streams to

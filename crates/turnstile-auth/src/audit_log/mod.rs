@@ -33,6 +33,14 @@ pub struct AuditQuery {
 pub trait AuditLog: Send + Sync + std::fmt::Debug {
     /// Writes the event durably; returns the JSON written.
     async fn emit(&self, event: AuditEvent) -> Result<Value, AuditLogError>;
+    /// Writes the events durably, in order (one sync for the batch where
+    /// the log can).
+    async fn emit_batch(&self, events: Vec<AuditEvent>) -> Result<(), AuditLogError> {
+        for e in events {
+            self.emit(e).await?;
+        }
+        Ok(())
+    }
     /// Events matching the query, oldest first.
     async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError>;
 }
@@ -86,6 +94,34 @@ impl AuditLog for FileAuditLog {
         file.write_all(&line).await.map_err(self.err(&path))?;
         file.sync_data().await.map_err(self.err(&path))?;
         Ok(json)
+    }
+
+    async fn emit_batch(&self, events: Vec<AuditEvent>) -> Result<(), AuditLogError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let mut text = Vec::new();
+        for event in &events {
+            let json = event.to_json(&time, &uuid::Uuid::new_v4().to_string());
+            serde_json::to_writer(&mut text, &json).unwrap_or_default();
+            text.push(b'\n');
+        }
+        let path = self.dir.join(format!("{}.log", day_of(now)));
+        let _one_writer = self.write.lock().await;
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(self.err(&self.dir))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(self.err(&path))?;
+        file.write_all(&text).await.map_err(self.err(&path))?;
+        file.sync_data().await.map_err(self.err(&path))?;
+        Ok(())
     }
 
     async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {

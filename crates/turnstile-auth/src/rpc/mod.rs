@@ -115,7 +115,59 @@ pub struct AuthApi {
     shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// The most events one `EmitAuditEvents` call may carry.
+const MAX_AUDIT_BATCH: usize = 1000;
+
 impl AuthApi {
+    /// Checks an event a host sends (it may speak only for itself, never as
+    /// an administrator) and applies what it means for `recordings ls`;
+    /// returns it to be written.
+    async fn take_host_event(&self, c: &Caller, event: AuditEvent) -> Result<AuditEvent, Status> {
+        if matches!(
+            event,
+            AuditEvent::AdminChange { .. } | AuditEvent::AuditGap { .. }
+        ) {
+            return Err(Status::permission_denied(format!(
+                "{} {} may not emit administrators' or auth's events",
+                c.role, c.id
+            )));
+        }
+        if event.server_id().is_some_and(|id| id != c.id) {
+            return Err(Status::permission_denied(format!(
+                "{} {} may not emit events for another server",
+                c.role, c.id
+            )));
+        }
+        // What `recordings ls` says follows the session's audit events, which
+        // reach auth whatever becomes of the recording store: an ended
+        // session is uploading until complete; a failed recording is failed.
+        if let AuditEvent::SessionEvent {
+            event: name,
+            sid,
+            user,
+            login,
+            fields,
+            ..
+        } = &event
+        {
+            let text = |k: &str| fields.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            if name == turnstile_recording::event::RECORDING_FAILED {
+                self.recordings
+                    .mark_failed(&c.id, sid, user, login, text("node"), text("error"))
+                    .await
+                    .map_err(fail)?;
+            } else if name == turnstile_recording::event::SESSION_END {
+                // Sessions recorded by nobody (`off`) have no entry.
+                match self.recordings.mark_ended(&c.id, sid).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind == turnstile_api::error::ErrorKind::NotFound => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+        }
+        Ok(event)
+    }
+
     pub fn new(
         authority: Arc<Authority>,
         presence: PresencePolicy,
@@ -640,51 +692,81 @@ impl proto::auth_server::Auth for AuthApi {
         let c = require(&req, HOSTS)?;
         let event: AuditEvent = serde_json::from_str(&req.into_inner().event_json)
             .map_err(|e| Status::invalid_argument(format!("audit event: {e}")))?;
-        if matches!(event, AuditEvent::AdminChange { .. }) {
-            return Err(Status::permission_denied(format!(
-                "{} {} may not emit administrators' events",
-                c.role, c.id
-            )));
-        }
-        if event.server_id().is_some_and(|id| id != c.id) {
-            return Err(Status::permission_denied(format!(
-                "{} {} may not emit events for another server",
-                c.role, c.id
-            )));
-        }
-        // What `recordings ls` says follows the session's audit events, which
-        // reach auth whatever becomes of the recording store: an ended
-        // session is uploading until complete; a failed recording is failed.
-        if let AuditEvent::SessionEvent {
-            event: name,
-            sid,
-            user,
-            login,
-            fields,
-            ..
-        } = &event
-        {
-            let text = |k: &str| fields.get(k).and_then(|v| v.as_str()).unwrap_or_default();
-            if name == turnstile_recording::event::RECORDING_FAILED {
-                self.recordings
-                    .mark_failed(&c.id, sid, user, login, text("node"), text("error"))
-                    .await
-                    .map_err(fail)?;
-            } else if name == turnstile_recording::event::SESSION_END {
-                // Sessions recorded by nobody (`off`) have no entry.
-                match self.recordings.mark_ended(&c.id, sid).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind == turnstile_api::error::ErrorKind::NotFound => {}
-                    Err(e) => return Err(fail(e)),
-                }
-            }
-        }
+        let event = self.take_host_event(&c, event).await?;
         self.authority
             .audit()
             .emit(event)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         ok(proto::EmitAuditEventResponse {})
+    }
+
+    async fn emit_audit_events(
+        &self,
+        req: Request<proto::EmitAuditEventsRequest>,
+    ) -> RpcResult<proto::EmitAuditEventsResponse> {
+        let c = require(&req, HOSTS)?;
+        let r = req.into_inner();
+        if r.queue_id.is_empty() || r.queue_id.len() > 64 || r.events.len() > MAX_AUDIT_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "an audit batch names its queue (at most 64 bytes) and holds at most {MAX_AUDIT_BATCH} events"
+            )));
+        }
+        let backend = self.authority.backend();
+        let key = format!("audit_seq/{}/{}", c.id, r.queue_id);
+        let mut last: u64 = match backend.get(&key).await {
+            Ok(item) => String::from_utf8_lossy(&item.value).parse().unwrap_or(0),
+            Err(crate::backend::BackendError::NotFound(_)) => 0,
+            Err(e) => return Err(fail(e.into())),
+        };
+        let (mut refused, mut duplicates) = (0u32, 0u32);
+        let mut write = Vec::new();
+        for e in r.events {
+            if e.seq <= last {
+                duplicates += 1;
+                continue;
+            }
+            if e.seq > last + 1 {
+                tracing::warn!(server = %c.id, queue = %r.queue_id, from = last + 1, to = e.seq - 1, "audit events missing from a host's queue");
+                write.push(AuditEvent::AuditGap {
+                    server_id: c.id.clone(),
+                    queue_id: r.queue_id.clone(),
+                    missing_from: last + 1,
+                    missing_to: e.seq - 1,
+                });
+            }
+            last = e.seq;
+            let taken = match serde_json::from_str::<AuditEvent>(&e.event_json) {
+                Ok(event) => self.take_host_event(&c, event).await,
+                Err(err) => Err(Status::invalid_argument(format!("audit event: {err}"))),
+            };
+            match taken {
+                Ok(event) => write.push(event),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+                    ) =>
+                {
+                    tracing::error!(server = %c.id, error = %s.message(), "refused an audit event");
+                    refused += 1;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        self.authority
+            .audit()
+            .emit_batch(write)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        backend
+            .put(&key, last.to_string().into_bytes(), None)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        ok(proto::EmitAuditEventsResponse {
+            refused,
+            duplicates,
+        })
     }
 
     async fn search_audit_events(

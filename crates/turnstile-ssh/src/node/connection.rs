@@ -348,6 +348,11 @@ impl Handler for NodeConnection {
                         .await;
                     return Ok(());
                 };
+                if let Err(reason) = self.shared.audit.admits_new_sessions() {
+                    tracing::error!(user = %identity.user, %reason, "session refused");
+                    reply.reject(prohibited(reason)).await;
+                    return Ok(());
+                }
                 let mode = match self.shared.view.session_recording().await {
                     Ok(mode) => mode,
                     Err(e) => {

@@ -735,6 +735,23 @@ async fn audit_search(
         .map_err(|s| rpc_error(admin, s))?
         .into_inner()
         .event_json;
+    // Text names the node an event happened on, by name where auth knows it.
+    let node_names: std::collections::HashMap<String, String> = if format == Format::Json {
+        Default::default()
+    } else {
+        admin
+            .client
+            .list_nodes(proto::ListNodesRequest {})
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .nodes
+                    .into_iter()
+                    .map(|n| (n.id, n.name))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     for line in &events {
         if format == Format::Json {
             crate::outln!("{line}");
@@ -753,16 +770,37 @@ async fn audit_search(
             field("code"),
             field("user")
         );
+        let node = v["node"].as_str().map(str::to_string).or_else(|| {
+            v["server_id"].as_str().map(|id| {
+                node_names
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string())
+            })
+        });
+        if let Some(node) = node {
+            text.push_str(&format!(" node={node}"));
+        }
         for k in [
             "login",
+            "target",
+            "command",
+            "exitCode",
+            "sid",
             "sessctl_kind",
             "max",
             "addr.remote",
             "success",
             "error",
+            "reason",
         ] {
             if !v[k].is_null() {
-                text.push_str(&format!(" {k}={}", field(k)));
+                let value = field(k);
+                if value.contains(' ') {
+                    text.push_str(&format!(" {k}={value:?}"));
+                } else {
+                    text.push_str(&format!(" {k}={value}"));
+                }
             }
         }
         crate::outln!("{text}");

@@ -34,6 +34,8 @@ pub struct GlobalSection {
     pub view_refresh_interval: Option<WrittenDuration>,
     /// How long a stopping node or proxy lets live sessions finish.
     pub shutdown_grace: Option<WrittenDuration>,
+    /// The bound of the on-disk queue of audit events on their way to auth.
+    pub audit_queue_max_size: Option<ByteSize>,
 }
 
 /// How this process records sessions, when it is a recorder (node, or proxy

@@ -51,6 +51,8 @@ pub struct ResolvedConfig {
     pub view_refresh: Duration,
     /// How long a stopping node or proxy lets live sessions finish.
     pub shutdown_grace: Duration,
+    /// The bound of each on-disk audit queue (node, proxy); at it, new sessions are refused.
+    pub audit_queue_max: u64,
 }
 
 /// Where auth keeps the cluster's state.
@@ -362,9 +364,19 @@ pub fn resolve(
             "must be at most 1h (default 30s; 0s ends sessions at once)",
         ));
     }
+    let audit_queue_max = global
+        .audit_queue_max_size
+        .map_or(turnstile_ssh::audit_forwarder::DEFAULT_QUEUE_MAX, |b| b.0);
+    if audit_queue_max < 1 << 20 {
+        return Err(field_error(
+            "turnstile.audit_queue_max_size",
+            "must be at least 1MiB (default 256MiB)",
+        ));
+    }
     Ok(ResolvedConfig {
         view_refresh,
         shutdown_grace,
+        audit_queue_max,
         data_dir,
         auth_servers,
         join_token: global.join_token,

@@ -548,6 +548,20 @@ async fn users_keep_working_while_auth_is_down_and_everything_resumes() {
         let out = c.ssh(&["web1", "echo", "still here"]).await;
         assert_eq!(text(&out.stdout), "still here\n", "{}", text(&out.stderr));
     }
+    // The node restarts during the outage: the events it could not send
+    // wait in its on-disk queue.
+    let web1_config = c.dirs.config(
+        "web1-again",
+        &joining_yaml(
+            &c.dirs.path("web1"),
+            &c.auth_addr,
+            None,
+            &c.pin,
+            &node_service("web1", "dev"),
+        ),
+    );
+    c.web1.take().unwrap().stop().await;
+    c.web1 = Some(Proc::start(&web1_config).await);
     let out = client(&c.home(), &["ls"], None).await;
     assert!(text(&out.stdout).contains("web1"), "{}", text(&out.stderr));
     // A password cannot be checked: the user reads that, not "wrong password".
@@ -571,6 +585,19 @@ async fn users_keep_working_while_auth_is_down_and_everything_resumes() {
     .expect("nodes heartbeat to the restarted auth");
     let out = c.ssh(&["web1", "echo", "after"]).await;
     assert_eq!(text(&out.stdout), "after\n", "{}", text(&out.stderr));
+    // Every session of the outage is in the audit log, once.
+    poll_until(Duration::from_secs(30), || async {
+        let execs = crate::support::audit_events(&c.auth_data(), Some("exec")).await;
+        let count = |command: &str| {
+            execs
+                .iter()
+                .filter(|e| e["command"].as_str().is_some_and(|c| c.contains(command)))
+                .count()
+        };
+        count("still here") == 3 && count("after") == 1
+    })
+    .await
+    .expect("every session of the outage reaches the log, once");
     // Logging in again goes through auth: it works without restarting the proxy.
     let out = c.login("correct horse battery").await;
     assert!(out.status.success(), "{}", text(&out.stderr));

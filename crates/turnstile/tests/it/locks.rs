@@ -224,6 +224,22 @@ async fn node_and_login_locks_cover_only_their_target() {
     let (ok, err) = try_command(&c, &dave, login, Path2::Proxy).await;
     assert!(!ok);
     assert!(err.contains("access is locked"), "{err}");
+    // The text form of the audit log says where and what.
+    let found = crate::support::poll_until(BOUND, || async {
+        let out = c.admin_ok(&["audit", "search", "--event", "exec"]).await;
+        out.lines().any(|l| {
+            l.contains(" exec ")
+                && l.contains("node=web1")
+                && l.contains("command=\"echo started; sleep 60\"")
+                && l.contains("user=dave")
+        })
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "{}",
+        c.admin_ok(&["audit", "search", "--event", "exec"]).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
