@@ -66,6 +66,24 @@ impl FileAuditLog {
         }
     }
 
+    /// Appends whole lines to the day's file and syncs them.
+    async fn append(&self, now: SystemTime, lines: &[u8]) -> Result<(), AuditLogError> {
+        let path = self.dir.join(format!("{}.log", day_of(now)));
+        let _one_writer = self.write.lock().await;
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(self.err(&self.dir))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(self.err(&path))?;
+        file.write_all(lines).await.map_err(self.err(&path))?;
+        file.sync_data().await.map_err(self.err(&path))?;
+        Ok(())
+    }
+
     fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> AuditLogError {
         let path = path.to_path_buf();
         move |source| AuditLogError { path, source }
@@ -80,19 +98,7 @@ impl AuditLog for FileAuditLog {
         let json = event.to_json(&time, &uuid::Uuid::new_v4().to_string());
         let mut line = serde_json::to_vec(&json).unwrap_or_default();
         line.push(b'\n');
-        let path = self.dir.join(format!("{}.log", day_of(now)));
-        let _one_writer = self.write.lock().await;
-        tokio::fs::create_dir_all(&self.dir)
-            .await
-            .map_err(self.err(&self.dir))?;
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await
-            .map_err(self.err(&path))?;
-        file.write_all(&line).await.map_err(self.err(&path))?;
-        file.sync_data().await.map_err(self.err(&path))?;
+        self.append(now, &line).await?;
         Ok(json)
     }
 
@@ -108,20 +114,7 @@ impl AuditLog for FileAuditLog {
             serde_json::to_writer(&mut text, &json).unwrap_or_default();
             text.push(b'\n');
         }
-        let path = self.dir.join(format!("{}.log", day_of(now)));
-        let _one_writer = self.write.lock().await;
-        tokio::fs::create_dir_all(&self.dir)
-            .await
-            .map_err(self.err(&self.dir))?;
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await
-            .map_err(self.err(&path))?;
-        file.write_all(&text).await.map_err(self.err(&path))?;
-        file.sync_data().await.map_err(self.err(&path))?;
-        Ok(())
+        self.append(now, &text).await
     }
 
     async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {

@@ -742,33 +742,39 @@ async fn a_hundred_thousand_resizes_cost_no_other_users_events_and_the_last_size
     )
     .await
     .unwrap();
-    let mut ch = conn.handle.channel_open_session().await.unwrap();
+    let ch = conn.handle.channel_open_session().await.unwrap();
     ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
         .await
         .unwrap();
     ch.request_shell(true).await.unwrap();
+    // Read all along: a client that stops reading stops its connection.
+    let (mut rd, wr) = ch.split();
+    let reader = tokio::spawn(async move {
+        let mut seen = String::new();
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(120), rd.wait())
+            .await
+            .expect("the session answers")
+        {
+            match msg {
+                ChannelMsg::Data { data } => seen.push_str(&String::from_utf8_lossy(&data)),
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        seen
+    });
     for i in 0..100_000u32 {
-        ch.window_change(80 + i % 100, 24 + i % 50, 0, 0)
+        wr.window_change(80 + i % 100, 24 + i % 50, 0, 0)
             .await
             .unwrap();
     }
-    ch.window_change(123, 45, 0, 0).await.unwrap();
+    wr.window_change(123, 45, 0, 0).await.unwrap();
     // Bob works while alice floods.
     let (bob_sid, _) = recorded_exec(&c, &bob, "echo bob-was-here").await;
-    ch.data(&b"echo sid=$TURNSTILE_SESSION_ID; stty size; exit\n"[..])
+    wr.data(&b"echo sid=$TURNSTILE_SESSION_ID; stty size; exit\n"[..])
         .await
         .unwrap();
-    let mut seen = String::new();
-    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ch.wait())
-        .await
-        .expect("the session answers")
-    {
-        match msg {
-            ChannelMsg::Data { data } => seen.push_str(&String::from_utf8_lossy(&data)),
-            ChannelMsg::Close => break,
-            _ => {}
-        }
-    }
+    let seen = reader.await.unwrap();
     assert!(
         seen.contains("45 123"),
         "the shell has the last size: {seen}"
