@@ -407,3 +407,86 @@ impl ClusterView {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view_with(mode: &str, fetched_at: Option<Instant>) -> Arc<ClusterView> {
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let view = ClusterView::new(AuthClient::new(channel));
+        let snapshot = Snapshot {
+            config: proto::ClusterConfig {
+                locking_mode: mode.into(),
+                ..Default::default()
+            },
+            fetched_at,
+            loaded: true,
+            ..Default::default()
+        };
+        *view.snapshot.try_write().unwrap() = snapshot;
+        view
+    }
+
+    #[tokio::test]
+    async fn strict_mode_refuses_new_connections_once_locks_are_too_old() {
+        let long_ago = Instant::now()
+            .checked_sub(STRICT_LOCKS_MAX_AGE + Duration::from_secs(1))
+            .unwrap();
+        assert!(
+            view_with("strict", Some(Instant::now()))
+                .locks_fresh_enough()
+                .await
+                .is_ok()
+        );
+        let refused = view_with("strict", Some(long_ago))
+            .locks_fresh_enough()
+            .await
+            .unwrap_err();
+        assert!(
+            refused.contains("locks cannot be checked") && refused.contains("strict"),
+            "{refused}"
+        );
+        assert!(
+            view_with("strict", None)
+                .locks_fresh_enough()
+                .await
+                .is_err()
+        );
+        // best_effort keeps letting users in on cached locks.
+        assert!(
+            view_with("best_effort", Some(long_ago))
+                .locks_fresh_enough()
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cached_lock_applies_while_auth_is_unreachable() {
+        let view = view_with("best_effort", None);
+        {
+            let mut s = view.snapshot.try_write().unwrap();
+            s.users
+                .insert("dave".into(), (vec!["access".into()], vec!["root".into()]));
+            s.locks.push(Lock {
+                id: "l1".into(),
+                target: turnstile_api::lock::LockTarget::User("dave".into()),
+                message: "incident".into(),
+                created_unix: 0,
+                created_by: "admin".into(),
+                expires_unix: None,
+            });
+        }
+        let dave = UserIdentity {
+            user: "dave".into(),
+            roles: vec!["access".into()],
+            logins: vec!["root".into()],
+        };
+        let refused = view
+            .standing(&dave, Some("root"), None, 10)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("incident"), "{refused}");
+    }
+}
