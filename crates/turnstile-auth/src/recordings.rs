@@ -769,6 +769,28 @@ fn chunk_payload(bytes: &[u8]) -> Option<Vec<u8>> {
         .map(<[u8]>::to_vec)
 }
 
+/// May a user with `roles` list every user's recordings (a role rule
+/// allowing `session` `list`)? Without it, only their own.
+pub fn may_list_all(roles: &turnstile_api::role::RoleSet) -> bool {
+    roles.allows_rule("session", "list")
+}
+
+/// May `user` with `roles` read this recording: their own, or anyone's with
+/// a role rule allowing `session` `read`.
+pub fn may_read(
+    rec: &RecordingRecord,
+    user: &str,
+    roles: &turnstile_api::role::RoleSet,
+) -> Result<(), ApiError> {
+    if rec.user == user || roles.allows_rule("session", "read") {
+        return Ok(());
+    }
+    Err(ApiError::access_denied(format!(
+        "session {} belongs to user {:?}; reading others' sessions needs a role rule allowing session read",
+        rec.sid, rec.user
+    )))
+}
+
 /// The `session.upload` audit event of a completed recording.
 pub fn upload_event(r: &RecordingRecord) -> AuditEvent {
     AuditEvent::SessionEvent {

@@ -301,20 +301,10 @@ impl proto::auth_server::Auth for AuthApi {
         let u = r
             .user
             .ok_or_else(|| Status::invalid_argument("user is missing"))?;
-        let existing = self.authority.get_user(&u.name).await.ok();
-        let record = UserRecord {
-            name: u.name,
-            roles: u.roles,
-            logins: u.logins,
-            password_hash: existing.as_ref().and_then(|e| e.password_hash.clone()),
-            created_unix: existing
-                .as_ref()
-                .map_or_else(|| self.authority.now_unix(), |e| e.created_unix),
-        };
-        let audited = record.clone();
+        let (audited_roles, audited_logins) = (u.roles.join(","), u.logins.join(","));
         let created = self
             .authority
-            .upsert_user(record, r.create_only)
+            .put_user(&u.name, u.roles, u.logins, r.create_only)
             .await
             .map_err(fail)?;
         let event = if created {
@@ -326,11 +316,8 @@ impl proto::auth_server::Auth for AuthApi {
             .record(AuditEvent::admin(
                 event,
                 &c.id,
-                &audited.name,
-                [
-                    ("roles", audited.roles.join(",")),
-                    ("logins", audited.logins.join(",")),
-                ],
+                &u.name,
+                [("roles", audited_roles), ("logins", audited_logins)],
             ))
             .await;
         ok(proto::UpsertUserResponse { created })
@@ -945,7 +932,7 @@ impl proto::auth_server::Auth for AuthApi {
         require(&req, &[SystemRole::Proxy])?;
         let r = req.into_inner();
         let (user, roles) = self.reader(&r.certificate).await?;
-        let all = roles.allows_rule("session", "list");
+        let all = crate::recordings::may_list_all(&roles);
         let recordings = self.recordings.list().await.map_err(fail)?;
         ok(proto::RecordingList {
             recordings: recordings
@@ -977,12 +964,7 @@ impl proto::auth_server::Auth for AuthApi {
             .await
             .map_err(fail)?
             .ok_or_else(not_found)?;
-        if rec.user != user && !roles.allows_rule("session", "read") {
-            return Err(Status::permission_denied(format!(
-                "session {} belongs to user {:?}; reading others' sessions needs a role rule allowing session read",
-                r.sid, rec.user
-            )));
-        }
+        crate::recordings::may_read(&rec, &user, &roles).map_err(fail)?;
         if !rec.failed.is_empty() && rec.object_sizes().is_empty() && rec.parts.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "session {} was not recorded: {}",

@@ -184,6 +184,17 @@ impl Handler for ProxyConnection {
             }
             Err(reason) => {
                 tracing::warn!(client = %self.info.client, %reason, "certificate refused");
+                self.shared.audit.emit(AuditEvent::AccessDenied {
+                    user: certificate
+                        .extensions()
+                        .get(turnstile_api::identity::EXT_USER)
+                        .cloned()
+                        .unwrap_or_default(),
+                    login: String::new(),
+                    server_id: self.shared.config.host_id.clone(),
+                    remote_addr: self.info.client.to_string(),
+                    reason: reason.to_string(),
+                });
                 Ok(Auth::reject())
             }
         }

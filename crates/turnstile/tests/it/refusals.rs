@@ -71,6 +71,28 @@ async fn certificate_from_another_cluster_is_refused_by_proxy_and_node() {
     )
     .await;
     assert_refused(&out, "Permission denied");
+    // Each refusal is an audit event, at the proxy and at the node.
+    let data = a.data_dir();
+    let found = crate::support::poll_until(Duration::from_secs(10), || async {
+        let refused = crate::support::audit_events(&data, Some("auth")).await;
+        refused
+            .iter()
+            .filter(|e| {
+                e["user"] == "alice"
+                    && e["error"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("not signed by this cluster's user CA")
+            })
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "{:?}",
+        crate::support::audit_events(&data, Some("auth")).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,305 @@
+//! The authority's unit tests.
+
+use super::*;
+use crate::audit_log::MemoryAuditLog;
+use crate::backend::MemoryBackend;
+use crate::ca::generate_ed25519;
+use turnstile_api::clock::{ManualClock, SystemClock};
+
+/// An authority on a clock the test moves.
+pub(crate) async fn authority_at() -> (Authority, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let a = Authority::open(
+        Arc::new(MemoryBackend::new()),
+        clock.clone(),
+        Arc::new(MemoryAuditLog::default()),
+        "main",
+    )
+    .await
+    .unwrap();
+    (a, clock)
+}
+
+async fn authority() -> Authority {
+    Authority::open(
+        Arc::new(MemoryBackend::new()),
+        Arc::new(SystemClock),
+        Arc::new(MemoryAuditLog::default()),
+        "main",
+    )
+    .await
+    .unwrap()
+}
+
+fn user(name: &str, roles: &[&str], logins: &[&str]) -> UserRecord {
+    UserRecord {
+        name: name.into(),
+        roles: roles.iter().map(|s| s.to_string()).collect(),
+        logins: logins.iter().map(|s| s.to_string()).collect(),
+        password_hash: None,
+        created_unix: 0,
+    }
+}
+
+#[tokio::test]
+async fn cas_are_created_once() {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let audit = Arc::new(MemoryAuditLog::default());
+    let a = Authority::open(
+        backend.clone(),
+        Arc::new(SystemClock),
+        audit.clone(),
+        "main",
+    )
+    .await
+    .unwrap();
+    let b = Authority::open(backend, Arc::new(SystemClock), audit, "main")
+        .await
+        .unwrap();
+    assert_eq!(a.user_ca().fingerprint(), b.user_ca().fingerprint());
+    assert_eq!(a.tls_ca().pin().unwrap(), b.tls_ca().pin().unwrap());
+    assert_ne!(a.user_ca().fingerprint(), a.host_ca().fingerprint());
+}
+
+#[tokio::test]
+async fn refused_requests_change_nothing() {
+    let a = authority().await;
+    a.upsert_user(user("alice", &["access"], &["root"]), true)
+        .await
+        .unwrap();
+    let before = a.get_user("alice").await.unwrap();
+    let err = a
+        .upsert_user(user("alice", &["nope"], &["root"]), false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("role \"nope\" does not exist"),
+        "{err}"
+    );
+    assert_eq!(a.get_user("alice").await.unwrap(), before);
+    let err = a
+        .upsert_user(user("alice", &["access"], &[]), true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    assert_eq!(a.get_user("alice").await.unwrap(), before);
+
+    let mut bad = Role::new("dev");
+    bad.spec.options.max_sessions = Some(-3);
+    let err = a.upsert_role(bad, true).await.unwrap_err();
+    assert!(err.message.contains("spec.options.max_sessions"), "{err}");
+    assert!(a.get_role("dev").await.is_err());
+}
+
+#[tokio::test]
+async fn roles_in_use_and_builtin_roles_are_kept() {
+    let a = authority().await;
+    a.upsert_role(Role::new("dev"), true).await.unwrap();
+    a.upsert_user(user("bob", &["dev"], &[]), true)
+        .await
+        .unwrap();
+    let err = a.delete_role("dev").await.unwrap_err();
+    assert!(err.message.contains("bob"), "{err}");
+    assert!(a.delete_role("access").await.is_err());
+    assert!(a.upsert_role(Role::builtin_access(), false).await.is_err());
+    a.delete_user("bob").await.unwrap();
+    a.delete_role("dev").await.unwrap();
+}
+
+#[tokio::test]
+async fn user_certs_are_capped_by_max_session_ttl() {
+    let a = authority().await;
+    let mut short = Role::new("short");
+    short.spec.allow.logins = Some(vec!["deploy".into()]);
+    short.spec.options.max_session_ttl = Some(turnstile_api::duration::WrittenDuration(
+        Duration::from_secs(600),
+    ));
+    a.upsert_role(short, true).await.unwrap();
+    a.upsert_user(user("carol", &["access", "short"], &["carol"]), true)
+        .await
+        .unwrap();
+    let key = generate_ed25519();
+    let issued = a
+        .generate_user_cert("carol", key.public_key(), Duration::from_secs(86400))
+        .await
+        .unwrap();
+    let lifetime = issued.certificate.valid_before() - issued.certificate.valid_after();
+    assert!(lifetime <= 600 + 60, "{lifetime}");
+    assert_eq!(issued.principals, vec!["carol", "deploy"]);
+}
+
+#[tokio::test]
+async fn nodes_expire_and_names_are_unique() {
+    let clock = Arc::new(turnstile_api::clock::ManualClock::new(SystemTime::now()));
+    let a = Authority::open(
+        Arc::new(MemoryBackend::with_clock(clock.clone())),
+        clock.clone(),
+        Arc::new(MemoryAuditLog::default()),
+        "main",
+    )
+    .await
+    .unwrap();
+    let node = |id: &str, addr: &str| NodeRecord {
+        id: id.into(),
+        name: "web1".into(),
+        addr: addr.into(),
+        labels: Labels::new(),
+        expires_unix: 0,
+    };
+    let err = a
+        .upsert_node(node("n1", "127.0.0.1:0"), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("real address"), "{err}");
+    a.upsert_node(node("n1", "127.0.0.1:3022"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let err = a
+        .upsert_node(node("n2", "127.0.0.1:4022"), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    // OpenSSH lower-cases host names: WEB1 and web1 are one name.
+    let shouting = NodeRecord {
+        name: "WEB1".into(),
+        ..node("n3", "127.0.0.1:5022")
+    };
+    let err = a
+        .upsert_node(shouting, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    assert!(err.message.contains("ignoring case"), "{err}");
+    let key = generate_ed25519().public_key().clone();
+    let err = a
+        .issue_host_cert("n3", SystemRole::Node, &key, &["Web1".into()])
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("belongs to node n1"), "{err}");
+    assert_eq!(a.list_nodes().await.unwrap().len(), 1);
+    clock.advance(Duration::from_secs(61));
+    assert!(a.list_nodes().await.unwrap().is_empty());
+}
+
+mod login_tests {
+    use super::*;
+    use crate::audit_log::{AuditQuery, MemoryAuditLog};
+    use crate::backend::MemoryBackend;
+    use crate::ca::generate_ed25519;
+    use turnstile_api::clock::SystemClock;
+
+    #[tokio::test]
+    async fn password_login_issues_certificates_and_audits_failures() {
+        let audit = Arc::new(MemoryAuditLog::default());
+        let a = Authority::open(
+            Arc::new(MemoryBackend::new()),
+            Arc::new(SystemClock),
+            audit.clone(),
+            "main",
+        )
+        .await
+        .unwrap();
+        a.upsert_user(
+            UserRecord {
+                name: "alice".into(),
+                roles: vec!["access".into()],
+                logins: vec!["root".into()],
+                password_hash: None,
+                created_unix: 0,
+            },
+            true,
+        )
+        .await
+        .unwrap();
+        let key = generate_ed25519();
+        let no_password = a
+            .login(
+                "alice",
+                "whatever1",
+                Some(key.public_key()),
+                Duration::ZERO,
+                "1.2.3.4:5",
+            )
+            .await;
+        assert!(
+            no_password.is_err(),
+            "a user without a password cannot log in"
+        );
+        a.set_password("alice", "s3cret-pass").await.unwrap();
+        let err = a
+            .login(
+                "alice",
+                "wrong-pass",
+                Some(key.public_key()),
+                Duration::ZERO,
+                "1.2.3.4:5",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "wrong user name or password");
+        let issued = a
+            .login(
+                "alice",
+                "s3cret-pass",
+                Some(key.public_key()),
+                Duration::from_secs(600),
+                "1.2.3.4:5",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(issued.principals, vec!["root"]);
+        let failures = audit
+            .search(&AuditQuery {
+                event: Some("user.login".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(failures.len(), 3);
+        assert_eq!(failures[1]["code"], "T1000W");
+        assert_eq!(failures[1]["addr.remote"], "1.2.3.4:5");
+        assert_eq!(failures[2]["success"], true);
+
+        // Renewal keeps the expiry of the certificate it renews.
+        let key2 = generate_ed25519();
+        let renewed = a
+            .renew_user_cert(
+                &issued.certificate,
+                key2.public_key(),
+                Duration::from_secs(86400),
+            )
+            .await
+            .unwrap();
+        assert!(renewed.certificate.valid_before() <= issued.certificate.valid_before());
+    }
+
+    #[tokio::test]
+    async fn join_tokens_are_single_use() {
+        let a = Authority::open(
+            Arc::new(MemoryBackend::new()),
+            Arc::new(SystemClock),
+            Arc::new(MemoryAuditLog::default()),
+            "main",
+        )
+        .await
+        .unwrap();
+        let (token, _) = a
+            .create_token(&[SystemRole::Node], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let joined = a
+            .join(&token, &[(SystemRole::Node, der.clone())])
+            .await
+            .unwrap();
+        assert_eq!(joined.identities.len(), 1);
+        assert!(uuid::Uuid::parse_str(&joined.host_id).is_ok());
+        let err = a
+            .join(&token, &[(SystemRole::Node, der)])
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("already used"), "{err}");
+    }
+}
