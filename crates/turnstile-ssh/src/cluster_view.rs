@@ -62,7 +62,7 @@ struct Snapshot {
     /// Each user's current roles and logins.
     users: HashMap<String, (Vec<String>, Vec<String>)>,
     locks: Vec<Lock>,
-    /// When auth last answered a refresh.
+    /// When the last refresh auth answered began.
     fetched_at: Option<Instant>,
     loaded: bool,
 }
@@ -105,9 +105,31 @@ impl ClusterView {
         self.client.clone()
     }
 
+    /// Refreshes unless a refresh that began after `asked` has finished
+    /// (while this one waited its turn).
+    async fn refresh_since(&self, asked: Instant) -> Result<(), ApiError> {
+        let _one_at_a_time = self.refresh_lock.lock().await;
+        if self
+            .snapshot
+            .read()
+            .await
+            .fetched_at
+            .is_some_and(|t| t > asked)
+        {
+            return Ok(());
+        }
+        self.fetch().await
+    }
+
     /// Fetches everything from auth; on failure the previous snapshot stays.
     pub async fn refresh(&self) -> Result<(), ApiError> {
         let _one_at_a_time = self.refresh_lock.lock().await;
+        self.fetch().await
+    }
+
+    async fn fetch(&self) -> Result<(), ApiError> {
+        // What is fetched is as new as this moment, not as the answer.
+        let began = Instant::now();
         let mut client = self.client.clone();
         let authorities = client
             .get_authorities(proto::GetAuthoritiesRequest {})
@@ -172,7 +194,7 @@ impl ClusterView {
                 .map(|u| (u.name, (u.roles, u.logins)))
                 .collect(),
             locks,
-            fetched_at: Some(Instant::now()),
+            fetched_at: Some(began),
             loaded: true,
         };
         *self.snapshot.write().await = fresh;
@@ -317,6 +339,8 @@ impl ClusterView {
         self.ensure_loaded()
             .await
             .map_err(|e| format!("cannot check user {:?} with auth: {e}", identity.user))?;
+        // A user just added may be missing from the cache: refresh once.
+        // Misses at the same moment share one refresh.
         if !self
             .snapshot
             .read()
@@ -324,7 +348,7 @@ impl ClusterView {
             .users
             .contains_key(&identity.user)
         {
-            let _ = self.refresh().await;
+            let _ = self.refresh_since(Instant::now()).await;
         }
         let s = self.snapshot.read().await;
         let who = LockSubject {
