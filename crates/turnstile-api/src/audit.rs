@@ -134,6 +134,22 @@ fn code_of(name: &str) -> &'static str {
         .map_or("T0000I", |(_, c)| c)
 }
 
+/// The most of a text an event keeps from what a client sent (a user name
+/// from an unverified certificate, a reason quoting it).
+pub const MAX_CLIENT_TEXT: usize = 1024;
+
+/// `text`, cut to [`MAX_CLIENT_TEXT`] bytes at a character boundary.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_CLIENT_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_CLIENT_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 impl AuditEvent {
     /// An administrator's change of the cluster.
     pub fn admin<const N: usize>(

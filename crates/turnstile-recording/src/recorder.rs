@@ -566,11 +566,8 @@ impl Shared {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Records a size taken (with `resized_at` set) under the state lock.
     fn record_resize(&self, cols: u32, rows: u32) {
-        self.with(|s| {
-            s.resized_at = Some(Instant::now());
-            s.resize_pending = None;
-        });
         self.record(RESIZE, |e, _| {
             e.cols = cols;
             e.rows = rows;
@@ -581,7 +578,12 @@ impl Shared {
     /// is over (or `now`, at the session's end).
     fn record_due_resize(&self, now: bool) {
         let due = self.with(|s| match s.resize_due_at() {
-            Some(at) if now || Instant::now() >= at => s.resize_pending.take(),
+            Some(at) if now || Instant::now() >= at => {
+                // Taken and stamped in one step: a resize arriving meanwhile
+                // waits behind this one rather than overtaking it.
+                s.resized_at = Some(Instant::now());
+                s.resize_pending.take()
+            }
             _ => None,
         });
         if let Some((cols, rows)) = due {
@@ -837,6 +839,9 @@ impl SessionRecording {
             if recent {
                 s.resize_pending = Some((cols, rows));
                 s.waiting.notify_one();
+            } else {
+                s.resized_at = Some(Instant::now());
+                s.resize_pending = None;
             }
             recent
         });

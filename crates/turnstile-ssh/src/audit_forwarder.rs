@@ -25,8 +25,9 @@ use crate::audit_queue::AuditQueue;
 pub const DEFAULT_QUEUE_MAX: u64 = 256 << 20;
 /// How long a stopping process keeps trying to hand its queued events to auth.
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
-/// Events per `EmitAuditEvents` call.
+/// Events, and bytes, per `EmitAuditEvents` call (auth takes up to 4 MiB).
 const BATCH: usize = 500;
+const BATCH_BYTES: usize = 1 << 20;
 
 #[derive(Debug)]
 pub struct AuditForwarder {
@@ -104,7 +105,7 @@ impl AuditForwarder {
             return Ok(());
         }
         Err(format!(
-            "this node cannot hand its audit events to auth and its audit queue is full ({} MiB of {} MiB); new sessions are refused until auth takes them",
+            "audit events cannot reach auth and the audit queue here is full ({} MiB of {} MiB); new sessions are refused until auth takes them",
             bytes >> 20,
             self.max_bytes >> 20
         ))
@@ -127,8 +128,9 @@ async fn write(
     drain: CancellationToken,
 ) {
     let mut draining = false;
+    // A batch the disk refused, retried (with what came since) until written.
+    let mut batch: Vec<AuditEvent> = Vec::new();
     loop {
-        let mut batch = Vec::new();
         if draining {
             while let Ok(e) = rx.try_recv() {
                 batch.push(e);
@@ -137,15 +139,17 @@ async fn write(
                 break;
             }
         } else {
-            tokio::select! {
-                e = rx.recv() => match e {
-                    Some(e) => batch.push(e),
-                    // Every emitter is gone (the services stopped).
-                    None => break,
-                },
-                _ = drain.cancelled() => {
-                    draining = true;
-                    continue;
+            if batch.is_empty() {
+                tokio::select! {
+                    e = rx.recv() => match e {
+                        Some(e) => batch.push(e),
+                        // Every emitter is gone (the services stopped).
+                        None => break,
+                    },
+                    _ = drain.cancelled() => {
+                        draining = true;
+                        continue;
+                    }
                 }
             }
             while batch.len() < 10_000
@@ -155,14 +159,25 @@ async fn write(
             }
         }
         let q = queue.clone();
+        let events = std::mem::take(&mut batch);
         let result = tokio::task::spawn_blocking(move || {
             let mut q = lock(&q);
-            q.append(&batch).map(|()| q.bytes())
+            let r = q.append(&events).map(|()| q.bytes());
+            (r, events)
         })
         .await;
         match result {
-            Ok(Ok(now)) => bytes.store(now, Ordering::Relaxed),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the audit queue"),
+            Ok((Ok(now), _)) => bytes.store(now, Ordering::Relaxed),
+            Ok((Err(e), events)) => {
+                tracing::error!(error = %e, events = events.len(), "cannot write the audit queue; retrying");
+                batch = events;
+                if draining {
+                    // Nowhere left to keep them: say how many are lost.
+                    METRICS.audit_events_dropped.add(batch.len() as u64);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Err(e) => tracing::error!(error = %e, "the audit queue writer failed"),
         }
         written.notify_one();
@@ -186,8 +201,11 @@ async fn send(
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
+        // Read before the queue: if the writer was done then, an empty
+        // batch means everything written has been sent.
+        let done_before = writer_done.load(Ordering::Acquire);
         let q = queue.clone();
-        let batch = tokio::task::spawn_blocking(move || lock(&q).next_batch(BATCH))
+        let batch = tokio::task::spawn_blocking(move || lock(&q).next_batch(BATCH, BATCH_BYTES))
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
         let batch = match batch {
@@ -207,7 +225,7 @@ async fn send(
                 }
                 continue;
             };
-            if writer_done.load(Ordering::Acquire) {
+            if done_before {
                 // Everything written has been sent.
                 return;
             }
@@ -339,7 +357,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert!(refusal.contains("audit queue is full"), "{refusal}");
+        assert!(refusal.contains("audit queue here is full"), "{refusal}");
         drain.cancel();
         drop(f);
         // Every event is on disk, for when auth is back.

@@ -146,30 +146,47 @@ impl AuditQueue {
             });
         }
         let mut text = Vec::new();
+        let mut seq = self.next_seq;
         for event in events {
             let line = Line {
-                seq: self.next_seq,
+                seq,
                 event: event.clone(),
             };
             serde_json::to_writer(&mut text, &line).map_err(|e| e.to_string())?;
             text.push(b'\n');
-            self.next_seq += 1;
+            seq += 1;
         }
         let seg = self.segments.last_mut().expect("a segment");
-        let mut f = OpenOptions::new()
+        let written = OpenOptions::new()
             .append(true)
             .open(&seg.path)
-            .map_err(|e| io(&seg.path, e))?;
-        f.write_all(&text).map_err(|e| io(&seg.path, e))?;
-        f.sync_data().map_err(|e| io(&seg.path, e))?;
+            .and_then(|mut f| {
+                f.write_all(&text)?;
+                f.sync_data()?;
+                Ok(())
+            });
+        if let Err(e) = written {
+            // Nothing of a failed batch stays: the file is cut back and the
+            // numbers are given again to the retry.
+            if let Ok(f) = OpenOptions::new().write(true).open(&seg.path) {
+                let _ = f.set_len(seg.bytes);
+            }
+            return Err(io(&seg.path, e));
+        }
         seg.bytes += text.len() as u64;
+        self.next_seq = seq;
         Ok(())
     }
 
     /// Up to `max` unsent events after the last one handed out (or, after
     /// [`AuditQueue::rewind`], after the last acknowledged), as
     /// (seq, event JSON).
-    pub fn next_batch(&mut self, max: usize) -> Result<Vec<(u64, String)>, String> {
+    pub fn next_batch(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, String)>, String> {
+        let mut bytes = 0usize;
         let (seg_first, offset, mut seq) = match self.cursor {
             Some(c) => c,
             None => match self.locate(self.acked + 1)? {
@@ -197,12 +214,11 @@ impl AuditQueue {
                 let line: Line = serde_json::from_str(buf.trim_end())
                     .map_err(|e| format!("audit queue {}: {e}", seg.path.display()))?;
                 seq = line.seq + 1;
-                out.push((
-                    line.seq,
-                    serde_json::to_string(&line.event).unwrap_or_default(),
-                ));
+                let json = serde_json::to_string(&line.event).unwrap_or_default();
+                bytes += json.len();
+                out.push((line.seq, json));
                 at = (seg.first_seq, pos);
-                if out.len() >= max {
+                if out.len() >= max || bytes >= max_bytes {
                     self.cursor = Some((at.0, at.1, seq));
                     return Ok(out);
                 }
@@ -223,8 +239,9 @@ impl AuditQueue {
         if seq <= self.acked {
             return Ok(());
         }
-        self.acked = seq;
+        // On disk first: a restart must never number anew what auth has.
         write_atomically(&self.dir.join("acked"), seq.to_string().as_bytes())?;
+        self.acked = seq;
         self.drop_acked_segments();
         Ok(())
     }
@@ -318,21 +335,26 @@ mod tests {
         let mut q = AuditQueue::open(dir.path()).unwrap();
         let id = q.queue_id().to_string();
         q.append(&(0..5).map(event).collect::<Vec<_>>()).unwrap();
-        let batch = q.next_batch(3).unwrap();
+        let batch = q.next_batch(3, usize::MAX).unwrap();
         assert_eq!(batch.iter().map(|b| b.0).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(q.next_batch(10).unwrap().len(), 2);
-        assert!(q.next_batch(10).unwrap().is_empty());
+        assert_eq!(q.next_batch(10, usize::MAX).unwrap().len(), 2);
+        assert!(q.next_batch(10, usize::MAX).unwrap().is_empty());
         q.ack(3).unwrap();
         // Reopened (a restart), the unacknowledged events come again, with
         // their numbers, and new ones follow them.
         let mut q = AuditQueue::open(dir.path()).unwrap();
         assert_eq!(q.queue_id(), id);
         q.append(&[event(5)]).unwrap();
-        let again: Vec<u64> = q.next_batch(10).unwrap().iter().map(|b| b.0).collect();
+        let again: Vec<u64> = q
+            .next_batch(10, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|b| b.0)
+            .collect();
         assert_eq!(again, [4, 5, 6]);
         // A failed send is retried from the last acknowledged event.
         q.rewind();
-        assert_eq!(q.next_batch(1).unwrap()[0].0, 4);
+        assert_eq!(q.next_batch(1, usize::MAX).unwrap()[0].0, 4);
         q.ack(6).unwrap();
         assert_eq!(q.pending(), 0);
     }
@@ -347,7 +369,12 @@ mod tests {
         f.write_all(b"{\"seq\":3,\"ev").unwrap();
         let mut q = AuditQueue::open(dir.path()).unwrap();
         q.append(&[event(2)]).unwrap();
-        let seqs: Vec<u64> = q.next_batch(10).unwrap().iter().map(|b| b.0).collect();
+        let seqs: Vec<u64> = q
+            .next_batch(10, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|b| b.0)
+            .collect();
         assert_eq!(seqs, [1, 2, 3]);
     }
 
@@ -366,7 +393,7 @@ mod tests {
         let before = q.bytes();
         let mut sent = 0;
         loop {
-            let batch = q.next_batch(700).unwrap();
+            let batch = q.next_batch(700, usize::MAX).unwrap();
             let Some(last) = batch.last() else { break };
             sent += batch.len();
             q.ack(last.0).unwrap();

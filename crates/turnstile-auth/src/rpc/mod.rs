@@ -123,19 +123,19 @@ impl AuthApi {
     /// an administrator) and applies what it means for `recordings ls`;
     /// returns it to be written.
     async fn take_host_event(&self, c: &Caller, event: AuditEvent) -> Result<AuditEvent, Status> {
-        if matches!(
-            event,
-            AuditEvent::AdminChange { .. } | AuditEvent::AuditGap { .. }
-        ) {
+        // What a host may say: events it saw itself (they carry its id), and
+        // for the proxy, password logins. Nothing of administrators or auth.
+        let allowed = match &event {
+            AuditEvent::AdminChange { .. } | AuditEvent::AuditGap { .. } => false,
+            AuditEvent::UserLogin { .. } => c.role == SystemRole::Proxy,
+            other => other.server_id() == Some(c.id.as_str()),
+        };
+        if !allowed {
             return Err(Status::permission_denied(format!(
-                "{} {} may not emit administrators' or auth's events",
-                c.role, c.id
-            )));
-        }
-        if event.server_id().is_some_and(|id| id != c.id) {
-            return Err(Status::permission_denied(format!(
-                "{} {} may not emit events for another server",
-                c.role, c.id
+                "{} {} may not emit {} events for others",
+                c.role,
+                c.id,
+                event.name()
             )));
         }
         // What `recordings ls` says follows the session's audit events, which

@@ -95,14 +95,14 @@ impl NodeConnection {
         let user = cert
             .extensions()
             .get(turnstile_api::identity::EXT_USER)
-            .cloned()
+            .map(|u| turnstile_api::audit::bounded(u))
             .unwrap_or_default();
         self.shared.audit.emit(AuditEvent::AccessDenied {
             user,
-            login: login.to_string(),
+            login: turnstile_api::audit::bounded(login),
             server_id: self.shared.config.host_id.clone(),
             remote_addr: self.info.client.to_string(),
-            reason: reason.to_string(),
+            reason: turnstile_api::audit::bounded(reason),
         });
     }
 

@@ -164,8 +164,9 @@ impl Handler for ProxyConnection {
                     Err(reason) => Err(reason),
                 };
                 self.principal = match standing {
-                    Ok(_) => Principal::Certificate {
-                        identity,
+                    // What the user may do now, not what the certificate once said.
+                    Ok(current) => Principal::Certificate {
+                        identity: current,
                         certificate: Box::new(certificate.clone()),
                     },
                     Err(reason) => {
@@ -188,12 +189,12 @@ impl Handler for ProxyConnection {
                     user: certificate
                         .extensions()
                         .get(turnstile_api::identity::EXT_USER)
-                        .cloned()
+                        .map(|u| turnstile_api::audit::bounded(u))
                         .unwrap_or_default(),
                     login: String::new(),
                     server_id: self.shared.config.host_id.clone(),
                     remote_addr: self.info.client.to_string(),
-                    reason: reason.to_string(),
+                    reason: turnstile_api::audit::bounded(&reason.to_string()),
                 });
                 Ok(Auth::reject())
             }
@@ -312,6 +313,11 @@ impl Handler for ProxyConnection {
             }
         };
         if mode.at_proxy() {
+            if let Err(reason) = self.shared.audit.admits_new_sessions() {
+                tracing::error!(user = %identity.user, %reason, "session refused");
+                reply.reject(connect_failed(reason)).await;
+                return Ok(());
+            }
             let host_cert = match super::terminate::node_host_cert(&self.shared, &node.name).await {
                 Ok(c) => c,
                 Err(e) => {

@@ -458,3 +458,92 @@ mod door {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_speaks_only_for_itself_and_auth_tells_a_gap_from_a_resend() {
+    use turnstile_api::audit::AuditEvent;
+    use turnstile_api::identity::SystemRole;
+    use turnstile_api::rpc::proto;
+    let c = TestCluster::start().await;
+    let data = c.data_dir();
+    let tls = turnstile_ssh::identity::TlsIdentity::load(&data, SystemRole::Node)
+        .unwrap()
+        .expect("the node's TLS identity");
+    let host_id = turnstile_ssh::identity::load_or_create_host_id(&data).unwrap();
+    let auth_addr = std::fs::read_to_string(data.join("auth.addr")).unwrap();
+    let mut node = turnstile_ssh::cluster_view::auth_client(auth_addr.trim(), &tls).unwrap();
+    let own = |user: &str| AuditEvent::AccessDenied {
+        user: user.into(),
+        login: "root".into(),
+        server_id: host_id.clone(),
+        remote_addr: "127.0.0.1:1".into(),
+        reason: "test".into(),
+    };
+    let forged = [
+        AuditEvent::UserLogin {
+            user: "alice".into(),
+            method: "password".into(),
+            success: true,
+            error: None,
+            remote_addr: "10.0.0.1:1".into(),
+        },
+        AuditEvent::admin("user.delete", "admin", "alice", []),
+        AuditEvent::AccessDenied {
+            user: "alice".into(),
+            login: "root".into(),
+            server_id: "another-node".into(),
+            remote_addr: "127.0.0.1:1".into(),
+            reason: "test".into(),
+        },
+    ];
+    let batch = |events: Vec<(u64, AuditEvent)>| proto::EmitAuditEventsRequest {
+        queue_id: "test-queue".into(),
+        events: events
+            .into_iter()
+            .map(|(seq, e)| proto::SequencedEvent {
+                seq,
+                event_json: serde_json::to_string(&e).unwrap(),
+            })
+            .collect(),
+    };
+    let mut events = vec![(1, own("first"))];
+    events.extend(
+        forged
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, e)| (i as u64 + 2, e)),
+    );
+    let r = node
+        .emit_audit_events(batch(events))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.refused, 3,
+        "a node may not speak for the proxy, an admin or another node"
+    );
+    // A resend is skipped; a jump in the numbers is written as a gap.
+    let r = node
+        .emit_audit_events(batch(vec![(1, own("first")), (9, own("after-gap"))]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.duplicates, r.refused), (1, 0));
+    let logged = crate::support::audit_events(&data, None).await;
+    let count = |user: &str| logged.iter().filter(|e| e["user"] == user).count();
+    assert_eq!(count("first"), 1);
+    assert_eq!(count("after-gap"), 1);
+    assert!(
+        !logged
+            .iter()
+            .any(|e| e["event"] == "user.login" && e["user"] == "alice")
+    );
+    let gap = logged
+        .iter()
+        .find(|e| e["event"] == "audit.gap")
+        .expect("an audit.gap event");
+    assert_eq!(gap["missing_from"], 5);
+    assert_eq!(gap["missing_to"], 8);
+    assert_eq!(gap["server_id"], host_id.as_str());
+}
