@@ -558,7 +558,7 @@ async fn a_full_disk_ends_a_running_session_and_the_free_space_floor_refuses_new
             &[
                 "web1",
                 "--",
-                "head -c 6000000 /dev/urandom | base64; echo done",
+                "head -c 40000000 /dev/urandom | base64; echo done",
             ],
         )
         .await;
