@@ -192,6 +192,25 @@ async fn outcome_changed(outcome: &mut Option<watch::Receiver<Outcome>>) -> Outc
     }
 }
 
+/// What an `env` request sets: the proxy's session id (before the session
+/// starts), or a variable the node accepts; anything else is ignored, as
+/// sshd does.
+fn take_env(
+    ctx: &mut SessionContext,
+    env: &mut Vec<(String, String)>,
+    started: bool,
+    name: String,
+    value: String,
+) {
+    if name == "TURNSTILE_SESSION_ID" && ctx.sid_from_proxy {
+        if !started && uuid::Uuid::parse_str(&value).is_ok() {
+            ctx.sid = value;
+        }
+    } else if env_allowed(&name) {
+        env.push((name, value));
+    }
+}
+
 /// Serves one session channel until it closes or its process exits.
 pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: SessionContext) {
     let id = channel.id();
@@ -271,21 +290,14 @@ pub async fn serve_session(channel: Channel<Msg>, handle: Handle, mut ctx: Sessi
                         }
                         reply(ok, want_reply).await;
                     }
-                    ChannelMsg::SetEnv { want_reply, variable_name, variable_value }
-                        if variable_name == "TURNSTILE_SESSION_ID" && ctx.sid_from_proxy =>
-                    {
-                        let ok = running.is_none() && uuid::Uuid::parse_str(&variable_value).is_ok();
-                        if ok {
-                            ctx.sid = variable_value;
-                        }
-                        reply(ok, want_reply).await;
-                    }
-                    ChannelMsg::SetEnv { want_reply, variable_name, variable_value } => {
-                        let ok = env_allowed(&variable_name);
-                        if ok {
-                            env.push((variable_name, variable_value));
-                        }
-                        reply(ok, want_reply).await;
+                    // No reply to `env`, ever: russh reports every `env` as
+                    // wanting one, OpenSSH sends them without, and a stray
+                    // failure is read as the reply to the `exec` that follows
+                    // ("exec request failed"). A variable not accepted is
+                    // ignored, as sshd does.
+                    ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
+                        let started = running.is_some();
+                        take_env(&mut ctx, &mut env, started, variable_name, variable_value);
                     }
                     ChannelMsg::RequestShell { want_reply } => {
                         let launch = Launch { command: None, program: None, env: env.clone(), term: None };

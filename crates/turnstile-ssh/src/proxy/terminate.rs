@@ -331,9 +331,10 @@ impl Relay {
                             owed += usize::from(want_reply);
                             to_node.request_pty(want_reply, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await
                         }
-                        ChannelMsg::SetEnv { want_reply, variable_name, variable_value } => {
-                            owed += usize::from(want_reply);
-                            to_node.set_env(want_reply, variable_name, variable_value).await
+                        // Never with a reply: russh marks every `env` as wanting
+                        // one, the client did not, and the node sends none.
+                        ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
+                            to_node.set_env(false, variable_name, variable_value).await
                         }
                         ChannelMsg::RequestShell { want_reply } => {
                             owed += usize::from(want_reply);

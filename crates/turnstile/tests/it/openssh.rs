@@ -214,3 +214,33 @@ async fn the_node_sees_the_users_address_not_the_proxys() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_the_node_does_not_accept_are_ignored_as_sshd_does() {
+    let c = TestCluster::start().await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let config = format!("{}.ssh_config", id.display());
+    for how in ["proxy", "direct"] {
+        let (host, port) = c.node_addr.rsplit_once(':').unwrap();
+        let mut args = base_args(&config);
+        args.extend([
+            "-o",
+            "SetEnv=FOO=x LANG=C.UTF-8 TURNSTILE_SESSION_ID=00000000-0000-0000-0000-000000000000",
+        ]);
+        if how == "direct" {
+            args.extend(["-p", port, host]);
+        } else {
+            args.push("web1");
+        }
+        args.push("echo foo=${FOO:-unset} lang=$LANG; exit 3");
+        let out = run(openssh(), &args, None).await;
+        assert_eq!(
+            text(&out.stdout),
+            "foo=unset lang=C.UTF-8\n",
+            "{how}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(3), "{how}");
+    }
+}
