@@ -511,6 +511,7 @@ async fn launch_services(
                 labels: node.labels.clone(),
                 public_addr: node.public_addr.clone(),
                 heartbeat_interval: node.heartbeat_interval,
+                connect_timeout: node.connect_timeout,
                 shutdown_grace: config.shutdown_grace,
             },
             view.clone(),

@@ -436,23 +436,31 @@ impl Handler for NodeConnection {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        match tokio::net::TcpStream::connect((host_to_connect, port)).await {
-            Ok(mut tcp) => {
-                reply.accept().await;
-                self.shared.tasks.spawn(async move {
+        // The connect runs on its own, bounded by `connect_timeout`: a target
+        // that does not answer never holds up the rest of the connection.
+        let host = host_to_connect.to_string();
+        let timeout = self.shared.config.connect_timeout;
+        self.shared.tasks.spawn(async move {
+            let failed = |reason: String| ChannelOpenFailure::Other { code: 2, reason };
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
+                .await
+            {
+                Ok(Ok(mut tcp)) => {
+                    reply.accept().await;
                     let mut stream = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
-                });
+                }
+                Ok(Err(e)) => reply.reject(failed(format!("connect to {host}:{port}: {e}"))).await,
+                Err(_) => {
+                    reply
+                        .reject(failed(format!(
+                            "connect to {host}:{port} timed out after {} (ssh_service.connect_timeout)",
+                            turnstile_api::duration::format(timeout)
+                        )))
+                        .await;
+                }
             }
-            Err(e) => {
-                reply
-                    .reject(ChannelOpenFailure::Other {
-                        code: 2,
-                        reason: format!("connect to {host_to_connect}:{port}: {e}"),
-                    })
-                    .await;
-            }
-        }
+        });
         Ok(())
     }
 }

@@ -41,6 +41,8 @@ pub struct NodeConfig {
     /// What the node advertises; `None`: the bound address.
     pub public_addr: Option<String>,
     pub heartbeat_interval: Duration,
+    /// How long a forwarded (`direct-tcpip`) connect may take.
+    pub connect_timeout: Duration,
     /// How long to let sessions finish after shutdown begins.
     pub shutdown_grace: Duration,
 }

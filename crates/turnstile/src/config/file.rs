@@ -92,6 +92,7 @@ pub struct SshSection {
     pub node_name: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
     pub heartbeat_interval: Option<WrittenDuration>,
+    pub connect_timeout: Option<WrittenDuration>,
 }
 
 /// Parses the YAML text; the error names the key, line and column.

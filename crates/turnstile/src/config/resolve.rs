@@ -97,6 +97,8 @@ pub struct NodeSettings {
     /// How often the node tells auth it is alive; it disappears from listings
     /// after three missed heartbeats.
     pub heartbeat_interval: Duration,
+    /// How long the node waits for a forwarded (`direct-tcpip`) connection.
+    pub connect_timeout: Duration,
 }
 
 fn field_error(field: &str, message: impl std::fmt::Display) -> String {
@@ -301,6 +303,16 @@ pub fn resolve(
                     return Err(field_error(
                         "ssh_service.heartbeat_interval",
                         "must be at least 1s (default 20s)",
+                    ));
+                }
+                Some(d) => d,
+            },
+            connect_timeout: match s.connect_timeout.map(|d| d.0) {
+                None => Duration::from_secs(10),
+                Some(d) if d.is_zero() || d > Duration::from_secs(300) => {
+                    return Err(field_error(
+                        "ssh_service.connect_timeout",
+                        "must be between 1ms and 5m (default 10s)",
                     ));
                 }
                 Some(d) => d,

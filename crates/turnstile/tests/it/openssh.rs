@@ -244,3 +244,107 @@ async fn variables_the_node_does_not_accept_are_ignored_as_sshd_does() {
         assert_eq!(out.status.code(), Some(3), "{how}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_whose_target_hangs_times_out_without_holding_up_the_connection() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = TestCluster::start_with(crate::support::ClusterSpec {
+        node_extra: "  connect_timeout: 2s\n".into(),
+        ..Default::default()
+    })
+    .await;
+    c.add_user("alice", "access", "root").await;
+    let id = c.sign("alice").await;
+    let config = format!("{}.ssh_config", id.display());
+    // A listener that never accepts, its queue filled: a connect to it hangs.
+    let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let full_port = full.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..300 {
+        match std::net::TcpStream::connect_timeout(
+            &full.local_addr().unwrap(),
+            Duration::from_millis(100),
+        ) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    // An echo server that answers.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (hang_local, echo_local) = (free_port(), free_port());
+    let hang_spec = format!("127.0.0.1:{hang_local}:127.0.0.1:{full_port}");
+    let echo_spec = format!("127.0.0.1:{echo_local}:127.0.0.1:{echo_port}");
+    let mut args = base_args(&config);
+    args.extend(["-N", "-L", &hang_spec, "-L", &echo_spec, "web1"]);
+    let mut ssh = tokio::process::Command::new(openssh())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let up = crate::support::poll_until(Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", echo_local))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(up.is_ok(), "the forwards never came up");
+    let started = Instant::now();
+    let mut hanging = tokio::net::TcpStream::connect(("127.0.0.1", hang_local))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another channel on the same connection works meanwhile.
+    let mut answered = tokio::net::TcpStream::connect(("127.0.0.1", echo_local))
+        .await
+        .unwrap();
+    answered.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(1), answered.read_exact(&mut buf))
+        .await
+        .expect("a second channel is not held up by a hanging connect")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The hanging one is refused after about the timeout.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), hanging.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the hanging forward was never refused");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    ssh.start_kill().unwrap();
+    let mut err = String::new();
+    ssh.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("timed out after 2s"), "{err}");
+    drop(fillers);
+}

@@ -40,6 +40,8 @@ pub struct ClusterSpec {
     pub auth_extra: String,
     /// More `turnstile` (global) lines, indented two spaces.
     pub global_extra: String,
+    /// More `ssh_service` lines, indented two spaces.
+    pub node_extra: String,
     /// Runs on the data dir (not yet created by the cluster) before start.
     pub prepare: Option<Prepare>,
 }
@@ -52,6 +54,7 @@ impl Default for ClusterSpec {
             storage: "sqlite",
             auth_extra: String::new(),
             global_extra: String::new(),
+            node_extra: String::new(),
             prepare: None,
         }
     }
@@ -76,12 +79,13 @@ impl TestCluster {
             "turnstile:\n  data_dir: {data}\n  storage:\n    type: {storage}\n{global_extra}\
 auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n{auth_extra}\
 proxy_service:\n  listen_addr: 127.0.0.1:0\n\
-ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n  labels:\n{labels}",
+ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n{node_extra}  labels:\n{labels}",
             data = dir.path().join("data").display(),
             node = spec.node_name,
             storage = spec.storage,
             auth_extra = spec.auth_extra,
             global_extra = spec.global_extra,
+            node_extra = spec.node_extra,
         );
         let config_path = dir.path().join("turnstile.yaml");
         std::fs::write(&config_path, yaml).unwrap();
