@@ -6,6 +6,7 @@
 use russh::keys::Certificate;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::ssh_key::certificate::CertType;
+use turnstile_api::audit::AuditEvent;
 use turnstile_api::identity::UserIdentity;
 
 /// Why a certificate was refused; the text is for logs and the user.
@@ -29,6 +30,31 @@ pub enum CertRefusal {
     CriticalOption(String),
     #[error("the certificate carries no Turnstile identity (user and roles)")]
     NoIdentity,
+}
+
+/// The audit event of a refusal of the holder of `cert`, under the user it
+/// names (if it names one). What the client sent is cut to
+/// [`turnstile_api::audit::MAX_CLIENT_TEXT`], so a certificate with a huge
+/// name cannot make an event auth refuses.
+pub fn refusal_event(
+    cert: &Certificate,
+    login: &str,
+    server_id: &str,
+    remote_addr: &str,
+    reason: &str,
+) -> AuditEvent {
+    use turnstile_api::audit::bounded;
+    AuditEvent::AccessDenied {
+        user: cert
+            .extensions()
+            .get(turnstile_api::identity::EXT_USER)
+            .map(|u| bounded(u))
+            .unwrap_or_default(),
+        login: bounded(login),
+        server_id: server_id.to_string(),
+        remote_addr: remote_addr.to_string(),
+        reason: bounded(reason),
+    }
 }
 
 /// Verifies `cert` against the cluster's user CA at `now` (unix seconds) and

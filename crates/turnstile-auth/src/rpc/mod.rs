@@ -672,22 +672,6 @@ impl proto::auth_server::Auth for AuthApi {
         })
     }
 
-    async fn emit_audit_event(
-        &self,
-        req: Request<proto::EmitAuditEventRequest>,
-    ) -> RpcResult<proto::EmitAuditEventResponse> {
-        let c = require(&req, HOSTS)?;
-        let event: AuditEvent = serde_json::from_str(&req.into_inner().event_json)
-            .map_err(|e| Status::invalid_argument(format!("audit event: {e}")))?;
-        let event = self.take_host_event(&c, event).await?;
-        self.authority
-            .audit()
-            .emit(event)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        ok(proto::EmitAuditEventResponse {})
-    }
-
     async fn emit_audit_events(
         &self,
         req: Request<proto::EmitAuditEventsRequest>,

@@ -27,7 +27,7 @@ use super::session::{RecordingContext, SessionContext, serve_session};
 use crate::live::{Activity, WatchGuard, WatchRequest};
 use crate::server::ConnectionInfo;
 use crate::session_control::{AcquireError, ChannelLimit, ConnectionLease, LeaseParams};
-use crate::user_cert::verify_user_cert;
+use crate::user_cert::{refusal_event, verify_user_cert};
 
 /// What this connection may do, decided at authentication.
 // One per connection, decided once: the size of the variants does not matter.
@@ -89,21 +89,15 @@ impl NodeConnection {
         }
     }
 
-    /// Records a refusal in the audit log, under the user the certificate
-    /// names (if it names one).
+    /// Records a refusal in the audit log.
     fn refused(&self, cert: &Certificate, login: &str, reason: &str) {
-        let user = cert
-            .extensions()
-            .get(turnstile_api::identity::EXT_USER)
-            .map(|u| turnstile_api::audit::bounded(u))
-            .unwrap_or_default();
-        self.shared.audit.emit(AuditEvent::AccessDenied {
-            user,
-            login: turnstile_api::audit::bounded(login),
-            server_id: self.shared.config.host_id.clone(),
-            remote_addr: self.info.client.to_string(),
-            reason: turnstile_api::audit::bounded(reason),
-        });
+        self.shared.audit.emit(refusal_event(
+            cert,
+            login,
+            &self.shared.config.host_id,
+            &self.info.client.to_string(),
+            reason,
+        ));
     }
 
     fn limit_event(&self, user: &str, login: &str, max: u32, kind: SessctlKind) -> AuditEvent {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Response, Session};
 use russh::{Channel, ChannelOpenFailure};
-use turnstile_api::audit::AuditEvent;
 use turnstile_api::door::ANONYMOUS_USER;
 use turnstile_api::identity::UserIdentity;
 use turnstile_api::rpc::proto;
@@ -18,7 +17,7 @@ use super::door::serve_door;
 use crate::live::{Activity, WatchGuard, WatchRequest};
 use crate::node::prohibited;
 use crate::server::ConnectionInfo;
-use crate::user_cert::verify_user_cert;
+use crate::user_cert::{refusal_event, verify_user_cert};
 
 /// Who is on the other end, as proved at authentication.
 #[derive(Debug, Clone)]
@@ -66,6 +65,17 @@ impl ProxyConnection {
             principal: Principal::Nobody,
             watch: None,
         }
+    }
+
+    /// Records a refusal of a certificate's holder in the audit log.
+    fn refused(&self, certificate: &Certificate, reason: &str) {
+        self.shared.audit.emit(refusal_event(
+            certificate,
+            "",
+            &self.shared.config.host_id,
+            &self.info.client.to_string(),
+            reason,
+        ));
     }
 
     async fn check_password(&mut self, user: &str, password: &str) -> Auth {
@@ -171,13 +181,7 @@ impl Handler for ProxyConnection {
                     },
                     Err(reason) => {
                         tracing::warn!(client = %self.info.client, user = %identity.user, %reason, "access denied after authentication");
-                        self.shared.audit.emit(AuditEvent::AccessDenied {
-                            user: identity.user.clone(),
-                            login: String::new(),
-                            server_id: self.shared.config.host_id.clone(),
-                            remote_addr: self.info.client.to_string(),
-                            reason: reason.clone(),
-                        });
+                        self.refused(certificate, &reason);
                         Principal::Refused { reason }
                     }
                 };
@@ -185,17 +189,7 @@ impl Handler for ProxyConnection {
             }
             Err(reason) => {
                 tracing::warn!(client = %self.info.client, %reason, "certificate refused");
-                self.shared.audit.emit(AuditEvent::AccessDenied {
-                    user: certificate
-                        .extensions()
-                        .get(turnstile_api::identity::EXT_USER)
-                        .map(|u| turnstile_api::audit::bounded(u))
-                        .unwrap_or_default(),
-                    login: String::new(),
-                    server_id: self.shared.config.host_id.clone(),
-                    remote_addr: self.info.client.to_string(),
-                    reason: turnstile_api::audit::bounded(&reason.to_string()),
-                });
+                self.refused(certificate, &reason.to_string());
                 Ok(Auth::reject())
             }
         }
