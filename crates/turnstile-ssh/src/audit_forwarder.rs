@@ -34,6 +34,8 @@ pub struct AuditForwarder {
     tx: mpsc::UnboundedSender<AuditEvent>,
     /// Bytes in the on-disk queue, as of its last change.
     queued_bytes: Arc<AtomicU64>,
+    /// Why the last write of the queue failed, while it keeps failing.
+    write_failure: Arc<Mutex<Option<String>>>,
     max_bytes: u64,
 }
 
@@ -59,10 +61,12 @@ impl AuditForwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let written = Arc::new(Notify::new());
         let writer_done = Arc::new(AtomicBool::new(false));
+        let write_failure = Arc::new(Mutex::new(None));
         let writer = tokio::spawn(write(
             rx,
             queue.clone(),
             queued_bytes.clone(),
+            write_failure.clone(),
             written.clone(),
             writer_done.clone(),
             drain.clone(),
@@ -82,6 +86,7 @@ impl AuditForwarder {
             Arc::new(Self {
                 tx,
                 queued_bytes,
+                write_failure,
                 max_bytes,
             }),
             task,
@@ -98,8 +103,19 @@ impl AuditForwarder {
         }
     }
 
-    /// Refuses new sessions while the on-disk queue is at its bound.
+    /// Refuses new sessions while the on-disk queue is at its bound, or
+    /// cannot be written (their events would have nowhere durable to go).
     pub fn admits_new_sessions(&self) -> Result<(), String> {
+        if let Some(why) = self
+            .write_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(format!(
+                "the audit queue here cannot be written ({why}); new sessions are refused until it can"
+            ));
+        }
         let bytes = self.queued_bytes.load(Ordering::Relaxed);
         if bytes < self.max_bytes {
             return Ok(());
@@ -123,6 +139,7 @@ async fn write(
     mut rx: mpsc::UnboundedReceiver<AuditEvent>,
     queue: Arc<Mutex<AuditQueue>>,
     bytes: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<String>>>,
     written: Arc<Notify>,
     done: Arc<AtomicBool>,
     drain: CancellationToken,
@@ -167,8 +184,12 @@ async fn write(
         })
         .await;
         match result {
-            Ok((Ok(now), _)) => bytes.store(now, Ordering::Relaxed),
+            Ok((Ok(now), _)) => {
+                bytes.store(now, Ordering::Relaxed);
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             Ok((Err(e), events)) => {
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 tracing::error!(error = %e, events = events.len(), "cannot write the audit queue; retrying");
                 batch = events;
                 if draining {
@@ -325,6 +346,42 @@ mod tests {
             .await
             .expect("the forwarder ends at once when nothing waits")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_cannot_be_written_refuses_new_sessions_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("queue");
+        let unreachable = AuthClient::new(
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+        );
+        let (f, _task) =
+            AuditForwarder::spawn(unreachable, &queue, 1 << 20, CancellationToken::new()).unwrap();
+        std::fs::remove_dir_all(&queue).unwrap();
+        f.emit(AuditEvent::admin("user.create", "admin", "u", []));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let refusal = loop {
+            if let Err(reason) = f.admits_new_sessions() {
+                break reason;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a failing queue admitted sessions"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(refusal.contains("cannot be written"), "{refusal}");
+        // The disk is back: the held event is written and sessions are admitted.
+        std::fs::create_dir_all(&queue).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while f.admits_new_sessions().is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never admitted again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(AuditQueue::open(&queue).unwrap().pending(), 1);
     }
 
     #[tokio::test]
