@@ -83,6 +83,19 @@ pub enum AuditEvent {
         missing_from: u64,
         missing_to: u64,
     },
+    /// Something a connection did besides a session, allowed or refused: a
+    /// port forward (`port`), agent forwarding (`agent.forward`), X11
+    /// forwarding (`x11-forward`), a file operation over SFTP (`sftp`, its
+    /// `action` in the fields).
+    ChannelEvent {
+        event: String,
+        user: String,
+        login: String,
+        server_id: String,
+        remote_addr: String,
+        success: bool,
+        fields: Map<String, Value>,
+    },
     /// Turnstile ended a live connection: a lock, a removed user, idleness,
     /// an expired certificate, shutdown.
     ClientDisconnect {
@@ -113,8 +126,24 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ("recording.failed", "T2010E"),
     ("exec", "T3002I"),
     ("exec", "T3002E"),
+    ("port", "T3003I"),
+    ("port", "T3003E"),
     ("client.disconnect", "T3006I"),
     ("auth", "T3007W"),
+    ("x11-forward", "T3008W"),
+    ("sftp", "TS001I"),
+    ("sftp", "TS001E"),
+    ("sftp", "TS002I"),
+    ("sftp", "TS007I"),
+    ("sftp", "TS007E"),
+    ("sftp", "TS011I"),
+    ("sftp", "TS011E"),
+    ("sftp", "TS012I"),
+    ("sftp", "TS012E"),
+    ("sftp", "TS013I"),
+    ("sftp", "TS013E"),
+    ("sftp", "TS016I"),
+    ("sftp", "TS016E"),
     ("role.created", "T9000I"),
     ("role.deleted", "T9001I"),
     ("role.updated", "T9002I"),
@@ -124,7 +153,30 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ("cluster_config.update", "TST00I"),
     ("semaphore.release", "TST01I"),
     ("audit.gap", "TST02W"),
+    ("agent.forward", "TST03I"),
+    ("agent.forward", "TST03W"),
 ];
+
+/// The code of a [`AuditEvent::ChannelEvent`].
+fn channel_event_code(event: &str, success: bool, fields: &Map<String, Value>) -> &'static str {
+    let pick = |ok: &'static str, failed: &'static str| if success { ok } else { failed };
+    match event {
+        "port" => pick("T3003I", "T3003E"),
+        "x11-forward" => "T3008W",
+        "agent.forward" => pick("TST03I", "TST03W"),
+        "sftp" => match fields.get("action").and_then(Value::as_str).unwrap_or("") {
+            "open" => pick("TS001I", "TS001E"),
+            "close" => "TS002I",
+            "setstat" => pick("TS007I", "TS007E"),
+            "remove" => pick("TS011I", "TS011E"),
+            "mkdir" => pick("TS012I", "TS012E"),
+            "rmdir" => pick("TS013I", "TS013E"),
+            "rename" => pick("TS016I", "TS016E"),
+            _ => "T0000I",
+        },
+        _ => "T0000I",
+    }
+}
 
 /// The code of an event named `name` with one code; `T0000I` for an unknown name.
 fn code_of(name: &str) -> &'static str {
@@ -170,12 +222,46 @@ impl AuditEvent {
     }
 }
 
+/// Who did something on which host, from where: the common part of an
+/// [`AuditEvent::ChannelEvent`].
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub user: &'a str,
+    pub login: &'a str,
+    pub server_id: &'a str,
+    pub remote_addr: &'a str,
+}
+
 impl AuditEvent {
+    /// A [`AuditEvent::ChannelEvent`]; `Err(reason)` makes it a refusal or
+    /// failure, with the reason in `error`.
+    pub fn channel(
+        event: &str,
+        actor: Actor<'_>,
+        result: Result<(), &str>,
+        mut fields: Map<String, Value>,
+    ) -> Self {
+        if let Err(reason) = result {
+            fields.insert("error".into(), json!(reason));
+        }
+        AuditEvent::ChannelEvent {
+            event: event.to_string(),
+            user: actor.user.to_string(),
+            login: actor.login.to_string(),
+            server_id: actor.server_id.to_string(),
+            remote_addr: actor.remote_addr.to_string(),
+            success: result.is_ok(),
+            fields,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             AuditEvent::UserLogin { .. } => "user.login",
             AuditEvent::SessctlLimit { .. } => "sessctl.limit",
-            AuditEvent::SessionEvent { event, .. } | AuditEvent::AdminChange { event, .. } => event,
+            AuditEvent::SessionEvent { event, .. }
+            | AuditEvent::AdminChange { event, .. }
+            | AuditEvent::ChannelEvent { event, .. } => event,
             AuditEvent::AccessDenied { .. } => "auth",
             AuditEvent::AuditGap { .. } => "audit.gap",
             AuditEvent::ClientDisconnect { .. } => "client.disconnect",
@@ -205,6 +291,12 @@ impl AuditEvent {
                 "recording.failed" => "T2010W",
                 other => code_of(other),
             },
+            AuditEvent::ChannelEvent {
+                event,
+                success,
+                fields,
+                ..
+            } => channel_event_code(event, *success, fields),
             other => code_of(other.name()),
         }
     }
@@ -216,6 +308,7 @@ impl AuditEvent {
             | AuditEvent::SessionEvent { user, .. }
             | AuditEvent::AdminChange { user, .. }
             | AuditEvent::AccessDenied { user, .. }
+            | AuditEvent::ChannelEvent { user, .. }
             | AuditEvent::ClientDisconnect { user, .. } => user,
             AuditEvent::AuditGap { .. } => "",
         }
@@ -227,6 +320,7 @@ impl AuditEvent {
             AuditEvent::SessctlLimit { server_id, .. }
             | AuditEvent::SessionEvent { server_id, .. }
             | AuditEvent::AccessDenied { server_id, .. }
+            | AuditEvent::ChannelEvent { server_id, .. }
             | AuditEvent::ClientDisconnect { server_id, .. }
             | AuditEvent::AuditGap { server_id, .. } => Some(server_id),
             AuditEvent::UserLogin { .. } | AuditEvent::AdminChange { .. } => None,
@@ -312,6 +406,24 @@ impl AuditEvent {
             } => {
                 m.insert("user".into(), json!(user));
                 m.insert("target".into(), json!(target));
+                for (k, v) in fields {
+                    m.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            AuditEvent::ChannelEvent {
+                user,
+                login,
+                server_id,
+                remote_addr,
+                success,
+                fields,
+                ..
+            } => {
+                m.insert("user".into(), json!(user));
+                m.insert("login".into(), json!(login));
+                m.insert("server_id".into(), json!(server_id));
+                m.insert("addr.remote".into(), json!(remote_addr));
+                m.insert("success".into(), json!(success));
                 for (k, v) in fields {
                     m.entry(k.clone()).or_insert_with(|| v.clone());
                 }
@@ -438,7 +550,34 @@ mod tests {
                 fields: none(),
             },
         ];
-        for e in events {
+        let channel = |event: &str, success: bool, action: Option<&str>| {
+            let mut fields = Map::new();
+            if let Some(a) = action {
+                fields.insert("action".into(), json!(a));
+            }
+            AuditEvent::ChannelEvent {
+                event: event.into(),
+                user: "dave".into(),
+                login: "root".into(),
+                server_id: "n".into(),
+                remote_addr: "a".into(),
+                success,
+                fields,
+            }
+        };
+        let mut channel_events = vec![
+            channel("port", true, None),
+            channel("port", false, None),
+            channel("agent.forward", true, None),
+            channel("agent.forward", false, None),
+            channel("x11-forward", false, None),
+            channel("sftp", true, Some("close")),
+        ];
+        for action in ["open", "setstat", "remove", "mkdir", "rmdir", "rename"] {
+            channel_events.push(channel("sftp", true, Some(action)));
+            channel_events.push(channel("sftp", false, Some(action)));
+        }
+        for e in events.into_iter().chain(channel_events) {
             let code = e.code();
             assert!(
                 CATALOGUE.contains(&(e.name(), code)),

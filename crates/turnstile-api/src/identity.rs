@@ -12,15 +12,29 @@ pub const EXT_ROLES: &str = "turnstile-roles@turnstile";
 /// Certificate extension: comma-separated logins given to the user (for `{{internal.logins}}`).
 pub const EXT_LOGINS: &str = "turnstile-logins@turnstile";
 
-/// The standard OpenSSH extensions every user certificate carries, so a stock
-/// sshd with `TrustedUserCAKeys` accepts it with the usual permissions.
-pub const STANDARD_USER_EXTENSIONS: &[&str] = &[
-    "permit-X11-forwarding",
-    "permit-agent-forwarding",
-    "permit-port-forwarding",
-    "permit-pty",
-    "permit-user-rc",
-];
+/// What a user certificate permits beyond a terminal, in the standard
+/// OpenSSH `permit-*` extensions: only what the user's roles allow, so a
+/// stock sshd with `TrustedUserCAKeys` grants no more than a node would.
+/// X11 forwarding is never permitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Permits {
+    pub port_forwarding: bool,
+    pub agent_forwarding: bool,
+}
+
+impl Permits {
+    /// The `permit-*` extensions these permits give.
+    pub fn extensions(self) -> Vec<&'static str> {
+        let mut out = vec!["permit-pty", "permit-user-rc"];
+        if self.port_forwarding {
+            out.push("permit-port-forwarding");
+        }
+        if self.agent_forwarding {
+            out.push("permit-agent-forwarding");
+        }
+        out
+    }
+}
 
 /// What a process is to the cluster; carried in its TLS certificate (OU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,9 +85,10 @@ pub struct UserIdentity {
 
 impl UserIdentity {
     /// The extensions to sign into a certificate.
-    pub fn extensions(&self) -> BTreeMap<String, String> {
-        let mut ext: BTreeMap<String, String> = STANDARD_USER_EXTENSIONS
-            .iter()
+    pub fn extensions(&self, permits: Permits) -> BTreeMap<String, String> {
+        let mut ext: BTreeMap<String, String> = permits
+            .extensions()
+            .into_iter()
             .map(|e| (e.to_string(), String::new()))
             .collect();
         ext.insert(EXT_USER.into(), self.user.clone());
@@ -175,8 +190,17 @@ mod tests {
             roles: vec!["access".into(), "dev".into()],
             logins: vec!["alice".into(), "root".into()],
         };
-        let ext = id.extensions();
+        let ext = id.extensions(Permits::default());
         assert!(ext.contains_key("permit-pty"));
+        assert!(!ext.contains_key("permit-port-forwarding"));
+        assert!(!ext.contains_key("permit-X11-forwarding"));
+        let all = id.extensions(Permits {
+            port_forwarding: true,
+            agent_forwarding: true,
+        });
+        assert!(all.contains_key("permit-port-forwarding"));
+        assert!(all.contains_key("permit-agent-forwarding"));
+        assert!(!all.contains_key("permit-X11-forwarding"));
         let back = UserIdentity::from_extensions(|k| ext.get(k).map(String::as_str)).unwrap();
         assert_eq!(back, id);
         assert!(UserIdentity::from_extensions(|_| None).is_none());

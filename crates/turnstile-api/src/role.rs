@@ -121,10 +121,13 @@ teleport_struct! {
             client_idle_timeout: WrittenDuration,
             /// Ends a session when the certificate it was opened with expires.
             disconnect_expired_cert: bool,
+            /// Agent forwarding (`ssh -A`); default false, allowed when any role allows it.
+            forward_agent: bool,
+            /// Port forwarding (`ssh -L`, `-R`, `-D`, `-W`); default true, allowed
+            /// when any role allows it (leaving it unset allows it).
+            port_forwarding: bool,
         }
         unimplemented {
-            forward_agent,
-            port_forwarding,
             cert_format,
             permit_x11_forwarding,
             enhanced_recording,
@@ -437,6 +440,37 @@ pub struct Limits {
     pub client_idle_timeout: Option<Duration>,
     /// Some role says `disconnect_expired_cert: true`.
     pub disconnect_expired_cert: bool,
+    /// Some role allows port forwarding (unset counts as allowing).
+    pub port_forwarding: bool,
+    /// Some role says `forward_agent: true`.
+    pub forward_agent: bool,
+}
+
+/// What a user reads when none of their roles allows port forwarding.
+pub fn port_forwarding_refused(user: &str) -> String {
+    format!(
+        "port forwarding is not allowed for user {user:?}: none of their roles allows it (port_forwarding: false)"
+    )
+}
+
+/// What a user reads when none of their roles allows agent forwarding.
+pub fn agent_forwarding_refused(user: &str) -> String {
+    format!(
+        "agent forwarding is not allowed for user {user:?}: none of their roles sets forward_agent: true"
+    )
+}
+
+/// What a user reads who asks for X11 forwarding.
+pub const X11_REFUSED: &str = "X11 forwarding is not supported by Turnstile";
+
+impl Limits {
+    /// The `permit-*` extensions a certificate under these roles carries.
+    pub fn permits(&self) -> crate::identity::Permits {
+        crate::identity::Permits {
+            port_forwarding: self.port_forwarding,
+            agent_forwarding: self.forward_agent,
+        }
+    }
 }
 
 /// Why a role set refused access.
@@ -611,6 +645,14 @@ impl RoleSet {
                 .roles
                 .iter()
                 .any(|r| r.spec.options.disconnect_expired_cert == Some(true)),
+            port_forwarding: self
+                .roles
+                .iter()
+                .any(|r| r.spec.options.port_forwarding != Some(false)),
+            forward_agent: self
+                .roles
+                .iter()
+                .any(|r| r.spec.options.forward_agent == Some(true)),
             recording,
             max_connections: smallest_nonzero(|o| o.max_connections),
             max_sessions: smallest_nonzero(|o| o.max_sessions),
@@ -758,17 +800,46 @@ mod tests {
         assert!(unknown.unwrap_err().to_string().contains("max_conections"));
         let r = role_json(serde_json::json!({
             "kind": "role", "version": "v3", "metadata": {"name": "x"},
-            "spec": {"options": {"forward_agent": true},
+            "spec": {"options": {"forward_agent": true, "permit_x11_forwarding": true},
                      "allow": {"kubernetes_groups": ["a"], "rules": [{"resources": ["session"], "verbs": ["list"], "where": "x"}]}}
         }));
         assert_eq!(
             r.unimplemented_fields(),
             vec![
-                "spec.options.forward_agent",
+                "spec.options.permit_x11_forwarding",
                 "spec.allow.kubernetes_groups",
                 "spec.allow.rules[0].where"
             ]
         );
+    }
+
+    #[test]
+    fn forwarding_is_allowed_when_any_role_allows_it() {
+        let with = |opts: serde_json::Value| {
+            role_json(serde_json::json!({
+                "kind": "role", "version": "v3", "metadata": {"name": "r"},
+                "spec": {"options": opts}
+            }))
+        };
+        let unset = with(serde_json::json!({}));
+        let no_ports = with(serde_json::json!({"port_forwarding": false}));
+        let agent = with(serde_json::json!({"forward_agent": true}));
+        // Port forwarding: default true; one role that denies it denies it
+        // only when no other role allows it.
+        assert!(RoleSet::new(vec![unset.clone()]).limits().port_forwarding);
+        assert!(
+            !RoleSet::new(vec![no_ports.clone()])
+                .limits()
+                .port_forwarding
+        );
+        assert!(
+            RoleSet::new(vec![no_ports.clone(), unset.clone()])
+                .limits()
+                .port_forwarding
+        );
+        // Agent forwarding: default false; any role that allows it allows it.
+        assert!(!RoleSet::new(vec![unset.clone()]).limits().forward_agent);
+        assert!(RoleSet::new(vec![unset, agent]).limits().forward_agent);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use russh::keys::ssh_key::{Fingerprint, LineEnding};
 use russh::keys::{Certificate, HashAlg, PrivateKey, PublicKey};
 use serde::{Deserialize, Serialize};
 use turnstile_api::error::ApiError;
-use turnstile_api::identity::{SystemRole, UserIdentity};
+use turnstile_api::identity::{Permits, SystemRole, UserIdentity};
 use turnstile_api::rpc::AUTH_SERVER_NAME;
 
 /// A fresh Ed25519 key, for CAs, hosts and users alike.
@@ -102,6 +102,7 @@ impl SshCa {
         &self,
         subject: &PublicKey,
         identity: &UserIdentity,
+        permits: Permits,
         principals: &[String],
         valid_after: SystemTime,
         valid_before: SystemTime,
@@ -119,7 +120,7 @@ impl SshCa {
         for p in principals {
             b.valid_principal(p.clone()).map_err(|e| err(&e))?;
         }
-        for (name, value) in identity.extensions() {
+        for (name, value) in identity.extensions(permits) {
             b.extension(name, value).map_err(|e| err(&e))?;
         }
         b.sign(&self.key).map_err(|e| err(&e))
@@ -340,6 +341,7 @@ mod tests {
             .sign_user(
                 user_key.public_key(),
                 &id,
+                Permits::default(),
                 &["root".into()],
                 now - Duration::from_secs(60),
                 now + Duration::from_secs(3600),
@@ -370,7 +372,14 @@ mod tests {
         };
         let now = SystemTime::now();
         let err = ca
-            .sign_user(generate_ed25519().public_key(), &id, &[], now, now)
+            .sign_user(
+                generate_ed25519().public_key(),
+                &id,
+                Permits::default(),
+                &[],
+                now,
+                now,
+            )
             .unwrap_err();
         assert!(err.message.contains("no logins"));
     }

@@ -200,3 +200,17 @@ pub(crate) async fn serve<H, F>(
 
 /// How long ended connections get to write their last events at shutdown.
 const LAST_WORDS: Duration = Duration::from_secs(5);
+
+/// Writes `text` on a session channel's stderr: the only way to tell the user
+/// why a request OpenSSH sends without wanting a reply was refused.
+pub(crate) fn tell_stderr(
+    session: &mut russh::server::Session,
+    channel: russh::ChannelId,
+    text: &str,
+) {
+    let _ = session.extended_data(
+        channel,
+        1,
+        bytes::Bytes::from(format!("{text}\r\n").into_bytes()),
+    );
+}

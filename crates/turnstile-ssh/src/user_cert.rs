@@ -130,7 +130,7 @@ mod tests {
                 roles: vec!["access".into()],
                 logins: vec!["root".into()],
             };
-            for (k, v) in id.extensions() {
+            for (k, v) in id.extensions(turnstile_api::identity::Permits::default()) {
                 b.extension(k, v).unwrap();
             }
         }

@@ -513,6 +513,8 @@ async fn launch_services(
                 heartbeat_interval: node.heartbeat_interval,
                 connect_timeout: node.connect_timeout,
                 shutdown_grace: config.shutdown_grace,
+                accept_env: node.accept_env.clone(),
+                gateway_ports: node.gateway_ports,
             },
             view.clone(),
             host,

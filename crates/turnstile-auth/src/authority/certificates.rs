@@ -162,8 +162,9 @@ impl Authority {
         let (current, identity) = self.verify_user_certificate(user_certificate).await?;
         let now = self.clock.now();
         let valid_before = now + Duration::from_secs(300);
+        let permits = self.role_set(&identity.roles).await?.limits().permits();
         let mut b = Vec::new();
-        for (k, v) in identity.extensions() {
+        for (k, v) in identity.extensions(permits) {
             b.push((k, v));
         }
         b.push((EXT_VIA_PROXY.to_string(), proxy_id.to_string()));
@@ -226,6 +227,7 @@ impl Authority {
         let certificate = self.user_ca.sign_user(
             public_key,
             &identity,
+            roles.limits().permits(),
             &principals,
             now - CLOCK_SKEW,
             valid_before,

@@ -104,6 +104,26 @@ impl OpenFailure {
     }
 }
 
+/// A channel the server opened towards us: a connection to a remote
+/// forward, or to the forwarded agent. Offered to whoever asked for them
+/// ([`Connected::inbound`]); refused when nobody did.
+pub enum Inbound {
+    Forwarded {
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        connected_address: String,
+        connected_port: u32,
+        originator_address: String,
+        originator_port: u32,
+    },
+    Agent {
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+    },
+}
+
+type InboundSink = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>>>;
+
 /// Checks host certificates against the cluster's host CA, for one expected name.
 pub struct HostChecker {
     host_ca: Vec<PublicKey>,
@@ -111,6 +131,7 @@ pub struct HostChecker {
     refusal: Arc<Mutex<Option<String>>>,
     open_failure: Arc<OpenFailure>,
     presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
+    inbound: InboundSink,
 }
 
 impl HostChecker {
@@ -121,7 +142,30 @@ impl HostChecker {
             refusal: Arc::default(),
             open_failure: Arc::default(),
             presented: Arc::default(),
+            inbound: Arc::default(),
         }
+    }
+
+    /// Hands a server-opened channel to whoever asked for them, or refuses it.
+    async fn offer(&self, inbound: Inbound) {
+        let sink = self
+            .inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let refused = match sink {
+            Some(tx) => match tx.send(inbound) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => inbound,
+        };
+        let reply = match refused {
+            Inbound::Forwarded { reply, .. } | Inbound::Agent { reply, .. } => reply,
+        };
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
     }
 
     fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
@@ -198,6 +242,52 @@ impl Handler for HostChecker {
         }
     }
 
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.offer(Inbound::Forwarded {
+            channel,
+            reply,
+            connected_address: connected_address.to_string(),
+            connected_port,
+            originator_address: originator_address.to_string(),
+            originator_port,
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.offer(Inbound::Agent { channel, reply }).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
     async fn channel_open_failure(
         &mut self,
         _channel: ChannelId,
@@ -272,9 +362,18 @@ pub struct Connected {
     pub label: String,
     open_failure: Arc<OpenFailure>,
     presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
+    inbound: InboundSink,
 }
 
 impl Connected {
+    /// The channels the server opens towards us from now on (remote forward
+    /// connections, the forwarded agent); refused while nobody reads them.
+    pub fn inbound(&self) -> tokio::sync::mpsc::UnboundedReceiver<Inbound> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.inbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
     /// What the server presented as its host key or certificate.
     pub fn take_presented_host_key(&self) -> Option<PublicKeyOrCertificate> {
         self.presented
@@ -367,6 +466,7 @@ where
     let refusal = checker.refusal.clone();
     let open_failure = checker.open_failure.clone();
     let presented = checker.presented.clone();
+    let inbound = checker.inbound.clone();
     let handle = client::connect_stream(client_config(), stream, checker)
         .await
         .map_err(
@@ -386,6 +486,7 @@ where
         label: label.to_string(),
         open_failure,
         presented,
+        inbound,
     })
 }
 

@@ -13,15 +13,17 @@ use std::sync::Arc;
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
-use turnstile_api::audit::{AuditEvent, SessctlKind};
+use turnstile_api::audit::{Actor, AuditEvent, SessctlKind};
 use turnstile_api::identity::{EXT_VIA_PROXY, UserIdentity};
 use turnstile_api::recording::RecordingPolicy;
+use turnstile_api::role;
 use turnstile_api::rpc::proto;
 use turnstile_api::semaphore::{too_many_connections, too_many_sessions};
 
 use super::NodeShared;
+use super::forward::{self, AgentSlot, AgentSocket, RemoteForwards};
 use super::process::LocalUser;
 use super::session::{RecordingContext, SessionContext, serve_session};
 use crate::live::{Activity, WatchGuard, WatchRequest};
@@ -50,6 +52,12 @@ enum Access {
         /// connection then.
         cert_valid_before: Option<u64>,
         activity: Arc<Activity>,
+        /// Some role allows port forwarding.
+        port_forwarding: bool,
+        /// Some role allows agent forwarding.
+        forward_agent: bool,
+        /// The forwarded agent's socket, once asked for and allowed.
+        agent: AgentSlot,
     },
     Denied {
         reason: String,
@@ -67,6 +75,33 @@ pub struct NodeConnection {
     closed: CancellationToken,
     /// On the node's list of live connections while it lives.
     watch: Option<WatchGuard>,
+    /// The remote forwards (`ssh -R`) listening for this connection.
+    remote: RemoteForwards,
+}
+
+/// Why forwarding is refused on a connection, or `None` if it may forward.
+enum Forwarding<'a> {
+    Allowed {
+        identity: &'a UserIdentity,
+        login: &'a str,
+    },
+    Refused {
+        user: String,
+        login: String,
+        reason: String,
+    },
+}
+
+/// The same event, refused for `reason`.
+fn failed(mut event: AuditEvent, reason: &str) -> AuditEvent {
+    if let AuditEvent::ChannelEvent {
+        success, fields, ..
+    } = &mut event
+    {
+        *success = false;
+        fields.insert("error".into(), reason.into());
+    }
+    event
 }
 
 /// "administratively prohibited" with our text, as OpenSSH prints it.
@@ -86,6 +121,86 @@ impl NodeConnection {
             access: Access::Pending,
             closed: CancellationToken::new(),
             watch: None,
+            remote: RemoteForwards::default(),
+        }
+    }
+
+    /// Something the connection did besides a session, for the audit log.
+    fn event(
+        &self,
+        event: &str,
+        (user, login): (&str, &str),
+        result: Result<(), &str>,
+        fields: impl IntoIterator<Item = (&'static str, serde_json::Value)>,
+    ) -> AuditEvent {
+        let remote_addr = self.info.client.to_string();
+        let actor = Actor {
+            user,
+            login,
+            server_id: &self.shared.config.host_id,
+            remote_addr: &remote_addr,
+        };
+        let fields = fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        AuditEvent::channel(event, actor, result, fields)
+    }
+
+    /// Records something the connection did besides a session.
+    fn channel_event(
+        &self,
+        event: &str,
+        who: (&str, &str),
+        result: Result<(), &str>,
+        fields: impl IntoIterator<Item = (&'static str, serde_json::Value)>,
+    ) {
+        self.shared
+            .audit
+            .emit(self.event(event, who, result, fields));
+    }
+
+    /// May this connection forward ports now? The roles must allow it, and
+    /// while sessions are recorded at the proxy only a connection through a
+    /// proxy may (the proxy carries the user's forwards here).
+    async fn may_forward_ports(&self) -> Forwarding<'_> {
+        let (identity, login, allowed, via_proxy) = match &self.access {
+            Access::Allowed {
+                identity,
+                login,
+                port_forwarding,
+                via_proxy,
+                ..
+            } => (identity, login, *port_forwarding, *via_proxy),
+            Access::Denied { reason, .. } => {
+                return Forwarding::Refused {
+                    user: String::new(),
+                    login: String::new(),
+                    reason: reason.clone(),
+                };
+            }
+            Access::Pending => {
+                return Forwarding::Refused {
+                    user: String::new(),
+                    login: String::new(),
+                    reason: "not authenticated".into(),
+                };
+            }
+        };
+        let refused = |reason: String| Forwarding::Refused {
+            user: identity.user.clone(),
+            login: login.clone(),
+            reason,
+        };
+        if !allowed {
+            return refused(role::port_forwarding_refused(&identity.user));
+        }
+        match self.shared.view.session_recording().await {
+            Ok(mode) if mode.at_proxy() && !via_proxy => refused(
+                "sessions and forwards are recorded by the proxy: connect through it (turnstile ssh NODE, or ssh -J PROXY NODE)".into(),
+            ),
+            Ok(_) => Forwarding::Allowed { identity, login },
+            Err(e) => refused(format!("the node cannot tell how sessions are recorded: {e}")),
         }
     }
 
@@ -160,6 +275,9 @@ impl NodeConnection {
             None
         };
         Ok(Access::Allowed {
+            port_forwarding: limits.port_forwarding,
+            forward_agent: limits.forward_agent,
+            agent: AgentSlot::default(),
             channels: ChannelLimit::new(limits.max_sessions),
             // A proxy's certificate lives minutes: the proxy ends the
             // session when the user's own certificate expires.
@@ -325,6 +443,7 @@ impl Handler for NodeConnection {
                 via_proxy,
                 recording,
                 activity,
+                agent,
                 ..
             } => {
                 let Some(slot) = channels.try_open(channel.id()) else {
@@ -368,6 +487,8 @@ impl Handler for NodeConnection {
                 }
                 let ctx = SessionContext {
                     activity: activity.clone(),
+                    agent: agent.clone(),
+                    accept_env: self.shared.config.accept_env.clone(),
                     sid: uuid::Uuid::new_v4().to_string(),
                     user: identity.user.clone(),
                     local_user: local_user.clone(),
@@ -413,20 +534,40 @@ impl Handler for NodeConnection {
         channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if !matches!(self.access, Access::Allowed { .. }) {
-            let reason = match &self.access {
-                Access::Denied { reason, .. } => reason.clone(),
-                _ => "not authenticated".into(),
-            };
-            reply.reject(prohibited(reason)).await;
-            return Ok(());
-        }
+        let target = format!("{host_to_connect}:{port_to_connect}");
+        let fields = |target: &str| {
+            [
+                ("kind", "local".into()),
+                ("addr", target.into()),
+                (
+                    "originator",
+                    format!("{originator_address}:{originator_port}").into(),
+                ),
+            ]
+        };
+        let who = match self.may_forward_ports().await {
+            Forwarding::Allowed { identity, login } => (identity.user.clone(), login.to_string()),
+            Forwarding::Refused {
+                user,
+                login,
+                reason,
+            } => {
+                if !user.is_empty() {
+                    tracing::info!(%user, %target, %reason, "port forward refused");
+                    self.channel_event("port", (&user, &login), Err(&reason), fields(&target));
+                }
+                reply.reject(prohibited(reason)).await;
+                return Ok(());
+            }
+        };
         let Ok(port) = u16::try_from(port_to_connect) else {
+            let reason = format!("port {port_to_connect} is out of range");
+            self.channel_event("port", (&who.0, &who.1), Err(&reason), fields(&target));
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
@@ -434,27 +575,181 @@ impl Handler for NodeConnection {
         // that does not answer never holds up the rest of the connection.
         let host = host_to_connect.to_string();
         let timeout = self.shared.config.connect_timeout;
+        let audit = self.shared.audit.clone();
+        let opened = self.event("port", (&who.0, &who.1), Ok(()), fields(&target));
         self.shared.tasks.spawn(async move {
-            let failed = |reason: String| ChannelOpenFailure::Other { code: 2, reason };
-            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
-                .await
+            let refuse = |reason: String| ChannelOpenFailure::Other { code: 2, reason };
+            match tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
             {
                 Ok(Ok(mut tcp)) => {
+                    audit.emit(opened);
                     reply.accept().await;
                     let mut stream = channel.into_stream();
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
                 }
-                Ok(Err(e)) => reply.reject(failed(format!("connect to {host}:{port}: {e}"))).await,
+                Ok(Err(e)) => {
+                    let reason = format!("connect to {host}:{port}: {e}");
+                    audit.emit(failed(opened, &reason));
+                    reply.reject(refuse(reason)).await;
+                }
                 Err(_) => {
-                    reply
-                        .reject(failed(format!(
-                            "connect to {host}:{port} timed out after {} (ssh_service.connect_timeout)",
-                            turnstile_api::duration::format(timeout)
-                        )))
-                        .await;
+                    let reason = format!(
+                        "connect to {host}:{port} timed out after {} (ssh_service.connect_timeout)",
+                        turnstile_api::duration::format(timeout)
+                    );
+                    audit.emit(failed(opened, &reason));
+                    reply.reject(refuse(reason)).await;
                 }
             }
         });
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let requested = format!("{address}:{port}");
+        let fields = |addr: String| [("kind", "remote".into()), ("addr", addr.into())];
+        let (user, login, local_user) = match self.may_forward_ports().await {
+            Forwarding::Allowed { identity, login } => {
+                let Access::Allowed { local_user, .. } = &self.access else {
+                    return Ok(false);
+                };
+                (identity.user.clone(), login.to_string(), local_user.clone())
+            }
+            Forwarding::Refused {
+                user,
+                login,
+                reason,
+            } => {
+                if !user.is_empty() {
+                    tracing::info!(%user, %requested, %reason, "remote port forward refused");
+                    self.channel_event("port", (&user, &login), Err(&reason), fields(requested));
+                }
+                return Ok(false);
+            }
+        };
+        let who = (user.as_str(), login.as_str());
+        let ip = match forward::bind_address(address, self.shared.config.gateway_ports) {
+            Ok(ip) => ip,
+            Err(reason) => {
+                self.channel_event("port", who, Err(&reason), fields(requested));
+                return Ok(false);
+            }
+        };
+        let Ok(wanted) = u16::try_from(*port) else {
+            let reason = format!("port {port} is out of range");
+            self.channel_event("port", who, Err(&reason), fields(requested));
+            return Ok(false);
+        };
+        // As sshd: only root may listen on a privileged port.
+        if wanted != 0 && wanted < 1024 && !local_user.uid.is_root() {
+            let reason = format!(
+                "login {login:?} may not listen on privileged port {wanted}; only root may"
+            );
+            self.channel_event("port", who, Err(&reason), fields(requested));
+            return Ok(false);
+        }
+        let bind = std::net::SocketAddr::new(ip, wanted);
+        match self
+            .remote
+            .listen(session.handle(), address, bind, &self.closed)
+            .await
+        {
+            Ok(bound) => {
+                *port = bound;
+                tracing::info!(%user, %bind, bound, "remote port forward listening");
+                self.channel_event("port", who, Ok(()), fields(format!("{}:{bound}", ip)));
+                Ok(true)
+            }
+            Err(e) => {
+                let reason = format!("cannot listen on {bind}: {e}");
+                self.channel_event("port", who, Err(&reason), fields(requested));
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.remote.cancel(address, port))
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Access::Allowed {
+            identity,
+            login,
+            local_user,
+            forward_agent,
+            agent,
+            ..
+        } = &self.access
+        else {
+            return Ok(false);
+        };
+        let who = (identity.user.as_str(), login.as_str());
+        let result = if !forward_agent {
+            Err(role::agent_forwarding_refused(&identity.user))
+        } else {
+            let mut slot = agent.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_some() {
+                Ok(())
+            } else {
+                AgentSocket::open(session.handle(), local_user).map(|socket| {
+                    *slot = Some(socket);
+                })
+            }
+        };
+        match &result {
+            Ok(()) => {
+                self.channel_event("agent.forward", who, Ok(()), []);
+                Ok(true)
+            }
+            Err(reason) => {
+                tracing::info!(user = %identity.user, %reason, "agent forwarding refused");
+                self.channel_event("agent.forward", who, Err(reason), []);
+                // OpenSSH asks without wanting a reply: the user reads why on
+                // the session's stderr.
+                crate::server::tell_stderr(session, channel, reason);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let reason = role::X11_REFUSED;
+        if let Access::Allowed {
+            identity, login, ..
+        } = &self.access
+        {
+            let who = (identity.user.clone(), login.clone());
+            self.channel_event("x11-forward", (&who.0, &who.1), Err(reason), []);
+        }
+        crate::server::tell_stderr(session, channel, reason);
+        session.channel_failure(channel)?;
         Ok(())
     }
 }

@@ -28,8 +28,10 @@ use crate::server::{HeaderPolicy, serve, server_config};
 use crate::session_control::{ChannelLimit, LeaseService};
 
 mod connection;
+mod forward;
 mod process;
 mod session;
+mod sftp_audit;
 
 pub(crate) use connection::prohibited;
 
@@ -45,7 +47,16 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// How long to let sessions finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Environment variables a client may set, as sshd's `AcceptEnv`
+    /// (patterns with `*` and `?`); `TURNSTILE_*` never.
+    pub accept_env: Vec<String>,
+    /// Remote forwards may listen on the address the client asks for, as
+    /// sshd's `GatewayPorts yes`; otherwise on loopback only.
+    pub gateway_ports: bool,
 }
+
+/// What `ssh_service.accept_env` is when the file does not set it.
+pub const DEFAULT_ACCEPT_ENV: &[&str] = &["LANG", "LC_*", "TZ", "COLORTERM"];
 
 pub(crate) struct NodeShared {
     pub config: NodeConfig,

@@ -26,7 +26,9 @@ use turnstile_recording::recorder::{
     Outcome, Recorder, SessionKind, SessionMeta, SessionRecording, SessionStart,
 };
 
+use super::forward::{AgentSlot, agent_path};
 use super::process::{Launch, LocalUser, PtyInput, spawn_piped, spawn_pty};
+use super::sftp_audit::{SftpAudit, SftpWho};
 use crate::audit_forwarder::AuditForwarder;
 use crate::live::Activity;
 use crate::server::ConnectionInfo;
@@ -35,9 +37,27 @@ use crate::server::ConnectionInfo;
 /// holding the terminal) before the exit status is sent anyway.
 const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// Environment variables a client may set, as OpenSSH's `AcceptEnv LANG LC_*`.
-fn env_allowed(name: &str) -> bool {
-    matches!(name, "LANG" | "TZ" | "COLORTERM") || name.starts_with("LC_")
+/// May a client set the variable `name`? As sshd's `AcceptEnv`: a pattern
+/// of `accept` matches it (`*` any run, `?` one character). Turnstile's own
+/// variables are never the client's to set.
+fn env_allowed(accept: &[String], name: &str) -> bool {
+    !name.starts_with("TURNSTILE_")
+        && accept
+            .iter()
+            .any(|p| glob_match(p.as_bytes(), name.as_bytes()))
+}
+
+/// `*` and `?` wildcards, as sshd matches `AcceptEnv` patterns.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
+        }
+        (Some(b'?'), Some(_)) => glob_match(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
+        _ => false,
+    }
 }
 
 const SFTP_SERVERS: &[&str] = &[
@@ -58,6 +78,10 @@ pub struct SessionContext {
     pub recording: RecordingContext,
     /// The connection's last input, for `client_idle_timeout`.
     pub activity: Arc<Activity>,
+    /// The forwarded agent, if the client asked and may.
+    pub agent: AgentSlot,
+    /// `ssh_service.accept_env`.
+    pub accept_env: Vec<String>,
 }
 
 /// How this session is recorded, decided when it starts and kept for its life.
@@ -86,12 +110,17 @@ struct Running {
     writing: Option<tokio::task::AbortHandle>,
     output: Vec<JoinHandle<()>>,
     recording: Option<Arc<SessionRecording>>,
+    /// The audit reader of an SFTP session.
+    sftp: Option<Arc<SftpAudit>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(writing) = self.writing.take() {
             writing.abort();
+        }
+        if let Some(sftp) = self.sftp.take() {
+            sftp.finish();
         }
     }
 }
@@ -156,6 +185,7 @@ async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     recording: Option<Arc<SessionRecording>>,
+    sftp: Option<Arc<SftpAudit>>,
 ) {
     // Small while output trickles (a thousand interactive sessions hold a
     // thousand of these), grown when reads fill it (bulk output).
@@ -171,6 +201,9 @@ async fn pump(
                     && r.print(&buf[..n]).await.is_err()
                 {
                     break;
+                }
+                if let Some(a) = &sftp {
+                    a.server_sent(&buf[..n]);
                 }
                 if to.write_all(&buf[..n]).await.is_err() {
                     break;
@@ -206,7 +239,7 @@ fn take_env(
         if !started && uuid::Uuid::parse_str(&value).is_ok() {
             ctx.sid = value;
         }
-    } else if env_allowed(&name) {
+    } else if env_allowed(&ctx.accept_env, &name) {
         env.push((name, value));
     }
 }
@@ -421,6 +454,10 @@ async fn start(
             ),
         ),
     ]);
+    if let Some(path) = agent_path(&ctx.agent) {
+        launch.env.push(("SSH_AUTH_SOCK".to_string(), path));
+    }
+    let is_sftp = matches!(&kind, SessionKind::Subsystem(name) if name == "sftp");
     let recording = match begin_recording(ctx, kind, pty).await {
         Ok(r) => r.map(Arc::new),
         Err(message) => {
@@ -438,7 +475,20 @@ async fn start(
             .await;
     }
     *outcome = recording.as_ref().map(|r| r.outcome());
-    match spawn_process(ctx, launch, pty, writer, recording.clone()) {
+    // File operations are audited in every recording mode, `off` too.
+    let sftp = is_sftp.then(|| {
+        SftpAudit::new(
+            SftpWho {
+                sid: ctx.sid.clone(),
+                user: ctx.user.clone(),
+                login: ctx.local_user.name.clone(),
+                server_id: ctx.recording.server_id.clone(),
+                remote_addr: ctx.connection.client.to_string(),
+            },
+            ctx.recording.audit.clone(),
+        )
+    });
+    match spawn_process(ctx, launch, pty, writer, recording.clone(), sftp) {
         Ok(mut r) => {
             tracing::info!(sid = %ctx.sid, user = %ctx.user, login = %ctx.local_user.name, channel = ?id, "session started");
             r.recording = recording;
@@ -462,6 +512,7 @@ fn spawn_process(
     pty: &Option<(String, u32, u32)>,
     writer: &russh::ChannelWriteHalf<Msg>,
     recorder: Option<Arc<SessionRecording>>,
+    sftp: Option<Arc<SftpAudit>>,
 ) -> std::io::Result<Running> {
     let (tx, mut rx) = mpsc::channel::<Input>(64);
     let result = match pty {
@@ -470,7 +521,7 @@ fn spawn_process(
             let (child, pty) = spawn_pty(&ctx.local_user, &launch, pty_size(*cols, *rows))?;
             let input = PtyInput::new(&pty)?;
             let (read, write) = pty.into_split();
-            let out = tokio::spawn(pump(read, writer.make_writer(), recorder.clone()));
+            let out = tokio::spawn(pump(read, writer.make_writer(), recorder.clone(), None));
             let writing = tokio::spawn(async move {
                 while let Some(msg) = rx.recv().await {
                     match msg {
@@ -492,22 +543,32 @@ fn spawn_process(
                 writing: Some(writing.abort_handle()),
                 output: vec![out],
                 recording: None,
+                sftp: None,
             }
         }
         None => {
             let p = spawn_piped(&ctx.local_user, &launch)?;
-            let out = tokio::spawn(pump(p.stdout, writer.make_writer(), recorder.clone()));
+            let out = tokio::spawn(pump(
+                p.stdout,
+                writer.make_writer(),
+                recorder.clone(),
+                sftp.clone(),
+            ));
             let err = tokio::spawn(pump(
                 p.stderr,
                 writer.make_writer_ext(Some(1)),
                 recorder.clone(),
+                None,
             ));
             let mut stdin = p.stdin;
+            let requests = sftp.clone();
             let writing = tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {
-                    if let Input::Data(d) = input
-                        && stdin.write_all(&d).await.is_err()
-                    {
+                    let Input::Data(d) = input else { continue };
+                    if let Some(a) = &requests {
+                        a.client_sent(&d);
+                    }
+                    if stdin.write_all(&d).await.is_err() {
                         break;
                     }
                 }
@@ -519,6 +580,7 @@ fn spawn_process(
                 writing: Some(writing.abort_handle()),
                 output: vec![out, err],
                 recording: None,
+                sftp,
             }
         }
     };
@@ -551,4 +613,27 @@ async fn begin_recording(
         policy: rc.policy,
     };
     rc.recorder.begin(start, rc.audit.clone()).await.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_env_matches_as_sshd_and_never_turnstile_variables() {
+        let accept: Vec<String> = super::super::DEFAULT_ACCEPT_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(env_allowed(&accept, "LANG"));
+        assert!(env_allowed(&accept, "LC_ALL"));
+        assert!(!env_allowed(&accept, "FOO"));
+        assert!(!env_allowed(&accept, "LANGUAGE"));
+        let all = vec!["*".to_string(), "X?".to_string()];
+        assert!(env_allowed(&all, "FOO"));
+        assert!(!env_allowed(&all, "TURNSTILE_SESSION_ID"));
+        assert!(glob_match(b"X?", b"XY"));
+        assert!(!glob_match(b"X?", b"XYZ"));
+        assert!(glob_match(b"A*B*", b"AxxBy"));
+    }
 }

@@ -10,17 +10,19 @@ use std::sync::Arc;
 
 use russh::keys::{Certificate, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Handler, Msg, Session};
-use russh::{Channel, ChannelMsg, MethodKind};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure, MethodKind};
 use tokio::sync::watch;
+use turnstile_api::audit::{Actor, AuditEvent};
 use turnstile_api::identity::UserIdentity;
 use turnstile_api::recording::RecordingPolicy;
+use turnstile_api::role;
 use turnstile_api::rpc::proto;
 use turnstile_recording::recorder::{
     Outcome, SessionKind, SessionMeta, SessionRecording, SessionStart,
 };
 
 use super::ProxyShared;
-use crate::client::{self, Connected, UserCredentials};
+use crate::client::{self, Connected, Inbound, UserCredentials};
 use crate::cluster_view::NodeInfo;
 use crate::node::prohibited;
 use crate::server::{HostCredentials, server_config};
@@ -135,8 +137,205 @@ impl Terminating {
     }
 }
 
+/// Carries the channels the node opens towards the user (connections to a
+/// remote forward, the forwarded agent) to the user's side of the proxy.
+async fn carry_inbound(mut inbound: tokio::sync::mpsc::UnboundedReceiver<Inbound>, user: Handle) {
+    while let Some(offer) = inbound.recv().await {
+        let user = user.clone();
+        tokio::spawn(async move {
+            let (node_side, reply, opened) = match offer {
+                Inbound::Forwarded {
+                    channel,
+                    reply,
+                    connected_address,
+                    connected_port,
+                    originator_address,
+                    originator_port,
+                } => {
+                    let opened = user
+                        .channel_open_forwarded_tcpip(
+                            connected_address,
+                            connected_port,
+                            originator_address,
+                            originator_port,
+                        )
+                        .await;
+                    (channel, reply, opened)
+                }
+                Inbound::Agent { channel, reply } => {
+                    let opened = user.channel_open_agent().await;
+                    (channel, reply, opened)
+                }
+            };
+            match opened {
+                Ok(user_side) => {
+                    reply.accept().await;
+                    let mut a = user_side.into_stream();
+                    let mut b = node_side.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+    }
+}
+
+impl Terminating {
+    /// May the user forward their agent? The same rule the node applies;
+    /// the node checks again and audits what it allows.
+    async fn may_forward_agent(&self) -> Result<(), String> {
+        let roles = self
+            .shared
+            .view
+            .role_set(&self.outer.roles)
+            .await
+            .map_err(|e| format!("cannot check the roles of user {:?}: {e}", self.outer.user))?;
+        if roles.limits().forward_agent {
+            Ok(())
+        } else {
+            Err(role::agent_forwarding_refused(&self.outer.user))
+        }
+    }
+
+    /// Records what the proxy refused itself (the node never sees it).
+    fn refused_event(&self, event: &str, reason: &str) {
+        let remote_addr = self.client.to_string();
+        let actor = Actor {
+            user: &self.outer.user,
+            login: &self.login,
+            server_id: &self.shared.config.host_id,
+            remote_addr: &remote_addr,
+        };
+        self.shared.audit.emit(AuditEvent::channel(
+            event,
+            actor,
+            Err(reason),
+            serde_json::Map::new(),
+        ));
+    }
+}
+
 impl Handler for Terminating {
     type Error = russh::Error;
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(upstream) = &self.upstream {
+            let inbound = upstream.inbound();
+            self.shared
+                .tasks
+                .spawn(carry_inbound(inbound, session.handle()));
+        }
+        Ok(())
+    }
+
+    /// `ssh -L`, `-D`, `-W` on a connection the proxy ends: carried to the
+    /// node, which decides and audits as for any forward.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(upstream) = self.upstream.clone() else {
+            reply.reject(prohibited("not authenticated")).await;
+            return Ok(());
+        };
+        let (host, originator) = (host_to_connect.to_string(), originator_address.to_string());
+        self.shared.tasks.spawn(async move {
+            match upstream
+                .handle
+                .channel_open_direct_tcpip(host, port_to_connect, originator, originator_port)
+                .await
+            {
+                Ok(node_side) => {
+                    reply.accept().await;
+                    let mut a = channel.into_stream();
+                    let mut b = node_side.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+                Err(e) => {
+                    let text = upstream
+                        .take_open_failure()
+                        .await
+                        .unwrap_or_else(|| e.to_string());
+                    reply.reject(prohibited(text)).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// `ssh -R`: asked of the node, which listens, decides and audits.
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(upstream) = &self.upstream else {
+            return Ok(false);
+        };
+        match upstream.handle.tcpip_forward(address, *port).await {
+            Ok(bound) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(upstream) = &self.upstream else {
+            return Ok(false);
+        };
+        Ok(upstream
+            .handle
+            .cancel_tcpip_forward(address, port)
+            .await
+            .is_ok())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // The session's relay asks the node (see `Relay::run`).
+        match self.may_forward_agent().await {
+            Ok(()) => Ok(true),
+            Err(reason) => {
+                self.refused_event("agent.forward", &reason);
+                crate::server::tell_stderr(session, channel, &reason);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refused_event("x11-forward", role::X11_REFUSED);
+        crate::server::tell_stderr(session, channel, role::X11_REFUSED);
+        session.channel_failure(channel)?;
+        Ok(())
+    }
 
     async fn auth_openssh_certificate(
         &mut self,
@@ -204,6 +403,7 @@ impl Handler for Terminating {
             handle: session.handle(),
             meta,
             roles: self.outer.roles.clone(),
+            forward_agent: self.may_forward_agent().await.is_ok(),
         };
         self.shared.tasks.spawn(relay.run(channel, node_channel));
         Ok(())
@@ -217,6 +417,8 @@ struct Relay {
     meta: SessionMeta,
     /// The user's roles, for their recording policy.
     roles: Vec<String>,
+    /// The roles allow agent forwarding: a request for it is passed on.
+    forward_agent: bool,
 }
 
 /// Resolves when the recording changes how it stands.
@@ -363,6 +565,10 @@ impl Relay {
                         }
                         ChannelMsg::Eof => to_node.eof().await,
                         ChannelMsg::Close => break,
+                        // Refused by the proxy's handler when not allowed.
+                        ChannelMsg::AgentForward { .. } if self.forward_agent => {
+                            to_node.agent_forward(false).await
+                        }
                         _ => Ok(()),
                     };
                     if ok.is_err() {

@@ -93,6 +93,8 @@ pub struct SshSection {
     pub labels: Option<BTreeMap<String, String>>,
     pub heartbeat_interval: Option<WrittenDuration>,
     pub connect_timeout: Option<WrittenDuration>,
+    pub accept_env: Option<Vec<String>>,
+    pub gateway_ports: Option<bool>,
 }
 
 /// Parses the YAML text; the error names the key, line and column.

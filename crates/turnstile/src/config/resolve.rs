@@ -99,6 +99,10 @@ pub struct NodeSettings {
     pub heartbeat_interval: Duration,
     /// How long the node waits for a forwarded (`direct-tcpip`) connection.
     pub connect_timeout: Duration,
+    /// Variables a client may set (sshd's `AcceptEnv`).
+    pub accept_env: Vec<String>,
+    /// Remote forwards listen where the client asks (sshd's `GatewayPorts`).
+    pub gateway_ports: bool,
 }
 
 fn field_error(field: &str, message: impl std::fmt::Display) -> String {
@@ -317,6 +321,26 @@ pub fn resolve(
                 }
                 Some(d) => d,
             },
+            accept_env: match s.accept_env {
+                None => turnstile_ssh::node::DEFAULT_ACCEPT_ENV
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
+                Some(patterns) => {
+                    for (i, p) in patterns.iter().enumerate() {
+                        if p.is_empty() || p.contains(|c: char| c.is_whitespace() || c == '=') {
+                            return Err(field_error(
+                                &format!("ssh_service.accept_env[{i}]"),
+                                format!(
+                                    "{p:?} is not a variable name pattern (letters, digits, _, with * and ?)"
+                                ),
+                            ));
+                        }
+                    }
+                    patterns
+                }
+            },
+            gateway_ports: s.gateway_ports.unwrap_or(false),
         })
     } else {
         None

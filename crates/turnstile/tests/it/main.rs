@@ -4,6 +4,7 @@
 mod access_plane;
 mod cli;
 mod cluster;
+mod forwarding;
 mod locks;
 mod object_stores;
 mod openssh;

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::certificate::{Builder, CertType};
-use turnstile_api::identity::UserIdentity;
+use turnstile_api::identity::{Permits, UserIdentity};
 
 use crate::support::{TestCluster, openssh, run, text};
 
@@ -112,6 +112,7 @@ async fn expired_certificate_is_refused() {
         .sign_user(
             identity_key(&id).public_key(),
             &identity,
+            Permits::default(),
             &["root".into()],
             now - Duration::from_secs(7200),
             now - Duration::from_secs(60),
@@ -174,7 +175,7 @@ async fn certificate_without_principals_is_refused_even_when_signed_by_the_ca() 
         roles: vec!["access".into()],
         logins: vec!["root".into()],
     };
-    for (k, v) in ident.extensions() {
+    for (k, v) in ident.extensions(Permits::default()) {
         b.extension(k, v).unwrap();
     }
     swap_cert(&id, &b.sign(&ca).unwrap());
