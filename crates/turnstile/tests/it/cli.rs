@@ -187,13 +187,13 @@ async fn bad_roles_are_refused_and_change_nothing() {
     );
 
     // Teleport settings Turnstile does not implement are accepted with a warning.
-    std::fs::write(&path, "kind: role\nversion: v3\nmetadata:\n  name: agent\nspec:\n  options:\n    forward_agent: true\n").unwrap();
+    std::fs::write(&path, "kind: role\nversion: v3\nmetadata:\n  name: agent\nspec:\n  options:\n    permit_x11_forwarding: true\n").unwrap();
     let out = c
         .admin(&["roles", "create", "-f", path.to_str().unwrap()])
         .await;
     assert!(out.status.success());
     assert!(
-        text(&out.stderr).contains("spec.options.forward_agent"),
+        text(&out.stderr).contains("spec.options.permit_x11_forwarding"),
         "{}",
         text(&out.stderr)
     );
