@@ -23,10 +23,7 @@ pub async fn call(conn: &Connected, request: &DoorRequest) -> Result<DoorRespons
     let mut channel = match conn.handle.channel_open_session().await {
         Ok(c) => c,
         Err(e) => {
-            let text = conn
-                .take_open_failure()
-                .await
-                .unwrap_or_else(|| e.to_string());
+            let text = conn.open_refusal(e).await;
             return Err(ClientError::ChannelRefused(text));
         }
     };

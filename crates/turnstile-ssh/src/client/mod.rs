@@ -89,6 +89,12 @@ impl OpenFailure {
         self.text.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// Why a channel open failed with `e`: the refusal's text if one
+    /// arrives within a second, else the error itself.
+    pub async fn refusal(&self, e: russh::Error) -> String {
+        self.take().await.unwrap_or_else(|| e.to_string())
+    }
+
     /// The refusal's text, waiting up to a second for it to arrive.
     pub async fn take(&self) -> Option<String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -341,9 +347,10 @@ pub struct NodeConnection {
 }
 
 impl NodeConnection {
-    /// The text of the last refused channel open, for the user.
-    pub async fn take_open_failure(&self) -> Option<String> {
-        self.open_failure.take().await
+    /// Why a channel open failed with `e`, for the user: the server's text
+    /// if it sent one.
+    pub async fn open_refusal(&self, e: russh::Error) -> String {
+        self.open_failure.refusal(e).await
     }
 }
 
@@ -382,8 +389,9 @@ impl Connected {
             .take()
     }
 
-    pub async fn take_open_failure(&self) -> Option<String> {
-        self.open_failure.take().await
+    /// Why a channel open failed with `e`: the server's text if it sent one.
+    pub async fn open_refusal(&self, e: russh::Error) -> String {
+        self.open_failure.refusal(e).await
     }
 
     fn protocol(&self, e: russh::Error) -> ClientError {
@@ -531,10 +539,7 @@ pub async fn connect_via_proxy(
     {
         Ok(channel) => channel,
         Err(e) => {
-            let text = proxy
-                .take_open_failure()
-                .await
-                .unwrap_or_else(|| e.to_string());
+            let text = proxy.open_refusal(e).await;
             return Err(ClientError::ChannelRefused(text));
         }
     };

@@ -33,10 +33,7 @@ pub async fn run_session(
     let channel = match conn.handle.channel_open_session().await {
         Ok(channel) => channel,
         Err(e) => {
-            let text = conn
-                .take_open_failure()
-                .await
-                .unwrap_or_else(|| e.to_string());
+            let text = conn.open_refusal(e).await;
             return Err(ClientError::ChannelRefused(text));
         }
     };

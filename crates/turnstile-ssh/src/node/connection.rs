@@ -79,17 +79,10 @@ pub struct NodeConnection {
     remote: RemoteForwards,
 }
 
-/// Why forwarding is refused on a connection, or `None` if it may forward.
-enum Forwarding<'a> {
-    Allowed {
-        identity: &'a UserIdentity,
-        login: &'a str,
-    },
-    Refused {
-        user: String,
-        login: String,
-        reason: String,
-    },
+/// Why a forward is refused, and whose it was when the connection has a user.
+struct Refusal {
+    who: Option<(String, String)>,
+    reason: String,
 }
 
 /// The same event, refused for `reason`.
@@ -160,10 +153,11 @@ impl NodeConnection {
             .emit(self.event(event, who, result, fields));
     }
 
-    /// May this connection forward ports now? The roles must allow it, and
-    /// while sessions are recorded at the proxy only a connection through a
-    /// proxy may (the proxy carries the user's forwards here).
-    async fn may_forward_ports(&self) -> Forwarding<'_> {
+    /// May this connection forward ports now? The roles must allow it, the
+    /// audit log must be able to take the forward's event, and while sessions
+    /// are recorded at the proxy only a connection through a proxy may (the
+    /// proxy carries the user's forwards here). The user and login if so.
+    async fn may_forward_ports(&self) -> Result<(String, String), Refusal> {
         let (identity, login, allowed, via_proxy) = match &self.access {
             Access::Allowed {
                 identity,
@@ -173,35 +167,52 @@ impl NodeConnection {
                 ..
             } => (identity, login, *port_forwarding, *via_proxy),
             Access::Denied { reason, .. } => {
-                return Forwarding::Refused {
-                    user: String::new(),
-                    login: String::new(),
+                return Err(Refusal {
+                    who: None,
                     reason: reason.clone(),
-                };
+                });
             }
             Access::Pending => {
-                return Forwarding::Refused {
-                    user: String::new(),
-                    login: String::new(),
+                return Err(Refusal {
+                    who: None,
                     reason: "not authenticated".into(),
-                };
+                });
             }
         };
-        let refused = |reason: String| Forwarding::Refused {
-            user: identity.user.clone(),
-            login: login.clone(),
-            reason,
+        let who = (identity.user.clone(), login.clone());
+        let refused = |reason: String| {
+            Err(Refusal {
+                who: Some(who.clone()),
+                reason,
+            })
         };
         if !allowed {
             return refused(role::port_forwarding_refused(&identity.user));
+        }
+        if let Err(reason) = self.shared.audit.admits_new_sessions() {
+            return refused(reason);
         }
         match self.shared.view.session_recording().await {
             Ok(mode) if mode.at_proxy() && !via_proxy => refused(
                 "sessions and forwards are recorded by the proxy: connect through it (turnstile ssh NODE, or ssh -J PROXY NODE)".into(),
             ),
-            Ok(_) => Forwarding::Allowed { identity, login },
+            Ok(_) => Ok(who),
             Err(e) => refused(format!("the node cannot tell how sessions are recorded: {e}")),
         }
+    }
+
+    /// Logs and audits a refused forward (when the connection has a user);
+    /// the reason, for the client.
+    fn refuse_forward<const N: usize>(
+        &self,
+        refusal: Refusal,
+        fields: [(&'static str, serde_json::Value); N],
+    ) -> String {
+        if let Some((user, login)) = &refusal.who {
+            tracing::info!(%user, reason = %refusal.reason, "port forward refused");
+            self.channel_event("port", (user, login), Err(&refusal.reason), fields);
+        }
+        refusal.reason
     }
 
     /// Records a refusal in the audit log.
@@ -551,16 +562,9 @@ impl Handler for NodeConnection {
             ]
         };
         let who = match self.may_forward_ports().await {
-            Forwarding::Allowed { identity, login } => (identity.user.clone(), login.to_string()),
-            Forwarding::Refused {
-                user,
-                login,
-                reason,
-            } => {
-                if !user.is_empty() {
-                    tracing::info!(%user, %target, %reason, "port forward refused");
-                    self.channel_event("port", (&user, &login), Err(&reason), fields(&target));
-                }
+            Ok(who) => who,
+            Err(refusal) => {
+                let reason = self.refuse_forward(refusal, fields(&target));
                 reply.reject(prohibited(reason)).await;
                 return Ok(());
             }
@@ -617,25 +621,17 @@ impl Handler for NodeConnection {
     ) -> Result<bool, Self::Error> {
         let requested = format!("{address}:{port}");
         let fields = |addr: String| [("kind", "remote".into()), ("addr", addr.into())];
-        let (user, login, local_user) = match self.may_forward_ports().await {
-            Forwarding::Allowed { identity, login } => {
-                let Access::Allowed { local_user, .. } = &self.access else {
-                    return Ok(false);
-                };
-                (identity.user.clone(), login.to_string(), local_user.clone())
-            }
-            Forwarding::Refused {
-                user,
-                login,
-                reason,
-            } => {
-                if !user.is_empty() {
-                    tracing::info!(%user, %requested, %reason, "remote port forward refused");
-                    self.channel_event("port", (&user, &login), Err(&reason), fields(requested));
-                }
+        let (user, login) = match self.may_forward_ports().await {
+            Ok(who) => who,
+            Err(refusal) => {
+                self.refuse_forward(refusal, fields(requested));
                 return Ok(false);
             }
         };
+        let Access::Allowed { local_user, .. } = &self.access else {
+            return Ok(false);
+        };
+        let root = local_user.uid.is_root();
         let who = (user.as_str(), login.as_str());
         let ip = match forward::bind_address(address, self.shared.config.gateway_ports) {
             Ok(ip) => ip,
@@ -650,7 +646,7 @@ impl Handler for NodeConnection {
             return Ok(false);
         };
         // As sshd: only root may listen on a privileged port.
-        if wanted != 0 && wanted < 1024 && !local_user.uid.is_root() {
+        if wanted != 0 && wanted < 1024 && !root {
             let reason = format!(
                 "login {login:?} may not listen on privileged port {wanted}; only root may"
             );
@@ -705,6 +701,8 @@ impl Handler for NodeConnection {
         let who = (identity.user.as_str(), login.as_str());
         let result = if !forward_agent {
             Err(role::agent_forwarding_refused(&identity.user))
+        } else if let Err(reason) = self.shared.audit.admits_new_sessions() {
+            Err(reason)
         } else {
             let mut slot = agent.lock().unwrap_or_else(|e| e.into_inner());
             if slot.is_some() {

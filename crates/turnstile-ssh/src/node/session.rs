@@ -202,8 +202,11 @@ async fn pump(
                 {
                     break;
                 }
-                if let Some(a) = &sftp {
-                    a.server_sent(&buf[..n]);
+                // Nothing reaches the user unaudited.
+                if let Some(a) = &sftp
+                    && !a.server_sent(&buf[..n])
+                {
+                    break;
                 }
                 if to.write_all(&buf[..n]).await.is_err() {
                     break;
@@ -565,8 +568,12 @@ fn spawn_process(
             let writing = tokio::spawn(async move {
                 while let Some(input) = rx.recv().await {
                     let Input::Data(d) = input else { continue };
-                    if let Some(a) = &requests {
-                        a.client_sent(&d);
+                    // Nothing reaches sftp-server unaudited: its input
+                    // closes, and it ends.
+                    if let Some(a) = &requests
+                        && !a.client_sent(&d)
+                    {
+                        break;
                     }
                     if stdin.write_all(&d).await.is_err() {
                         break;

@@ -5,8 +5,9 @@
 //! only read, never altered or held back.
 //!
 //! Requests are matched to their replies by request id. A stream that stops
-//! making sense (a packet over the protocol's size) is no longer read, and
-//! that is logged; the transfer itself goes on.
+//! making sense (a packet over the protocol's size, which `sftp-server`
+//! refuses too) cannot be audited: the session ends there, before the packet
+//! is passed on, and that is logged. Nothing moves unaudited.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -189,21 +190,27 @@ impl SftpAudit {
             .emit(AuditEvent::channel("sftp", actor, result, fields));
     }
 
-    fn with_state(&self, f: impl FnOnce(&mut State) -> Vec<Event>) {
-        let events = {
+    /// Runs `f` on the state and emits its events; false once the stream
+    /// can no longer be audited.
+    fn with_state(&self, f: impl FnOnce(&mut State) -> Vec<Event>) -> bool {
+        let (events, audited) = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if state.lost {
-                return;
+                return false;
             }
-            f(&mut state)
+            let events = f(&mut state);
+            (events, !state.lost)
         };
         for (action, error, fields) in events {
             self.emit(action, error, fields);
         }
+        audited
     }
 
-    /// Bytes the client sent to `sftp-server`.
-    pub fn client_sent(&self, bytes: &[u8]) {
+    /// Bytes the client sent to `sftp-server`. False: they cannot be
+    /// audited, and must not be passed on (the session is to end).
+    #[must_use]
+    pub fn client_sent(&self, bytes: &[u8]) -> bool {
         self.with_state(|s| match s.from_client.feed(bytes) {
             Ok(packets) => {
                 for p in packets {
@@ -212,20 +219,22 @@ impl SftpAudit {
                 Vec::new()
             }
             Err(len) => lose(s, "client", len),
-        });
+        })
     }
 
-    /// Bytes `sftp-server` sent to the client.
-    pub fn server_sent(&self, bytes: &[u8]) {
+    /// Bytes `sftp-server` sent to the client. False: as for
+    /// [`SftpAudit::client_sent`].
+    #[must_use]
+    pub fn server_sent(&self, bytes: &[u8]) -> bool {
         self.with_state(|s| match s.from_server.feed(bytes) {
             Ok(packets) => packets.iter().filter_map(|p| reply(s, p)).collect(),
             Err(len) => lose(s, "server", len),
-        });
+        })
     }
 
     /// The session ended: files still open are reported closed.
     pub fn finish(&self) {
-        self.with_state(|s| {
+        let _ = self.with_state(|s| {
             s.open
                 .drain()
                 .map(|(_, f)| ("close", None, closed_fields(&f)))
@@ -241,7 +250,7 @@ fn lose(s: &mut State, side: &str, len: usize) -> Vec<Event> {
     tracing::warn!(
         side,
         len,
-        "an SFTP packet over the protocol's size: its file operations are no longer audited"
+        "an SFTP packet over the protocol's size: the session ends, as its file operations cannot be audited"
     );
     Vec::new()
 }

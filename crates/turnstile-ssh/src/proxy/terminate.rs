@@ -258,10 +258,7 @@ impl Handler for Terminating {
                     let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
                 }
                 Err(e) => {
-                    let text = upstream
-                        .take_open_failure()
-                        .await
-                        .unwrap_or_else(|| e.to_string());
+                    let text = upstream.open_refusal(e).await;
                     reply.reject(prohibited(text)).await;
                 }
             }
@@ -382,10 +379,7 @@ impl Handler for Terminating {
         let node_channel = match upstream.handle.channel_open_session().await {
             Ok(ch) => ch,
             Err(e) => {
-                let text = upstream
-                    .take_open_failure()
-                    .await
-                    .unwrap_or_else(|| e.to_string());
+                let text = upstream.open_refusal(e).await;
                 reply.reject(prohibited(text)).await;
                 return Ok(());
             }

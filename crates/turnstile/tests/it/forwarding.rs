@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::support::{
-    ClusterSpec, TEST_LOGIN, TestCluster, audit_events, openssh, poll_until, run, text,
+    ClusterSpec, TEST_LOGIN, TestCluster, audit_events, echo_server, free_port, openssh,
+    poll_until, run, text,
 };
 
 const BOUND: Duration = Duration::from_secs(15);
@@ -24,33 +25,6 @@ fn ssh_args<'a>(config: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     ];
     args.extend_from_slice(rest);
     args
-}
-
-/// An echo server on loopback; its port.
-async fn echo_server() -> u16 {
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Sends a line through `stream` and reads it back.

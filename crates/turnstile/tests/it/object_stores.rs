@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::cluster::{admin, token};
 use crate::recording::{play, wait_complete};
-use crate::support::{BIN, Proc, poll_until, run, spawn_turnstile, stderr_of, text};
+use crate::support::{BIN, Proc, free_port, poll_until, run, spawn_turnstile, stderr_of, text};
 
 const BUCKET: &str = "turnstile";
 const ACCESS_KEY: &str = "AKIATURNSTILETEST";
@@ -37,14 +37,6 @@ fn tool(relative: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// An S3 server of the tests, stopped on drop.

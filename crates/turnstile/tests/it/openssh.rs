@@ -271,27 +271,8 @@ async fn a_forward_whose_target_hangs_times_out_without_holding_up_the_connectio
         }
     }
     // An echo server that answers.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let echo_port = crate::support::echo_server().await;
+    let free_port = crate::support::free_port;
     let (hang_local, echo_local) = (free_port(), free_port());
     let hang_spec = format!("127.0.0.1:{hang_local}:127.0.0.1:{full_port}");
     let echo_spec = format!("127.0.0.1:{echo_local}:127.0.0.1:{echo_port}");

@@ -432,8 +432,7 @@ mod door {
             .handle
             .channel_open_direct_tcpip("web1", 22, "127.0.0.1", 0)
             .await;
-        assert!(tunnel.is_err());
-        let text = conn.take_open_failure().await.unwrap();
+        let text = conn.open_refusal(tunnel.unwrap_err()).await;
         assert!(text.contains("tunnels need a certificate"), "{text}");
         assert!(matches!(
             call(&conn, &login_as(None)).await,
