@@ -6,6 +6,8 @@ need_apt=()
 command -v ssh >/dev/null || need_apt+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v asciinema >/dev/null || need_apt+=(asciinema)
+# etcd for the etcd backend's tests (the package starts no server here).
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,9 +1,11 @@
 //! Turnstile's shared vocabulary: what the services say to each other and what
-//! operators write, with no I/O. Every other crate of the workspace depends on
-//! this one; this one depends on no crate of ours.
+//! operators write, with no I/O but the transport of calls to auth
+//! ([`auth_channel`]). Every other crate of the workspace depends on this one;
+//! this one depends on no crate of ours.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth_channel;
 pub mod clock;
 pub mod door;
 pub mod duration;

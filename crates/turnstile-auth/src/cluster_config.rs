@@ -1,6 +1,7 @@
 //! Cluster-wide settings that nodes and proxies follow, at `cluster/config`.
-//! Written from the auth service's config at start; later changed live by
-//! `turnstile admin config set`.
+//! At each auth server's start, the settings its file sets are written (those
+//! it omits are left as stored); `turnstile admin config set` changes one live,
+//! until a file that sets it starts an auth server again.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use turnstile_api::lock::LockingMode;
 use turnstile_api::recording::RecordingMode;
 use turnstile_api::rpc::proto;
 
+use crate::backend::typed::{self, Change, Stored};
 use crate::backend::{Backend, BackendError};
 
 const KEY: &str = "cluster/config";
@@ -115,9 +117,94 @@ pub async fn put(backend: &dyn Backend, config: &ClusterConfig) -> Result<(), Ap
     Ok(())
 }
 
+/// The settings an auth server's config file sets; `None` where it is
+/// silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileSettings {
+    pub session_control_timeout: Option<Duration>,
+    pub session_recording: Option<RecordingMode>,
+    pub locking_mode: Option<LockingMode>,
+    pub client_idle_timeout: Option<Duration>,
+    pub disconnect_expired_cert: Option<bool>,
+}
+
+impl FileSettings {
+    fn apply_to(&self, c: &mut ClusterConfig) {
+        if let Some(d) = self.session_control_timeout {
+            c.session_control_timeout_ms = millis(d);
+        }
+        if let Some(m) = self.session_recording {
+            c.session_recording = m;
+        }
+        if let Some(m) = self.locking_mode {
+            c.locking_mode = m;
+        }
+        if let Some(d) = self.client_idle_timeout {
+            c.client_idle_timeout_ms = millis(d);
+        }
+        if let Some(b) = self.disconnect_expired_cert {
+            c.disconnect_expired_cert = b;
+        }
+    }
+}
+
+/// At an auth server's start: writes the settings its file sets, only where
+/// they differ from the stored ones, by compare-and-swap. Settings the file
+/// omits keep what is stored (a value `admin config set` gave, or another
+/// auth server's). Returns whether anything was written.
+pub async fn apply_file(backend: &dyn Backend, file: &FileSettings) -> Result<bool, ApiError> {
+    typed::update(backend, KEY, |current: Option<&Stored<ClusterConfig>>| {
+        let stored = current.map(|c| c.value.clone()).unwrap_or_default();
+        let mut next = stored.clone();
+        file.apply_to(&mut next);
+        Ok(if next == stored {
+            (Change::Keep, false)
+        } else {
+            (Change::Put(next, None), true)
+        })
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_start_writes_only_what_its_file_sets_and_only_when_it_differs() {
+        let backend = crate::backend::MemoryBackend::new();
+        let quiet = FileSettings::default();
+        assert!(
+            !apply_file(&backend, &quiet).await.unwrap(),
+            "defaults need no write"
+        );
+        let mut c = get(&backend).await.unwrap();
+        c.set("locking_mode", "strict").unwrap();
+        put(&backend, &c).await.unwrap();
+        // A file that sets the idle timeout only keeps the live lock mode.
+        let file = FileSettings {
+            client_idle_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        assert!(apply_file(&backend, &file).await.unwrap());
+        let c = get(&backend).await.unwrap();
+        assert_eq!(c.locking_mode, LockingMode::Strict);
+        assert_eq!(c.client_idle_timeout_ms, 60_000);
+        assert!(
+            !apply_file(&backend, &file).await.unwrap(),
+            "a second start with the same file writes nothing"
+        );
+        // A file that sets the lock mode sets it again.
+        let file = FileSettings {
+            locking_mode: Some(LockingMode::BestEffort),
+            ..Default::default()
+        };
+        assert!(apply_file(&backend, &file).await.unwrap());
+        assert_eq!(
+            get(&backend).await.unwrap().locking_mode,
+            LockingMode::BestEffort
+        );
+    }
 
     #[test]
     fn settings_change_by_name_and_bad_values_name_the_setting() {

@@ -17,7 +17,8 @@ use turnstile_api::rpc::proto::RecordingInfo;
 use turnstile_recording::part::{HEADER_LEN, part_from_payload};
 use turnstile_recording::storage::{Part, StagedChunk, Upload, UploadStore, check_id};
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::typed::{self, Change, Stored};
+use crate::backend::Backend;
 
 pub const STATUS_RECORDING: &str = "recording";
 pub const STATUS_COMPLETE: &str = "complete";
@@ -335,13 +336,9 @@ impl Recordings {
     }
 
     pub async fn get(&self, sid: &str) -> Result<Option<RecordingRecord>, ApiError> {
-        match self.backend.get(&key(sid)).await {
-            Ok(item) => serde_json::from_slice(&item.value).map(Some).map_err(|e| {
-                ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))
-            }),
-            Err(BackendError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(typed::get(self.backend.as_ref(), &key(sid))
+            .await?
+            .map(|stored| stored.value))
     }
 
     /// Read-modify-write of the index entry, exact under races.
@@ -350,43 +347,15 @@ impl Recordings {
         sid: &str,
         mut change: impl FnMut(Option<RecordingRecord>) -> Result<(RecordingRecord, T), ApiError>,
     ) -> Result<T, ApiError> {
-        for _ in 0..64 {
-            let (current, revision) = match self.backend.get(&key(sid)).await {
-                Ok(item) => (
-                    Some(
-                        serde_json::from_slice::<RecordingRecord>(&item.value).map_err(|e| {
-                            ApiError::internal(format!("recording index of {sid} is corrupt: {e}"))
-                        })?,
-                    ),
-                    Some(item.revision),
-                ),
-                Err(BackendError::NotFound(_)) => (None, None),
-                Err(e) => return Err(e.into()),
-            };
-            let (next, out) = change(current)?;
-            let bytes = serde_json::to_vec(&next).unwrap_or_default();
-            let result = match revision {
-                Some(r) => {
-                    self.backend
-                        .compare_and_swap(&key(sid), r, bytes, None)
-                        .await
-                }
-                None => self.backend.create(&key(sid), bytes, None).await,
-            };
-            match result {
-                Ok(_) => return Ok(out),
-                Err(
-                    BackendError::CompareFailed(_)
-                    | BackendError::AlreadyExists(_)
-                    | BackendError::NotFound(_),
-                ) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(ApiError::new(
-            turnstile_api::error::ErrorKind::Unavailable,
-            format!("too much contention on the recording of {sid}"),
-        ))
+        typed::update(
+            self.backend.as_ref(),
+            &key(sid),
+            |current: Option<&Stored<RecordingRecord>>| {
+                let (next, out) = change(current.map(|c| c.value.clone()))?;
+                Ok((Change::Put(next, None), out))
+            },
+        )
+        .await
     }
 
     /// Creates or resumes the upload of a session for the recorder

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use turnstile_api::audit::AuditEvent;
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::metrics::METRICS;
 use turnstile_api::recording::{ByteSize, RecordingMode, RecordingPolicy};
 use turnstile_api::rpc::AuthClient;
@@ -242,7 +242,7 @@ impl Recorder {
         &self.shipper
     }
 
-    pub fn client(&self) -> AuthClient<Channel> {
+    pub fn client(&self) -> AuthClient<AuthChannel> {
         self.shipper.client()
     }
 
@@ -912,9 +912,9 @@ mod tests {
         }
     }
 
-    fn unreachable_client() -> AuthClient<Channel> {
+    fn unreachable_client() -> AuthClient<AuthChannel> {
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        AuthClient::new(channel)
+        AuthClient::new(AuthChannel::single("127.0.0.1:1", channel))
     }
 
     fn start(mode: RecordingMode, policy: RecordingPolicy) -> SessionStart {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::rpc::AuthClient;
 use turnstile_api::rpc::proto::{
     RecordComplete, RecordFrames, RecordOpen, RecordRequest, RecordStatus, record_request,
@@ -113,7 +113,7 @@ impl From<tonic::Status> for ShipError {
 #[derive(Debug)]
 pub struct Shipper {
     spool: Spool,
-    client: AuthClient<Channel>,
+    client: AuthClient<AuthChannel>,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     running: Mutex<HashSet<String>>,
@@ -150,7 +150,7 @@ impl Shipper {
     /// run of this process).
     pub fn start(
         spool: Spool,
-        client: AuthClient<Channel>,
+        client: AuthClient<AuthChannel>,
         concurrency: usize,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -179,7 +179,7 @@ impl Shipper {
         &self.spool
     }
 
-    pub fn client(&self) -> AuthClient<Channel> {
+    pub fn client(&self) -> AuthClient<AuthChannel> {
         self.client.clone()
     }
 

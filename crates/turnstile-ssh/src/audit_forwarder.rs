@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use turnstile_api::audit::AuditEvent;
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::metrics::METRICS;
 use turnstile_api::rpc::{AuthClient, proto};
 
@@ -47,7 +47,7 @@ impl AuditForwarder {
     /// Opens the queue in `dir` and forwards until `drain` fires; then
     /// writes and sends what is queued, and ends the returned task.
     pub fn spawn(
-        client: AuthClient<Channel>,
+        client: AuthClient<AuthChannel>,
         dir: &Path,
         max_bytes: u64,
         drain: CancellationToken,
@@ -210,7 +210,7 @@ async fn write(
 
 /// Sends queued events in batches until auth has them.
 async fn send(
-    client: AuthClient<Channel>,
+    client: AuthClient<AuthChannel>,
     queue: Arc<Mutex<AuditQueue>>,
     bytes: Arc<AtomicU64>,
     written: Arc<Notify>,
@@ -332,9 +332,10 @@ mod tests {
     #[tokio::test]
     async fn with_nothing_queued_a_drain_ends_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let unreachable = AuthClient::new(
+        let unreachable = AuthClient::new(AuthChannel::single(
+            "127.0.0.1:1",
             tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-        );
+        ));
         let drain = CancellationToken::new();
         let (f, task) =
             AuditForwarder::spawn(unreachable, dir.path(), 1 << 20, drain.clone()).unwrap();
@@ -352,9 +353,10 @@ mod tests {
     async fn a_queue_that_cannot_be_written_refuses_new_sessions_until_it_can() {
         let dir = tempfile::tempdir().unwrap();
         let queue = dir.path().join("queue");
-        let unreachable = AuthClient::new(
+        let unreachable = AuthClient::new(AuthChannel::single(
+            "127.0.0.1:1",
             tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-        );
+        ));
         let (f, _task) =
             AuditForwarder::spawn(unreachable, &queue, 1 << 20, CancellationToken::new()).unwrap();
         std::fs::remove_dir_all(&queue).unwrap();
@@ -387,9 +389,10 @@ mod tests {
     #[tokio::test]
     async fn at_its_bound_the_queue_refuses_new_sessions_and_keeps_every_event() {
         let dir = tempfile::tempdir().unwrap();
-        let unreachable = AuthClient::new(
+        let unreachable = AuthClient::new(AuthChannel::single(
+            "127.0.0.1:1",
             tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-        );
+        ));
         let drain = CancellationToken::new();
         let (f, _task) =
             AuditForwarder::spawn(unreachable, dir.path(), 1 << 20, drain.clone()).unwrap();

@@ -11,7 +11,8 @@ use russh::keys::ssh_key::Fingerprint;
 use russh::keys::{HashAlg, PublicKey};
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::error::{ApiError, ErrorKind};
 use turnstile_api::identity::UserIdentity;
 use turnstile_api::labels::Labels;
@@ -24,19 +25,37 @@ use crate::identity::TlsIdentity;
 
 /// A gRPC client of the auth service at `addr`, authenticated by `tls`. It
 /// connects on first use and reconnects by itself after an outage.
-pub fn auth_client(addr: &str, tls: &TlsIdentity) -> Result<AuthClient<Channel>, ApiError> {
-    let config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-        .domain_name(AUTH_SERVER_NAME);
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| ApiError::bad_parameter(format!("auth server address {addr:?}: {e}")))?
-        .tls_config(config)
-        .map_err(|e| ApiError::bad_parameter(format!("TLS identity: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(15))
-        .tcp_nodelay(true);
-    Ok(AuthClient::new(endpoint.connect_lazy()))
+pub fn auth_client(addr: &str, tls: &TlsIdentity) -> Result<AuthClient<AuthChannel>, ApiError> {
+    auth_servers_client(&[addr.to_string()], tls)
+}
+
+/// A gRPC client of every auth server in `addrs` (the `auth_servers` of the
+/// config), spreading calls over those that answer ([`AuthChannel`]).
+pub fn auth_servers_client(
+    addrs: &[String],
+    tls: &TlsIdentity,
+) -> Result<AuthClient<AuthChannel>, ApiError> {
+    if addrs.is_empty() {
+        return Err(ApiError::bad_parameter(
+            "no auth server is configured; set turnstile.auth_servers",
+        ));
+    }
+    let mut servers = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+            .domain_name(AUTH_SERVER_NAME);
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| ApiError::bad_parameter(format!("auth server address {addr:?}: {e}")))?
+            .tls_config(config)
+            .map_err(|e| ApiError::bad_parameter(format!("TLS identity: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .tcp_nodelay(true);
+        servers.push((addr.clone(), endpoint.connect_lazy()));
+    }
+    Ok(AuthClient::new(AuthChannel::new(servers)))
 }
 
 /// A registered node as the proxy routes to it.
@@ -78,7 +97,7 @@ pub struct SessionEndings {
 
 #[derive(Debug)]
 pub struct ClusterView {
-    client: AuthClient<Channel>,
+    client: AuthClient<AuthChannel>,
     snapshot: RwLock<Snapshot>,
     refresh_lock: tokio::sync::Mutex<()>,
 }
@@ -93,7 +112,7 @@ fn parse_keys(keys: &[String]) -> Result<Vec<PublicKey>, ApiError> {
 }
 
 impl ClusterView {
-    pub fn new(client: AuthClient<Channel>) -> Arc<Self> {
+    pub fn new(client: AuthClient<AuthChannel>) -> Arc<Self> {
         Arc::new(Self {
             client,
             snapshot: RwLock::new(Snapshot::default()),
@@ -101,7 +120,7 @@ impl ClusterView {
         })
     }
 
-    pub fn client(&self) -> AuthClient<Channel> {
+    pub fn client(&self) -> AuthClient<AuthChannel> {
         self.client.clone()
     }
 
@@ -438,7 +457,7 @@ mod tests {
 
     fn view_with(mode: &str, fetched_at: Option<Instant>) -> Arc<ClusterView> {
         let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let view = ClusterView::new(AuthClient::new(channel));
+        let view = ClusterView::new(AuthClient::new(AuthChannel::single("127.0.0.1:1", channel)));
         let snapshot = Snapshot {
             config: proto::ClusterConfig {
                 locking_mode: mode.into(),

@@ -18,11 +18,11 @@ use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::proto;
 use turnstile_auth::audit_log::FileAuditLog;
-use turnstile_auth::backend::{Backend, MemoryBackend, SqliteBackend};
-use turnstile_auth::cluster_config::{self, ClusterConfig};
+use turnstile_auth::backend::{Backend, EtcdBackend, MemoryBackend, SqliteBackend};
+use turnstile_auth::cluster_config;
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
 use turnstile_ssh::audit_forwarder::AuditForwarder;
-use turnstile_ssh::cluster_view::{ClusterView, auth_client};
+use turnstile_ssh::cluster_view::{ClusterView, auth_servers_client};
 use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
 use turnstile_ssh::join::join;
 use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_addr};
@@ -354,10 +354,10 @@ async fn launch_services(
     // Identities: issued directly by a local auth service, or obtained by
     // joining a remote one with a token (once; kept in the data dir).
     let mut identities: HashMap<SystemRole, TlsIdentity> = HashMap::new();
-    let auth_target = match (&config.auth, auth_listener) {
+    let auth_targets: Vec<String> = match (&config.auth, auth_listener) {
         (Some(auth_settings), Some(auth_listener)) => {
             let host_id = load_or_create_host_id(&data_dir)?;
-            let backend: Arc<dyn Backend> = match auth_settings.storage {
+            let backend: Arc<dyn Backend> = match &auth_settings.storage {
                 StorageKind::Sqlite => Arc::new(
                     SqliteBackend::open(&auth_settings.storage_path).with_context(|| {
                         format!(
@@ -367,6 +367,17 @@ async fn launch_services(
                     })?,
                 ),
                 StorageKind::Memory => Arc::new(MemoryBackend::new()),
+                StorageKind::Etcd(settings) => {
+                    let etcd = EtcdBackend::connect(settings)
+                        .map_err(|e| anyhow::anyhow!("turnstile.storage: {e}"))?;
+                    etcd.check().await.map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot reach the etcd backend: {e}; check turnstile.storage.peers \
+                             and that etcd runs"
+                        )
+                    })?;
+                    Arc::new(etcd)
+                }
             };
             let audit = Arc::new(FileAuditLog::new(
                 &data_dir.join("log"),
@@ -381,21 +392,9 @@ async fn launch_services(
                 )
                 .await?,
             );
-            cluster_config::put(
+            cluster_config::apply_file(
                 authority.backend().as_ref(),
-                &ClusterConfig {
-                    session_control_timeout_ms: u64::try_from(
-                        auth_settings.session_control_timeout.as_millis(),
-                    )
-                    .unwrap_or(u64::MAX),
-                    session_recording: auth_settings.session_recording,
-                    locking_mode: auth_settings.locking_mode,
-                    client_idle_timeout_ms: u64::try_from(
-                        auth_settings.client_idle_timeout.as_millis(),
-                    )
-                    .unwrap_or(u64::MAX),
-                    disconnect_expired_cert: auth_settings.disconnect_expired_cert,
-                },
+                &auth_settings.cluster_settings,
             )
             .await?;
             let auth_addr = auth_listener.local_addr()?;
@@ -425,16 +424,18 @@ async fn launch_services(
                 "auth",
                 tokio::spawn(async move { Ok(service.run(auth_listener, token).await?) }),
             ));
-            auth_addr.to_string()
+            vec![auth_addr.to_string()]
         }
         _ => {
-            let auth_target = config
+            // Joining is once, through the first auth server; afterwards
+            // calls spread over all of them.
+            let first = config
                 .auth_servers
                 .first()
                 .cloned()
                 .context("turnstile.auth_servers is empty")?;
-            identities = joined_identities(&config, &auth_target, &roles).await?;
-            auth_target
+            identities = joined_identities(&config, &first, &roles).await?;
+            config.auth_servers.clone()
         }
     };
     let host_id = load_or_create_host_id(&data_dir)?;
@@ -444,7 +445,7 @@ async fn launch_services(
         let bound = listener.local_addr()?;
         let public = advertised_addr(proxy.public_addr.as_deref(), bound);
         let tls = &identities[&SystemRole::Proxy];
-        let view = ClusterView::new(auth_client(&auth_target, tls)?);
+        let view = ClusterView::new(auth_servers_client(&auth_targets, tls)?);
         let mut principals = vec![
             host_part(&public),
             bound.ip().to_string(),
@@ -466,7 +467,7 @@ async fn launch_services(
             // The proxy records in proxy modes; its spool is its own.
             recorder(
                 &data_dir.join("proxy-spool"),
-                &auth_target,
+                &auth_targets,
                 tls,
                 &config.recording,
                 &drain,
@@ -493,7 +494,7 @@ async fn launch_services(
         let bound = listener.local_addr()?;
         let advertised = advertised_addr(node.public_addr.as_deref(), bound);
         let tls = &identities[&SystemRole::Node];
-        let view = ClusterView::new(auth_client(&auth_target, tls)?);
+        let view = ClusterView::new(auth_servers_client(&auth_targets, tls)?);
         // OpenSSH lower-cases the host name it checks the certificate against.
         let mut principals = vec![
             node.node_name.clone(),
@@ -527,7 +528,7 @@ async fn launch_services(
             )?,
             recorder(
                 &data_dir.join("spool"),
-                &auth_target,
+                &auth_targets,
                 tls,
                 &config.recording,
                 &drain,
@@ -573,7 +574,7 @@ fn forwarder(
 /// heartbeats) on the service's connection.
 fn recorder(
     spool: &Path,
-    auth_target: &str,
+    auth_targets: &[String],
     tls: &TlsIdentity,
     config: &turnstile_recording::recorder::RecorderConfig,
     shutdown: &CancellationToken,
@@ -583,7 +584,7 @@ fn recorder(
     Ok(Recorder::new(
         Shipper::start(
             spool,
-            auth_client(auth_target, tls)?,
+            auth_servers_client(auth_targets, tls)?,
             shipper::DEFAULT_CONCURRENCY,
             shutdown.clone(),
         ),

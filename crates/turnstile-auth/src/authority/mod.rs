@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::{Certificate, PublicKey};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
@@ -91,14 +90,7 @@ pub struct Authority {
     semaphores: Semaphores,
 }
 
-fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(value)
-        .map_err(|e| ApiError::internal(format!("stored record {key:?} is corrupt: {e}")))
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
-}
+use crate::backend::typed::{decode, encode};
 
 pub(crate) fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)

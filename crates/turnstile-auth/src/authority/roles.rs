@@ -1,6 +1,7 @@
 //! Roles (`roles/<name>`): stored, listed, removed only when no user has them.
 
 use super::*;
+use crate::backend::typed::{self, Change, Stored};
 
 impl Authority {
     pub async fn upsert_role(&self, role: Role, create_only: bool) -> Result<bool, ApiError> {
@@ -12,20 +13,20 @@ impl Authority {
             )));
         }
         let key = format!("roles/{}", role.name());
-        if create_only {
-            match self.backend.create(&key, encode(&role), None).await {
-                Ok(_) => Ok(true),
-                Err(BackendError::AlreadyExists(_)) => Err(ApiError::already_exists(format!(
-                    "role {:?} already exists; remove it first or pick another name",
-                    role.name()
-                ))),
-                Err(e) => Err(e.into()),
-            }
-        } else {
-            let existed = self.backend.get(&key).await.is_ok();
-            self.backend.put(&key, encode(&role), None).await?;
-            Ok(!existed)
-        }
+        typed::update(
+            self.backend.as_ref(),
+            &key,
+            |current: Option<&Stored<Role>>| {
+                if create_only && current.is_some() {
+                    return Err(ApiError::already_exists(format!(
+                        "role {:?} already exists; remove it first or pick another name",
+                        role.name()
+                    )));
+                }
+                Ok((Change::Put(role.clone(), None), current.is_none()))
+            },
+        )
+        .await
     }
 
     pub async fn get_role(&self, name: &str) -> Result<Role, ApiError> {

@@ -1,32 +1,26 @@
 //! Users: their records (`users/<name>`), passwords and password login.
 
 use super::*;
+use crate::backend::typed::{self, Change, Stored};
 
 impl Authority {
     pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ApiError> {
         passwords::check_policy(password)?;
         let hash = passwords::hash(password).await?;
         let key = format!("users/{user}");
-        loop {
-            let item = match self.backend.get(&key).await {
-                Ok(item) => item,
-                Err(BackendError::NotFound(_)) => {
+        typed::update(
+            self.backend.as_ref(),
+            &key,
+            |current: Option<&Stored<UserRecord>>| {
+                let Some(current) = current else {
                     return Err(ApiError::not_found(format!("user {user:?} not found")));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let mut record: UserRecord = decode(&key, &item.value)?;
-            record.password_hash = Some(hash.clone());
-            match self
-                .backend
-                .compare_and_swap(&key, item.revision, encode(&record), None)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(BackendError::CompareFailed(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+                };
+                let mut record = current.value.clone();
+                record.password_hash = Some(hash.clone());
+                Ok((Change::Put(record, None), ()))
+            },
+        )
+        .await
     }
 
     /// Checks a password login and, given a public key, issues a certificate
@@ -78,35 +72,63 @@ impl Authority {
         logins: Vec<String>,
         create_only: bool,
     ) -> Result<bool, ApiError> {
-        let existing = match self.get_user(name).await {
-            Ok(u) => Some(u),
-            Err(e) if e.kind == ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        let record = UserRecord {
+        self.validate_user(name, &roles, &logins).await?;
+        let now = self.now_unix();
+        // The password and creation time are taken from the record as it is
+        // when written, so a password set meanwhile is never lost.
+        self.write_user(name, create_only, |current| UserRecord {
             name: name.to_string(),
-            roles,
-            logins,
-            password_hash: existing.as_ref().and_then(|e| e.password_hash.clone()),
-            created_unix: existing
-                .as_ref()
-                .map_or_else(|| self.now_unix(), |e| e.created_unix),
-        };
-        self.upsert_user(record, create_only).await
+            roles: roles.clone(),
+            logins: logins.clone(),
+            password_hash: current.and_then(|c| c.password_hash.clone()),
+            created_unix: current.map_or(now, |c| c.created_unix),
+        })
+        .await
     }
 
-    pub async fn upsert_user(&self, user: UserRecord, create_only: bool) -> Result<bool, ApiError> {
-        validate_name("user name", &user.name).map_err(ApiError::bad_parameter)?;
-        if user.roles.is_empty() {
+    /// Writes the record `build` makes of the stored one (`None`: absent);
+    /// `create_only` refuses an existing user. Returns whether it is new.
+    async fn write_user(
+        &self,
+        name: &str,
+        create_only: bool,
+        build: impl Fn(Option<&UserRecord>) -> UserRecord,
+    ) -> Result<bool, ApiError> {
+        let key = format!("users/{name}");
+        typed::update(
+            self.backend.as_ref(),
+            &key,
+            |current: Option<&Stored<UserRecord>>| {
+                if create_only && current.is_some() {
+                    return Err(ApiError::already_exists(format!(
+                        "user {name:?} already exists"
+                    )));
+                }
+                let record = build(current.map(|c| &c.value));
+                Ok((Change::Put(record, None), current.is_none()))
+            },
+        )
+        .await
+    }
+
+    /// Refuses a user record that names no role, a role that does not
+    /// exist, or a malformed name or login.
+    async fn validate_user(
+        &self,
+        name: &str,
+        roles: &[String],
+        logins: &[String],
+    ) -> Result<(), ApiError> {
+        validate_name("user name", name).map_err(ApiError::bad_parameter)?;
+        if roles.is_empty() {
             return Err(ApiError::bad_parameter(format!(
-                "user {:?} has no roles; give at least one with --roles (for example --roles access)",
-                user.name
+                "user {name:?} has no roles; give at least one with --roles (for example --roles access)"
             )));
         }
-        for login in &user.logins {
+        for login in logins {
             validate_name("login", login).map_err(ApiError::bad_parameter)?;
         }
-        for role in &user.roles {
+        for role in roles {
             match self.get_role(role).await {
                 Ok(_) => {}
                 Err(e) if e.kind == ErrorKind::NotFound => {
@@ -117,21 +139,15 @@ impl Authority {
                 Err(e) => return Err(e),
             }
         }
-        let key = format!("users/{}", user.name);
-        if create_only {
-            match self.backend.create(&key, encode(&user), None).await {
-                Ok(_) => Ok(true),
-                Err(BackendError::AlreadyExists(_)) => Err(ApiError::already_exists(format!(
-                    "user {:?} already exists",
-                    user.name
-                ))),
-                Err(e) => Err(e.into()),
-            }
-        } else {
-            let existed = self.backend.get(&key).await.is_ok();
-            self.backend.put(&key, encode(&user), None).await?;
-            Ok(!existed)
-        }
+        Ok(())
+    }
+
+    /// Writes a whole user record (its password hash included).
+    pub async fn upsert_user(&self, user: UserRecord, create_only: bool) -> Result<bool, ApiError> {
+        self.validate_user(&user.name, &user.roles, &user.logins)
+            .await?;
+        self.write_user(&user.name, create_only, |_| user.clone())
+            .await
     }
 
     pub async fn get_user(&self, name: &str) -> Result<UserRecord, ApiError> {

@@ -13,9 +13,12 @@ use async_trait::async_trait;
 use turnstile_api::error::{ApiError, ErrorKind};
 
 pub mod conformance;
+pub mod etcd;
 mod memory;
 mod sqlite;
+pub mod typed;
 
+pub use etcd::{EtcdBackend, EtcdCredentials, EtcdSettings, EtcdTls};
 pub use memory::MemoryBackend;
 pub use sqlite::SqliteBackend;
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::rpc::{AuthClient, proto};
 use turnstile_api::semaphore::CONNECTION;
 
@@ -56,7 +56,7 @@ pub trait LeaseService: Send + Sync + 'static {
 }
 
 #[async_trait]
-impl LeaseService for AuthClient<Channel> {
+impl LeaseService for AuthClient<AuthChannel> {
     async fn acquire(&self, p: &LeaseParams, ttl: Duration) -> Result<String, AcquireError> {
         let resp = self
             .clone()

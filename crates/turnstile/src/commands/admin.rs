@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use tonic::transport::Channel;
+use turnstile_api::auth_channel::AuthChannel;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::labels::{DisplayLabels, Labels};
 use turnstile_api::role::Role;
@@ -24,7 +24,7 @@ use crate::identity_file::{self, NewIdentity};
 use crate::process::{AUTH_ADDR_FILE, PROXY_ADDR_FILE};
 
 struct Admin {
-    client: AuthClient<Channel>,
+    client: AuthClient<AuthChannel>,
     data_dir: PathBuf,
     auth_addr: String,
 }

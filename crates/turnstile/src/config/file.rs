@@ -58,6 +58,11 @@ pub struct StorageSection {
     pub path: Option<PathBuf>,
     pub peers: Option<Vec<String>>,
     pub prefix: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
     pub audit_sessions_uri: Option<String>,
 }
 

@@ -13,6 +13,8 @@ use turnstile_api::labels::{Labels, validate_label};
 use turnstile_api::lock::LockingMode;
 use turnstile_api::recording::{ByteSize, RecordingMode};
 use turnstile_api::role::validate_name;
+use turnstile_auth::backend::{EtcdCredentials, EtcdSettings, EtcdTls};
+use turnstile_auth::cluster_config::FileSettings;
 use turnstile_recording::recorder::RecorderConfig;
 use turnstile_recording::storage::StoreUri;
 
@@ -23,7 +25,6 @@ pub const DEFAULT_AUTH_ADDR: &str = "127.0.0.1:3025";
 pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:3023";
 pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:3022";
 pub const DEFAULT_CLUSTER_NAME: &str = "main";
-pub const DEFAULT_SESSION_CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_UPLOAD_GRACE: Duration = Duration::from_secs(600);
 pub const DEFAULT_VIEW_REFRESH: Duration = Duration::from_secs(5);
@@ -56,30 +57,34 @@ pub struct ResolvedConfig {
 }
 
 /// Where auth keeps the cluster's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StorageKind {
     /// One SQLite file in the data dir.
     Sqlite,
     /// In memory, lost when the process stops; for tests.
     Memory,
+    /// etcd, shared by every auth server of the cluster.
+    Etcd(EtcdSettings),
 }
+
+/// The default `turnstile.storage.prefix` of the etcd backend.
+pub const DEFAULT_ETCD_PREFIX: &str = "/turnstile";
+/// How long a call to etcd may go unanswered before it fails.
+pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
     pub storage: StorageKind,
     pub listen_addr: SocketAddr,
     pub cluster_name: String,
-    pub session_recording: RecordingMode,
-    pub session_control_timeout: Duration,
     pub storage_path: PathBuf,
     /// Where recordings go (`storage.audit_sessions_uri`).
     pub recordings: StoreUri,
     /// An upload whose recorder has been silent this long is completed.
     pub upload_grace: Duration,
-    pub locking_mode: LockingMode,
-    /// The cluster-wide `client_idle_timeout`; zero: none.
-    pub client_idle_timeout: Duration,
-    pub disconnect_expired_cert: bool,
+    /// The cluster settings the file sets, written at start where they
+    /// differ from the stored ones; what the file omits is left as stored.
+    pub cluster_settings: FileSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +157,121 @@ fn enabled(section_present: bool, flag: Option<bool>, from_file: bool) -> bool {
     }
 }
 
+/// The etcd backend's settings, with the files they name read now so that a
+/// missing or unreadable one is reported with its field.
+fn etcd_settings(storage: &super::file::StorageSection) -> Result<EtcdSettings, String> {
+    let peers = storage.peers.clone().unwrap_or_default();
+    if peers.is_empty() {
+        return Err(field_error(
+            "turnstile.storage.peers",
+            "the etcd backend needs its client URLs, like [\"https://etcd1:2379\"]",
+        ));
+    }
+    let tls = storage.tls_ca_file.is_some()
+        || storage.tls_cert_file.is_some()
+        || storage.tls_key_file.is_some();
+    for peer in &peers {
+        let scheme_ok = if tls {
+            peer.starts_with("https://")
+        } else {
+            peer.starts_with("http://") || peer.starts_with("https://")
+        };
+        if !scheme_ok {
+            return Err(field_error(
+                "turnstile.storage.peers",
+                format!(
+                    "{peer:?} is not an etcd client URL; write it like https://etcd1:2379{}",
+                    if tls {
+                        " (TLS is configured, so https)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            field_error(
+                &format!("turnstile.storage.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let tls = if tls {
+        let Some(ca) = &storage.tls_ca_file else {
+            return Err(field_error(
+                "turnstile.storage.tls_ca_file",
+                "TLS to etcd needs the CA that signed etcd's certificate",
+            ));
+        };
+        let client = match (&storage.tls_cert_file, &storage.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Some((read("tls_cert_file", cert)?, read("tls_key_file", key)?))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(field_error(
+                    "turnstile.storage.tls_key_file",
+                    "a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(field_error(
+                    "turnstile.storage.tls_cert_file",
+                    "a client key needs its certificate",
+                ));
+            }
+        };
+        Some(EtcdTls {
+            ca_pem: read("tls_ca_file", ca)?,
+            client,
+        })
+    } else {
+        None
+    };
+    let credentials = match (&storage.username, &storage.password_file) {
+        (Some(username), Some(file)) => {
+            let password = String::from_utf8(read("password_file", file)?)
+                .map_err(|_| field_error("turnstile.storage.password_file", "is not UTF-8 text"))?;
+            Some(EtcdCredentials {
+                username: username.clone(),
+                password: password.trim_end_matches(['\r', '\n']).to_string(),
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(field_error(
+                "turnstile.storage.password_file",
+                "etcd's username needs a file holding its password",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(field_error(
+                "turnstile.storage.username",
+                "a password_file needs the username it is for",
+            ));
+        }
+    };
+    let prefix = storage
+        .prefix
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+    if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
+        return Err(field_error(
+            "turnstile.storage.prefix",
+            format!("{prefix:?} must start with / and name something, like /turnstile"),
+        ));
+    }
+    Ok(EtcdSettings {
+        peers,
+        prefix,
+        tls,
+        credentials,
+        request_timeout: ETCD_REQUEST_TIMEOUT,
+    })
+}
+
 /// Resolves the file (or no file, when `from_file` is false) with the
 /// command line's `--data-dir` taking precedence.
 pub fn resolve(
@@ -167,24 +287,30 @@ pub fn resolve(
     let storage_kind = match storage.kind.as_deref() {
         None | Some("sqlite") => StorageKind::Sqlite,
         Some("memory") => StorageKind::Memory,
-        Some("etcd") => {
-            return Err(field_error(
-                "turnstile.storage.type",
-                "etcd is not supported by this build yet; use sqlite",
-            ));
-        }
+        Some("etcd") => StorageKind::Etcd(etcd_settings(&storage)?),
         Some(other) => {
             return Err(field_error(
                 "turnstile.storage.type",
-                format!("unknown backend {other:?}; use sqlite (or memory, for tests)"),
+                format!("unknown backend {other:?}; use sqlite, etcd (or memory, for tests)"),
             ));
         }
     };
-    if storage.peers.is_some() || storage.prefix.is_some() {
-        return Err(field_error(
-            "turnstile.storage",
-            "peers and prefix are for the etcd backend; remove them for sqlite",
-        ));
+    if !matches!(storage_kind, StorageKind::Etcd(_)) {
+        let etcd_only = [
+            ("peers", storage.peers.is_some()),
+            ("prefix", storage.prefix.is_some()),
+            ("tls_ca_file", storage.tls_ca_file.is_some()),
+            ("tls_cert_file", storage.tls_cert_file.is_some()),
+            ("tls_key_file", storage.tls_key_file.is_some()),
+            ("username", storage.username.is_some()),
+            ("password_file", storage.password_file.is_some()),
+        ];
+        if let Some((name, _)) = etcd_only.iter().find(|(_, set)| *set) {
+            return Err(field_error(
+                &format!("turnstile.storage.{name}"),
+                "is for the etcd backend (type: etcd); remove it, or set type: etcd",
+            ));
+        }
     }
 
     let auth_section = file.auth_service.as_ref();
@@ -194,12 +320,14 @@ pub fn resolve(
         from_file,
     ) {
         let a = file.auth_service.unwrap_or_default();
-        let session_recording: RecordingMode = match a.session_recording.as_deref() {
-            None => RecordingMode::default(),
-            Some(s) => s
-                .parse()
-                .map_err(|e| field_error("auth_service.session_recording", e))?,
-        };
+        let session_recording: Option<RecordingMode> = a
+            .session_recording
+            .as_deref()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| field_error("auth_service.session_recording", e))
+            })
+            .transpose()?;
         let upload_grace = a.upload_grace_period.map_or(DEFAULT_UPLOAD_GRACE, |d| d.0);
         if upload_grace.is_zero() {
             return Err(field_error(
@@ -214,10 +342,18 @@ pub fn resolve(
             Some(uri) => StoreUri::parse(uri)
                 .map_err(|e| field_error("turnstile.storage.audit_sessions_uri", e))?,
         };
-        let timeout = a
-            .session_control_timeout
-            .map_or(DEFAULT_SESSION_CONTROL_TIMEOUT, |d| d.0);
-        if timeout.is_zero() {
+        if matches!(storage_kind, StorageKind::Etcd(_))
+            && matches!(recordings, StoreUri::File { .. })
+        {
+            return Err(field_error(
+                "turnstile.storage.audit_sessions_uri",
+                "with the etcd backend every auth server must reach every recording, and a \
+                 file:// directory is one machine's disk; set an object store \
+                 (s3://BUCKET, gs://BUCKET or azblob://CONTAINER)",
+            ));
+        }
+        let timeout = a.session_control_timeout.map(|d| d.0);
+        if timeout.is_some_and(|t| t.is_zero()) {
             return Err(field_error(
                 "auth_service.session_control_timeout",
                 "must be longer than zero; write it like 30s or 2m (default 2m)",
@@ -236,22 +372,26 @@ pub fn resolve(
                 DEFAULT_AUTH_ADDR,
             )?,
             cluster_name,
-            session_recording,
-            session_control_timeout: timeout,
             storage_path: storage
                 .path
                 .clone()
                 .unwrap_or_else(|| data_dir.join("backend.sqlite")),
             recordings,
             upload_grace,
-            locking_mode: match a.locking_mode.as_deref() {
-                None => LockingMode::default(),
-                Some(m) => m
-                    .parse()
-                    .map_err(|e| field_error("auth_service.locking_mode", e))?,
+            cluster_settings: FileSettings {
+                session_control_timeout: timeout,
+                session_recording,
+                locking_mode: a
+                    .locking_mode
+                    .as_deref()
+                    .map(|m| {
+                        m.parse::<LockingMode>()
+                            .map_err(|e| field_error("auth_service.locking_mode", e))
+                    })
+                    .transpose()?,
+                client_idle_timeout: a.client_idle_timeout.map(|d| d.0),
+                disconnect_expired_cert: a.disconnect_expired_cert,
             },
-            client_idle_timeout: a.client_idle_timeout.map_or(Duration::ZERO, |d| d.0),
-            disconnect_expired_cert: a.disconnect_expired_cert.unwrap_or(false),
         })
     } else {
         None
@@ -541,6 +681,30 @@ mod tests {
                 "turnstile:\n  storage:\n    type: mysql\nauth_service: {}\n",
                 "turnstile.storage.type",
             ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\nauth_service: {}\n",
+                "turnstile.storage.peers",
+            ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://127.0.0.1:2379\"]\nauth_service: {}\n",
+                "turnstile.storage.audit_sessions_uri",
+            ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://e:2379\"]\n    tls_ca_file: /nonexistent/ca.pem\nauth_service: {}\n",
+                "turnstile.storage.peers",
+            ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\n    peers: [\"https://e:2379\"]\n    tls_ca_file: /nonexistent/ca.pem\nauth_service: {}\n",
+                "turnstile.storage.tls_ca_file",
+            ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://e:2379\"]\n    username: turnstile\nauth_service: {}\n",
+                "turnstile.storage.password_file",
+            ),
+            (
+                "turnstile:\n  storage:\n    prefix: /x\nauth_service: {}\n",
+                "turnstile.storage.prefix",
+            ),
         ];
         for (yaml, field) in cases {
             let err = resolve(parse(yaml).unwrap(), None, true).unwrap_err();
@@ -563,7 +727,10 @@ mod example_tests {
         assert_eq!(node.node_name, "web1");
         assert_eq!(node.labels.get("env").map(String::as_str), Some("dev"));
         let auth = c.auth.unwrap();
-        assert_eq!(auth.session_control_timeout, Duration::from_secs(120));
+        assert_eq!(
+            auth.cluster_settings.session_control_timeout,
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(auth.cluster_name, "main");
         assert_eq!(
             c.proxy.unwrap().public_addr.as_deref(),

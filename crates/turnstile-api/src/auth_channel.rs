@@ -1,0 +1,221 @@
+//! The transport of calls to auth from nodes, proxies and clients: one gRPC
+//! channel per auth server of `auth_servers`, every call sent to the next
+//! server that answers, in turn, so the load spreads over all of them.
+//!
+//! Every second each server is pinged; one that does not answer is passed
+//! over until it answers again, so a dead auth server stops taking calls
+//! within about a second (two, for a host that drops packets) and takes them
+//! again as soon as it is back. A call already sent to a server that dies
+//! fails as it would with one server; its caller retries (leases, audit
+//! forwarding and recording streams all do) and the retry goes elsewhere.
+//! With every server down, calls go to them in turn and fail with their own
+//! errors.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use tonic::transport::channel::ResponseFuture;
+
+use crate::rpc::AuthClient;
+use crate::rpc::proto::PingRequest;
+
+/// How often each auth server is pinged.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A ping unanswered for this long marks its server down.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Server {
+    addr: String,
+    channel: Channel,
+    up: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    servers: Vec<Server>,
+    next: AtomicUsize,
+}
+
+/// A `tower` service over several auth servers' channels; clone it freely.
+#[derive(Debug, Clone)]
+pub struct AuthChannel {
+    shared: Arc<Shared>,
+    /// The channel `poll_ready` chose for the next `call`.
+    picked: Option<Channel>,
+}
+
+impl AuthChannel {
+    /// Calls spread over `servers` (address, lazily connecting channel).
+    /// With more than one, a background task pings each every
+    /// [`PROBE_EVERY`] while any clone of this channel lives; it needs a
+    /// Tokio runtime.
+    ///
+    /// # Panics
+    /// If `servers` is empty.
+    pub fn new(servers: Vec<(String, Channel)>) -> Self {
+        assert!(!servers.is_empty(), "an auth channel needs a server");
+        let shared = Arc::new(Shared {
+            servers: servers
+                .into_iter()
+                .map(|(addr, channel)| Server {
+                    addr,
+                    channel,
+                    up: AtomicBool::new(true),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
+        if shared.servers.len() > 1
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(probe(Arc::downgrade(&shared)));
+        }
+        Self {
+            shared,
+            picked: None,
+        }
+    }
+
+    /// One server: every call goes to it.
+    pub fn single(addr: &str, channel: Channel) -> Self {
+        Self::new(vec![(addr.to_string(), channel)])
+    }
+
+    /// The servers and whether each answered its last ping.
+    pub fn servers(&self) -> Vec<(String, bool)> {
+        self.shared
+            .servers
+            .iter()
+            .map(|s| (s.addr.clone(), s.up.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The next in turn of the servers that are up, or of all of them if
+    /// none is.
+    fn pick(&self) -> &Server {
+        let servers = &self.shared.servers;
+        let turn = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let up: Vec<&Server> = servers
+            .iter()
+            .filter(|s| s.up.load(Ordering::Relaxed))
+            .collect();
+        if up.is_empty() {
+            &servers[turn % servers.len()]
+        } else {
+            up[turn % up.len()]
+        }
+    }
+}
+
+/// Pings every server each [`PROBE_EVERY`] until the channel is dropped.
+async fn probe(shared: Weak<Shared>) {
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        for server in &strong.servers {
+            let mut client = AuthClient::new(server.channel.clone());
+            let up = match tokio::time::timeout(PROBE_TIMEOUT, client.ping(PingRequest {})).await {
+                Ok(Ok(_)) => true,
+                // Auth answered, if only to refuse: it is up.
+                Ok(Err(status)) => !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+                Err(_) => false,
+            };
+            let was = server.up.swap(up, Ordering::Relaxed);
+            if was != up {
+                if up {
+                    tracing::info!(auth_server = %server.addr, "auth server answers again");
+                } else {
+                    tracing::warn!(auth_server = %server.addr, "auth server does not answer; calls go to the others");
+                }
+            }
+        }
+        drop(strong);
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+impl Service<http::Request<Body>> for AuthChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.picked.is_none() {
+            self.picked = Some(self.pick().channel.clone());
+        }
+        match &mut self.picked {
+            Some(channel) => channel.poll_ready(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let mut channel = match self.picked.take() {
+            Some(channel) => channel,
+            // `poll_ready` comes first by tower's contract; be safe anyway.
+            None => self.pick().channel.clone(),
+        };
+        channel.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn lazy(port: u16) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy()
+    }
+
+    // A current-thread runtime: the prober spawned here never runs, since
+    // the test never yields.
+    #[tokio::test]
+    async fn calls_take_turns_and_pass_over_a_server_that_is_down() {
+        let channel = AuthChannel::new(vec![
+            ("a".into(), lazy(1)),
+            ("b".into(), lazy(2)),
+            ("c".into(), lazy(3)),
+        ]);
+        let names =
+            |n: usize| -> Vec<String> { (0..n).map(|_| channel.pick().addr.clone()).collect() };
+        assert_eq!(names(4), ["a", "b", "c", "a"]);
+        channel.shared.servers[1].up.store(false, Ordering::Relaxed);
+        assert_eq!(names(3), ["a", "c", "a"]);
+        for s in &channel.shared.servers {
+            s.up.store(false, Ordering::Relaxed);
+        }
+        assert_eq!(names(3), ["b", "c", "a"], "with none up, all in turn");
+    }
+
+    #[tokio::test]
+    async fn the_prober_marks_a_silent_server_down() {
+        // Nothing listens on these ports: pings fail at once.
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = a.local_addr().unwrap().port();
+        drop(a);
+        let channel = AuthChannel::new(vec![
+            ("dead".into(), lazy(dead)),
+            ("dead2".into(), lazy(dead)),
+        ]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while channel.servers().iter().any(|(_, up)| *up) {
+            assert!(std::time::Instant::now() < deadline, "never marked down");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
