@@ -5,11 +5,13 @@
 //! Every second each server is pinged; one that does not answer is passed
 //! over until it answers again, so a dead auth server stops taking calls
 //! within about a second (two, for a host that drops packets) and takes them
-//! again as soon as it is back. A call already sent to a server that dies
-//! fails as it would with one server; its caller retries (leases, audit
-//! forwarding and recording streams all do) and the retry goes elsewhere.
-//! With every server down, calls go to them in turn and fail with their own
-//! errors.
+//! again as soon as it is back; a call that finds nothing listening marks its
+//! server down at once. Such a call (its request never left) is sent to the
+//! next server: a unary call's message is kept for that. A call already sent
+//! to a server that dies fails as it would with one server, since resending
+//! it could apply it twice; its caller retries (leases, audit forwarding and
+//! recording streams all do) and the retry goes elsewhere. With every server
+//! down, calls fail with the last server's error.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -20,7 +22,6 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http;
 use tonic::transport::Channel;
-use tonic::transport::channel::ResponseFuture;
 
 use crate::rpc::AuthClient;
 use crate::rpc::proto::PingRequest;
@@ -47,8 +48,6 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct AuthChannel {
     shared: Arc<Shared>,
-    /// The channel `poll_ready` chose for the next `call`.
-    picked: Option<Channel>,
 }
 
 impl AuthChannel {
@@ -77,10 +76,7 @@ impl AuthChannel {
         {
             runtime.spawn(probe(Arc::downgrade(&shared)));
         }
-        Self {
-            shared,
-            picked: None,
-        }
+        Self { shared }
     }
 
     /// One server: every call goes to it.
@@ -99,15 +95,14 @@ impl AuthChannel {
 
     /// The next in turn of the servers that are up, or of all of them if
     /// none is.
-    fn pick(&self) -> &Server {
+    fn pick(&self) -> usize {
         let servers = &self.shared.servers;
         let turn = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        let up: Vec<&Server> = servers
-            .iter()
-            .filter(|s| s.up.load(Ordering::Relaxed))
+        let up: Vec<usize> = (0..servers.len())
+            .filter(|&i| servers[i].up.load(Ordering::Relaxed))
             .collect();
         if up.is_empty() {
-            &servers[turn % servers.len()]
+            turn % servers.len()
         } else {
             up[turn % up.len()]
         }
@@ -145,28 +140,101 @@ async fn probe(shared: Weak<Shared>) {
     }
 }
 
+/// Calls whose request is a stream: sent once, never buffered or resent.
+const STREAMING_PATHS: &[&str] = &["/turnstile.v1.Auth/RecordSession"];
+
+/// Did the call fail before the request left (nothing listens there)?
+/// Only then is resending it to another server safe for a call that
+/// changes something.
+fn never_sent(error: &tonic::transport::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl Shared {
+    /// Sends `request` to server `index`, marking it down if the transport
+    /// fails.
+    async fn send(
+        &self,
+        index: usize,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, tonic::transport::Error> {
+        let server = &self.servers[index];
+        let mut channel = server.channel.clone();
+        std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
+        let answer = channel.call(request).await;
+        if answer.is_err() && server.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(auth_server = %server.addr, "a call to auth failed; calls go to the others");
+        }
+        answer
+    }
+
+    /// The servers to try after `first`: those up, then the rest.
+    fn others(&self, first: usize) -> Vec<usize> {
+        let n = self.servers.len();
+        let rest = (1..n).map(|i| (first + i) % n);
+        let (up, down): (Vec<usize>, Vec<usize>) =
+            rest.partition(|&i| self.servers[i].up.load(Ordering::Relaxed));
+        up.into_iter().chain(down).collect()
+    }
+}
+
 impl Service<http::Request<Body>> for AuthChannel {
     type Response = http::Response<Body>;
-    type Error = tonic::transport::Error;
-    type Future = ResponseFuture;
+    type Error = tonic::codegen::StdError;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.picked.is_none() {
-            self.picked = Some(self.pick().channel.clone());
-        }
-        match &mut self.picked {
-            Some(channel) => channel.poll_ready(cx),
-            None => Poll::Pending,
-        }
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is each server channel's, awaited in `call`.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let mut channel = match self.picked.take() {
-            Some(channel) => channel,
-            // `poll_ready` comes first by tower's contract; be safe anyway.
-            None => self.pick().channel.clone(),
-        };
-        channel.call(request)
+        let shared = self.shared.clone();
+        let first = self.pick();
+        Box::pin(async move {
+            let streaming = STREAMING_PATHS.contains(&request.uri().path());
+            if streaming || shared.servers.len() == 1 {
+                return Ok(shared.send(first, request).await?);
+            }
+            // A unary call: its one message is kept, so that a server found
+            // dead before it was sent can be skipped for the next.
+            let (parts, body) = request.into_parts();
+            let message = http_body_util::BodyExt::collect(body).await?.to_bytes();
+            let rebuild = || {
+                let mut request =
+                    http::Request::new(Body::new(http_body_util::Full::new(message.clone())));
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = parts.uri.clone();
+                *request.version_mut() = parts.version;
+                *request.headers_mut() = parts.headers.clone();
+                request
+            };
+            let mut last = match shared.send(first, rebuild()).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if never_sent(&e) => e,
+                Err(e) => return Err(e.into()),
+            };
+            for index in shared.others(first) {
+                last = match shared.send(index, rebuild()).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(e) if never_sent(&e) => e,
+                    Err(e) => return Err(e.into()),
+                };
+            }
+            Err(last.into())
+        })
     }
 }
 
@@ -191,8 +259,11 @@ mod tests {
             ("b".into(), lazy(2)),
             ("c".into(), lazy(3)),
         ]);
-        let names =
-            |n: usize| -> Vec<String> { (0..n).map(|_| channel.pick().addr.clone()).collect() };
+        let names = |n: usize| -> Vec<String> {
+            (0..n)
+                .map(|_| channel.shared.servers[channel.pick()].addr.clone())
+                .collect()
+        };
         assert_eq!(names(4), ["a", "b", "c", "a"]);
         channel.shared.servers[1].up.store(false, Ordering::Relaxed);
         assert_eq!(names(3), ["a", "c", "a"]);

@@ -563,6 +563,71 @@ mod tests {
             (0..=170).collect::<Vec<_>>()
         );
     }
+    /// While one auth server holds the claim on completing an upload (it is
+    /// completing it), another leaves the upload alone; once the claim has
+    /// lapsed (its holder died midway), the other completes it.
+    #[tokio::test]
+    async fn an_upload_another_auth_server_is_completing_is_left_to_it() {
+        use crate::recordings::{Completion, CompletionClaim};
+        let store = Arc::new(MemoryStore::new(1 << 20));
+        let backend: Arc<dyn crate::backend::Backend> = Arc::new(MemoryBackend::new());
+        let a = Recordings::new(backend.clone(), store.clone(), Arc::new(SystemClock));
+        let mut rx = receiver(&a).await;
+        rx.take(frame(0, 9)).unwrap();
+        rx.stage(&a).await.unwrap();
+        drop(rx);
+        let claim = |until_ms: i64| {
+            let backend = backend.clone();
+            async move {
+                let key = format!("recordings/{SID}");
+                let item = backend.get(&key).await.unwrap();
+                let mut r: crate::recordings::RecordingRecord =
+                    serde_json::from_slice(&item.value).unwrap();
+                r.completing = Some(CompletionClaim {
+                    by: "auth-b".into(),
+                    until_ms,
+                });
+                backend
+                    .put(&key, serde_json::to_vec(&r).unwrap(), None)
+                    .await
+                    .unwrap();
+            }
+        };
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        claim(now_ms + 60_000).await;
+        assert!(matches!(
+            a.complete_open(SID, None).await.unwrap(),
+            Completion::ClaimedElsewhere
+        ));
+        let e = a.complete(SID, None).await.unwrap_err();
+        assert!(
+            e.message.contains("being completed by another auth server"),
+            "{e:?}"
+        );
+        assert!(
+            a.get(SID).await.unwrap().unwrap().upload.is_some(),
+            "left alone"
+        );
+        claim(now_ms - 1).await;
+        let Completion::Done(done) = a.complete_open(SID, None).await.unwrap() else {
+            panic!("a lapsed claim holds nothing");
+        };
+        assert_eq!(done.status, crate::recordings::STATUS_COMPLETE);
+        assert!(done.completing.is_none(), "the claim is let go");
+        assert!(matches!(
+            a.complete_open(SID, None).await.unwrap(),
+            Completion::AlreadyComplete(_)
+        ));
+        let events = read_events(&store.read(SID, 0, 0, usize::MAX).await.unwrap()).unwrap();
+        assert_eq!(events.len(), 10);
+    }
+
     /// The completer takes uploads whose recorder looks silent in the index;
     /// one whose stream is open here is never taken, however long it only
     /// staged (staging notes nothing in the index). It was: the stream's

@@ -17,8 +17,8 @@ use turnstile_api::rpc::proto::RecordingInfo;
 use turnstile_recording::part::{HEADER_LEN, part_from_payload};
 use turnstile_recording::storage::{Part, StagedChunk, Upload, UploadStore, check_id};
 
-use crate::backend::typed::{self, Change, Stored};
 use crate::backend::Backend;
+use crate::backend::typed::{self, Change, Stored};
 
 pub const STATUS_RECORDING: &str = "recording";
 pub const STATUS_COMPLETE: &str = "complete";
@@ -75,6 +75,32 @@ pub struct RecordingRecord {
     /// Why the recorder could not record the session (all of it), if it could not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub failed: String,
+    /// The auth server completing the upload, while it does: no other
+    /// completes it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completing: Option<CompletionClaim>,
+}
+
+/// One auth server's hold on completing an upload, until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionClaim {
+    pub by: String,
+    pub until_ms: i64,
+}
+
+/// How long a claim on completing an upload holds if its auth server dies
+/// while completing.
+const COMPLETION_CLAIM_MS: i64 = 5 * 60 * 1000;
+
+/// What [`Recordings::complete_open`] did.
+#[derive(Debug)]
+pub enum Completion {
+    /// Completed now, by this auth server.
+    Done(RecordingRecord),
+    /// It had no upload in progress.
+    AlreadyComplete(RecordingRecord),
+    /// Another auth server is completing it.
+    ClaimedElsewhere,
 }
 
 impl RecordingRecord {
@@ -194,6 +220,8 @@ pub struct Recordings {
     /// Sessions with a recording stream open on this auth server (how many):
     /// the upload completer leaves them alone whatever the index says.
     streaming: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// This instance's name in completion claims.
+    claimant: String,
     /// How often a live stream notes its recorder alive in the index: well
     /// within the completer's grace period, so that other auth servers never
     /// take a live upload for an abandoned one.
@@ -251,6 +279,7 @@ impl Recordings {
             clock,
             failing: std::sync::Mutex::new(None),
             streaming: std::sync::Mutex::default(),
+            claimant: uuid::Uuid::new_v4().to_string(),
             touch_every: TOUCH_AT_MOST,
         }
     }
@@ -405,6 +434,7 @@ impl Recordings {
                     url: url.clone(),
                     ended_ms: 0,
                     failed: String::new(),
+                    completing: None,
                 });
                 if r.upload.is_none() {
                     let Some(fresh) = fresh.clone() else {
@@ -479,6 +509,7 @@ impl Recordings {
                 url: String::new(),
                 ended_ms: now,
                 failed: String::new(),
+                completing: None,
             });
             if r.server_id != server_id {
                 return Err(ApiError::access_denied(format!(
@@ -611,11 +642,52 @@ impl Recordings {
         sid: &str,
         stop_ms: Option<i64>,
     ) -> Result<RecordingRecord, ApiError> {
-        let Some(r) = self.get(sid).await? else {
-            return Err(ApiError::not_found(format!("recording {sid}")));
+        match self.complete_open(sid, stop_ms).await? {
+            Completion::Done(r) | Completion::AlreadyComplete(r) => Ok(r),
+            Completion::ClaimedElsewhere => Err(ApiError::new(
+                turnstile_api::error::ErrorKind::Unavailable,
+                format!(
+                    "the recording of {sid} is being completed by another auth server; try again"
+                ),
+            )),
+        }
+    }
+
+    /// Completes the upload in progress, if any, once it holds the claim on
+    /// it: of several auth servers completing one upload at once, one does
+    /// the work.
+    pub async fn complete_open(
+        &self,
+        sid: &str,
+        stop_ms: Option<i64>,
+    ) -> Result<Completion, ApiError> {
+        let now = self.now_ms();
+        let claimed = self
+            .update(sid, |current| {
+                let mut r =
+                    current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+                if r.upload.is_none() {
+                    return Ok((r.clone(), Completion::AlreadyComplete(r)));
+                }
+                if r.completing
+                    .as_ref()
+                    .is_some_and(|c| c.until_ms > now && c.by != self.claimant)
+                {
+                    return Ok((r, Completion::ClaimedElsewhere));
+                }
+                r.completing = Some(CompletionClaim {
+                    by: self.claimant.clone(),
+                    until_ms: now.saturating_add(COMPLETION_CLAIM_MS),
+                });
+                Ok((r.clone(), Completion::Done(r)))
+            })
+            .await?;
+        let r = match claimed {
+            Completion::Done(r) => r,
+            other => return Ok(other),
         };
         let Some(upload) = r.upload.clone() else {
-            return Ok(r);
+            return Ok(Completion::AlreadyComplete(r));
         };
         // Events staged but never packed into a part (the stream broke)
         // become the last part (of the next object if this one is full).
@@ -644,12 +716,14 @@ impl Recordings {
             }
             r.push_object(size);
             r.status = STATUS_COMPLETE.into();
+            r.completing = None;
             if let Some(stop) = stop_ms {
                 r.stop_ms = stop;
             }
             Ok((r.clone(), r))
         })
         .await
+        .map(Completion::Done)
     }
 
     /// Completes the upload of a recording whose object holds the store's

@@ -13,7 +13,7 @@ use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::AuthServer;
 
 use crate::authority::Authority;
-use crate::recordings::{Recordings, upload_event};
+use crate::recordings::{Completion, Recordings, upload_event};
 use crate::rpc::{AuthApi, PresencePolicy};
 use turnstile_recording::storage::UploadStore;
 
@@ -145,11 +145,13 @@ async fn complete_abandoned(
             }
         };
         for rec in abandoned {
-            match recordings.complete(&rec.sid, None).await {
-                Ok(done) => {
+            match recordings.complete_open(&rec.sid, None).await {
+                Ok(Completion::Done(done)) => {
                     tracing::info!(sid = %done.sid, parts = rec.parts.len(), "completed an abandoned recording");
                     authority.record(upload_event(&done)).await;
                 }
+                // Completed, or being completed, by another auth server.
+                Ok(Completion::AlreadyComplete(_) | Completion::ClaimedElsewhere) => {}
                 Err(e) => {
                     tracing::warn!(sid = %rec.sid, error = %e, "cannot complete an abandoned recording")
                 }

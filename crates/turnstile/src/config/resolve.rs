@@ -205,6 +205,7 @@ fn etcd_settings(storage: &super::file::StorageSection) -> Result<EtcdSettings, 
                 "TLS to etcd needs the CA that signed etcd's certificate",
             ));
         };
+        let ca_pem = read("tls_ca_file", ca)?;
         let client = match (&storage.tls_cert_file, &storage.tls_key_file) {
             (Some(cert), Some(key)) => {
                 Some((read("tls_cert_file", cert)?, read("tls_key_file", key)?))
@@ -223,10 +224,7 @@ fn etcd_settings(storage: &super::file::StorageSection) -> Result<EtcdSettings, 
                 ));
             }
         };
-        Some(EtcdTls {
-            ca_pem: read("tls_ca_file", ca)?,
-            client,
-        })
+        Some(EtcdTls { ca_pem, client })
     } else {
         None
     };
@@ -738,5 +736,36 @@ mod example_tests {
         );
         assert_eq!(c.recording.spool_max_size, 10 << 30);
         assert_eq!(c.recording.sync_ack_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_high_availability_examples_resolve() {
+        for text in [
+            include_str!("../../../../examples/ha-proxy.yaml"),
+            include_str!("../../../../examples/ha-node.yaml"),
+        ] {
+            let c = resolve(parse(text).unwrap(), None, true).unwrap();
+            assert_eq!(c.auth_servers.len(), 3);
+        }
+        // The auth example names etcd's certificates, which an operator
+        // provides; with them in place it resolves to the etcd backend.
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../../../examples/ha-auth.yaml");
+        let err = resolve(parse(text).unwrap(), None, true).unwrap_err();
+        assert!(
+            err.starts_with("turnstile.storage.tls_ca_file: cannot read"),
+            "{err}"
+        );
+        for name in ["ca.pem", "client.pem", "client-key.pem"] {
+            std::fs::write(dir.path().join(name), "PEM").unwrap();
+        }
+        let text = text.replace("/etc/turnstile/etcd", dir.path().to_str().unwrap());
+        let c = resolve(parse(&text).unwrap(), None, true).unwrap();
+        let Some(StorageKind::Etcd(etcd)) = c.auth.map(|a| a.storage) else {
+            panic!("not etcd");
+        };
+        assert_eq!(etcd.peers.len(), 3);
+        assert_eq!(etcd.prefix, "/turnstile");
+        assert!(etcd.tls.is_some_and(|t| t.client.is_some()));
     }
 }

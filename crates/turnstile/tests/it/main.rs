@@ -5,6 +5,7 @@ mod access_plane;
 mod cli;
 mod cluster;
 mod forwarding;
+mod ha;
 mod locks;
 mod object_stores;
 mod openssh;

@@ -15,9 +15,9 @@ use crate::cluster::{admin, token};
 use crate::recording::{play, wait_complete};
 use crate::support::{BIN, Proc, free_port, poll_until, run, spawn_turnstile, stderr_of, text};
 
-const BUCKET: &str = "turnstile";
-const ACCESS_KEY: &str = "AKIATURNSTILETEST";
-const SECRET_KEY: &str = "turnstile-test-secret-key";
+pub(crate) const BUCKET: &str = "turnstile";
+pub(crate) const ACCESS_KEY: &str = "AKIATURNSTILETEST";
+pub(crate) const SECRET_KEY: &str = "turnstile-test-secret-key";
 
 /// Where scripts/test.sh installs the test servers.
 fn tools() -> PathBuf {
@@ -40,7 +40,7 @@ fn tool(relative: &str) -> PathBuf {
 }
 
 /// An S3 server of the tests, stopped on drop.
-struct S3Server {
+pub(crate) struct S3Server {
     child: Option<tokio::process::Child>,
     port: u16,
     /// s3s-fs: its data directory (a bucket is a subdirectory).
@@ -97,7 +97,7 @@ impl S3Server {
     }
 
     /// s3s-fs serving `root` on `port`, its bucket made.
-    async fn s3s_fs(root: &Path, port: u16) -> Self {
+    pub(crate) async fn s3s_fs(root: &Path, port: u16) -> Self {
         std::fs::create_dir_all(root.join(BUCKET)).unwrap();
         let mut server = Self {
             child: None,
@@ -139,7 +139,7 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn uri(&self, prefix: &str) -> String {
+    pub(crate) fn uri(&self, prefix: &str) -> String {
         format!(
             "s3://{BUCKET}/{prefix}?region=us-east-1&endpoint={}",
             self.endpoint()
@@ -161,7 +161,7 @@ impl S3Server {
 }
 
 /// Credentials for the turnstile processes.
-fn aws_env(secret: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn aws_env(secret: &str) -> Vec<(&'static str, String)> {
     vec![
         ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
         ("AWS_SECRET_ACCESS_KEY", secret.to_string()),
