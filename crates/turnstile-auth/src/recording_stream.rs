@@ -278,6 +278,7 @@ pub async fn serve(
     // Before the upload is opened: the completer must not take it meanwhile.
     let _streaming = recordings.streaming(&sid);
     let mut rx = Receiver::open(recordings, server_id, &opening).await?;
+    tracing::info!(%sid, recorder = %server_id, from_ei = rx.durable + 1, "recording stream opened");
     let send = |last_ei: i64, complete: bool| async move {
         tx.send(Ok(proto::RecordStatus { last_ei, complete }))
             .await

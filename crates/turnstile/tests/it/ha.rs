@@ -13,7 +13,9 @@ use crate::cluster::{
 };
 use crate::object_stores::{S3Server, SECRET_KEY, aws_env};
 use crate::recording::{play, wait_complete};
-use crate::support::{BIN, Proc, client, free_port, poll_until, run, text};
+use crate::support::{
+    BIN, Proc, client, free_port, poll_until, run, spawn_turnstile, stderr_of, text,
+};
 
 /// An auth server on the etcd at `etcd`, recording to `uri`.
 fn auth_on_etcd(data: &Path, etcd: &str, uri: &str, extra: &str) -> String {
@@ -31,6 +33,86 @@ fn attached_to_all(data: &Path, auths: &[String], token: &str, pin: &str, servic
         data.display(),
         list.join(", ")
     )
+}
+
+/// A proxy and a node (web1), joined with tokens auth-a and auth-b made,
+/// each attached to every auth server in `auths`; waits until both auth
+/// servers list the node. Returns them and the proxy's address.
+async fn attach_proxy_and_node(dirs: &Dirs, auths: &[String], pin: &str) -> (Proc, Proc, String) {
+    let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
+    let (t, _) = token(&a_data, "proxy", "10m").await;
+    let proxy = Proc::start(&dirs.config(
+        "proxy",
+        &attached_to_all(&dirs.path("proxy"), auths, &t, pin, PROXY_SERVICE),
+    ))
+    .await;
+    let proxy_addr = proxy.field("proxy");
+    let (t, _) = token(&b_data, "node", "10m").await;
+    let web1 = Proc::start(&dirs.config(
+        "web1",
+        &attached_to_all(
+            &dirs.path("web1"),
+            auths,
+            &t,
+            pin,
+            &node_service("web1", "dev"),
+        ),
+    ))
+    .await;
+    poll_until(Duration::from_secs(20), || async {
+        node_names(&a_data).await.contains(&"web1".to_string())
+            && node_names(&b_data).await.contains(&"web1".to_string())
+    })
+    .await
+    .expect("both auth servers list the node");
+    (proxy, web1, proxy_addr)
+}
+
+/// alice, limited to two connections (so every session needs auth for its
+/// slot), her role made through auth-b and her user through auth-a; logged
+/// in through the proxy. Returns her home.
+async fn alice_logs_in(dirs: &Dirs, proxy_addr: &str, pin: &str) -> std::path::PathBuf {
+    let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
+    let role = dirs.path("limited.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v3\nmetadata:\n  name: limited\nspec:\n  options:\n    max_connections: 2\n  allow:\n    logins: ['{{internal.logins}}']\n",
+    )
+    .unwrap();
+    admin(&b_data, &["roles", "create", "-f", role.to_str().unwrap()]).await;
+    admin_with_stdin(
+        &a_data,
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "limited",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        b"correct horse battery\n",
+    )
+    .await;
+    let home = dirs.path("home");
+    let out = client(
+        &home,
+        &[
+            "login",
+            "--proxy",
+            proxy_addr,
+            "--user",
+            "alice",
+            "--ca-pin",
+            pin,
+            "--password-stdin",
+        ],
+        Some(b"correct horse battery\n"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    home
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,75 +155,8 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     );
     let auths = vec![a.field("auth"), b_addr];
 
-    // A proxy and a node, joined with tokens either auth server made, each
-    // attached to both.
-    let (t, _) = token(&a_data, "proxy", "10m").await;
-    let proxy = Proc::start(&dirs.config(
-        "proxy",
-        &attached_to_all(&dirs.path("proxy"), &auths, &t, &pin, PROXY_SERVICE),
-    ))
-    .await;
-    let proxy_addr = proxy.field("proxy");
-    let (t, _) = token(&b_data, "node", "10m").await;
-    let _web1 = Proc::start(&dirs.config(
-        "web1",
-        &attached_to_all(
-            &dirs.path("web1"),
-            &auths,
-            &t,
-            &pin,
-            &node_service("web1", "dev"),
-        ),
-    ))
-    .await;
-    poll_until(Duration::from_secs(20), || async {
-        node_names(&a_data).await.contains(&"web1".to_string())
-            && node_names(&b_data).await.contains(&"web1".to_string())
-    })
-    .await
-    .expect("both auth servers list the node");
-
-    // A role made through one auth server, a user through the other. The
-    // role's limit needs auth for every session's slot.
-    let role = dirs.path("limited.yaml");
-    std::fs::write(
-        &role,
-        "kind: role\nversion: v3\nmetadata:\n  name: limited\nspec:\n  options:\n    max_connections: 2\n  allow:\n    logins: ['{{internal.logins}}']\n",
-    )
-    .unwrap();
-    admin(&b_data, &["roles", "create", "-f", role.to_str().unwrap()]).await;
-    admin_with_stdin(
-        &a_data,
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "limited",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ],
-        b"correct horse battery\n",
-    )
-    .await;
-    let home = dirs.path("home");
-    let out = client(
-        &home,
-        &[
-            "login",
-            "--proxy",
-            &proxy_addr,
-            "--user",
-            "alice",
-            "--ca-pin",
-            &pin,
-            "--password-stdin",
-        ],
-        Some(b"correct horse battery\n"),
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_proxy, _web1, proxy_addr) = attach_proxy_and_node(&dirs, &auths, &pin).await;
+    let home = alice_logs_in(&dirs, &proxy_addr, &pin).await;
     let identity = home.join("keys/prod/alice");
     let sid_of = |out: &std::process::Output| text(&out.stdout).trim().to_string();
     let out = client(
@@ -244,5 +259,104 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     })
     .await
     .expect("limited sessions work again once etcd is back");
+    drop(b);
+}
+
+/// `node-sync` recordings stream to auth-a and auth-b in turn; auth-a dies
+/// mid-session. Every session goes on, and its recording, resumed through
+/// auth-b, plays back byte for byte with `ei` running without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dirs = Dirs::new();
+    let etcd = EtcdServer::start().await;
+    let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
+    let uri = s3.uri("recordings");
+    let env = aws_env(SECRET_KEY);
+    let sync = "  session_recording: node-sync\n";
+    let a = Proc::start_env(
+        &dirs.config(
+            "auth-a",
+            &auth_on_etcd(&dirs.path("auth-a"), &etcd.url(), &uri, sync),
+        ),
+        &env,
+    )
+    .await;
+    let b = Proc::start_env(
+        &dirs.config(
+            "auth-b",
+            &auth_on_etcd(&dirs.path("auth-b"), &etcd.url(), &uri, sync),
+        ),
+        &env,
+    )
+    .await;
+    let pin = a.field("CA pin");
+    let auths = [a.field("auth"), b.field("auth")];
+    let (_proxy, _web1, proxy_addr) = attach_proxy_and_node(&dirs, &auths, &pin).await;
+    let home = alice_logs_in(&dirs, &proxy_addr, &pin).await;
+
+    // Two sessions at once (alice's limit): their streams take turns over
+    // the auth servers, so one streams to auth-a.
+    let script = "echo sid=$TURNSTILE_SESSION_ID; i=0; while [ $i -lt 120 ]; do echo line-$i; i=$((i+1)); sleep 0.03; done";
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let mut child = spawn_turnstile(&["ssh", "web1", "--", script], Some(&home));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next_line().await.unwrap().unwrap();
+        let sid = first.trim_start_matches("sid=").to_string();
+        sessions.push((child, lines, sid, format!("{first}\n")));
+    }
+    for (_, lines, _, shown) in &mut sessions {
+        while !shown.contains("line-20\n") {
+            shown.push_str(&lines.next_line().await.unwrap().unwrap());
+            shown.push('\n');
+        }
+    }
+    let on_a = a.stderr();
+    assert!(
+        sessions.iter().any(|(_, _, sid, _)| on_a
+            .lines()
+            .any(|l| l.contains("recording stream opened") && l.contains(sid.as_str()))),
+        "a session streams to auth-a before it dies:\n{on_a}"
+    );
+    a.kill9().await;
+    // The slots stay held (they are in etcd) and are released at the end.
+    let b_data = dirs.path("auth-b");
+    let slots = || async {
+        admin(&b_data, &["semaphores", "ls", "--format", "json"])
+            .await
+            .lines()
+            .count()
+    };
+    assert_eq!(slots().await, 2, "both sessions keep their slots");
+    let identity = home.join("keys/prod/alice");
+    for (mut child, mut lines, sid, mut shown) in sessions {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            shown.push_str(&line);
+            shown.push('\n');
+        }
+        let status = child.wait().await.unwrap();
+        let stderr = stderr_of(&mut child).await;
+        assert!(status.success(), "the session went on: {stderr}");
+        assert!(shown.contains("line-119\n"), "{shown}");
+        wait_complete(&identity, &sid).await;
+        assert_eq!(
+            text(&play(&identity, &sid, "text").await),
+            shown,
+            "played back byte for byte, nothing twice"
+        );
+        let events: Vec<serde_json::Value> = text(&play(&identity, &sid, "json").await)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            events.iter().enumerate().all(|(i, e)| e["ei"] == i),
+            "ei runs 0.. without a gap"
+        );
+        assert_eq!(events.last().unwrap()["event"], "session.end");
+    }
+    poll_until(Duration::from_secs(10), || async { slots().await == 0 })
+        .await
+        .expect("the slots are released when the sessions end");
     drop(b);
 }
