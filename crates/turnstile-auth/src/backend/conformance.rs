@@ -35,6 +35,38 @@ where
     expiry_hides_items(b.as_ref(), &clock).await;
     let (b, _) = fresh().await;
     racing_swaps_are_exact(b).await;
+    let (b, _) = fresh().await;
+    watches_see_writes_and_deletes_under_their_prefix(b.as_ref()).await;
+}
+
+async fn watches_see_writes_and_deletes_under_their_prefix(b: &dyn Backend) {
+    let mut watch = b.watch("roles/").await.unwrap();
+    b.put("roles/a", b"1".to_vec(), None).await.unwrap();
+    b.put("users/a", b"1".to_vec(), None).await.unwrap();
+    let rev = b.create("roles/b", b"1".to_vec(), None).await.unwrap();
+    b.compare_and_swap("roles/b", rev, b"2".to_vec(), None)
+        .await
+        .unwrap();
+    assert!(b.create("roles/b", vec![], None).await.is_err());
+    b.delete("roles/a").await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let change = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a change arrives")
+            .expect("the watch goes on");
+        seen.push((change.key, change.deleted));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("roles/a".to_string(), false),
+            ("roles/b".to_string(), false),
+            ("roles/b".to_string(), false),
+            ("roles/a".to_string(), true),
+        ],
+        "writes and deletes in order; nothing of other prefixes or refused writes"
+    );
 }
 
 async fn get_put_delete(b: &dyn Backend) {

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use turnstile_api::clock::{Clock, SystemClock};
 
-use super::{Backend, BackendError, Item, Result, is_live};
+use super::{Backend, BackendError, Change, Item, Result, Watch, is_live};
 
 #[allow(clippy::all, missing_docs)]
 mod proto {
@@ -33,10 +33,11 @@ mod proto {
 use proto::auth_client::AuthClient;
 use proto::kv_client::KvClient;
 use proto::lease_client::LeaseClient;
+use proto::watch_client::WatchClient;
 use proto::{
     AuthenticateRequest, Compare, DeleteRangeRequest, KeyValue, LeaseGrantRequest, PutRequest,
-    RangeRequest, RequestOp, TxnRequest, TxnResponse, compare, range_request, request_op,
-    response_op,
+    RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, compare,
+    range_request, request_op, response_op, watch_request,
 };
 
 /// The first byte of every value this backend writes.
@@ -168,6 +169,11 @@ impl EtcdBackend {
                 .map_err(|e| BackendError::Storage(format!("etcd peer {peer:?}: {e}")))?
                 .connect_timeout(settings.request_timeout)
                 .timeout(settings.request_timeout)
+                // A watch stream to a peer that vanished without a word
+                // (a partition) ends within this, and is opened elsewhere.
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(settings.request_timeout)
+                .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
             if let Some(tls) = &settings.tls {
                 let mut config =
@@ -631,6 +637,79 @@ impl Backend for EtcdBackend {
             from.push(0);
         }
         Ok(items)
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch> {
+        self.open_watch(prefix).await
+    }
+}
+
+/// How many changes an etcd watch holds for its reader.
+const WATCH_BACKLOG: usize = 1024;
+
+impl EtcdBackend {
+    /// etcd's watch of every key under `prefix`, confirmed by etcd before
+    /// it returns, so no change made after it returns is missed.
+    async fn open_watch(&self, prefix: &str) -> Result<Watch> {
+        let start = self.full_key(prefix);
+        let range_end = prefix_end(&start);
+        // The watch lives while its request side is open: the task keeps it.
+        let (requests, request_rx) = tokio::sync::mpsc::channel(1);
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: start,
+                    range_end,
+                    ..Default::default()
+                },
+            )),
+        };
+        let _ = requests.send(create).await;
+        let token = self.token().await?;
+        let request = self.request(
+            tokio_stream::wrappers::ReceiverStream::new(request_rx),
+            token.as_deref(),
+        );
+        let mut stream = WatchClient::new(self.channel.clone())
+            .watch(request)
+            .await
+            .map_err(|status| self.failed(&status))?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(answer)) if answer.created && !answer.canceled => {}
+            Ok(answer) => {
+                return Err(BackendError::Storage(format!(
+                    "etcd ({}) did not start the watch: {}",
+                    self.peers,
+                    answer.map_or_else(|| "the stream ended".into(), |a| a.cancel_reason)
+                )));
+            }
+            Err(status) => return Err(self.failed(&status)),
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BACKLOG);
+        let strip = self.prefix.clone();
+        tokio::spawn(async move {
+            let _requests = requests;
+            // A broken stream or a cancelled watch (say, compaction) ends the
+            // Watch: its reader reads again and watches anew.
+            while let Ok(Some(answer)) = stream.message().await {
+                if answer.canceled {
+                    break;
+                }
+                for event in answer.events {
+                    let Some(kv) = event.kv else { continue };
+                    let full = String::from_utf8_lossy(&kv.key);
+                    let change = Change {
+                        key: full.strip_prefix(&strip).unwrap_or(&full).to_string(),
+                        deleted: event.r#type == proto::event::EventType::Delete as i32,
+                    };
+                    if tx.send(change).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watch::remote(rx))
     }
 }
 

@@ -8,12 +8,13 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use turnstile_api::clock::{Clock, SystemClock};
 
-use super::{Backend, BackendError, Item, Result, is_live};
+use super::{Backend, BackendError, Item, Notifier, Result, Watch, is_live};
 
 #[derive(Debug)]
 pub struct MemoryBackend {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    notifier: Notifier,
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +32,16 @@ impl MemoryBackend {
         Self {
             clock,
             state: Mutex::new(State::default()),
+            notifier: Notifier::default(),
         }
+    }
+
+    /// Tells watchers of a write or delete that succeeded.
+    fn told<T>(&self, key: &str, deleted: bool, result: Result<T>) -> Result<T> {
+        if result.is_ok() {
+            self.notifier.changed(key, deleted);
+        }
+        result
     }
 
     fn with_state<T>(&self, f: impl FnOnce(&mut State, SystemTime) -> T) -> T {
@@ -87,16 +97,18 @@ impl Backend for MemoryBackend {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
-        Ok(self.with_state(|s, _| s.write(key, value, expires)))
+        let written = Ok(self.with_state(|s, _| s.write(key, value, expires)));
+        self.told(key, false, written)
     }
 
     async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
-        self.with_state(|s, now| {
+        let written = self.with_state(|s, now| {
             if s.live(key, now).is_some() {
                 return Err(BackendError::AlreadyExists(key.into()));
             }
             Ok(s.write(key, value, expires))
-        })
+        });
+        self.told(key, false, written)
     }
 
     async fn compare_and_swap(
@@ -106,28 +118,31 @@ impl Backend for MemoryBackend {
         value: Vec<u8>,
         expires: Option<SystemTime>,
     ) -> Result<u64> {
-        self.with_state(|s, now| {
+        let written = self.with_state(|s, now| {
             s.check_revision(key, expected, now)?;
             Ok(s.write(key, value, expires))
-        })
+        });
+        self.told(key, false, written)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.with_state(|s, now| {
+        let deleted = self.with_state(|s, now| {
             if s.live(key, now).is_none() {
                 return Err(BackendError::NotFound(key.into()));
             }
             s.items.remove(key);
             Ok(())
-        })
+        });
+        self.told(key, true, deleted)
     }
 
     async fn compare_and_delete(&self, key: &str, expected: u64) -> Result<()> {
-        self.with_state(|s, now| {
+        let deleted = self.with_state(|s, now| {
             s.check_revision(key, expected, now)?;
             s.items.remove(key);
             Ok(())
-        })
+        });
+        self.told(key, true, deleted)
     }
 
     async fn range(&self, prefix: &str) -> Result<Vec<Item>> {
@@ -139,6 +154,10 @@ impl Backend for MemoryBackend {
                 .map(|(_, i)| i.clone())
                 .collect()
         }))
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch> {
+        Ok(self.notifier.watch(prefix))
     }
 }
 

@@ -93,6 +93,89 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Live items whose key starts with `prefix`, in key order.
     async fn range(&self, prefix: &str) -> Result<Vec<Item>>;
+
+    /// The writes and deletes under `prefix` from now on, by whoever makes
+    /// them (on etcd, every auth server). Expiry makes no change of its own.
+    async fn watch(&self, prefix: &str) -> Result<Watch>;
+}
+
+/// A key written or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    pub deleted: bool,
+}
+
+/// Changes under a prefix, as they happen, until dropped.
+#[derive(Debug)]
+pub struct Watch {
+    changes: WatchSource,
+    prefix: String,
+}
+
+#[derive(Debug)]
+enum WatchSource {
+    /// This process's writes (memory, SQLite).
+    Local(tokio::sync::broadcast::Receiver<Change>),
+    /// A backend's own watch stream (etcd), fed by a task.
+    Remote(tokio::sync::mpsc::Receiver<Change>),
+}
+
+impl Watch {
+    /// The next change, or `None` once the watch has ended: the backend's
+    /// stream broke, or this watcher fell behind and missed some. Whoever
+    /// caches what it watches reads it all again, then watches anew.
+    pub async fn next(&mut self) -> Option<Change> {
+        loop {
+            let change = match &mut self.changes {
+                WatchSource::Local(rx) => rx.recv().await.ok()?,
+                WatchSource::Remote(rx) => rx.recv().await?,
+            };
+            if change.key.starts_with(&self.prefix) {
+                return Some(change);
+            }
+        }
+    }
+}
+
+/// How many changes a local watcher may fall behind before its watch ends.
+const LOCAL_WATCH_BACKLOG: usize = 4096;
+
+/// The changes a local backend makes, told to its watchers.
+#[derive(Debug, Clone)]
+pub(crate) struct Notifier(tokio::sync::broadcast::Sender<Change>);
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(LOCAL_WATCH_BACKLOG).0)
+    }
+}
+
+impl Notifier {
+    pub(crate) fn changed(&self, key: &str, deleted: bool) {
+        // No watcher is no error.
+        let _ = self.0.send(Change {
+            key: key.to_string(),
+            deleted,
+        });
+    }
+
+    pub(crate) fn watch(&self, prefix: &str) -> Watch {
+        Watch {
+            changes: WatchSource::Local(self.0.subscribe()),
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+impl Watch {
+    /// A watch fed by a task that sends into `changes`.
+    pub(crate) fn remote(changes: tokio::sync::mpsc::Receiver<Change>) -> Self {
+        Self {
+            changes: WatchSource::Remote(changes),
+            prefix: String::new(),
+        }
+    }
 }
 
 /// Is an item with this expiry still live at `now`?

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use turnstile_api::clock::{Clock, SystemClock};
 
-use super::{Backend, BackendError, Item, Result};
+use super::{Backend, BackendError, Item, Notifier, Result, Watch};
 
 /// Expired rows are deleted every this many writes.
 const PURGE_EVERY_WRITES: u64 = 512;
@@ -21,6 +21,7 @@ pub struct SqliteBackend {
     conn: Arc<Mutex<Connection>>,
     clock: Arc<dyn Clock>,
     writes: Arc<AtomicU64>,
+    notifier: Notifier,
 }
 
 fn storage(e: impl std::fmt::Display) -> BackendError {
@@ -78,10 +79,19 @@ impl SqliteBackend {
             conn: Arc::new(Mutex::new(conn)),
             clock,
             writes: Arc::new(AtomicU64::new(0)),
+            notifier: Notifier::default(),
         };
         spawn_checkpointer(checkpointer, Arc::downgrade(&backend.conn));
         backend.purge_expired_blocking()?;
         Ok(backend)
+    }
+
+    /// Tells watchers of a write or delete that succeeded.
+    fn told<T>(&self, key: &str, deleted: bool, result: Result<T>) -> Result<T> {
+        if result.is_ok() {
+            self.notifier.changed(key, deleted);
+        }
+        result
     }
 
     fn purge_expired_blocking(&self) -> Result<()> {
@@ -207,20 +217,26 @@ impl Backend for SqliteBackend {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
+        let told = key.to_string();
         let key = key.to_string();
-        self.transact(true, move |tx, _| write(tx, &key, &value, expires))
-            .await
+        let result = self
+            .transact(true, move |tx, _| write(tx, &key, &value, expires))
+            .await;
+        self.told(&told, false, result)
     }
 
     async fn create(&self, key: &str, value: Vec<u8>, expires: Option<SystemTime>) -> Result<u64> {
+        let told = key.to_string();
         let key = key.to_string();
-        self.transact(true, move |tx, now| {
-            if live_item(tx, &key, now)?.is_some() {
-                return Err(BackendError::AlreadyExists(key));
-            }
-            write(tx, &key, &value, expires)
-        })
-        .await
+        let result = self
+            .transact(true, move |tx, now| {
+                if live_item(tx, &key, now)?.is_some() {
+                    return Err(BackendError::AlreadyExists(key));
+                }
+                write(tx, &key, &value, expires)
+            })
+            .await;
+        self.told(&told, false, result)
     }
 
     async fn compare_and_swap(
@@ -230,36 +246,45 @@ impl Backend for SqliteBackend {
         value: Vec<u8>,
         expires: Option<SystemTime>,
     ) -> Result<u64> {
+        let told = key.to_string();
         let key = key.to_string();
-        self.transact(true, move |tx, now| {
-            check_revision(tx, &key, expected, now)?;
-            write(tx, &key, &value, expires)
-        })
-        .await
+        let result = self
+            .transact(true, move |tx, now| {
+                check_revision(tx, &key, expected, now)?;
+                write(tx, &key, &value, expires)
+            })
+            .await;
+        self.told(&told, false, result)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        let told = key.to_string();
         let key = key.to_string();
-        self.transact(true, move |tx, now| {
-            if live_item(tx, &key, now)?.is_none() {
-                return Err(BackendError::NotFound(key));
-            }
-            tx.execute("DELETE FROM kv WHERE key = ?1", params![key])
-                .map_err(storage)?;
-            Ok(())
-        })
-        .await
+        let result = self
+            .transact(true, move |tx, now| {
+                if live_item(tx, &key, now)?.is_none() {
+                    return Err(BackendError::NotFound(key));
+                }
+                tx.execute("DELETE FROM kv WHERE key = ?1", params![key])
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await;
+        self.told(&told, true, result)
     }
 
     async fn compare_and_delete(&self, key: &str, expected: u64) -> Result<()> {
+        let told = key.to_string();
         let key = key.to_string();
-        self.transact(true, move |tx, now| {
-            check_revision(tx, &key, expected, now)?;
-            tx.execute("DELETE FROM kv WHERE key = ?1", params![key])
-                .map_err(storage)?;
-            Ok(())
-        })
-        .await
+        let result = self
+            .transact(true, move |tx, now| {
+                check_revision(tx, &key, expected, now)?;
+                tx.execute("DELETE FROM kv WHERE key = ?1", params![key])
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .await;
+        self.told(&told, true, result)
     }
 
     async fn range(&self, prefix: &str) -> Result<Vec<Item>> {
@@ -287,6 +312,10 @@ impl Backend for SqliteBackend {
                 .map_err(storage)
         })
         .await
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch> {
+        Ok(self.notifier.watch(prefix))
     }
 }
 
