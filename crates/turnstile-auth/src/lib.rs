@@ -7,6 +7,7 @@ pub mod audit_log;
 pub mod authority;
 pub mod backend;
 pub mod ca;
+pub mod change_feed;
 pub mod cluster_config;
 pub mod locks;
 pub mod passwords;

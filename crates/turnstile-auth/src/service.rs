@@ -13,6 +13,7 @@ use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::AuthServer;
 
 use crate::authority::Authority;
+use crate::change_feed::ChangeFeed;
 use crate::recordings::{Completion, Recordings, upload_event};
 use crate::rpc::{AuthApi, PresencePolicy};
 use turnstile_recording::storage::UploadStore;
@@ -92,6 +93,7 @@ impl AuthService {
                 node_ttl: self.config.node_ttl,
             },
             recordings,
+            ChangeFeed::start(self.authority.backend().clone(), shutdown.clone()),
             shutdown.clone(),
         );
         tracing::info!(addr = ?listener.local_addr().ok(), "auth service listening");

@@ -58,6 +58,11 @@ pub fn auth_servers_client(
     Ok(AuthClient::new(AuthChannel::new(servers)))
 }
 
+/// Changes that arrive within this of each other make one refresh.
+const WATCH_COALESCE: Duration = Duration::from_millis(50);
+/// A broken watch stream is opened again after this.
+const REWATCH_AFTER: Duration = Duration::from_secs(1);
+
 /// A registered node as the proxy routes to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -221,6 +226,48 @@ impl ClusterView {
     }
 
     /// Refreshes every `every` until `shutdown`, logging (once per outage) when auth is unreachable.
+    /// Follows auth's `WatchChanges` stream: every change (through any auth
+    /// server) refreshes the view at once, so a new lock, role or user
+    /// record applies within moments instead of at the next poll. Changes
+    /// that come in a burst make one refresh. A broken stream is opened
+    /// again (the poll of [`ClusterView::spawn_refresher`] covers the gap).
+    pub fn spawn_watcher(self: &Arc<Self>, shutdown: CancellationToken) {
+        let view = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut client = view.client.clone();
+                let opened = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    opened = client.watch_changes(proto::WatchChangesRequest {}) => opened,
+                };
+                if let Ok(stream) = opened {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        let message = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = stream.message() => message,
+                        };
+                        if !matches!(message, Ok(Some(_))) {
+                            break;
+                        }
+                        // What else came with it is covered by the same refresh.
+                        while let Ok(Ok(Some(_))) =
+                            tokio::time::timeout(WATCH_COALESCE, stream.message()).await
+                        {
+                        }
+                        if let Err(e) = view.refresh().await {
+                            tracing::debug!(error = %e, "cannot refresh the cluster view after a change");
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(REWATCH_AFTER) => {}
+                }
+            }
+        });
+    }
+
     pub fn spawn_refresher(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let view = self.clone();
         tokio::spawn(async move {

@@ -456,6 +456,7 @@ async fn launch_services(
         let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
         warm(&view).await;
         view.spawn_refresher(config.view_refresh, drain.clone());
+        view.spawn_watcher(drain.clone());
         let service = ProxyService::new(
             ProxyConfig {
                 host_id: host_id.clone(),
@@ -505,6 +506,7 @@ async fn launch_services(
         let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
         warm(&view).await;
         view.spawn_refresher(config.view_refresh, drain.clone());
+        view.spawn_watcher(drain.clone());
         let service = NodeService::new(
             NodeConfig {
                 host_id: host_id.clone(),

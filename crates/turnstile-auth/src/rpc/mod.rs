@@ -15,11 +15,12 @@ use turnstile_api::rpc::proto;
 use crate::audit_log::AuditQuery;
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
+use crate::change_feed::{ChangeFeed, Notice};
 use crate::cluster_config;
 use crate::recordings::Recordings;
 use crate::semaphores::LeaseRequest;
 use crate::session_trackers::{self, Tracker};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::role::RoleSet;
@@ -111,6 +112,7 @@ pub struct AuthApi {
     authority: Arc<Authority>,
     presence: PresencePolicy,
     recordings: Arc<Recordings>,
+    changes: Arc<ChangeFeed>,
     /// Ends long-lived streams when the server shuts down.
     shutdown: tokio_util::sync::CancellationToken,
 }
@@ -172,12 +174,14 @@ impl AuthApi {
         authority: Arc<Authority>,
         presence: PresencePolicy,
         recordings: Arc<Recordings>,
+        changes: Arc<ChangeFeed>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             authority,
             presence,
             recordings,
+            changes,
             shutdown,
         }
     }
@@ -872,6 +876,46 @@ impl proto::auth_server::Auth for AuthApi {
             .await
             .map_err(fail)?;
         cert_response(issued)
+    }
+
+    type WatchChangesStream = ReceiverStream<Result<proto::ClusterChange, Status>>;
+
+    async fn watch_changes(
+        &self,
+        req: Request<proto::WatchChangesRequest>,
+    ) -> RpcResult<Self::WatchChangesStream> {
+        require(&req, ANY)?;
+        let mut notices = self.changes.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        // First: the stream is open; what changed before, the watcher reads.
+        let _ = tx
+            .send(Ok(proto::ClusterChange { key: String::new() }))
+            .await;
+        tokio::spawn(async move {
+            loop {
+                // Returning drops `tx`: the stream ends, and the watcher
+                // watches again (through another auth server, at shutdown).
+                let notice = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    notice = notices.recv() => notice,
+                };
+                let key = match notice {
+                    Ok(Notice::Changed(key)) => key,
+                    // Missed some (this stream lagged, or the backend's watch
+                    // broke): the watcher reads everything.
+                    Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        String::new()
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(proto::ClusterChange { key })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type RecordSessionStream = ReceiverStream<Result<proto::RecordStatus, Status>>;

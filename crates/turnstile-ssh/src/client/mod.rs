@@ -138,6 +138,8 @@ pub struct HostChecker {
     open_failure: Arc<OpenFailure>,
     presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
     inbound: InboundSink,
+    /// Why the server closed the connection, once it said.
+    closed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl HostChecker {
@@ -149,6 +151,7 @@ impl HostChecker {
             open_failure: Arc::default(),
             presented: Arc::default(),
             inbound: Arc::default(),
+            closed: Arc::new(tokio::sync::watch::channel(None).0),
         }
     }
 
@@ -294,6 +297,21 @@ impl Handler for HostChecker {
         Ok(())
     }
 
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                if !info.message.is_empty() {
+                    self.closed.send_replace(Some(info.message));
+                }
+                Ok(())
+            }
+            client::DisconnectReason::Error(e) => Err(e),
+        }
+    }
+
     async fn channel_open_failure(
         &mut self,
         _channel: ChannelId,
@@ -344,9 +362,32 @@ pub struct NodeConnection {
     open_failure: Arc<OpenFailure>,
     // Keeps the proxy hop alive for as long as the node connection lives.
     _proxy: Handle<HostChecker>,
+    /// What the node, then the proxy, said when it closed its connection.
+    closed: [Arc<tokio::sync::watch::Sender<Option<String>>>; 2],
 }
 
+/// How long a session that ended without an exit status waits for the
+/// reason its node or proxy closed the connection with.
+const CLOSE_REASON_WAIT: Duration = Duration::from_millis(500);
+
 impl NodeConnection {
+    /// Why the node or the proxy closed the connection (a lock, a removed
+    /// user: the text it sent), if either said within a moment.
+    pub async fn closed_with(&self) -> Option<String> {
+        let wait = async {
+            let mut node = self.closed[0].subscribe();
+            let mut proxy = self.closed[1].subscribe();
+            tokio::select! {
+                r = node.wait_for(Option::is_some) => r.ok().and_then(|m| m.clone()),
+                r = proxy.wait_for(Option::is_some) => r.ok().and_then(|m| m.clone()),
+            }
+        };
+        tokio::time::timeout(CLOSE_REASON_WAIT, wait)
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Why a channel open failed with `e`, for the user: the server's text
     /// if it sent one.
     pub async fn open_refusal(&self, e: russh::Error) -> String {
@@ -370,6 +411,7 @@ pub struct Connected {
     open_failure: Arc<OpenFailure>,
     presented: Arc<Mutex<Option<PublicKeyOrCertificate>>>,
     inbound: InboundSink,
+    closed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl Connected {
@@ -475,6 +517,7 @@ where
     let open_failure = checker.open_failure.clone();
     let presented = checker.presented.clone();
     let inbound = checker.inbound.clone();
+    let closed = checker.closed.clone();
     let handle = client::connect_stream(client_config(), stream, checker)
         .await
         .map_err(
@@ -495,6 +538,7 @@ where
         open_failure,
         presented,
         inbound,
+        closed,
     })
 }
 
@@ -555,6 +599,7 @@ pub async fn connect_via_proxy(
         handle: conn.handle,
         open_failure: conn.open_failure,
         _proxy: proxy.handle,
+        closed: [conn.closed, proxy.closed],
     })
 }
 

@@ -9,6 +9,9 @@ use tokio::sync::mpsc;
 
 use super::{ClientError, NodeConnection};
 
+/// How much of the node's stderr is kept to compare a closing reason with.
+const SAID_KEPT: usize = 4096;
+
 /// The exit status when the remote side reported none.
 pub const NO_EXIT_STATUS: u32 = 255;
 
@@ -95,6 +98,9 @@ pub async fn run_session(
     });
     let mut status = None;
     let mut started = false;
+    // The end of what the node wrote to stderr, so that a reason it gave
+    // there is not told twice.
+    let mut said: Vec<u8> = Vec::new();
     while let Some(msg) = reader.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
@@ -104,6 +110,10 @@ pub async fn run_session(
             ChannelMsg::ExtendedData { data, .. } => {
                 stderr.write_all(&data).await.ok();
                 stderr.flush().await.ok();
+                said.extend_from_slice(&data);
+                if said.len() > SAID_KEPT {
+                    said.drain(..said.len() - SAID_KEPT);
+                }
             }
             ChannelMsg::Success => started = true,
             ChannelMsg::Failure if !started => {
@@ -133,6 +143,17 @@ pub async fn run_session(
         r.abort();
     }
     stdout.flush().await.ok();
+    if status.is_none()
+        && let Some(reason) = conn.closed_with().await
+        && !String::from_utf8_lossy(&said).contains(&reason)
+    {
+        // The node says why on the session channel; when the proxy ended
+        // the connection first, this is the only place the user reads it.
+        stderr
+            .write_all(format!("turnstile: the connection was closed: {reason}\r\n").as_bytes())
+            .await
+            .ok();
+    }
     stderr.flush().await.ok();
     Ok(status.unwrap_or(NO_EXIT_STATUS))
 }

@@ -26,10 +26,12 @@ fn auth_on_etcd(data: &Path, etcd: &str, uri: &str, extra: &str) -> String {
 }
 
 /// A process joining with `token`, attached to every auth server in `auths`.
+/// Its poll of the cluster is the slowest allowed (10 s): what it learns
+/// sooner, it learns from the watch.
 fn attached_to_all(data: &Path, auths: &[String], token: &str, pin: &str, service: &str) -> String {
     let list: Vec<String> = auths.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "turnstile:\n  data_dir: {}\n  auth_servers: [{}]\n  join_token: {token}\n  ca_pin: {pin}\n{service}",
+        "turnstile:\n  data_dir: {}\n  auth_servers: [{}]\n  join_token: {token}\n  ca_pin: {pin}\n  view_refresh_interval: 10s\n{service}",
         data.display(),
         list.join(", ")
     )
@@ -66,6 +68,31 @@ async fn attach_proxy_and_node(dirs: &Dirs, auths: &[String], pin: &str) -> (Pro
     .await
     .expect("both auth servers list the node");
     (proxy, web1, proxy_addr)
+}
+
+/// db1 (env=prod), joined with a token from the auth server whose data is
+/// `token_from`, attached to `auths` only; waits until auth-a lists it.
+async fn db1_attached_to(dirs: &Dirs, auths: &[String], token_from: &str, pin: &str) -> Proc {
+    let (t, _) = token(&dirs.path(token_from), "node", "10m").await;
+    let db1 = Proc::start(&dirs.config(
+        "db1",
+        &attached_to_all(
+            &dirs.path("db1"),
+            auths,
+            &t,
+            pin,
+            &node_service("db1", "prod"),
+        ),
+    ))
+    .await;
+    poll_until(Duration::from_secs(20), || async {
+        node_names(&dirs.path("auth-a"))
+            .await
+            .contains(&"db1".to_string())
+    })
+    .await
+    .expect("db1 registers");
+    db1
 }
 
 /// alice, limited to two connections (so every session needs auth for its
@@ -157,16 +184,54 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
 
     let (_proxy, _web1, proxy_addr) = attach_proxy_and_node(&dirs, &auths, &pin).await;
     let home = alice_logs_in(&dirs, &proxy_addr, &pin).await;
-    let identity = home.join("keys/prod/alice");
-    let sid_of = |out: &std::process::Output| text(&out.stdout).trim().to_string();
-    let out = client(
-        &home,
-        &["ssh", "web1", "--", "echo $TURNSTILE_SESSION_ID"],
-        None,
+
+    // db1 is attached to auth-a alone. A lock placed through auth-b ends
+    // alice's session there within 2 s (its poll is every 10 s: only the
+    // watch, through etcd, can tell it that soon).
+    let _db1 = db1_attached_to(&dirs, &auths[..1], "auth-a", &pin).await;
+    let mut held = spawn_turnstile(&["ssh", "db1", "--", "echo started; cat"], Some(&home));
+    let _stdin = held.stdin.take();
+    let mut held_out = tokio::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut held_out, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line, "started\n", "{}", stderr_of(&mut held).await);
+    admin(
+        &b_data,
+        &["locks", "add", "--user", "alice", "--message", "incident 7"],
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    wait_complete(&identity, &sid_of(&out)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), held.wait()).await;
+    assert!(
+        ended.is_ok(),
+        "a lock placed through auth-b ends the session on db1 within 2 s"
+    );
+    let stderr = stderr_of(&mut held).await;
+    assert!(stderr.contains("incident 7"), "{stderr}");
+    let listed = admin(&a_data, &["locks", "ls", "--format", "json"]).await;
+    let lock: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    admin(&a_data, &["locks", "rm", lock["id"].as_str().unwrap()]).await;
+    // The lock's removal through auth-a reaches the proxy and web1 as soon.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let out = loop {
+        let out = client(
+            &home,
+            &["ssh", "web1", "--", "echo $TURNSTILE_SESSION_ID"],
+            None,
+        )
+        .await;
+        if out.status.success() {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still locked 2 s after the lock was removed: {}",
+            text(&out.stderr)
+        );
+    };
+    let identity = home.join("keys/prod/alice");
+    wait_complete(&identity, text(&out.stdout).trim()).await;
 
     // auth-a dies. Limited sessions (whose slots only auth gives) work
     // again once the node and proxy pass over it, and are recorded through
@@ -359,4 +424,72 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
         .await
         .expect("the slots are released when the sessions end");
     drop(b);
+}
+
+/// Forty clients race for three slots, half through web1 (attached to
+/// auth-a alone) and half through db1 (attached to auth-b alone): exactly
+/// three get in, since both auth servers take slots by compare-and-swap on
+/// the one etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_exact_across_auth_servers() {
+    use crate::session_control::{exactly_three, limited_role, race_on, release};
+    let dirs = Dirs::new();
+    let etcd = EtcdServer::start().await;
+    let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
+    let uri = s3.uri("recordings");
+    let env = aws_env(SECRET_KEY);
+    let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
+    let a = Proc::start_env(
+        &dirs.config("auth-a", &auth_on_etcd(&a_data, &etcd.url(), &uri, "")),
+        &env,
+    )
+    .await;
+    let b = Proc::start_env(
+        &dirs.config("auth-b", &auth_on_etcd(&b_data, &etcd.url(), &uri, "")),
+        &env,
+    )
+    .await;
+    let pin = a.field("CA pin");
+    let (a_addr, b_addr) = (a.field("auth"), b.field("auth"));
+    let (_proxy, _web1, proxy_addr) =
+        attach_proxy_and_node(&dirs, std::slice::from_ref(&a_addr), &pin).await;
+    let _db1 = db1_attached_to(&dirs, std::slice::from_ref(&b_addr), "auth-b", &pin).await;
+    let role = dirs.path("three.yaml");
+    std::fs::write(&role, limited_role("three", 3, 0)).unwrap();
+    admin(&a_data, &["roles", "create", "-f", role.to_str().unwrap()]).await;
+    admin(
+        &b_data,
+        &[
+            "users", "add", "alice", "--roles", "three", "--logins", "root",
+        ],
+    )
+    .await;
+    let id = dirs.path("alice");
+    let id = id.to_str().unwrap();
+    admin(
+        &a_data,
+        &[
+            "sign",
+            "--user",
+            "alice",
+            "--proxy",
+            &proxy_addr,
+            "--out",
+            id,
+        ],
+    )
+    .await;
+    let outcomes = race_on(&["web1", "db1"], 40, vec!["-i".into(), id.into()], vec![]).await;
+    let holders = exactly_three(outcomes);
+    let slots = || async {
+        admin(&b_data, &["semaphores", "ls", "--format", "json"])
+            .await
+            .lines()
+            .count()
+    };
+    assert_eq!(slots().await, 3);
+    release(holders).await;
+    poll_until(Duration::from_secs(5), || async { slots().await == 0 })
+        .await
+        .expect("closed connections free their slots");
 }

@@ -13,14 +13,14 @@ use crate::support::{
     BIN, ClusterSpec, Proc, TestCluster, client, openssh, poll_until, run, spawn_turnstile, text,
 };
 
-fn limited_role(name: &str, max_connections: u32, max_sessions: u32) -> String {
+pub(crate) fn limited_role(name: &str, max_connections: u32, max_sessions: u32) -> String {
     format!(
         "kind: role\nversion: v3\nmetadata:\n  name: {name}\nspec:\n  options:\n    max_connections: {max_connections}\n    max_sessions: {max_sessions}\n  allow:\n    logins: ['{{{{internal.logins}}}}']\n"
     )
 }
 
 /// What happened to one of many clients started at once.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Connected and holding the session open.
     Holding(tokio::process::Child),
     /// Exited without connecting.
@@ -30,11 +30,25 @@ enum Outcome {
 /// Starts `n` `turnstile ssh` clients at once, each holding its session open
 /// (`cat` waits on the open stdin) once it has printed `connected`.
 async fn race(n: usize, identity_args: Vec<String>, env: Vec<(String, String)>) -> Vec<Outcome> {
+    race_on(&["web1"], n, identity_args, env).await
+}
+
+/// `n` clients at once, each to the next of `nodes` in turn.
+pub(crate) async fn race_on(
+    nodes: &[&str],
+    n: usize,
+    identity_args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Vec<Outcome> {
     let mut tasks = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         let mut args = vec!["ssh".to_string()];
         args.extend(identity_args.iter().cloned());
-        args.extend(["web1".into(), "--".into(), "echo connected; cat".into()]);
+        args.extend([
+            nodes[i % nodes.len()].to_string(),
+            "--".into(),
+            "echo connected; cat".into(),
+        ]);
         let env = env.clone();
         tasks.push(tokio::spawn(async move {
             let mut child = tokio::process::Command::new(BIN)
@@ -75,7 +89,7 @@ async fn race(n: usize, identity_args: Vec<String>, env: Vec<(String, String)>) 
 }
 
 /// Checks 3 of 40 hold and 37 were told why; returns the holders.
-fn exactly_three(outcomes: Vec<Outcome>) -> Vec<tokio::process::Child> {
+pub(crate) fn exactly_three(outcomes: Vec<Outcome>) -> Vec<tokio::process::Child> {
     let mut holders = Vec::new();
     let mut refused = 0;
     for o in outcomes {
@@ -104,7 +118,7 @@ async fn lease_count(admin_args: &[&str]) -> usize {
     text(&out.stdout).lines().count()
 }
 
-async fn release(holders: Vec<tokio::process::Child>) {
+pub(crate) async fn release(holders: Vec<tokio::process::Child>) {
     for mut c in holders {
         drop(c.stdin.take());
         let status = tokio::time::timeout(Duration::from_secs(30), c.wait())
