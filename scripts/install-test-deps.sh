@@ -8,6 +8,8 @@ command -v ssh >/dev/null || need_apt+=(openssh-client)
 command -v asciinema >/dev/null || need_apt+=(asciinema)
 # etcd for the etcd backend's tests (the package starts no server here).
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+# PostgreSQL for the audit log's tests (the tests start private servers).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

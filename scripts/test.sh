@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh Debian machine with a Rust toolchain:
 # installs what the tests need if it is missing (OpenSSH client and server,
 # asciinema, cargo-nextest, the S3 servers moto and s3s-fs, the GCS emulator,
-# Azurite), prepares the
+# Azurite, etcd, PostgreSQL), prepares the
 # unprivileged test login, and runs every test of the workspace. Servers the
 # tests need are started by the tests themselves on 127.0.0.1, on free ports,
 # and stopped by them.

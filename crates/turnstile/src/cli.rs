@@ -413,6 +413,10 @@ turnstile admin audit search --user alice --format json"
         /// Only events newer than this, e.g. 30m, 1h, 7d.
         #[arg(long, value_name = "DURATION")]
         since: Option<String>,
+        /// At most this many events, the oldest first (default: all, read a
+        /// page of 1,000 at a time).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },

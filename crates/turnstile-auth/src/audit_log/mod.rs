@@ -14,11 +14,22 @@ use tokio::sync::Mutex;
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 
+mod postgres;
+pub use postgres::PostgresAuditLog;
+#[cfg(any(test, feature = "test-support"))]
+pub use postgres::testing;
+
 #[derive(Debug, thiserror::Error)]
-#[error("audit log {path}: {source}")]
-pub struct AuditLogError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum AuditLogError {
+    #[error("audit log {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit log in PostgreSQL ({target}): {message}")]
+    Postgres { target: String, message: String },
+    #[error("audit search: {0}")]
+    BadCursor(String),
 }
 
 /// What to look for.
@@ -27,22 +38,68 @@ pub struct AuditQuery {
     pub event: Option<String>,
     pub user: Option<String>,
     pub since: Option<SystemTime>,
+    /// At most this many events (0: all).
+    pub limit: usize,
+    /// Where the previous page ended ([`AuditPage::next`]).
+    pub after: Option<String>,
 }
+
+/// One page of a search, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditPage {
+    pub events: Vec<Value>,
+    /// Where the next page starts; `None` when this was the last.
+    pub next: Option<String>,
+}
+
+/// The uid of an event a host sent: the same for a resent batch, so that a
+/// log that keeps events by uid stores it once whichever auth server it
+/// reaches.
+pub fn host_event_uid(server_id: &str, queue_id: &str, seq: u64, part: &str) -> String {
+    uuid::Uuid::new_v5(
+        &HOST_EVENT_NAMESPACE,
+        format!("{server_id}/{queue_id}/{seq}/{part}").as_bytes(),
+    )
+    .to_string()
+}
+
+const HOST_EVENT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5f1c_2b9e_4d7a_4358_81e6_f2a9_b4d8_037e);
 
 #[async_trait]
 pub trait AuditLog: Send + Sync + std::fmt::Debug {
     /// Writes the event durably; returns the JSON written.
     async fn emit(&self, event: AuditEvent) -> Result<Value, AuditLogError>;
-    /// Writes the events durably, in order (one sync for the batch where
-    /// the log can).
-    async fn emit_batch(&self, events: Vec<AuditEvent>) -> Result<(), AuditLogError> {
-        for e in events {
-            self.emit(e).await?;
-        }
-        Ok(())
+    /// Writes the events durably, in order, each with its uid (one sync for
+    /// the batch where the log can). An event whose uid is already stored
+    /// is not stored again, where the log can tell.
+    async fn emit_batch(&self, events: Vec<(AuditEvent, String)>) -> Result<(), AuditLogError>;
+    /// Events matching the query, oldest first, a page at a time.
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage, AuditLogError>;
+}
+
+/// A page of `matching` (all the events a query matches, oldest first)
+/// from the position `query.after` names: the file and memory logs page
+/// by position in their append-only order.
+fn page_by_position(matching: Vec<Value>, query: &AuditQuery) -> Result<AuditPage, AuditLogError> {
+    let from = match &query.after {
+        None => 0,
+        Some(cursor) => cursor.parse::<usize>().map_err(|_| {
+            AuditLogError::BadCursor(format!("{cursor:?} is not where a page of this log ended"))
+        })?,
+    };
+    let rest: Vec<Value> = matching.into_iter().skip(from).collect();
+    if query.limit == 0 || rest.len() <= query.limit {
+        return Ok(AuditPage {
+            events: rest,
+            next: None,
+        });
     }
-    /// Events matching the query, oldest first.
-    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError>;
+    let events: Vec<Value> = rest.into_iter().take(query.limit).collect();
+    Ok(AuditPage {
+        next: Some((from + events.len()).to_string()),
+        events,
+    })
 }
 
 #[derive(Debug)]
@@ -86,7 +143,7 @@ impl FileAuditLog {
 
     fn err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> AuditLogError {
         let path = path.to_path_buf();
-        move |source| AuditLogError { path, source }
+        move |source| AuditLogError::File { path, source }
     }
 }
 
@@ -102,22 +159,29 @@ impl AuditLog for FileAuditLog {
         Ok(json)
     }
 
-    async fn emit_batch(&self, events: Vec<AuditEvent>) -> Result<(), AuditLogError> {
+    async fn emit_batch(&self, events: Vec<(AuditEvent, String)>) -> Result<(), AuditLogError> {
         if events.is_empty() {
             return Ok(());
         }
         let now = self.clock.now();
         let time = humantime::format_rfc3339_millis(now).to_string();
         let mut text = Vec::new();
-        for event in &events {
-            let json = event.to_json(&time, &uuid::Uuid::new_v4().to_string());
+        for (event, uid) in &events {
+            let json = event.to_json(&time, uid);
             serde_json::to_writer(&mut text, &json).unwrap_or_default();
             text.push(b'\n');
         }
         self.append(now, &text).await
     }
 
-    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage, AuditLogError> {
+        page_by_position(self.matching(query).await?, query)
+    }
+}
+
+impl FileAuditLog {
+    /// Every event of the log `query` matches, oldest first.
+    async fn matching(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
         let mut files = Vec::new();
         let mut dir = match tokio::fs::read_dir(&self.dir).await {
             Ok(d) => d,
@@ -195,8 +259,18 @@ impl AuditLog for MemoryAuditLog {
         Ok(json)
     }
 
-    async fn search(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
-        Ok(self
+    async fn emit_batch(&self, events: Vec<(AuditEvent, String)>) -> Result<(), AuditLogError> {
+        let mut stored = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        for (event, uid) in events {
+            if !stored.iter().any(|v| v["uid"] == uid.as_str()) {
+                stored.push(event.to_json("1970-01-01T00:00:00.000Z", &uid));
+            }
+        }
+        Ok(())
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage, AuditLogError> {
+        let matching = self
             .events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -204,7 +278,8 @@ impl AuditLog for MemoryAuditLog {
             .filter(|v| query.event.as_deref().is_none_or(|e| v["event"] == e))
             .filter(|v| query.user.as_deref().is_none_or(|u| v["user"] == u))
             .cloned()
-            .collect())
+            .collect();
+        page_by_position(matching, query)
     }
 }
 
@@ -229,7 +304,26 @@ mod tests {
             .unwrap();
         }
         let all = log.search(&AuditQuery::default()).await.unwrap();
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.events.len(), 2);
+        assert!(all.next.is_none());
+        let first = log
+            .search(&AuditQuery {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.events[0]["user"], "alice");
+        let second = log
+            .search(&AuditQuery {
+                limit: 1,
+                after: first.next.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(second.events[0]["user"], "bob");
+        assert!(second.next.is_none(), "the last page says so");
         let alice = log
             .search(&AuditQuery {
                 user: Some("alice".into()),
@@ -237,8 +331,8 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(alice.len(), 1);
-        assert_eq!(alice[0]["code"], "T1000W");
+        assert_eq!(alice.events.len(), 1);
+        assert_eq!(alice.events[0]["code"], "T1000W");
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(files.len(), 1, "one file per day");
     }

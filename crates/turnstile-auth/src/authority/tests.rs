@@ -255,7 +255,8 @@ mod login_tests {
                 ..Default::default()
             })
             .await
-            .unwrap();
+            .unwrap()
+            .events;
         assert_eq!(failures.len(), 3);
         assert_eq!(failures[1]["code"], "T1000W");
         assert_eq!(failures[1]["addr.remote"], "1.2.3.4:5");

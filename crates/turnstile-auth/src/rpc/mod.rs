@@ -12,7 +12,7 @@ use turnstile_api::identity::SystemRole;
 use turnstile_api::role::Role;
 use turnstile_api::rpc::proto;
 
-use crate::audit_log::AuditQuery;
+use crate::audit_log::{AuditQuery, host_event_uid};
 use crate::authority::{Authority, NodeRecord, UserRecord};
 use crate::ca::peer_identity;
 use crate::change_feed::{ChangeFeed, Notice};
@@ -119,6 +119,8 @@ pub struct AuthApi {
 
 /// The most events one `EmitAuditEvents` call may carry.
 const MAX_AUDIT_BATCH: usize = 1000;
+/// The most events one page of `SearchAuditEvents` holds.
+const MAX_AUDIT_PAGE: usize = 1000;
 
 impl AuthApi {
     /// Checks an event a host sends (it may speak only for itself, never as
@@ -701,14 +703,19 @@ impl proto::auth_server::Auth for AuthApi {
                 duplicates += 1;
                 continue;
             }
+            // The uids follow from the host, its queue and the numbers: a
+            // batch resent to another auth server is stored once.
             if e.seq > last + 1 {
                 tracing::warn!(server = %c.id, queue = %r.queue_id, from = last + 1, to = e.seq - 1, "audit events missing from a host's queue");
-                write.push(AuditEvent::AuditGap {
-                    server_id: c.id.clone(),
-                    queue_id: r.queue_id.clone(),
-                    missing_from: last + 1,
-                    missing_to: e.seq - 1,
-                });
+                write.push((
+                    AuditEvent::AuditGap {
+                        server_id: c.id.clone(),
+                        queue_id: r.queue_id.clone(),
+                        missing_from: last + 1,
+                        missing_to: e.seq - 1,
+                    },
+                    host_event_uid(&c.id, &r.queue_id, last + 1, "gap"),
+                ));
             }
             last = e.seq;
             let taken = match serde_json::from_str::<AuditEvent>(&e.event_json) {
@@ -716,7 +723,9 @@ impl proto::auth_server::Auth for AuthApi {
                 Err(err) => Err(Status::invalid_argument(format!("audit event: {err}"))),
             };
             match taken {
-                Ok(event) => write.push(event),
+                Ok(event) => {
+                    write.push((event, host_event_uid(&c.id, &r.queue_id, e.seq, "event")))
+                }
                 Err(s)
                     if matches!(
                         s.code(),
@@ -757,15 +766,24 @@ impl proto::auth_server::Auth for AuthApi {
                 std::time::UNIX_EPOCH
                     + Duration::from_millis(u64::try_from(r.since_unix_ms).unwrap_or(0))
             }),
+            limit: match usize::try_from(r.limit).unwrap_or(0) {
+                0 => MAX_AUDIT_PAGE,
+                n => n.min(MAX_AUDIT_PAGE),
+            },
+            after: Some(r.after).filter(|a| !a.is_empty()),
         };
-        let events = self
+        let page = self
             .authority
             .audit()
             .search(&query)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::audit_log::AuditLogError::BadCursor(m) => Status::invalid_argument(m),
+                e => Status::unavailable(e.to_string()),
+            })?;
         ok(proto::AuditEventList {
-            event_json: events.iter().map(|v| v.to_string()).collect(),
+            event_json: page.events.iter().map(|v| v.to_string()).collect(),
+            next: page.next.unwrap_or_default(),
         })
     }
 

@@ -96,8 +96,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             event,
             user,
             since,
+            limit,
             format,
-        }) => audit_search(&mut admin, event, user, since, format).await,
+        }) => audit_search(&mut admin, event, user, since, limit, format).await,
         AdminCommand::Sign(args) => sign(&mut admin, args).await,
     }
 }
@@ -713,6 +714,7 @@ async fn audit_search(
     event: Option<String>,
     user: Option<String>,
     since: Option<String>,
+    limit: Option<usize>,
     format: Format,
 ) -> anyhow::Result<()> {
     let since_unix_ms = match since {
@@ -724,17 +726,6 @@ async fn audit_search(
         }
         None => 0,
     };
-    let events = admin
-        .client
-        .search_audit_events(proto::SearchAuditEventsRequest {
-            event: event.unwrap_or_default(),
-            user: user.unwrap_or_default(),
-            since_unix_ms,
-        })
-        .await
-        .map_err(|s| rpc_error(admin, s))?
-        .into_inner()
-        .event_json;
     // Text names the node an event happened on, by name where auth knows it.
     let node_names: std::collections::HashMap<String, String> = if format == Format::Json {
         Default::default()
@@ -752,60 +743,94 @@ async fn audit_search(
             })
             .unwrap_or_default()
     };
-    for line in &events {
-        if format == Format::Json {
-            crate::outln!("{line}");
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-        let field = |k: &str| {
-            v[k].as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v[k].to_string())
-        };
-        let mut text = format!(
-            "{} {} {} user={}",
-            field("time"),
-            field("event"),
-            field("code"),
-            field("user")
-        );
-        let node = v["node"].as_str().map(str::to_string).or_else(|| {
-            v["server_id"].as_str().map(|id| {
-                node_names
-                    .get(id)
-                    .cloned()
-                    .unwrap_or_else(|| id.to_string())
+    // A page at a time, printed as it comes: the first lines show at once
+    // however long the log.
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut after = String::new();
+    while left > 0 {
+        let page = admin
+            .client
+            .search_audit_events(proto::SearchAuditEventsRequest {
+                event: event.clone().unwrap_or_default(),
+                user: user.clone().unwrap_or_default(),
+                since_unix_ms,
+                limit: u32::try_from(left.min(AUDIT_PAGE)).unwrap_or(0),
+                after: after.clone(),
             })
-        });
-        if let Some(node) = node {
-            text.push_str(&format!(" node={node}"));
+            .await
+            .map_err(|s| rpc_error(admin, s))?
+            .into_inner();
+        for line in page.event_json.iter().take(left) {
+            print_audit_event(line, format, &node_names);
         }
-        for k in [
-            "login",
-            "target",
-            "command",
-            "exitCode",
-            "sid",
-            "sessctl_kind",
-            "max",
-            "addr.remote",
-            "success",
-            "error",
-            "reason",
-        ] {
-            if !v[k].is_null() {
-                let value = field(k);
-                if value.contains(' ') {
-                    text.push_str(&format!(" {k}={value:?}"));
-                } else {
-                    text.push_str(&format!(" {k}={value}"));
-                }
-            }
+        left = left.saturating_sub(page.event_json.len());
+        if page.next.is_empty() {
+            break;
         }
-        crate::outln!("{text}");
+        after = page.next;
     }
     Ok(())
+}
+
+/// How many events `audit search` asks for at a time.
+const AUDIT_PAGE: usize = 1000;
+
+fn print_audit_event(
+    line: &str,
+    format: Format,
+    node_names: &std::collections::HashMap<String, String>,
+) {
+    if format == Format::Json {
+        crate::outln!("{line}");
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+    let field = |k: &str| {
+        v[k].as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v[k].to_string())
+    };
+    let mut text = format!(
+        "{} {} {} user={}",
+        field("time"),
+        field("event"),
+        field("code"),
+        field("user")
+    );
+    let node = v["node"].as_str().map(str::to_string).or_else(|| {
+        v["server_id"].as_str().map(|id| {
+            node_names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| id.to_string())
+        })
+    });
+    if let Some(node) = node {
+        text.push_str(&format!(" node={node}"));
+    }
+    for k in [
+        "login",
+        "target",
+        "command",
+        "exitCode",
+        "sid",
+        "sessctl_kind",
+        "max",
+        "addr.remote",
+        "success",
+        "error",
+        "reason",
+    ] {
+        if !v[k].is_null() {
+            let value = field(k);
+            if value.contains(' ') {
+                text.push_str(&format!(" {k}={value:?}"));
+            } else {
+                text.push_str(&format!(" {k}={value}"));
+            }
+        }
+    }
+    crate::outln!("{text}");
 }
 
 async fn config_cmd(admin: &mut Admin, cmd: ConfigCommand) -> anyhow::Result<()> {
