@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Reproducible benchmarks; each prints a table. Release build.
-#   scripts/bench.sh semaphores   connection slots and connect latency vs OpenSSH
+#   scripts/bench.sh semaphores   connection slots (over gRPC; straight on SQLite, etcd, etcd with two
+#                                 auth servers) and connect latency vs OpenSSH
+#   scripts/bench.sh audit        the first page of an audit search over BENCH_EVENTS events (default
+#                                 1,000,000) in a private PostgreSQL
 #   scripts/bench.sh recording    bulk output in each recording mode and with OpenSSH (BENCH_BYTES,
 #                                 default 1 GiB; BENCH_RUNS runs of each, default 3; BENCH_MODES,
 #                                 default node,node-sync,proxy, always after off) and node-sync to

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::proto;
-use turnstile_auth::audit_log::FileAuditLog;
+use turnstile_auth::audit_log::{AuditLog, FileAuditLog, PostgresAuditLog};
 use turnstile_auth::backend::{Backend, EtcdBackend, MemoryBackend, SqliteBackend};
 use turnstile_auth::cluster_config;
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
@@ -29,7 +29,7 @@ use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_a
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
-use crate::config::resolve::{FILE_STORE_MIN_PART, StorageKind, host_name};
+use crate::config::resolve::{AuditEventsUri, FILE_STORE_MIN_PART, StorageKind, host_name};
 use turnstile_recording::recorder::Recorder;
 use turnstile_recording::shipper::{self, Shipper};
 use turnstile_recording::spool::Spool;
@@ -379,10 +379,20 @@ async fn launch_services(
                     Arc::new(etcd)
                 }
             };
-            let audit = Arc::new(FileAuditLog::new(
-                &data_dir.join("log"),
-                Arc::new(SystemClock),
-            ));
+            let audit: Arc<dyn AuditLog> = match &auth_settings.audit_events {
+                AuditEventsUri::File(dir) => {
+                    Arc::new(FileAuditLog::new(dir, Arc::new(SystemClock)))
+                }
+                AuditEventsUri::Postgres(uri) => Arc::new(
+                    PostgresAuditLog::connect(uri, Arc::new(SystemClock))
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "turnstile.storage.audit_events_uri: cannot use the audit log: {e}"
+                            )
+                        })?,
+                ),
+            };
             let authority = Arc::new(
                 Authority::open(
                     backend,

@@ -64,6 +64,7 @@ pub struct StorageSection {
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub audit_sessions_uri: Option<String>,
+    pub audit_events_uri: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

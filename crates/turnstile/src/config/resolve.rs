@@ -67,6 +67,34 @@ pub enum StorageKind {
     Etcd(EtcdSettings),
 }
 
+/// Where the auth service writes audit events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditEventsUri {
+    /// JSON lines, a file per day, in this directory (one auth server).
+    File(PathBuf),
+    /// One PostgreSQL database every auth server writes to (a libpq URI).
+    Postgres(String),
+}
+
+impl AuditEventsUri {
+    fn parse(uri: &str) -> Result<Self, String> {
+        if let Some(path) = uri.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{uri:?}: a file:// URI names an absolute directory, like file:///var/lib/turnstile/log"
+                ));
+            }
+            return Ok(Self::File(PathBuf::from(path)));
+        }
+        if uri.starts_with("postgres://") || uri.starts_with("postgresql://") {
+            return Ok(Self::Postgres(uri.to_string()));
+        }
+        Err(format!(
+            "{uri:?} is not file:///DIR or postgres://USER@HOST/DATABASE"
+        ))
+    }
+}
+
 /// The default `turnstile.storage.prefix` of the etcd backend.
 pub const DEFAULT_ETCD_PREFIX: &str = "/turnstile";
 /// How long a call to etcd may go unanswered before it fails.
@@ -80,6 +108,8 @@ pub struct AuthSettings {
     pub storage_path: PathBuf,
     /// Where recordings go (`storage.audit_sessions_uri`).
     pub recordings: StoreUri,
+    /// Where audit events go (`storage.audit_events_uri`).
+    pub audit_events: AuditEventsUri,
     /// An upload whose recorder has been silent this long is completed.
     pub upload_grace: Duration,
     /// The cluster settings the file sets, written at start where they
@@ -340,6 +370,20 @@ pub fn resolve(
             Some(uri) => StoreUri::parse(uri)
                 .map_err(|e| field_error("turnstile.storage.audit_sessions_uri", e))?,
         };
+        let audit_events = match storage.audit_events_uri.as_deref() {
+            None => AuditEventsUri::File(data_dir.join("log")),
+            Some(uri) => AuditEventsUri::parse(uri)
+                .map_err(|e| field_error("turnstile.storage.audit_events_uri", e))?,
+        };
+        if matches!(storage_kind, StorageKind::Etcd(_))
+            && matches!(audit_events, AuditEventsUri::File(_))
+        {
+            return Err(field_error(
+                "turnstile.storage.audit_events_uri",
+                "with the etcd backend every auth server writes one audit log, and a \
+                 file:// directory is one machine's; set postgres://USER@HOST/DATABASE",
+            ));
+        }
         if matches!(storage_kind, StorageKind::Etcd(_))
             && matches!(recordings, StoreUri::File { .. })
         {
@@ -375,6 +419,7 @@ pub fn resolve(
                 .clone()
                 .unwrap_or_else(|| data_dir.join("backend.sqlite")),
             recordings,
+            audit_events,
             upload_grace,
             cluster_settings: FileSettings {
                 session_control_timeout: timeout,
@@ -685,7 +730,15 @@ mod tests {
             ),
             (
                 "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://127.0.0.1:2379\"]\nauth_service: {}\n",
+                "turnstile.storage.audit_events_uri",
+            ),
+            (
+                "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://127.0.0.1:2379\"]\n    audit_events_uri: postgres://db/audit\nauth_service: {}\n",
                 "turnstile.storage.audit_sessions_uri",
+            ),
+            (
+                "turnstile:\n  storage:\n    audit_events_uri: mysql://db/audit\nauth_service: {}\n",
+                "turnstile.storage.audit_events_uri",
             ),
             (
                 "turnstile:\n  storage:\n    type: etcd\n    peers: [\"http://e:2379\"]\n    tls_ca_file: /nonexistent/ca.pem\nauth_service: {}\n",

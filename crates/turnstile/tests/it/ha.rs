@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use turnstile_auth::audit_log::testing::PostgresServer;
 use turnstile_auth::backend::etcd::testing::EtcdServer;
 
 use crate::cluster::{
@@ -17,12 +18,38 @@ use crate::support::{
     BIN, Proc, client, free_port, poll_until, run, spawn_turnstile, stderr_of, text,
 };
 
-/// An auth server on the etcd at `etcd`, recording to `uri`.
-fn auth_on_etcd(data: &Path, etcd: &str, uri: &str, extra: &str) -> String {
-    format!(
-        "turnstile:\n  data_dir: {}\n  storage:\n    type: etcd\n    peers: [\"{etcd}\"]\n    prefix: /ha\n    audit_sessions_uri: \"{uri}\"\nauth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: prod\n{extra}",
-        data.display()
-    )
+/// The shared parts of a cluster of auth servers: etcd, an object store for
+/// recordings, PostgreSQL for the audit log.
+struct Shared {
+    etcd: EtcdServer,
+    _s3: S3Server,
+    postgres: PostgresServer,
+    recordings: String,
+}
+
+impl Shared {
+    async fn start(dirs: &Dirs) -> Self {
+        let etcd = EtcdServer::start().await;
+        let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
+        let postgres = PostgresServer::start();
+        Self {
+            etcd,
+            recordings: s3.uri("recordings"),
+            _s3: s3,
+            postgres,
+        }
+    }
+
+    /// An auth server's config; `extra`: more `auth_service` lines.
+    fn auth_yaml(&self, data: &Path, extra: &str) -> String {
+        format!(
+            "turnstile:\n  data_dir: {}\n  storage:\n    type: etcd\n    peers: [\"{}\"]\n    prefix: /ha\n    audit_sessions_uri: \"{}\"\n    audit_events_uri: \"{}\"\nauth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: prod\n{extra}",
+            data.display(),
+            self.etcd.url(),
+            self.recordings,
+            self.postgres.uri(),
+        )
+    }
 }
 
 /// A process joining with `token`, attached to every auth server in `auths`.
@@ -145,16 +172,14 @@ async fn alice_logs_in(dirs: &Dirs, proxy_addr: &str, pin: &str) -> std::path::P
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     let dirs = Dirs::new();
-    let mut etcd = EtcdServer::start().await;
-    let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
-    let uri = s3.uri("recordings");
+    let mut shared = Shared::start(&dirs).await;
     let env = aws_env(SECRET_KEY);
     let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
     // The first start of two auth servers at once: one set of CAs.
-    let a_config = dirs.config("auth-a", &auth_on_etcd(&a_data, &etcd.url(), &uri, ""));
+    let a_config = dirs.config("auth-a", &shared.auth_yaml(&a_data, ""));
     let b_config = dirs.config(
         "auth-b",
-        &auth_on_etcd(&b_data, &etcd.url(), &uri, "  locking_mode: strict\n"),
+        &shared.auth_yaml(&b_data, "  locking_mode: strict\n"),
     );
     let (a, b) = tokio::join!(
         Proc::start_env(&a_config, &env),
@@ -307,7 +332,7 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     })
     .await
     .expect("bob works once proxy and node know him");
-    etcd.stop().await;
+    shared.etcd.stop().await;
     let out = bob_ssh().await;
     assert_eq!(text(&out.stdout), "bob\n", "{}", text(&out.stderr));
     let out = alice_ssh().await;
@@ -315,10 +340,10 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     assert!(!out.status.success(), "a limited session without etcd");
     assert!(
         stderr.contains("cannot take a connection slot for user \"alice\"")
-            && stderr.contains(&format!("etcd ({}) did not answer", etcd.url())),
+            && stderr.contains(&format!("etcd ({}) did not answer", shared.etcd.url())),
         "the refusal says why: {stderr}"
     );
-    etcd.restart().await;
+    shared.etcd.restart().await;
     poll_until(Duration::from_secs(20), || async {
         text(&alice_ssh().await.stdout) == "alice\n"
     })
@@ -334,24 +359,16 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
 async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let dirs = Dirs::new();
-    let etcd = EtcdServer::start().await;
-    let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
-    let uri = s3.uri("recordings");
+    let shared = Shared::start(&dirs).await;
     let env = aws_env(SECRET_KEY);
     let sync = "  session_recording: node-sync\n";
     let a = Proc::start_env(
-        &dirs.config(
-            "auth-a",
-            &auth_on_etcd(&dirs.path("auth-a"), &etcd.url(), &uri, sync),
-        ),
+        &dirs.config("auth-a", &shared.auth_yaml(&dirs.path("auth-a"), sync)),
         &env,
     )
     .await;
     let b = Proc::start_env(
-        &dirs.config(
-            "auth-b",
-            &auth_on_etcd(&dirs.path("auth-b"), &etcd.url(), &uri, sync),
-        ),
+        &dirs.config("auth-b", &shared.auth_yaml(&dirs.path("auth-b"), sync)),
         &env,
     )
     .await;
@@ -384,6 +401,7 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
             .any(|l| l.contains("recording stream opened") && l.contains(sid.as_str()))),
         "a session streams to auth-a before it dies:\n{on_a}"
     );
+    let sids_started: Vec<String> = sessions.iter().map(|(_, _, sid, _)| sid.clone()).collect();
     a.kill9().await;
     // The slots stay held (they are in etcd) and are released at the end.
     let b_data = dirs.path("auth-b");
@@ -423,6 +441,50 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
     poll_until(Duration::from_secs(10), || async { slots().await == 0 })
         .await
         .expect("the slots are released when the sessions end");
+    // Every session's events are in PostgreSQL, once each, whichever auth
+    // server they reached: both auth servers read the one log.
+    poll_until(Duration::from_secs(30), || async {
+        let ends = admin(
+            &b_data,
+            &[
+                "audit",
+                "search",
+                "--event",
+                "session.end",
+                "--format",
+                "json",
+            ],
+        )
+        .await;
+        ends.lines().count() == 2
+    })
+    .await
+    .expect("both sessions' ends reach the audit log");
+    let starts = admin(
+        &b_data,
+        &[
+            "audit",
+            "search",
+            "--event",
+            "session.start",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    let mut logged: Vec<String> = starts
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["sid"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    logged.sort();
+    let mut expected = sids_started;
+    expected.sort();
+    assert_eq!(logged, expected, "each session's start is in the log once");
     drop(b);
 }
 
@@ -434,21 +496,11 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
 async fn limits_are_exact_across_auth_servers() {
     use crate::session_control::{exactly_three, limited_role, race_on, release};
     let dirs = Dirs::new();
-    let etcd = EtcdServer::start().await;
-    let s3 = S3Server::s3s_fs(&dirs.path("s3"), free_port()).await;
-    let uri = s3.uri("recordings");
+    let shared = Shared::start(&dirs).await;
     let env = aws_env(SECRET_KEY);
     let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
-    let a = Proc::start_env(
-        &dirs.config("auth-a", &auth_on_etcd(&a_data, &etcd.url(), &uri, "")),
-        &env,
-    )
-    .await;
-    let b = Proc::start_env(
-        &dirs.config("auth-b", &auth_on_etcd(&b_data, &etcd.url(), &uri, "")),
-        &env,
-    )
-    .await;
+    let a = Proc::start_env(&dirs.config("auth-a", &shared.auth_yaml(&a_data, "")), &env).await;
+    let b = Proc::start_env(&dirs.config("auth-b", &shared.auth_yaml(&b_data, "")), &env).await;
     let pin = a.field("CA pin");
     let (a_addr, b_addr) = (a.field("auth"), b.field("auth"));
     let (_proxy, _web1, proxy_addr) =

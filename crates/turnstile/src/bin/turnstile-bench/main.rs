@@ -1,4 +1,4 @@
-//! Benchmarks that print a table: `turnstile-bench semaphores|recording|sessions`
+//! Benchmarks that print a table: `turnstile-bench semaphores|recording|sessions|audit`
 //! (see each module).
 //!
 //! Starts a one-process cluster (auth on SQLite, proxy, node) on loopback in
@@ -13,6 +13,7 @@
 
 use anyhow::bail;
 
+mod audit;
 mod common;
 mod recording;
 mod semaphores;
@@ -25,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         "semaphores" => semaphores::run().await,
         "recording" => recording::run().await,
         "sessions" => sessions::run().await,
-        _ => bail!("usage: turnstile-bench semaphores|recording|sessions"),
+        "audit" => audit::run().await,
+        _ => bail!("usage: turnstile-bench semaphores|recording|sessions|audit"),
     }
 }

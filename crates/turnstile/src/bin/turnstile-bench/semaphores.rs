@@ -254,6 +254,114 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     running.stop().await?;
+    backend_slots().await
+}
+
+/// Slot acquire and release straight on each backend (no gRPC): SQLite,
+/// etcd with one auth server, and etcd with two auth servers (two
+/// processes' worth of backend clients and semaphores) taking turns.
+async fn backend_slots() -> anyhow::Result<()> {
+    use turnstile_api::clock::SystemClock;
+    use turnstile_auth::backend::etcd::testing::EtcdServer;
+    use turnstile_auth::backend::{Backend, EtcdBackend, SqliteBackend};
+    use turnstile_auth::semaphores::{LeaseRequest, Semaphores};
+
+    println!();
+    println!("Connection slots straight on the backend (no gRPC), one user's semaphore");
+    println!(
+        "{:<30}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10}",
+        "backend",
+        "contenders",
+        "pairs",
+        "acquire p50 ms",
+        "acquire p99 ms",
+        "acq+rel p50 ms",
+        "acq+rel p99 ms",
+        "pairs/s"
+    );
+    let dir = tempfile::tempdir()?;
+    let clock: Arc<dyn turnstile_api::clock::Clock> = Arc::new(SystemClock);
+    let sqlite: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("b.sqlite"))?);
+    let etcd = EtcdServer::start().await;
+    let settings = etcd.settings("/bench");
+    let etcd_a: Arc<dyn Backend> = Arc::new(EtcdBackend::connect(&settings)?);
+    let etcd_b: Arc<dyn Backend> = Arc::new(EtcdBackend::connect(&settings)?);
+    let setups: Vec<(&str, Vec<Arc<Semaphores>>)> = vec![
+        (
+            "SQLite",
+            vec![Arc::new(Semaphores::new(sqlite, clock.clone()))],
+        ),
+        (
+            "etcd, one auth server",
+            vec![Arc::new(Semaphores::new(etcd_a.clone(), clock.clone()))],
+        ),
+        (
+            "etcd, two auth servers",
+            vec![
+                Arc::new(Semaphores::new(etcd_a, clock.clone())),
+                Arc::new(Semaphores::new(etcd_b, clock.clone())),
+            ],
+        ),
+    ];
+    for (label, servers) in setups {
+        for contenders in [1usize, 16, 64] {
+            let per = (1000 / contenders).max(20);
+            let name = format!("bench-{}-{contenders}", label.len());
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for i in 0..contenders {
+                let semaphores = servers[i % servers.len()].clone();
+                let name = name.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut acquire = Vec::with_capacity(per);
+                    let mut pair = Vec::with_capacity(per);
+                    for _ in 0..per {
+                        let t0 = Instant::now();
+                        let lease = semaphores
+                            .acquire(&LeaseRequest {
+                                kind: "connection".into(),
+                                name: name.clone(),
+                                max: contenders as u32,
+                                ttl: Duration::from_secs(120),
+                                holder: "bench".into(),
+                                holder_name: "bench".into(),
+                                login: "root".into(),
+                                remote_addr: "127.0.0.1:1".into(),
+                            })
+                            .await?;
+                        let t1 = Instant::now();
+                        semaphores
+                            .cancel("connection", &name, &lease.lease_id)
+                            .await?;
+                        acquire.push(t1 - t0);
+                        pair.push(t0.elapsed());
+                    }
+                    Ok::<_, turnstile_auth::semaphores::SemaphoreError>((acquire, pair))
+                }));
+            }
+            let (mut acquire, mut pair) = (Vec::new(), Vec::new());
+            for t in tasks {
+                let (a, p) = t.await??;
+                acquire.extend(a);
+                pair.extend(p);
+            }
+            let elapsed = start.elapsed();
+            let n = pair.len();
+            let a = summarize(acquire);
+            let p = summarize(pair);
+            println!(
+                "{:<30}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10.0}",
+                label,
+                contenders,
+                n,
+                ms(a.p50),
+                ms(a.p99),
+                ms(p.p50),
+                ms(p.p99),
+                n as f64 / elapsed.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 
