@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 
+mod pg_tls;
 mod postgres;
 pub use postgres::PostgresAuditLog;
 #[cfg(any(test, feature = "test-support"))]

@@ -20,6 +20,7 @@ use tokio_postgres::{Client, NoTls};
 use turnstile_api::audit::AuditEvent;
 use turnstile_api::clock::Clock;
 
+use super::pg_tls::RustlsTls;
 use super::{AuditLog, AuditLogError, AuditPage, AuditQuery};
 
 const SCHEMA: &str = "
@@ -43,6 +44,8 @@ const SCHEMA_LOCK: i64 = 0x7475_726e_7374_696c;
 #[derive(Debug)]
 pub struct PostgresAuditLog {
     config: tokio_postgres::Config,
+    /// TLS, when the URI names the CA to check the server with.
+    tls: Option<RustlsTls>,
     /// The URI without its password, for messages.
     target: String,
     client: Mutex<Option<Arc<Client>>>,
@@ -73,14 +76,45 @@ impl PostgresAuditLog {
     /// Connects to `uri` (a libpq URI: `postgres://user:pass@host/db`, or
     /// `postgres:///db?host=/run/postgresql` for a Unix socket) and creates
     /// the table and its indexes if they are missing.
+    ///
+    /// `sslrootcert=/path/ca.pem` in the query (libpq's parameter) turns on
+    /// TLS, checked against that CA; `sslmode=require` without it is
+    /// refused, since nothing could check the server.
     pub async fn connect(uri: &str, clock: Arc<dyn Clock>) -> Result<Self, AuditLogError> {
         let target = redacted(uri);
-        let config: tokio_postgres::Config = uri.parse().map_err(|e| AuditLogError::Postgres {
+        let bad = |message: String| AuditLogError::Postgres {
             target: target.clone(),
-            message: format!("not a PostgreSQL URI: {e}"),
-        })?;
+            message,
+        };
+        let (rest, rootcert) = take_query_param(uri, "sslrootcert");
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| bad(format!("not a PostgreSQL URI: {e}")))?;
+        let tls = match rootcert {
+            Some(path) => {
+                let pem =
+                    std::fs::read(&path).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
+                let tls =
+                    RustlsTls::new(&pem).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
+                // A CA given means TLS wanted: never fall back to plain.
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(tls)
+            }
+            None if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                return Err(bad(
+                    "sslmode=require needs sslrootcert=/path/to/ca.pem in the URI: the CA \
+                     that signed PostgreSQL's certificate"
+                        .into(),
+                ));
+            }
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+        };
         let log = Self {
             config,
+            tls,
             target,
             client: Mutex::new(None),
             clock,
@@ -100,7 +134,16 @@ impl PostgresAuditLog {
     fn failed(&self, e: &tokio_postgres::Error) -> AuditLogError {
         let message = match e.as_db_error() {
             Some(db) => db.message().to_string(),
-            None => e.to_string(),
+            None => {
+                // The cause says what: "invalid peer certificate: UnknownIssuer".
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                text
+            }
         };
         AuditLogError::Postgres {
             target: self.target.clone(),
@@ -114,17 +157,30 @@ impl PostgresAuditLog {
         if let Some(client) = current.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.failed(&e))?;
         let target = self.target.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(%target, error = %e, "the audit log's PostgreSQL connection broke");
+        let broke = move |e: tokio_postgres::Error| {
+            tracing::warn!(%target, error = %e, "the audit log's PostgreSQL connection broke");
+        };
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                tokio::spawn(async move { connection.await.map_err(broke) });
+                client
             }
-        });
+            None => {
+                let (client, connection) = self
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.failed(&e))?;
+                tokio::spawn(async move { connection.await.map_err(broke) });
+                client
+            }
+        };
         let client = Arc::new(client);
         *current = Some(client.clone());
         Ok(client)
@@ -154,6 +210,30 @@ impl PostgresAuditLog {
     fn stamp(&self) -> String {
         humantime::format_rfc3339_millis(self.clock.now()).to_string()
     }
+}
+
+/// `uri` without the query parameter `name`, and that parameter's value.
+fn take_query_param(uri: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = uri.split_once('?') else {
+        return (uri.to_string(), None);
+    };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((k, v)) if k == name => {
+                value = Some(v.to_string());
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (rest, value)
 }
 
 /// A page's end: the last event's time (milliseconds) and uid.
@@ -253,6 +333,10 @@ pub mod testing {
         dir: tempfile::TempDir,
         bin: PathBuf,
         running: bool,
+        /// The server's options: where it listens, TLS.
+        options: String,
+        /// With TLS: the TCP port, and the CA that signed its certificate.
+        tls: Option<(u16, PathBuf)>,
     }
 
     /// The newest installed PostgreSQL's programs.
@@ -292,6 +376,16 @@ pub mod testing {
 
     impl PostgresServer {
         pub fn start() -> Self {
+            Self::start_with(false)
+        }
+
+        /// A server that takes only TLS connections, on a loopback port,
+        /// with a certificate for localhost from a CA of its own.
+        pub fn start_tls() -> Self {
+            Self::start_with(true)
+        }
+
+        fn start_with(tls: bool) -> Self {
             let dir = tempfile::tempdir().unwrap();
             if nix_is_root() {
                 let ok = Command::new("chown")
@@ -314,25 +408,88 @@ pub mod testing {
                 "initdb: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            let socket_dir = dir.path().display().to_string();
+            let (options, tls) = if tls {
+                let (port, ca) = Self::prepare_tls(dir.path());
+                (
+                    format!(
+                        "-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c fsync=off \
+                         -c ssl=on -c ssl_cert_file={socket_dir}/server.crt \
+                         -c ssl_key_file={socket_dir}/server.key"
+                    ),
+                    Some((port, ca)),
+                )
+            } else {
+                (
+                    format!("-c listen_addresses='' -k {socket_dir} -c fsync=off"),
+                    None,
+                )
+            };
             let mut server = Self {
                 dir,
                 bin,
                 running: false,
+                options,
+                tls,
             };
             server.restart();
             server
         }
 
+        /// Writes the server's certificate and key (a CA of its own, kept
+        /// as ca.pem) and a pg_hba.conf that takes TCP connections only
+        /// over TLS; returns a free port and the CA's path.
+        fn prepare_tls(dir: &Path) -> (u16, PathBuf) {
+            use crate::ca::TlsCa;
+            use turnstile_api::identity::SystemRole;
+            let now = std::time::SystemTime::now();
+            let ca = TlsCa::generate("postgres-test", now).unwrap();
+            let issued = ca
+                .issue(
+                    "postgres-test",
+                    SystemRole::Auth,
+                    "postgres",
+                    None,
+                    now,
+                    std::time::Duration::from_secs(86400),
+                )
+                .unwrap();
+            std::fs::write(dir.join("server.crt"), &issued.cert_pem).unwrap();
+            std::fs::write(dir.join("server.key"), &issued.key_pem).unwrap();
+            std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+            std::fs::write(
+                dir.join("data/pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                dir.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            if nix_is_root() {
+                for f in ["server.crt", "server.key", "data/pg_hba.conf"] {
+                    let _ = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(dir.join(f))
+                        .status();
+                }
+            }
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            (port, dir.join("ca.pem"))
+        }
+
         /// Starts the stopped server again, with its data.
         pub fn restart(&mut self) {
-            let options = format!(
-                "-c listen_addresses='' -k {} -c fsync=off",
-                self.dir.path().display()
-            );
             let out = as_postgres(&self.bin.join("pg_ctl"))
                 .arg("-D")
                 .arg(self.dir.path().join("data"))
-                .args(["-o", &options, "-w", "-l"])
+                .args(["-o", &self.options, "-w", "-l"])
                 .arg(self.dir.path().join("log"))
                 .arg("start")
                 .output()
@@ -359,12 +516,19 @@ pub mod testing {
             self.running = false;
         }
 
-        /// The URI of its `postgres` database, over the Unix socket.
+        /// The URI of its `postgres` database: over the Unix socket, or
+        /// over TLS (checked against its CA) for a TLS server.
         pub fn uri(&self) -> String {
-            format!(
-                "postgres:///postgres?host={}&user=postgres",
-                self.dir.path().display()
-            )
+            match &self.tls {
+                Some((port, ca)) => format!(
+                    "postgres://postgres@localhost:{port}/postgres?sslrootcert={}",
+                    ca.display()
+                ),
+                None => format!(
+                    "postgres:///postgres?host={}&user=postgres",
+                    self.dir.path().display()
+                ),
+            }
         }
     }
 
@@ -456,6 +620,52 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not where a page"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tls_is_checked_against_the_ca_of_sslrootcert_and_never_skipped() {
+        let server = PostgresServer::start_tls();
+        let uri = server.uri();
+        let log = PostgresAuditLog::connect(&uri, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        log.emit(login("over-tls")).await.unwrap();
+        assert_eq!(
+            log.search(&AuditQuery::default())
+                .await
+                .unwrap()
+                .events
+                .len(),
+            1
+        );
+        // Another CA: the server's certificate is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let other = crate::ca::TlsCa::generate("other", std::time::SystemTime::now()).unwrap();
+        let other_ca = dir.path().join("other.pem");
+        std::fs::write(&other_ca, &other.cert_pem).unwrap();
+        let (base, _) = take_query_param(&uri, "sslrootcert");
+        let wrong = format!("{base}?sslrootcert={}", other_ca.display());
+        let e = PostgresAuditLog::connect(&wrong, Arc::new(SystemClock))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("certificate") || e.contains("Certificate"),
+            "{e}"
+        );
+        // TLS asked for with nothing to check the server by: refused.
+        let e =
+            PostgresAuditLog::connect(&format!("{base}?sslmode=require"), Arc::new(SystemClock))
+                .await
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("sslmode=require needs sslrootcert"), "{e}");
+        // Without TLS, the server (hostssl only) refuses the connection.
+        assert!(
+            PostgresAuditLog::connect(&base, Arc::new(SystemClock))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
