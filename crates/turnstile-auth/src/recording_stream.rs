@@ -601,6 +601,11 @@ mod tests {
                 .as_millis(),
         )
         .unwrap();
+        assert_eq!(
+            backend.range("uploads/").await.unwrap().len(),
+            1,
+            "an upload in progress has its key"
+        );
         claim(now_ms + 60_000).await;
         assert!(matches!(
             a.complete_open(SID, None).await.unwrap(),
@@ -621,6 +626,10 @@ mod tests {
         };
         assert_eq!(done.status, crate::recordings::STATUS_COMPLETE);
         assert!(done.completing.is_none(), "the claim is let go");
+        assert!(
+            backend.range("uploads/").await.unwrap().is_empty(),
+            "a completed upload's key is gone: the completer reads only uploads in progress"
+        );
         assert!(matches!(
             a.complete_open(SID, None).await.unwrap(),
             Completion::AlreadyComplete(_)

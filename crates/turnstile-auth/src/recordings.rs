@@ -201,6 +201,16 @@ fn key(sid: &str) -> String {
     format!("recordings/{sid}")
 }
 
+/// Uploads in progress each have a key of their own, so that the completer
+/// reads only those, not the whole (never pruned) index. Written before the
+/// index entry names the upload, deleted after the upload is completed: a
+/// key without an upload behind it is only stale, never the reverse.
+const UPLOADS: &str = "uploads/";
+
+fn upload_key(sid: &str) -> String {
+    format!("{UPLOADS}{sid}")
+}
+
 pub(crate) fn storage(e: turnstile_recording::storage::StorageError) -> ApiError {
     use turnstile_recording::storage::StorageError as S;
     match e {
@@ -411,6 +421,11 @@ impl Recordings {
             }
             None => Some(self.observe(self.store.create_upload(&o.sid, 0).await)?),
         };
+        if fresh.is_some() {
+            self.backend
+                .put(&upload_key(&o.sid), Vec::new(), None)
+                .await?;
+        }
         let now = self.now_ms();
         let url = self.store.url(&o.sid, 0);
         let record = self
@@ -684,6 +699,10 @@ impl Recordings {
             .await?;
         let r = match claimed {
             Completion::Done(r) => r,
+            Completion::AlreadyComplete(r) => {
+                self.forget_upload(sid).await;
+                return Ok(Completion::AlreadyComplete(r));
+            }
             other => return Ok(other),
         };
         let Some(upload) = r.upload.clone() else {
@@ -708,22 +727,55 @@ impl Recordings {
         } else {
             Some(self.observe(self.store.complete(&upload, &parts).await)?)
         };
-        self.update(sid, |current| {
-            let mut r = current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
-            if !r.uploads_to(&upload) {
-                // Completed by someone else meanwhile.
-                return Ok((r.clone(), r));
+        let done = self
+            .update(sid, |current| {
+                let mut r =
+                    current.ok_or_else(|| ApiError::not_found(format!("recording {sid}")))?;
+                if !r.uploads_to(&upload) {
+                    // Completed by someone else meanwhile.
+                    return Ok((r.clone(), r));
+                }
+                r.push_object(size);
+                r.status = STATUS_COMPLETE.into();
+                r.completing = None;
+                if let Some(stop) = stop_ms {
+                    r.stop_ms = stop;
+                }
+                Ok((r.clone(), r))
+            })
+            .await?;
+        self.forget_upload(sid).await;
+        Ok(Completion::Done(done))
+    }
+
+    /// Deletes the upload key of a recording that has no upload in progress.
+    async fn forget_upload(&self, sid: &str) {
+        match self.backend.delete(&upload_key(sid)).await {
+            Ok(()) | Err(crate::backend::BackendError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(%sid, error = %e, "cannot delete the key of a completed upload")
             }
-            r.push_object(size);
-            r.status = STATUS_COMPLETE.into();
-            r.completing = None;
-            if let Some(stop) = stop_ms {
-                r.stop_ms = stop;
+        }
+    }
+
+    /// Gives every upload in progress its key: for an index written before
+    /// uploads had keys. Run once, at the completer's start.
+    pub async fn index_uploads(&self) -> Result<usize, ApiError> {
+        let mut added = 0;
+        for r in self.list().await? {
+            if r.upload.is_some() {
+                match self
+                    .backend
+                    .create(&upload_key(&r.sid), Vec::new(), None)
+                    .await
+                {
+                    Ok(_) => added += 1,
+                    Err(crate::backend::BackendError::AlreadyExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Ok((r.clone(), r))
-        })
-        .await
-        .map(Completion::Done)
+        }
+        Ok(added)
     }
 
     /// Completes the upload of a recording whose object holds the store's
@@ -779,12 +831,20 @@ impl Recordings {
     /// Uploads whose recorder has not been heard from for `grace`.
     pub async fn abandoned(&self, grace: Duration) -> Result<Vec<RecordingRecord>, ApiError> {
         let cutoff = self.now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|r| r.upload.is_some() && r.last_seen_ms < cutoff && !self.is_streaming(&r.sid))
-            .collect())
+        let mut out = Vec::new();
+        for item in self.backend.range(UPLOADS).await? {
+            let sid = item.key.trim_start_matches(UPLOADS);
+            match self.get(sid).await? {
+                Some(r) if r.upload.is_some() => {
+                    if r.last_seen_ms < cutoff && !self.is_streaming(sid) {
+                        out.push(r);
+                    }
+                }
+                // Completed (its key outlived it): stale.
+                _ => self.forget_upload(sid).await,
+            }
+        }
+        Ok(out)
     }
 
     pub async fn list(&self) -> Result<Vec<RecordingRecord>, ApiError> {

@@ -134,6 +134,11 @@ async fn complete_abandoned(
     shutdown: CancellationToken,
 ) {
     let every = (grace / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    match recordings.index_uploads().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(uploads = n, "gave uploads in progress their keys"),
+        Err(e) => tracing::warn!(error = %e, "cannot index the uploads in progress"),
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
