@@ -24,7 +24,7 @@ use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
 use turnstile_ssh::audit_forwarder::AuditForwarder;
 use turnstile_ssh::cluster_view::{ClusterView, auth_servers_client};
 use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
-use turnstile_ssh::join::join;
+use turnstile_ssh::join::{JoinError, join};
 use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_addr};
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
@@ -213,7 +213,7 @@ async fn host_credentials(
 /// earlier join, or obtained now with `join_token`, checking `ca_pin`.
 async fn joined_identities(
     config: &ResolvedConfig,
-    auth_target: &str,
+    auth_targets: &[String],
     roles: &[SystemRole],
 ) -> anyhow::Result<HashMap<SystemRole, TlsIdentity>> {
     let data_dir = &config.data_dir;
@@ -245,8 +245,29 @@ async fn joined_identities(
                 .join(",")
         );
     };
-    tracing::info!(auth = auth_target, roles = ?missing, "joining the cluster");
-    let joined = join(auth_target, token, pin, &missing, data_dir).await?;
+    // Through the first auth server that answers; any other refusal (a
+    // wrong pin, a used token) is final.
+    let mut unreachable = None;
+    let mut joined = None;
+    for auth_target in auth_targets {
+        tracing::info!(auth = %auth_target, roles = ?missing, "joining the cluster");
+        match join(auth_target, token, pin, &missing, data_dir).await {
+            Ok(j) => {
+                joined = Some(j);
+                break;
+            }
+            Err(e @ JoinError::Unreachable { .. }) => {
+                tracing::warn!(error = %e, "cannot join through this auth server; trying the next");
+                unreachable = Some(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let joined = match (joined, unreachable) {
+        (Some(joined), _) => joined,
+        (None, Some(e)) => return Err(e.into()),
+        (None, None) => bail!("turnstile.auth_servers is empty"),
+    };
     tracing::info!(host_id = %joined.host_id, "joined the cluster");
     identities.extend(joined.identities);
     Ok(identities)
@@ -437,14 +458,9 @@ async fn launch_services(
             vec![auth_addr.to_string()]
         }
         _ => {
-            // Joining is once, through the first auth server; afterwards
-            // calls spread over all of them.
-            let first = config
-                .auth_servers
-                .first()
-                .cloned()
-                .context("turnstile.auth_servers is empty")?;
-            identities = joined_identities(&config, &first, &roles).await?;
+            // Joining is once, through the first auth server that answers;
+            // afterwards calls spread over all of them.
+            identities = joined_identities(&config, &config.auth_servers, &roles).await?;
             config.auth_servers.clone()
         }
     };

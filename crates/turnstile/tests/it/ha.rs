@@ -489,7 +489,8 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
 }
 
 /// Forty clients race for three slots, half through web1 (attached to
-/// auth-a alone) and half through db1 (attached to auth-b alone): exactly
+/// auth-a alone) and half through db1 (attached to auth-b and to an auth
+/// server that is not there): exactly
 /// three get in, since both auth servers take slots by compare-and-swap on
 /// the one etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,7 +506,10 @@ async fn limits_are_exact_across_auth_servers() {
     let (a_addr, b_addr) = (a.field("auth"), b.field("auth"));
     let (_proxy, _web1, proxy_addr) =
         attach_proxy_and_node(&dirs, std::slice::from_ref(&a_addr), &pin).await;
-    let _db1 = db1_attached_to(&dirs, std::slice::from_ref(&b_addr), "auth-b", &pin).await;
+    // db1's first auth server is one that is not there: it joins through
+    // the next, and its calls pass over the missing one.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let _db1 = db1_attached_to(&dirs, &[nowhere, b_addr.clone()], "auth-b", &pin).await;
     let role = dirs.path("three.yaml");
     std::fs::write(&role, limited_role("three", 3, 0)).unwrap();
     admin(&a_data, &["roles", "create", "-f", role.to_str().unwrap()]).await;
