@@ -48,6 +48,11 @@ const RANGE_PAGE: i64 = 500;
 const LEASE_BUCKET: Duration = Duration::from_secs(60);
 /// How long after an item's expiry etcd may delete it.
 const LEASE_SLACK: Duration = Duration::from_secs(60);
+/// Each key's last revision seen here and that revision's expiry.
+type Known = std::collections::HashMap<String, (u64, Option<SystemTime>)>;
+
+/// Keys whose last revision's expiry is remembered, at most.
+const KNOWN_AT_MOST: usize = 16_384;
 /// The largest response accepted from etcd (its own request limit is 1.5 MiB).
 const MAX_RESPONSE: usize = 64 << 20;
 
@@ -98,6 +103,10 @@ pub struct EtcdBackend {
     token: Arc<Mutex<Option<String>>>,
     /// Lease ids by the end of their bucket, in milliseconds.
     leases: Arc<Mutex<BTreeMap<u64, i64>>>,
+    /// The expiry of the revision of each key last read or written here. A
+    /// revision's value never changes, so a compare-and-swap on a revision
+    /// known here needs no read first to see whether it expired.
+    known: Arc<std::sync::Mutex<Known>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -201,6 +210,7 @@ impl EtcdBackend {
             credentials: settings.credentials.clone(),
             token: Arc::new(Mutex::new(None)),
             leases: Arc::new(Mutex::new(BTreeMap::new())),
+            known: Arc::default(),
             clock,
         })
     }
@@ -329,8 +339,27 @@ impl EtcdBackend {
         }
     }
 
+    /// Notes the expiry of `key` at `revision` (see `known`).
+    fn note(&self, key: &str, revision: u64, expires: Option<SystemTime>) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_AT_MOST {
+            known.clear();
+        }
+        known.insert(key.to_string(), (revision, expires));
+    }
+
+    /// The expiry of `key` at `revision`, if known here.
+    fn known_expiry(&self, key: &str, revision: u64) -> Option<Option<SystemTime>> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .get(key)
+            .filter(|(r, _)| *r == revision)
+            .map(|(_, e)| *e)
+    }
+
     fn item(&self, key: String, kv: &KeyValue) -> Result<Item> {
         let (value, expires) = decode(&key, &kv.value)?;
+        self.note(&key, revision(kv.mod_revision), expires);
         Ok(Item {
             key,
             value,
@@ -448,7 +477,9 @@ impl EtcdBackend {
             };
             match self.txn(request).await {
                 Ok(answer) if answer.succeeded => {
-                    return Ok(Some(revision_of(&answer)));
+                    let rev = revision_of(&answer);
+                    self.note(key, rev, expires);
+                    return Ok(Some(rev));
                 }
                 Ok(_) => return Ok(None),
                 Err(BackendError::Storage(m)) if !retried && m.contains("lease not found") => {
@@ -500,7 +531,11 @@ impl Backend for EtcdBackend {
                 })
                 .await
             {
-                Ok(answer) => return Ok(revision(answer.header.map_or(0, |h| h.revision))),
+                Ok(answer) => {
+                    let rev = revision(answer.header.map_or(0, |h| h.revision));
+                    self.note(key, rev, expires);
+                    return Ok(rev);
+                }
                 Err(BackendError::Storage(m)) if !retried && m.contains("lease not found") => {
                     retried = true;
                     self.forget_leases().await;
@@ -536,12 +571,19 @@ impl Backend for EtcdBackend {
         value: Vec<u8>,
         expires: Option<SystemTime>,
     ) -> Result<u64> {
-        match self.live(key).await? {
-            None => return Err(BackendError::NotFound(key.into())),
-            Some(item) if item.revision != expected => {
-                return Err(BackendError::CompareFailed(key.into()));
+        match self.known_expiry(key, expected) {
+            // The revision's expiry is known: decided without a read.
+            Some(was) if !is_live(was, self.clock.now()) => {
+                return Err(BackendError::NotFound(key.into()));
             }
             Some(_) => {}
+            None => match self.live(key).await? {
+                None => return Err(BackendError::NotFound(key.into())),
+                Some(item) if item.revision != expected => {
+                    return Err(BackendError::CompareFailed(key.into()));
+                }
+                Some(_) => {}
+            },
         }
         match self.put_if(key, Some(expected), &value, expires).await? {
             Some(rev) => Ok(rev),
