@@ -117,6 +117,18 @@ pub async fn put(backend: &dyn Backend, config: &ClusterConfig) -> Result<(), Ap
     Ok(())
 }
 
+/// Changes one setting (`admin config set`) by compare-and-swap, so that a
+/// change made meanwhile through another auth server, or by a start, is
+/// kept; returns the settings as written.
+pub async fn set(backend: &dyn Backend, key: &str, value: &str) -> Result<ClusterConfig, ApiError> {
+    typed::update(backend, KEY, |current: Option<&Stored<ClusterConfig>>| {
+        let mut next = current.map(|c| c.value.clone()).unwrap_or_default();
+        next.set(key, value)?;
+        Ok((Change::Put(next.clone(), None), next))
+    })
+    .await
+}
+
 /// The settings an auth server's config file sets; `None` where it is
 /// silent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -203,6 +215,18 @@ mod tests {
         assert_eq!(
             get(&backend).await.unwrap().locking_mode,
             LockingMode::BestEffort
+        );
+        // `admin config set` changes its one key and keeps the rest.
+        let c = set(&backend, "disconnect_expired_cert", "true")
+            .await
+            .unwrap();
+        assert!(c.disconnect_expired_cert);
+        assert_eq!(c.client_idle_timeout_ms, 60_000);
+        assert!(set(&backend, "locking_mode", "nope").await.is_err());
+        assert_eq!(
+            get(&backend).await.unwrap(),
+            c,
+            "a refused set writes nothing"
         );
     }
 

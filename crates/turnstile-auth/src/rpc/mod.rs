@@ -691,11 +691,11 @@ impl proto::auth_server::Auth for AuthApi {
         }
         let backend = self.authority.backend();
         let key = format!("audit_seq/{}/{}", c.id, r.queue_id);
-        let mut last: u64 = match backend.get(&key).await {
-            Ok(item) => String::from_utf8_lossy(&item.value).parse().unwrap_or(0),
-            Err(crate::backend::BackendError::NotFound(_)) => 0,
-            Err(e) => return Err(fail(e.into())),
-        };
+        // The number is stored as JSON (a bare number, as it always was).
+        let mut last: u64 = crate::backend::typed::get::<u64>(backend.as_ref(), &key)
+            .await
+            .map_err(fail)?
+            .map_or(0, |s| s.value);
         let (mut refused, mut duplicates) = (0u32, 0u32);
         let mut write = Vec::new();
         for e in r.events {
@@ -743,10 +743,20 @@ impl proto::auth_server::Auth for AuthApi {
             .emit_batch(write)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        backend
-            .put(&key, last.to_string().into_bytes(), None)
-            .await
-            .map_err(|e| fail(e.into()))?;
+        // Only forward: two auth servers taking a host's batches at once
+        // never move its number back.
+        crate::backend::typed::update(
+            backend.as_ref(),
+            &key,
+            |stored: Option<&crate::backend::typed::Stored<u64>>| {
+                Ok(match stored {
+                    Some(s) if s.value >= last => (crate::backend::typed::Change::Keep, ()),
+                    _ => (crate::backend::typed::Change::Put(last, None), ()),
+                })
+            },
+        )
+        .await
+        .map_err(fail)?;
         ok(proto::EmitAuditEventsResponse {
             refused,
             duplicates,
@@ -1039,10 +1049,7 @@ impl proto::auth_server::Auth for AuthApi {
     ) -> RpcResult<proto::ClusterConfig> {
         let caller = require(&req, ADMIN)?;
         let r = req.into_inner();
-        let backend = self.authority.backend();
-        let mut c = cluster_config::get(backend.as_ref()).await.map_err(fail)?;
-        c.set(&r.key, &r.value).map_err(fail)?;
-        cluster_config::put(backend.as_ref(), &c)
+        let c = cluster_config::set(self.authority.backend().as_ref(), &r.key, &r.value)
             .await
             .map_err(fail)?;
         self.authority
