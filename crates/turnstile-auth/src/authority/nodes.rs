@@ -1,6 +1,7 @@
 //! Node presence (`nodes/<host id>`): registrations that expire without a heartbeat.
 
 use super::*;
+use crate::backend::typed::{self, Change, Stored};
 
 impl Authority {
     /// Registers or refreshes a node; it disappears after `ttl` without another call.
@@ -22,6 +23,21 @@ impl Authority {
             }
         }
         let expires = self.clock.now() + ttl.clamp(Duration::from_secs(1), MAX_NODE_TTL);
+        // The name is claimed by compare-and-swap, so two nodes registering
+        // one name at once through two auth servers cannot both have it.
+        let claim = format!("node_names/{}", node.name.to_ascii_lowercase());
+        typed::update(
+            self.backend.as_ref(),
+            &claim,
+            |current: Option<&Stored<String>>| match current {
+                Some(held) if held.value != node.id => Err(ApiError::already_exists(format!(
+                    "node name {:?} is already used by node {} (names match ignoring case); give this node another ssh_service.node_name",
+                    node.name, held.value
+                ))),
+                _ => Ok((Change::Put(node.id.clone(), Some(expires)), ())),
+            },
+        )
+        .await?;
         let record = NodeRecord {
             expires_unix: unix_secs(expires),
             ..node

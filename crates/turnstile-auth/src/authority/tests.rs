@@ -170,6 +170,28 @@ async fn nodes_expire_and_names_are_unique() {
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::AlreadyExists);
     assert!(err.message.contains("ignoring case"), "{err}");
+    // Another auth server's node took the name a moment ago: its claim is
+    // written, its record not yet. The claim alone refuses the name.
+    a.backend()
+        .put(
+            "node_names/db9",
+            serde_json::to_vec("n9").unwrap(),
+            Some(clock.now() + Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let err = a
+        .upsert_node(
+            NodeRecord {
+                name: "DB9".into(),
+                ..node("n4", "127.0.0.1:6022")
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    assert!(err.message.contains("node n9"), "{err}");
     let key = generate_ed25519().public_key().clone();
     let err = a
         .issue_host_cert("n3", SystemRole::Node, &key, &["Web1".into()])
