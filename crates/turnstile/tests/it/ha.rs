@@ -13,7 +13,7 @@ use crate::cluster::{
     Dirs, PROXY_SERVICE, admin, admin_with_stdin, node_names, node_service, token,
 };
 use crate::object_stores::{S3Server, SECRET_KEY, aws_env};
-use crate::recording::{play, wait_complete};
+use crate::recording::{play, plays_back_whole, wait_complete};
 use crate::support::{
     BIN, Proc, client, free_port, poll_until, run, spawn_turnstile, stderr_of, text,
 };
@@ -76,50 +76,40 @@ async fn attach_proxy_and_node(dirs: &Dirs, auths: &[String], pin: &str) -> (Pro
     ))
     .await;
     let proxy_addr = proxy.field("proxy");
-    let (t, _) = token(&b_data, "node", "10m").await;
-    let web1 = Proc::start(&dirs.config(
-        "web1",
-        &attached_to_all(
-            &dirs.path("web1"),
-            auths,
-            &t,
-            pin,
-            &node_service("web1", "dev"),
-        ),
-    ))
-    .await;
+    let web1 = node_attached_to(dirs, "web1", "dev", auths, "auth-b", pin).await;
     poll_until(Duration::from_secs(20), || async {
-        node_names(&a_data).await.contains(&"web1".to_string())
-            && node_names(&b_data).await.contains(&"web1".to_string())
+        node_names(&b_data).await.contains(&"web1".to_string())
     })
     .await
     .expect("both auth servers list the node");
     (proxy, web1, proxy_addr)
 }
 
-/// db1 (env=prod), joined with a token from the auth server whose data is
-/// `token_from`, attached to `auths` only; waits until auth-a lists it.
-async fn db1_attached_to(dirs: &Dirs, auths: &[String], token_from: &str, pin: &str) -> Proc {
+/// A node `name` (label env=`env`), joined with a token from the auth
+/// server whose data is `token_from`, attached to `auths` only; waits until
+/// auth-a lists it.
+async fn node_attached_to(
+    dirs: &Dirs,
+    name: &str,
+    env: &str,
+    auths: &[String],
+    token_from: &str,
+    pin: &str,
+) -> Proc {
     let (t, _) = token(&dirs.path(token_from), "node", "10m").await;
-    let db1 = Proc::start(&dirs.config(
-        "db1",
-        &attached_to_all(
-            &dirs.path("db1"),
-            auths,
-            &t,
-            pin,
-            &node_service("db1", "prod"),
-        ),
+    let node = Proc::start(&dirs.config(
+        name,
+        &attached_to_all(&dirs.path(name), auths, &t, pin, &node_service(name, env)),
     ))
     .await;
     poll_until(Duration::from_secs(20), || async {
         node_names(&dirs.path("auth-a"))
             .await
-            .contains(&"db1".to_string())
+            .contains(&name.to_string())
     })
     .await
-    .expect("db1 registers");
-    db1
+    .unwrap_or_else(|_| panic!("{name} registers"));
+    node
 }
 
 /// alice, limited to two connections (so every session needs auth for its
@@ -213,7 +203,7 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     // db1 is attached to auth-a alone. A lock placed through auth-b ends
     // alice's session there within 2 s (its poll is every 10 s: only the
     // watch, through etcd, can tell it that soon).
-    let _db1 = db1_attached_to(&dirs, &auths[..1], "auth-a", &pin).await;
+    let _db1 = node_attached_to(&dirs, "db1", "prod", &auths[..1], "auth-a", &pin).await;
     let mut held = spawn_turnstile(&["ssh", "db1", "--", "echo started; cat"], Some(&home));
     let _stdin = held.stdin.take();
     let mut held_out = tokio::io::BufReader::new(held.stdout.take().unwrap());
@@ -422,21 +412,7 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
         let stderr = stderr_of(&mut child).await;
         assert!(status.success(), "the session went on: {stderr}");
         assert!(shown.contains("line-119\n"), "{shown}");
-        wait_complete(&identity, &sid).await;
-        assert_eq!(
-            text(&play(&identity, &sid, "text").await),
-            shown,
-            "played back byte for byte, nothing twice"
-        );
-        let events: Vec<serde_json::Value> = text(&play(&identity, &sid, "json").await)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert!(
-            events.iter().enumerate().all(|(i, e)| e["ei"] == i),
-            "ei runs 0.. without a gap"
-        );
-        assert_eq!(events.last().unwrap()["event"], "session.end");
+        plays_back_whole(&identity, &sid, &shown).await;
     }
     poll_until(Duration::from_secs(10), || async { slots().await == 0 })
         .await
@@ -509,7 +485,15 @@ async fn limits_are_exact_across_auth_servers() {
     // db1's first auth server is one that is not there: it joins through
     // the next, and its calls pass over the missing one.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let _db1 = db1_attached_to(&dirs, &[nowhere, b_addr.clone()], "auth-b", &pin).await;
+    let _db1 = node_attached_to(
+        &dirs,
+        "db1",
+        "prod",
+        &[nowhere, b_addr.clone()],
+        "auth-b",
+        &pin,
+    )
+    .await;
     let role = dirs.path("three.yaml");
     std::fs::write(&role, limited_role("three", 3, 0)).unwrap();
     admin(&a_data, &["roles", "create", "-f", role.to_str().unwrap()]).await;

@@ -42,6 +42,24 @@ pub(crate) async fn wait_complete(id: &Path, sid: &str) {
     .unwrap_or_else(|_| panic!("the recording of {sid} never completed"));
 }
 
+/// Waits for the recording of `sid`, then checks it plays back as `shown`
+/// byte for byte, its `ei` run 0.. without a gap, and it ends with
+/// `session.end`: nothing lost, nothing twice.
+pub(crate) async fn plays_back_whole(id: &Path, sid: &str, shown: &str) {
+    wait_complete(id, sid).await;
+    let played = text(&play(id, sid, "text").await);
+    assert_eq!(played, shown, "played back byte for byte, nothing twice");
+    let events: Vec<serde_json::Value> = text(&play(id, sid, "json").await)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events.iter().enumerate().all(|(i, e)| e["ei"] == i),
+        "ei runs 0.. without a gap"
+    );
+    assert_eq!(events.last().unwrap()["event"], "session.end");
+}
+
 pub(crate) async fn play(id: &Path, sid: &str, format: &str) -> Vec<u8> {
     let out = as_user(id, &["play", sid, "--format", format]).await;
     assert!(out.status.success(), "play: {}", text(&out.stderr));

@@ -159,18 +159,7 @@ async fn node_sync_sessions_go_on_through_an_auth_restart_and_lose_nothing() {
     assert!(status.success(), "the session went on: {stderr}");
     assert!(shown.contains("line-159\n"), "{shown}");
     let identity = c.home().join("keys/prod/alice");
-    wait_complete(&identity, &sid).await;
-    let played = text(&play(&identity, &sid, "text").await);
-    assert_eq!(played, shown, "played back byte for byte, nothing twice");
-    let events: Vec<serde_json::Value> = text(&play(&identity, &sid, "json").await)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(
-        events.iter().enumerate().all(|(i, e)| e["ei"] == i),
-        "ei runs 0.. without a gap"
-    );
-    assert_eq!(events.last().unwrap()["event"], "session.end");
+    crate::recording::plays_back_whole(&identity, &sid, &shown).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,55 @@ fn one_process_config(
     Ok((data, config))
 }
 
+/// One acquire and release by contender `i`: (time to acquire, time for both).
+type PairFn = Arc<
+    dyn Fn(
+            usize,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = anyhow::Result<(Duration, Duration)>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// What `race_pairs` measured.
+struct Row {
+    pairs: usize,
+    acquire: Summary,
+    pair: Summary,
+    per_second: f64,
+}
+
+/// `contenders` tasks at once, each running `pair` `per` times in a row.
+async fn race_pairs(contenders: usize, per: usize, pair: PairFn) -> anyhow::Result<Row> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..contenders {
+        let pair = pair.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::with_capacity(per);
+            for _ in 0..per {
+                times.push(pair(i).await?);
+            }
+            Ok::<_, anyhow::Error>(times)
+        }));
+    }
+    let (mut acquire, mut both) = (Vec::new(), Vec::new());
+    for t in tasks {
+        for (a, p) in t.await?? {
+            acquire.push(a);
+            both.push(p);
+        }
+    }
+    let elapsed = start.elapsed();
+    let pairs = both.len();
+    Ok(Row {
+        pairs,
+        acquire: summarize(acquire),
+        pair: summarize(both),
+        per_second: pairs as f64 / elapsed.as_secs_f64(),
+    })
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -83,59 +132,43 @@ pub async fn run() -> anyhow::Result<()> {
     );
     for contenders in [1usize, 16, 64] {
         let per = (2000 / contenders).max(40);
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..contenders {
+        let client = client.clone();
+        let pair: PairFn = Arc::new(move |_| {
             let mut c = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut acquire = Vec::with_capacity(per);
-                let mut pair = Vec::with_capacity(per);
-                for _ in 0..per {
-                    let t0 = Instant::now();
-                    let lease = c
-                        .acquire_semaphore(proto::AcquireSemaphoreRequest {
-                            kind: "connection".into(),
-                            name: "bench-user".into(),
-                            max: contenders as u32,
-                            ttl_ms: 120_000,
-                            login: "root".into(),
-                            remote_addr: "127.0.0.1:1".into(),
-                            holder_name: "bench".into(),
-                        })
-                        .await?
-                        .into_inner();
-                    let t1 = Instant::now();
-                    c.cancel_semaphore(proto::CancelSemaphoreRequest {
+            Box::pin(async move {
+                let t0 = Instant::now();
+                let lease = c
+                    .acquire_semaphore(proto::AcquireSemaphoreRequest {
                         kind: "connection".into(),
                         name: "bench-user".into(),
-                        lease_id: lease.lease_id,
+                        max: contenders as u32,
+                        ttl_ms: 120_000,
+                        login: "root".into(),
+                        remote_addr: "127.0.0.1:1".into(),
+                        holder_name: "bench".into(),
                     })
-                    .await?;
-                    acquire.push(t1 - t0);
-                    pair.push(t0.elapsed());
-                }
-                Ok::<_, tonic::Status>((acquire, pair))
-            }));
-        }
-        let (mut acquire, mut pair) = (Vec::new(), Vec::new());
-        for t in tasks {
-            let (a, p) = t.await??;
-            acquire.extend(a);
-            pair.extend(p);
-        }
-        let elapsed = start.elapsed();
-        let n = pair.len();
-        let a = summarize(acquire);
-        let p = summarize(pair);
+                    .await?
+                    .into_inner();
+                let acquired = t0.elapsed();
+                c.cancel_semaphore(proto::CancelSemaphoreRequest {
+                    kind: "connection".into(),
+                    name: "bench-user".into(),
+                    lease_id: lease.lease_id,
+                })
+                .await?;
+                Ok((acquired, t0.elapsed()))
+            })
+        });
+        let row = race_pairs(contenders, per, pair).await?;
         println!(
             "{:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>12.0}",
             contenders,
-            n,
-            ms(a.p50),
-            ms(a.p99),
-            ms(p.p50),
-            ms(p.p99),
-            n as f64 / elapsed.as_secs_f64()
+            row.pairs,
+            ms(row.acquire.p50),
+            ms(row.acquire.p99),
+            ms(row.pair.p50),
+            ms(row.pair.p99),
+            row.per_second
         );
     }
 
@@ -307,58 +340,42 @@ async fn backend_slots() -> anyhow::Result<()> {
         for contenders in [1usize, 16, 64] {
             let per = (1000 / contenders).max(20);
             let name = format!("bench-{}-{contenders}", label.len());
-            let start = Instant::now();
-            let mut tasks = Vec::new();
-            for i in 0..contenders {
+            let servers = servers.clone();
+            let pair: PairFn = Arc::new(move |i| {
                 let semaphores = servers[i % servers.len()].clone();
                 let name = name.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut acquire = Vec::with_capacity(per);
-                    let mut pair = Vec::with_capacity(per);
-                    for _ in 0..per {
-                        let t0 = Instant::now();
-                        let lease = semaphores
-                            .acquire(&LeaseRequest {
-                                kind: "connection".into(),
-                                name: name.clone(),
-                                max: contenders as u32,
-                                ttl: Duration::from_secs(120),
-                                holder: "bench".into(),
-                                holder_name: "bench".into(),
-                                login: "root".into(),
-                                remote_addr: "127.0.0.1:1".into(),
-                            })
-                            .await?;
-                        let t1 = Instant::now();
-                        semaphores
-                            .cancel("connection", &name, &lease.lease_id)
-                            .await?;
-                        acquire.push(t1 - t0);
-                        pair.push(t0.elapsed());
-                    }
-                    Ok::<_, turnstile_auth::semaphores::SemaphoreError>((acquire, pair))
-                }));
-            }
-            let (mut acquire, mut pair) = (Vec::new(), Vec::new());
-            for t in tasks {
-                let (a, p) = t.await??;
-                acquire.extend(a);
-                pair.extend(p);
-            }
-            let elapsed = start.elapsed();
-            let n = pair.len();
-            let a = summarize(acquire);
-            let p = summarize(pair);
+                Box::pin(async move {
+                    let t0 = Instant::now();
+                    let lease = semaphores
+                        .acquire(&LeaseRequest {
+                            kind: "connection".into(),
+                            name: name.clone(),
+                            max: contenders as u32,
+                            ttl: Duration::from_secs(120),
+                            holder: "bench".into(),
+                            holder_name: "bench".into(),
+                            login: "root".into(),
+                            remote_addr: "127.0.0.1:1".into(),
+                        })
+                        .await?;
+                    let acquired = t0.elapsed();
+                    semaphores
+                        .cancel("connection", &name, &lease.lease_id)
+                        .await?;
+                    Ok((acquired, t0.elapsed()))
+                })
+            });
+            let row = race_pairs(contenders, per, pair).await?;
             println!(
                 "{:<30}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10.0}",
                 label,
                 contenders,
-                n,
-                ms(a.p50),
-                ms(a.p99),
-                ms(p.p50),
-                ms(p.p99),
-                n as f64 / elapsed.as_secs_f64()
+                row.pairs,
+                ms(row.acquire.p50),
+                ms(row.acquire.p99),
+                ms(row.pair.p50),
+                ms(row.pair.p99),
+                row.per_second
             );
         }
     }
