@@ -468,12 +468,12 @@ async fn node_sync_streams_move_to_another_auth_server_and_lose_nothing() {
 /// auth-a alone) and half through db1 (attached to auth-b and to an auth
 /// server that is not there): exactly
 /// three get in, since both auth servers take slots by compare-and-swap on
-/// the one etcd.
+/// the one etcd. Then PostgreSQL stops and starts again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_exact_across_auth_servers() {
     use crate::session_control::{exactly_three, limited_role, race_on, release};
     let dirs = Dirs::new();
-    let shared = Shared::start(&dirs).await;
+    let mut shared = Shared::start(&dirs).await;
     let env = aws_env(SECRET_KEY);
     let (a_data, b_data) = (dirs.path("auth-a"), dirs.path("auth-b"));
     let a = Proc::start_env(&dirs.config("auth-a", &shared.auth_yaml(&a_data, "")), &env).await;
@@ -532,4 +532,45 @@ async fn limits_are_exact_across_auth_servers() {
     poll_until(Duration::from_secs(5), || async { slots().await == 0 })
         .await
         .expect("closed connections free their slots");
+
+    // PostgreSQL stops. Sessions go on; their events wait in the node's
+    // queue and reach the log once it is back, with nothing restarted.
+    shared.postgres.stop();
+    let out = run(
+        BIN,
+        &["ssh", "-i", id, "web1", "--", "echo $TURNSTILE_SESSION_ID"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sid = text(&out.stdout).trim().to_string();
+    let ended = |data: std::path::PathBuf, sid: String| async move {
+        let out = run(
+            BIN,
+            &[
+                "admin",
+                "audit",
+                "search",
+                "--event",
+                "session.end",
+                "--format",
+                "json",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            None,
+        )
+        .await;
+        out.status.success() && text(&out.stdout).contains(&sid)
+    };
+    assert!(
+        !ended(a_data.clone(), sid.clone()).await,
+        "nothing is written while PostgreSQL is down"
+    );
+    shared.postgres.restart();
+    poll_until(Duration::from_secs(30), || {
+        ended(a_data.clone(), sid.clone())
+    })
+    .await
+    .expect("the session's events reach the log once PostgreSQL is back");
 }
