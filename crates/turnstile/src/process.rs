@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
 use turnstile_api::rpc::proto;
-use turnstile_auth::audit_log::{AuditLog, FileAuditLog, PostgresAuditLog};
+use turnstile_auth::audit_log::{AuditLog, FileAuditLog, PostgresAuditLog, SpooledAuditLog};
 use turnstile_auth::backend::{Backend, EtcdBackend, MemoryBackend, SqliteBackend};
 use turnstile_auth::cluster_config;
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
@@ -404,7 +404,8 @@ async fn launch_services(
                 AuditEventsUri::File(dir) => {
                     Arc::new(FileAuditLog::new(dir, Arc::new(SystemClock)))
                 }
-                AuditEventsUri::Postgres(uri) => Arc::new(
+                // Events PostgreSQL cannot take wait in data_dir/audit-spool.
+                AuditEventsUri::Postgres(uri) => Arc::new(SpooledAuditLog::new(
                     PostgresAuditLog::connect(uri, Arc::new(SystemClock))
                         .await
                         .map_err(|e| {
@@ -412,7 +413,10 @@ async fn launch_services(
                                 "turnstile.storage.audit_events_uri: cannot use the audit log: {e}"
                             )
                         })?,
-                ),
+                    data_dir.join("audit-spool"),
+                    Arc::new(SystemClock),
+                    stages.auth_stop.clone(),
+                )),
             };
             let authority = Arc::new(
                 Authority::open(

@@ -16,9 +16,11 @@ use turnstile_api::clock::Clock;
 
 mod pg_tls;
 mod postgres;
+mod spooled;
 pub use postgres::PostgresAuditLog;
 #[cfg(any(test, feature = "test-support"))]
 pub use postgres::testing;
+pub use spooled::SpooledAuditLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditLogError {
@@ -181,6 +183,49 @@ impl AuditLog for FileAuditLog {
 }
 
 impl FileAuditLog {
+    /// Takes the log's files for reading (renamed under the writers' lock,
+    /// so no write lands in a file once it is taken) and returns each with
+    /// its events; the caller deletes each when done with it. Files taken
+    /// earlier and not deleted are returned again.
+    pub async fn take_files(&self) -> Result<Vec<(PathBuf, Vec<Value>)>, AuditLogError> {
+        {
+            let _no_writer = self.write.lock().await;
+            let mut dir = match tokio::fs::read_dir(&self.dir).await {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(self.err(&self.dir)(e)),
+            };
+            while let Some(entry) = dir.next_entry().await.map_err(self.err(&self.dir))? {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let taken = path.with_extension("taken");
+                    tokio::fs::rename(&path, &taken)
+                        .await
+                        .map_err(self.err(&path))?;
+                }
+            }
+        }
+        let mut taken = Vec::new();
+        let mut dir = tokio::fs::read_dir(&self.dir)
+            .await
+            .map_err(self.err(&self.dir))?;
+        while let Some(entry) = dir.next_entry().await.map_err(self.err(&self.dir))? {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "taken") {
+                let text = tokio::fs::read_to_string(&path)
+                    .await
+                    .map_err(self.err(&path))?;
+                let events = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                taken.push((path, events));
+            }
+        }
+        taken.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(taken)
+    }
+
     /// Every event of the log `query` matches, oldest first.
     async fn matching(&self, query: &AuditQuery) -> Result<Vec<Value>, AuditLogError> {
         let mut files = Vec::new();

@@ -186,7 +186,7 @@ impl PostgresAuditLog {
         Ok(client)
     }
 
-    async fn insert(&self, rows: Vec<Value>) -> Result<(), AuditLogError> {
+    pub(crate) async fn insert(&self, rows: Vec<Value>) -> Result<(), AuditLogError> {
         if rows.is_empty() {
             return Ok(());
         }
