@@ -764,7 +764,7 @@ pub mod testing {
     use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
-    use super::{EtcdBackend, EtcdSettings};
+    use super::{EtcdBackend, EtcdSettings, EtcdTls};
 
     #[derive(Debug)]
     pub struct EtcdServer {
@@ -772,6 +772,32 @@ pub mod testing {
         dir: tempfile::TempDir,
         client_port: u16,
         peer_port: u16,
+        /// With TLS: what a client needs (the CA, a client certificate).
+        tls: Option<EtcdTls>,
+    }
+
+    /// A CA of the test's own, etcd's certificate for 127.0.0.1 and a
+    /// client certificate, written to `dir`; returns what a client needs.
+    fn write_certificates(dir: &std::path::Path) -> EtcdTls {
+        use crate::ca::TlsCa;
+        use turnstile_api::identity::SystemRole;
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86400);
+        let ca = TlsCa::generate("etcd-test", now).unwrap();
+        // The auth role's certificate names localhost and 127.0.0.1.
+        let server = ca
+            .issue("etcd-test", SystemRole::Auth, "etcd", None, now, day)
+            .unwrap();
+        let client = ca
+            .issue("etcd-test", SystemRole::Auth, "turnstile", None, now, day)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.join("server-key.pem"), &server.key_pem).unwrap();
+        EtcdTls {
+            ca_pem: ca.cert_pem.into_bytes(),
+            client: Some((client.cert_pem.into_bytes(), client.key_pem.into_bytes())),
+        }
     }
 
     fn free_port() -> u16 {
@@ -794,12 +820,25 @@ pub mod testing {
         /// Starts etcd and waits until it answers. Ports are picked free and
         /// picked again if another process took one meanwhile.
         pub async fn start() -> Self {
+            Self::start_with(false).await
+        }
+
+        /// Starts etcd serving clients over TLS only, and only those with a
+        /// client certificate from its CA (`--client-cert-auth`).
+        pub async fn start_tls() -> Self {
+            Self::start_with(true).await
+        }
+
+        async fn start_with(tls: bool) -> Self {
             for _ in 0..5 {
+                let dir = tempfile::tempdir().unwrap();
+                let tls = tls.then(|| write_certificates(dir.path()));
                 let mut server = Self {
                     child: None,
-                    dir: tempfile::tempdir().unwrap(),
+                    dir,
                     client_port: free_port(),
                     peer_port: free_port(),
+                    tls,
                 };
                 if server.launch().await {
                     return server;
@@ -821,9 +860,21 @@ pub mod testing {
         }
 
         async fn launch(&mut self) -> bool {
-            let client = format!("http://127.0.0.1:{}", self.client_port);
+            let client = self.url();
             let peer = format!("http://127.0.0.1:{}", self.peer_port);
-            let mut child = tokio::process::Command::new(etcd_binary())
+            let mut command = tokio::process::Command::new(etcd_binary());
+            if self.tls.is_some() {
+                let file = |name: &str| self.dir.path().join(name);
+                command
+                    .arg("--cert-file")
+                    .arg(file("server.pem"))
+                    .arg("--key-file")
+                    .arg(file("server-key.pem"))
+                    .arg("--trusted-ca-file")
+                    .arg(file("ca.pem"))
+                    .arg("--client-cert-auth");
+            }
+            let mut child = command
                 .arg("--data-dir")
                 .arg(self.dir.path().join("data"))
                 .args(["--name", "default"])
@@ -856,15 +907,17 @@ pub mod testing {
         }
 
         pub fn url(&self) -> String {
-            format!("http://127.0.0.1:{}", self.client_port)
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://127.0.0.1:{}", self.client_port)
         }
 
-        /// Settings for a backend on this server under `prefix`.
+        /// Settings for a backend on this server under `prefix` (with TLS
+        /// and a client certificate, for a TLS server).
         pub fn settings(&self, prefix: &str) -> EtcdSettings {
             EtcdSettings {
                 peers: vec![self.url()],
                 prefix: prefix.into(),
-                tls: None,
+                tls: self.tls.clone(),
                 credentials: None,
                 request_timeout: Duration::from_secs(2),
             }
@@ -911,6 +964,38 @@ mod tests {
             }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_client_certificate_and_nothing_less() {
+        let server = EtcdServer::start_tls().await;
+        let settings = server.settings("/tls");
+        assert!(settings.peers[0].starts_with("https://"));
+        let backend = EtcdBackend::connect(&settings).unwrap();
+        backend.put("k", b"v".to_vec(), None).await.unwrap();
+        assert_eq!(backend.get("k").await.unwrap().value, b"v");
+        // Without a client certificate etcd refuses the connection.
+        let mut no_client = settings.clone();
+        no_client.tls.as_mut().unwrap().client = None;
+        let e = EtcdBackend::connect(&no_client)
+            .unwrap()
+            .get("k")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BackendError::Storage(_)), "{e}");
+        // A CA that did not sign etcd's certificate: refused as well.
+        let mut wrong_ca = settings.clone();
+        wrong_ca.tls.as_mut().unwrap().ca_pem =
+            crate::ca::TlsCa::generate("other", SystemTime::now())
+                .unwrap()
+                .cert_pem
+                .into_bytes();
+        let e = EtcdBackend::connect(&wrong_ca)
+            .unwrap()
+            .get("k")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BackendError::Storage(_)), "{e}");
     }
 
     #[tokio::test]
