@@ -1,18 +1,24 @@
-//! The transport of calls to auth from nodes, proxies and clients: one gRPC
-//! channel per auth server of `auth_servers`, every call sent to the next
-//! server that answers, in turn, so the load spreads over all of them.
+//! The transport of calls to a service that runs as several equal servers:
+//! one gRPC channel per server, every call sent to the next server that
+//! answers, in turn, so the load spreads over all of them. Calls to auth from
+//! nodes, proxies and clients go through it ([`AuthChannel`], one channel
+//! per entry of `auth_servers`), and so do the etcd backend's calls to the
+//! etcd peers.
 //!
-//! Every second each server is pinged; one that does not answer is passed
-//! over until it answers again, so a dead auth server stops taking calls
-//! within about a second (two, for a host that drops packets) and takes them
-//! again as soon as it is back; a call that finds nothing listening marks its
-//! server down at once. Such a call (its request never left) is sent to the
-//! next server: a unary call's message is kept for that. A call already sent
-//! to a server that dies fails as it would with one server, since resending
-//! it could apply it twice; its caller retries (leases, audit forwarding and
-//! recording streams all do) and the retry goes elsewhere. With every server
-//! down, calls fail with the last server's error.
+//! Every second each server is probed (auth: `Ping`); one that does not
+//! answer is passed over until it answers again, so a dead server stops
+//! taking calls within about a second (two, for a host that drops packets)
+//! and takes them again as soon as it is back; a call that finds nothing
+//! listening marks its server down at once. Such a call (its request never
+//! left) is sent to the next server: a unary call's message is kept for that.
+//! A call already sent to a server that dies fails as it would with one
+//! server, since resending it could apply it twice; its caller retries
+//! (leases, audit forwarding and recording streams all do) and the retry goes
+//! elsewhere. With every server down, calls fail with the last server's
+//! error.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -26,10 +32,22 @@ use tonic::transport::Channel;
 use crate::rpc::AuthClient;
 use crate::rpc::proto::PingRequest;
 
-/// How often each auth server is pinged.
+/// How often each server is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// A ping unanswered for this long marks its server down.
+/// A probe unanswered for this long marks its server down.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the server behind a channel something cheap; an answer, even a
+/// refusal, means it is up.
+pub type Probe = Arc<
+    dyn Fn(Channel) -> Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The calls of auth's API whose request is a stream: sent once, never
+/// buffered or resent.
+const AUTH_STREAMING: &[&str] = &["/turnstile.v1.Auth/RecordSession"];
 
 #[derive(Debug)]
 struct Server {
@@ -38,28 +56,72 @@ struct Server {
     up: AtomicBool,
 }
 
-#[derive(Debug)]
 struct Shared {
     servers: Vec<Server>,
     next: AtomicUsize,
+    /// What a server is, in logs ("auth server", "etcd peer").
+    what: &'static str,
+    /// Paths of the calls whose request is a stream.
+    streaming: &'static [&'static str],
+    probe: Probe,
 }
 
-/// A `tower` service over several auth servers' channels; clone it freely.
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("servers", &self.servers)
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A `tower` service over several servers' channels; clone it freely.
 #[derive(Debug, Clone)]
-pub struct AuthChannel {
+pub struct FailoverChannel {
     shared: Arc<Shared>,
 }
 
-impl AuthChannel {
-    /// Calls spread over `servers` (address, lazily connecting channel).
-    /// With more than one, a background task pings each every
-    /// [`PROBE_EVERY`] while any clone of this channel lives; it needs a
-    /// Tokio runtime.
+/// The channel of calls to the auth servers of `auth_servers`.
+pub type AuthChannel = FailoverChannel;
+
+impl FailoverChannel {
+    /// Calls to auth spread over `servers` (address, lazily connecting
+    /// channel), probed with `Ping`.
     ///
     /// # Panics
     /// If `servers` is empty.
     pub fn new(servers: Vec<(String, Channel)>) -> Self {
-        assert!(!servers.is_empty(), "an auth channel needs a server");
+        let ping: Probe = Arc::new(|channel| {
+            Box::pin(async move {
+                AuthClient::new(channel)
+                    .ping(PingRequest {})
+                    .await
+                    .map(drop)
+            })
+        });
+        Self::with_probe(servers, "auth server", AUTH_STREAMING, ping)
+    }
+
+    /// One auth server: every call goes to it.
+    pub fn single(addr: &str, channel: Channel) -> Self {
+        Self::new(vec![(addr.to_string(), channel)])
+    }
+
+    /// Calls spread over `servers` of any service (`what`, in logs), whose
+    /// calls at the paths `streaming` have a streaming request; `probe`
+    /// asks a server whether it is up. With more than one server, a
+    /// background task probes each every [`PROBE_EVERY`] while any clone of
+    /// this channel lives; it needs a Tokio runtime.
+    ///
+    /// # Panics
+    /// If `servers` is empty.
+    pub fn with_probe(
+        servers: Vec<(String, Channel)>,
+        what: &'static str,
+        streaming: &'static [&'static str],
+        probe: Probe,
+    ) -> Self {
+        assert!(!servers.is_empty(), "a failover channel needs a server");
         let shared = Arc::new(Shared {
             servers: servers
                 .into_iter()
@@ -70,18 +132,16 @@ impl AuthChannel {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            what,
+            streaming,
+            probe,
         });
         if shared.servers.len() > 1
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(probe(Arc::downgrade(&shared)));
+            runtime.spawn(probe_all(Arc::downgrade(&shared)));
         }
         Self { shared }
-    }
-
-    /// One server: every call goes to it.
-    pub fn single(addr: &str, channel: Channel) -> Self {
-        Self::new(vec![(addr.to_string(), channel)])
     }
 
     /// The servers and whether each answered its last ping.
@@ -109,17 +169,17 @@ impl AuthChannel {
     }
 }
 
-/// Pings every server each [`PROBE_EVERY`] until the channel is dropped.
-async fn probe(shared: Weak<Shared>) {
+/// Probes every server each [`PROBE_EVERY`] until the channel is dropped.
+async fn probe_all(shared: Weak<Shared>) {
     loop {
         let Some(strong) = shared.upgrade() else {
             return;
         };
         for server in &strong.servers {
-            let mut client = AuthClient::new(server.channel.clone());
-            let up = match tokio::time::timeout(PROBE_TIMEOUT, client.ping(PingRequest {})).await {
-                Ok(Ok(_)) => true,
-                // Auth answered, if only to refuse: it is up.
+            let asked = (strong.probe)(server.channel.clone());
+            let up = match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
+                Ok(Ok(())) => true,
+                // It answered, if only to refuse: it is up.
                 Ok(Err(status)) => !matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
@@ -129,9 +189,9 @@ async fn probe(shared: Weak<Shared>) {
             let was = server.up.swap(up, Ordering::Relaxed);
             if was != up {
                 if up {
-                    tracing::info!(auth_server = %server.addr, "auth server answers again");
+                    tracing::info!(server = %server.addr, "{} answers again", strong.what);
                 } else {
-                    tracing::warn!(auth_server = %server.addr, "auth server does not answer; calls go to the others");
+                    tracing::warn!(server = %server.addr, "{} does not answer; calls go to the others", strong.what);
                 }
             }
         }
@@ -139,9 +199,6 @@ async fn probe(shared: Weak<Shared>) {
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
-
-/// Calls whose request is a stream: sent once, never buffered or resent.
-const STREAMING_PATHS: &[&str] = &["/turnstile.v1.Auth/RecordSession"];
 
 /// Did the call fail before the request left (nothing listens there)?
 /// Only then is resending it to another server safe for a call that
@@ -175,7 +232,7 @@ impl Shared {
         std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
         let answer = channel.call(request).await;
         if answer.is_err() && server.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(auth_server = %server.addr, "a call to auth failed; calls go to the others");
+            tracing::warn!(server = %server.addr, "a call to this {} failed; calls go to the others", self.what);
         }
         answer
     }
@@ -190,7 +247,7 @@ impl Shared {
     }
 }
 
-impl Service<http::Request<Body>> for AuthChannel {
+impl Service<http::Request<Body>> for FailoverChannel {
     type Response = http::Response<Body>;
     type Error = tonic::codegen::StdError;
     type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
@@ -204,7 +261,7 @@ impl Service<http::Request<Body>> for AuthChannel {
         let shared = self.shared.clone();
         let first = self.pick();
         Box::pin(async move {
-            let streaming = STREAMING_PATHS.contains(&request.uri().path());
+            let streaming = shared.streaming.contains(&request.uri().path());
             if streaming || shared.servers.len() == 1 {
                 return Ok(shared.send(first, request).await?);
             }

@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use turnstile_api::auth_channel::{FailoverChannel, Probe};
 use turnstile_api::clock::{Clock, SystemClock};
 
 use super::{Backend, BackendError, Change, Item, Result, Watch, is_live};
@@ -95,7 +96,8 @@ impl std::fmt::Debug for EtcdCredentials {
 
 #[derive(Debug, Clone)]
 pub struct EtcdBackend {
-    channel: Channel,
+    /// One channel per peer: calls go to the peers that answer, in turn.
+    channel: FailoverChannel,
     /// The configured prefix with one trailing `/`.
     prefix: String,
     peers: String,
@@ -137,6 +139,26 @@ fn decode(key: &str, raw: &[u8]) -> Result<(Vec<u8>, Option<SystemTime>)> {
              (is another program using the same prefix?)"
         ))),
     }
+}
+
+/// etcd's calls whose request is a stream (never buffered or resent).
+const WATCH_STREAMS: &[&str] = &["/etcdserverpb.Watch/Watch"];
+
+/// Is a peer up? One read of a key nobody writes; an answer, even "no
+/// permission" without a token, says it is.
+fn range_probe() -> Probe {
+    Arc::new(|channel| {
+        Box::pin(async move {
+            KvClient::new(channel)
+                .range(RangeRequest {
+                    key: b"\0turnstile-probe".to_vec(),
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+        })
+    })
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -199,12 +221,17 @@ impl EtcdBackend {
                      (turnstile.storage.tls_ca_file)"
                 )));
             }
-            endpoints.push(endpoint);
+            endpoints.push((peer.clone(), endpoint.connect_lazy()));
         }
         let mut prefix = settings.prefix.trim_end_matches('/').to_string();
         prefix.push('/');
         Ok(Self {
-            channel: Channel::balance_list(endpoints.into_iter()),
+            channel: FailoverChannel::with_probe(
+                endpoints,
+                "etcd peer",
+                WATCH_STREAMS,
+                range_probe(),
+            ),
             prefix,
             peers: settings.peers.join(", "),
             credentials: settings.credentials.clone(),
@@ -223,7 +250,7 @@ impl EtcdBackend {
         }
     }
 
-    fn kv(&self) -> KvClient<Channel> {
+    fn kv(&self) -> KvClient<FailoverChannel> {
         KvClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE)
     }
 
@@ -964,6 +991,27 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// One etcd member of the list is not there: every call still goes
+    /// through the one that is.
+    #[tokio::test]
+    async fn a_dead_peer_is_passed_over() {
+        let server = EtcdServer::start().await;
+        let mut settings = server.settings("/dead-peer");
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        settings.peers.insert(0, format!("http://{nowhere}"));
+        let backend = EtcdBackend::connect(&settings).unwrap();
+        for i in 0..20 {
+            backend
+                .put(&format!("k{i}"), b"v".to_vec(), None)
+                .await
+                .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        }
+        assert_eq!(backend.range("k").await.unwrap().len(), 20);
     }
 
     #[tokio::test]
