@@ -330,9 +330,20 @@ impl AuditLog for MemoryAuditLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use turnstile_api::clock::SystemClock;
+
+    /// A successful password login of `user`: the event the log tests write.
+    pub(crate) fn login(user: &str) -> AuditEvent {
+        AuditEvent::UserLogin {
+            user: user.into(),
+            method: "password".into(),
+            success: true,
+            error: None,
+            remote_addr: "127.0.0.1:1".into(),
+        }
+    }
 
     #[tokio::test]
     async fn events_are_written_as_json_lines_and_found_again() {

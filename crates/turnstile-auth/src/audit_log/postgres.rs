@@ -547,15 +547,7 @@ mod tests {
     use super::*;
     use turnstile_api::clock::SystemClock;
 
-    fn login(user: &str) -> AuditEvent {
-        AuditEvent::UserLogin {
-            user: user.into(),
-            method: "password".into(),
-            success: true,
-            error: None,
-            remote_addr: "127.0.0.1:1".into(),
-        }
-    }
+    use crate::audit_log::tests::login;
 
     #[test]
     fn passwords_stay_out_of_messages() {

@@ -118,15 +118,7 @@ mod tests {
     use crate::audit_log::testing::PostgresServer;
     use turnstile_api::clock::SystemClock;
 
-    fn login(user: &str) -> AuditEvent {
-        AuditEvent::UserLogin {
-            user: user.into(),
-            method: "password".into(),
-            success: true,
-            error: None,
-            remote_addr: "127.0.0.1:1".into(),
-        }
-    }
+    use crate::audit_log::tests::login;
 
     #[tokio::test]
     async fn events_of_an_outage_wait_on_disk_and_reach_postgres_once() {
