@@ -112,6 +112,28 @@ async fn node_attached_to(
     node
 }
 
+/// `turnstile ssh web1 -- command` from `home`, again until it succeeds;
+/// fails the test with `what` and the last error after `within`.
+async fn ssh_succeeds_within(
+    home: &Path,
+    command: &str,
+    within: Duration,
+    what: &str,
+) -> std::process::Output {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let out = client(home, &["ssh", "web1", "--", command], None).await;
+        if out.status.success() {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 /// alice, limited to two connections (so every session needs auth for its
 /// slot), her role made through auth-b and her user through auth-a; logged
 /// in through the proxy. Returns her home.
@@ -228,23 +250,13 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     let lock: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
     admin(&a_data, &["locks", "rm", lock["id"].as_str().unwrap()]).await;
     // The lock's removal through auth-a reaches the proxy and web1 as soon.
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let out = loop {
-        let out = client(
-            &home,
-            &["ssh", "web1", "--", "echo $TURNSTILE_SESSION_ID"],
-            None,
-        )
-        .await;
-        if out.status.success() {
-            break out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still locked 2 s after the lock was removed: {}",
-            text(&out.stderr)
-        );
-    };
+    let out = ssh_succeeds_within(
+        &home,
+        "echo $TURNSTILE_SESSION_ID",
+        Duration::from_secs(2),
+        "still locked 2 s after the lock was removed",
+    )
+    .await;
     let identity = home.join("keys/prod/alice");
     wait_complete(&identity, text(&out.stdout).trim()).await;
 
@@ -252,28 +264,13 @@ async fn auth_servers_on_one_etcd_are_equal_and_a_dead_one_is_passed_over() {
     // again once the node and proxy pass over it, and are recorded through
     // auth-b.
     a.kill9().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let out = client(
-            &home,
-            &[
-                "ssh",
-                "web1",
-                "--",
-                "echo $TURNSTILE_SESSION_ID; head -c 300000 /dev/urandom | base64",
-            ],
-            None,
-        )
-        .await;
-        if out.status.success() {
-            break out;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a limited session still fails with one auth server dead: {}",
-            text(&out.stderr)
-        );
-    };
+    let after = ssh_succeeds_within(
+        &home,
+        "echo $TURNSTILE_SESSION_ID; head -c 300000 /dev/urandom | base64",
+        Duration::from_secs(10),
+        "a limited session still fails with one auth server dead",
+    )
+    .await;
     let sid = text(&after.stdout).lines().next().unwrap().to_string();
     wait_complete(&identity, &sid).await;
     let played = play(&identity, &sid, "text").await;
