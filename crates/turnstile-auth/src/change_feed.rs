@@ -6,11 +6,12 @@
 //! proxy at once, not at their next poll.
 //!
 //! Node heartbeats rewrite `nodes/<id>` every few seconds; only a node's
-//! first write seen here (it appeared) and its delete are told.
+//! first write seen here (it appeared), its first after its record expired
+//! (it came back) and its delete are told.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -60,13 +61,41 @@ impl ChangeFeed {
     }
 }
 
-/// Should this change of a node's key be told? Only when the node is new
-/// to this auth server or gone.
-fn node_news(change: &Change, known: &mut HashSet<String>) -> bool {
+/// When a node's key was last written here, and the gap before that.
+#[derive(Debug, Clone, Copy)]
+struct Heartbeat {
+    last: Instant,
+    gap: Option<Duration>,
+}
+
+/// Should this change of a node's key be told? When the node is new to
+/// this auth server, gone, or back after silence long enough that its
+/// record expired (a node's record lives three heartbeats, and the gap
+/// between its last two writes is its heartbeat).
+fn node_news(change: &Change, known: &mut HashMap<String, Heartbeat>, now: Instant) -> bool {
     if change.deleted {
-        known.remove(&change.key)
-    } else {
-        known.insert(change.key.clone())
+        return known.remove(&change.key).is_some();
+    }
+    match known.get_mut(&change.key) {
+        None => {
+            known.insert(
+                change.key.clone(),
+                Heartbeat {
+                    last: now,
+                    gap: None,
+                },
+            );
+            true
+        }
+        Some(seen) => {
+            let silent = now.saturating_duration_since(seen.last);
+            let expired = seen.gap.is_some_and(|gap| silent > gap * 3);
+            *seen = Heartbeat {
+                last: now,
+                gap: Some(silent),
+            };
+            expired
+        }
     }
 }
 
@@ -76,7 +105,7 @@ async fn watch_prefix(
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
 ) {
-    let mut known_nodes = HashSet::new();
+    let mut known_nodes = HashMap::new();
     let mut failing = false;
     loop {
         match backend.watch(prefix).await {
@@ -92,7 +121,7 @@ async fn watch_prefix(
                         change = watch.next() => change,
                     };
                     let Some(change) = change else { break };
-                    if prefix == NODES && !node_news(&change, &mut known_nodes) {
+                    if prefix == NODES && !node_news(&change, &mut known_nodes, Instant::now()) {
                         continue;
                     }
                     // No stream listening is no error.
@@ -165,5 +194,28 @@ mod tests {
             "and nothing else between"
         );
         shutdown.cancel();
+    }
+
+    #[test]
+    fn a_node_back_after_its_record_expired_is_told_again() {
+        let mut known = HashMap::new();
+        let write = Change {
+            key: "nodes/n1".into(),
+            deleted: false,
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(node_news(&write, &mut known, at(0)), "appeared");
+        assert!(!node_news(&write, &mut known, at(2)), "heartbeat");
+        assert!(!node_news(&write, &mut known, at(4)), "heartbeat");
+        assert!(!node_news(&write, &mut known, at(9)), "late, not expired");
+        // Silent for more than three heartbeats: its record had expired.
+        assert!(node_news(&write, &mut known, at(40)), "back");
+        let gone = Change {
+            key: "nodes/n1".into(),
+            deleted: true,
+        };
+        assert!(node_news(&gone, &mut known, at(41)), "deleted");
+        assert!(!node_news(&gone, &mut known, at(42)), "deleted twice");
     }
 }

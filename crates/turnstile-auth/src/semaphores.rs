@@ -1,7 +1,7 @@
 //! Semaphores in the backend, at `semaphores/<kind>/<name>`: acquire, renew,
 //! release, list. Exact under races on every backend: each change is a
-//! read-modify-write committed with compare-and-swap on the revision read,
-//! retried with jitter on conflict. Within one auth process, changes to the
+//! read-modify-write through the typed layer, committed with
+//! compare-and-swap on the revision read and retried with jitter on conflict. Within one auth process, changes to the
 //! same semaphore queue for one committer task, which writes each batch with
 //! a single compare-and-swap, so the swap rarely loses; the swap is what
 //! keeps several auth servers exact.
@@ -15,6 +15,7 @@ use turnstile_api::error::ApiError;
 use turnstile_api::role::validate_name;
 use turnstile_api::semaphore::{self, Lease, Semaphore};
 
+use crate::backend::typed::{self, Change, Stored};
 use crate::backend::{Backend, BackendError};
 
 /// Gives every change in `batch` the same error.
@@ -23,9 +24,6 @@ fn answer_all(batch: Vec<(Op, Reply)>, error: &SemaphoreError) {
         let _ = reply.send(Err(error.clone()));
     }
 }
-
-/// Attempts before giving up on a contended semaphore.
-const MAX_ATTEMPTS: u32 = 64;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SemaphoreError {
@@ -69,8 +67,8 @@ pub struct LeaseRequest {
     pub remote_addr: String,
 }
 
-/// The revision and value this process last committed for a semaphore.
-type Cached = Option<(u64, Semaphore)>;
+/// The semaphore as this process last read or committed it.
+type Cached = Option<Stored<Semaphore>>;
 
 /// A change waiting to be committed.
 enum Op {
@@ -137,28 +135,9 @@ fn key(kind: &str, name: &str) -> String {
     format!("semaphores/{kind}/{name}")
 }
 
-fn encode(s: &Semaphore) -> Vec<u8> {
-    serde_json::to_vec(s).unwrap_or_default()
-}
-
 fn decode(key: &str, bytes: &[u8]) -> Result<Semaphore, SemaphoreError> {
     serde_json::from_slice(bytes)
         .map_err(|e| BackendError::Storage(format!("semaphore {key} is corrupt: {e}")).into())
-}
-
-/// Waits a random while before another try after a conflict: up to the
-/// time the failed round took (a read and a write: about 0.2 ms on SQLite,
-/// a few ms on etcd) times the attempt, so that two auth servers fighting
-/// over one semaphore stop meeting in lockstep whatever the backend's speed.
-async fn jitter(attempt: u32, round: Duration) {
-    if attempt > 0 {
-        let unit_us = u64::try_from(round.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(200);
-        let max_us = unit_us.saturating_mul(u64::from(attempt.min(8)));
-        let us = rand::random::<u64>() % max_us.max(1);
-        tokio::time::sleep(Duration::from_micros(us)).await;
-    }
 }
 
 fn ttl_ms(ttl: Duration) -> i64 {
@@ -212,8 +191,9 @@ fn apply(
     }
 }
 
-/// Applies `batch` in order and commits it with one compare-and-swap,
-/// retrying on conflict; answers every change.
+/// Applies `batch` in order and commits it with one compare-and-swap
+/// through the typed layer, starting from this process's cached copy;
+/// answers every change.
 async fn commit(
     backend: &dyn Backend,
     clock: &dyn Clock,
@@ -221,73 +201,39 @@ async fn commit(
     cached: &mut Cached,
     batch: Vec<(Op, Reply)>,
 ) {
-    let mut round = Duration::ZERO;
-    for attempt in 0..MAX_ATTEMPTS {
-        jitter(attempt, round).await;
-        let began = std::time::Instant::now();
+    let outcome = typed::update_cached(backend, key, cached, |current, from_cache| {
         let now = ms(clock.now());
-        let from_cache = cached.is_some();
-        let current = match cached.take() {
-            Some(c) => Some(c),
-            None => match backend.get(key).await {
-                Ok(item) => match decode(key, &item.value) {
-                    Ok(sem) => Some((item.revision, sem)),
-                    Err(e) => return answer_all(batch, &e),
-                },
-                Err(BackendError::NotFound(_)) => None,
-                Err(e) => return answer_all(batch, &SemaphoreError::Backend(e)),
-            },
-        };
-        let mut sem = current.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
+        let mut sem = current.map(|c| c.value.clone()).unwrap_or_default();
         sem.drop_expired(now);
         let results: Vec<_> = batch
             .iter()
             .map(|(op, _)| apply(&mut sem, op, key, now))
             .collect();
-        let changed = current.as_ref().map(|(_, s)| s) != Some(&sem);
-        if !changed && from_cache && results.iter().any(Result::is_err) {
-            // A refusal must not rest on a stale copy: another auth server
-            // may have freed a slot. Read the backend and decide again.
-            continue;
-        }
-        let written = if !changed {
-            Ok(current.as_ref().map(|(r, _)| *r))
+        let change = if current.map(|c| &c.value) == Some(&sem) {
+            if from_cache && results.iter().any(Result::is_err) {
+                // A refusal must not rest on a stale copy: another auth
+                // server may have freed a slot.
+                Change::Reread
+            } else {
+                Change::Keep
+            }
         } else {
-            match (&current, sem.expires()) {
-                (None, Some(e)) => backend
-                    .create(key, encode(&sem), Some(from_ms(e)))
-                    .await
-                    .map(Some),
-                (None, None) => Ok(None),
-                (Some((rev, _)), Some(e)) => backend
-                    .compare_and_swap(key, *rev, encode(&sem), Some(from_ms(e)))
-                    .await
-                    .map(Some),
-                (Some((rev, _)), None) => {
-                    backend.compare_and_delete(key, *rev).await.map(|()| None)
-                }
+            match sem.expires() {
+                Some(e) => Change::Put(sem, Some(from_ms(e))),
+                None => Change::Delete,
             }
         };
-        match written {
-            Ok(revision) => {
-                *cached = revision.map(|r| (r, sem));
-                for ((_, reply), result) in batch.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
-                return;
+        Ok::<_, SemaphoreError>((change, results))
+    })
+    .await;
+    match outcome {
+        Ok(results) => {
+            for ((_, reply), result) in batch.into_iter().zip(results) {
+                let _ = reply.send(result);
             }
-            Err(
-                BackendError::CompareFailed(_)
-                | BackendError::NotFound(_)
-                | BackendError::AlreadyExists(_),
-            ) => {
-                round = began.elapsed();
-                continue;
-            }
-            Err(e) => return answer_all(batch, &SemaphoreError::Backend(e)),
         }
+        Err(e) => answer_all(batch, &e),
     }
-    answer_all(batch, &SemaphoreError::Contention(key.to_string()));
 }
 
 impl Semaphores {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
@@ -18,27 +18,43 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 pub(super) struct RustlsTls(Arc<rustls::ClientConfig>);
 
 impl RustlsTls {
-    /// Trusts only the CA certificates in `ca_pem`.
-    pub(super) fn new(ca_pem: &[u8]) -> Result<Self, String> {
+    /// Trusts only the CA certificates in `ca_pem`; presents
+    /// `client` (certificate chain and key, PEM) when given.
+    pub(super) fn new(ca_pem: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         let mut found = 0;
         for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+            let cert = cert.map_err(|e| format!("sslrootcert is not a PEM certificate: {e}"))?;
             roots
                 .add(cert)
-                .map_err(|e| format!("not a CA certificate: {e}"))?;
+                .map_err(|e| format!("sslrootcert is not a CA certificate: {e}"))?;
             found += 1;
         }
         if found == 0 {
-            return Err("holds no PEM certificate".into());
+            return Err("sslrootcert holds no PEM certificate".into());
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert_pem, key_pem)) => {
+                let chain = CertificateDer::pem_slice_iter(cert_pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("sslcert is not a PEM certificate: {e}"))?;
+                if chain.is_empty() {
+                    return Err("sslcert holds no PEM certificate".into());
+                }
+                let key = PrivateKeyDer::from_pem_slice(key_pem)
+                    .map_err(|e| format!("sslkey is not a PEM private key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("sslcert and sslkey do not make a client identity: {e}"))?
+            }
+        };
         Ok(Self(Arc::new(config)))
     }
 }

@@ -79,7 +79,9 @@ impl PostgresAuditLog {
     ///
     /// `sslrootcert=/path/ca.pem` in the query (libpq's parameter) turns on
     /// TLS, checked against that CA; `sslmode=require` without it is
-    /// refused, since nothing could check the server.
+    /// refused, since nothing could check the server. `sslcert=` and
+    /// `sslkey=` (PEM files) give a client certificate for servers that ask
+    /// for one (`cert` in pg_hba.conf).
     pub async fn connect(uri: &str, clock: Arc<dyn Clock>) -> Result<Self, AuditLogError> {
         let target = redacted(uri);
         let bad = |message: String| AuditLogError::Postgres {
@@ -87,6 +89,29 @@ impl PostgresAuditLog {
             message,
         };
         let (rest, rootcert) = take_query_param(uri, "sslrootcert");
+        let (rest, cert) = take_query_param(&rest, "sslcert");
+        let (rest, key) = take_query_param(&rest, "sslkey");
+        let client_cert = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let read = |what: &str, path: &str| {
+                    std::fs::read(path).map_err(|e| bad(format!("{what} {path}: {e}")))
+                };
+                Some((read("sslcert", &cert)?, read("sslkey", &key)?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "sslcert and sslkey go together: give both (the client certificate and its key) or neither"
+                        .into(),
+                ));
+            }
+        };
+        if client_cert.is_some() && rootcert.is_none() {
+            return Err(bad(
+                "sslcert needs sslrootcert=/path/to/ca.pem: a client certificate is only sent to a server checked against its CA"
+                    .into(),
+            ));
+        }
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e| bad(format!("not a PostgreSQL URI: {e}")))?;
@@ -94,8 +119,8 @@ impl PostgresAuditLog {
             Some(path) => {
                 let pem =
                     std::fs::read(&path).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-                let tls =
-                    RustlsTls::new(&pem).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
+                let tls = RustlsTls::new(&pem, client_cert.as_ref())
+                    .map_err(|e| bad(format!("{e} (sslrootcert={path})")))?;
                 // A CA given means TLS wanted: never fall back to plain.
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
                 Some(tls)
@@ -337,6 +362,8 @@ pub mod testing {
         options: String,
         /// With TLS: the TCP port, and the CA that signed its certificate.
         tls: Option<(u16, PathBuf)>,
+        /// When it takes only clients with a certificate: theirs.
+        client_cert: Option<(PathBuf, PathBuf)>,
     }
 
     /// The newest installed PostgreSQL's programs.
@@ -376,16 +403,23 @@ pub mod testing {
 
     impl PostgresServer {
         pub fn start() -> Self {
-            Self::start_with(false)
+            Self::start_with(false, false)
         }
 
         /// A server that takes only TLS connections, on a loopback port,
         /// with a certificate for localhost from a CA of its own.
         pub fn start_tls() -> Self {
-            Self::start_with(true)
+            Self::start_with(true, false)
         }
 
-        fn start_with(tls: bool) -> Self {
+        /// As [`Self::start_tls`], and it takes only clients with a
+        /// certificate from its CA naming the user (`cert` in pg_hba.conf);
+        /// [`Self::uri`] names one.
+        pub fn start_tls_with_client_certs() -> Self {
+            Self::start_with(true, true)
+        }
+
+        fn start_with(tls: bool, client_certs: bool) -> Self {
             let dir = tempfile::tempdir().unwrap();
             if nix_is_root() {
                 let ok = Command::new("chown")
@@ -410,27 +444,31 @@ pub mod testing {
             );
             let socket_dir = dir.path().display().to_string();
             let (options, tls) = if tls {
-                let (port, ca) = Self::prepare_tls(dir.path());
-                (
-                    format!(
-                        "-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c fsync=off \
-                         -c ssl=on -c ssl_cert_file={socket_dir}/server.crt \
-                         -c ssl_key_file={socket_dir}/server.key"
-                    ),
-                    Some((port, ca)),
-                )
+                let (port, ca) = Self::prepare_tls(dir.path(), client_certs);
+                let mut options = format!(
+                    "-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c fsync=off \
+                     -c ssl=on -c ssl_cert_file={socket_dir}/server.crt \
+                     -c ssl_key_file={socket_dir}/server.key"
+                );
+                if client_certs {
+                    options.push_str(&format!(" -c ssl_ca_file={socket_dir}/ca.pem"));
+                }
+                (options, Some((port, ca)))
             } else {
                 (
                     format!("-c listen_addresses='' -k {socket_dir} -c fsync=off"),
                     None,
                 )
             };
+            let client_cert = client_certs
+                .then(|| (dir.path().join("client.crt"), dir.path().join("client.key")));
             let mut server = Self {
                 dir,
                 bin,
                 running: false,
                 options,
                 tls,
+                client_cert,
             };
             server.restart();
             server
@@ -438,8 +476,10 @@ pub mod testing {
 
         /// Writes the server's certificate and key (a CA of its own, kept
         /// as ca.pem) and a pg_hba.conf that takes TCP connections only
-        /// over TLS; returns a free port and the CA's path.
-        fn prepare_tls(dir: &Path) -> (u16, PathBuf) {
+        /// over TLS (and, with `client_certs`, only with a client
+        /// certificate for user `postgres`, written as client.crt and
+        /// client.key); returns a free port and the CA's path.
+        fn prepare_tls(dir: &Path, client_certs: bool) -> (u16, PathBuf) {
             use crate::ca::TlsCa;
             use turnstile_api::identity::SystemRole;
             let now = std::time::SystemTime::now();
@@ -457,9 +497,27 @@ pub mod testing {
             std::fs::write(dir.join("server.crt"), &issued.cert_pem).unwrap();
             std::fs::write(dir.join("server.key"), &issued.key_pem).unwrap();
             std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+            let method = if client_certs {
+                // The certificate's common name must be the user's name.
+                let client = ca
+                    .issue(
+                        "postgres-test",
+                        SystemRole::Auth,
+                        "postgres",
+                        None,
+                        now,
+                        std::time::Duration::from_secs(86400),
+                    )
+                    .unwrap();
+                std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();
+                std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
+                "cert"
+            } else {
+                "trust"
+            };
             std::fs::write(
                 dir.join("data/pg_hba.conf"),
-                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                format!("local all all trust\nhostssl all all 127.0.0.1/32 {method}\n"),
             )
             .unwrap();
             use std::os::unix::fs::PermissionsExt;
@@ -469,7 +527,7 @@ pub mod testing {
             )
             .unwrap();
             if nix_is_root() {
-                for f in ["server.crt", "server.key", "data/pg_hba.conf"] {
+                for f in ["server.crt", "server.key", "data/pg_hba.conf", "ca.pem"] {
                     let _ = Command::new("chown")
                         .arg("postgres:postgres")
                         .arg(dir.join(f))
@@ -519,12 +577,18 @@ pub mod testing {
         /// The URI of its `postgres` database: over the Unix socket, or
         /// over TLS (checked against its CA) for a TLS server.
         pub fn uri(&self) -> String {
-            match &self.tls {
-                Some((port, ca)) => format!(
+            match (&self.tls, &self.client_cert) {
+                (Some((port, ca)), Some((cert, key))) => format!(
+                    "postgres://postgres@localhost:{port}/postgres?sslrootcert={}&sslcert={}&sslkey={}",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ),
+                (Some((port, ca)), None) => format!(
                     "postgres://postgres@localhost:{port}/postgres?sslrootcert={}",
                     ca.display()
                 ),
-                None => format!(
+                (None, _) => format!(
                     "postgres:///postgres?host={}&user=postgres",
                     self.dir.path().display()
                 ),
@@ -658,6 +722,29 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_asking_for_client_certificates_takes_sslcert_and_sslkey() {
+        let server = PostgresServer::start_tls_with_client_certs();
+        let uri = server.uri();
+        let log = PostgresAuditLog::connect(&uri, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        log.emit(login("with-client-cert")).await.unwrap();
+        let (without_key, _) = take_query_param(&uri, "sslkey");
+        let e = PostgresAuditLog::connect(&without_key, Arc::new(SystemClock))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslcert and sslkey go together"), "{e}");
+        // Without a certificate the server refuses the connection.
+        let (no_cert, _) = take_query_param(&without_key, "sslcert");
+        let e = PostgresAuditLog::connect(&no_cert, Arc::new(SystemClock))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
     }
 
     #[tokio::test]

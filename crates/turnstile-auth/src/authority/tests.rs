@@ -326,3 +326,107 @@ mod login_tests {
         assert!(err.message.contains("already used"), "{err}");
     }
 }
+
+/// Two authorities on one backend, as two auth servers on one etcd.
+async fn two_authorities() -> (Arc<Authority>, Arc<Authority>) {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let open = || async {
+        Arc::new(
+            Authority::open(
+                backend.clone(),
+                Arc::new(SystemClock),
+                Arc::new(MemoryAuditLog::default()),
+                "main",
+            )
+            .await
+            .unwrap(),
+        )
+    };
+    (open().await, open().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_removed_while_a_user_is_given_it_is_never_left_dangling() {
+    let (a, b) = two_authorities().await;
+    for round in 0..40 {
+        a.upsert_role(Role::new("ops"), false).await.unwrap();
+        let user = format!("u{round}");
+        let give = {
+            let a = a.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                a.put_user(&user, vec!["ops".into()], vec!["root".into()], false)
+                    .await
+            })
+        };
+        let remove = {
+            let b = b.clone();
+            tokio::spawn(async move { b.delete_role("ops").await })
+        };
+        let (gave, removed) = (give.await.unwrap(), remove.await.unwrap());
+        let role_exists = b.get_role("ops").await.is_ok();
+        let has_it = a
+            .get_user(&user)
+            .await
+            .is_ok_and(|u| u.roles.iter().any(|r| r == "ops"));
+        assert!(
+            role_exists || !has_it,
+            "round {round}: user {user} holds removed role ops (give: {gave:?}, remove: {removed:?})"
+        );
+        if has_it {
+            assert!(removed.is_err() && gave.is_ok(), "round {round}");
+        }
+        // Whoever lost said so.
+        assert!(
+            gave.is_ok() || removed.is_ok() || role_exists,
+            "round {round}"
+        );
+        // Next round starts with the user holding nothing of ops.
+        if has_it {
+            a.put_user(&user, vec!["access".into()], vec!["root".into()], false)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_set_through_one_server_survives_a_user_update_through_the_other() {
+    let (a, b) = two_authorities().await;
+    a.upsert_role(Role::new("ops"), false).await.unwrap();
+    for round in 0..10 {
+        let user = format!("p{round}");
+        a.put_user(&user, vec!["access".into()], vec!["root".into()], true)
+            .await
+            .unwrap();
+        let password = {
+            let a = a.clone();
+            let user = user.clone();
+            tokio::spawn(async move { a.set_password(&user, "correct-horse-42").await })
+        };
+        let roles = {
+            let b = b.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                b.put_user(&user, vec!["ops".into()], vec!["root".into()], false)
+                    .await
+            })
+        };
+        password.await.unwrap().unwrap();
+        roles.await.unwrap().unwrap();
+        let stored = a.get_user(&user).await.unwrap();
+        assert_eq!(stored.roles, vec!["ops".to_string()], "round {round}");
+        assert!(
+            a.login(
+                &user,
+                "correct-horse-42",
+                None,
+                Duration::from_secs(60),
+                "test"
+            )
+            .await
+            .is_ok(),
+            "round {round}: the password was lost to the concurrent role change"
+        );
+    }
+}

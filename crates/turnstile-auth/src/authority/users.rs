@@ -76,14 +76,17 @@ impl Authority {
         let now = self.now_unix();
         // The password and creation time are taken from the record as it is
         // when written, so a password set meanwhile is never lost.
-        self.write_user(name, create_only, |current| UserRecord {
-            name: name.to_string(),
-            roles: roles.clone(),
-            logins: logins.clone(),
-            password_hash: current.and_then(|c| c.password_hash.clone()),
-            created_unix: current.map_or(now, |c| c.created_unix),
-        })
-        .await
+        let created = self
+            .write_user(name, create_only, |current| UserRecord {
+                name: name.to_string(),
+                roles: roles.clone(),
+                logins: logins.clone(),
+                password_hash: current.and_then(|c| c.password_hash.clone()),
+                created_unix: current.map_or(now, |c| c.created_unix),
+            })
+            .await?;
+        self.settle_given_roles(name, &roles).await?;
+        Ok(created)
     }
 
     /// Writes the record `build` makes of the stored one (`None`: absent);
@@ -146,8 +149,11 @@ impl Authority {
     pub async fn upsert_user(&self, user: UserRecord, create_only: bool) -> Result<bool, ApiError> {
         self.validate_user(&user.name, &user.roles, &user.logins)
             .await?;
-        self.write_user(&user.name, create_only, |_| user.clone())
-            .await
+        let created = self
+            .write_user(&user.name, create_only, |_| user.clone())
+            .await?;
+        self.settle_given_roles(&user.name, &user.roles).await?;
+        Ok(created)
     }
 
     pub async fn get_user(&self, name: &str) -> Result<UserRecord, ApiError> {

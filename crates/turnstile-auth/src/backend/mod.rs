@@ -43,6 +43,9 @@ pub enum BackendError {
     CompareFailed(String),
     #[error("backend storage failed: {0}")]
     Storage(String),
+    /// Others kept changing the key while this process tried to.
+    #[error("key {0:?} kept changing while it was updated; try again")]
+    Contended(String),
 }
 
 impl BackendError {
@@ -52,6 +55,7 @@ impl BackendError {
             BackendError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             BackendError::CompareFailed(_) => ErrorKind::CompareFailed,
             BackendError::Storage(_) => ErrorKind::Internal,
+            BackendError::Contended(_) => ErrorKind::Unavailable,
         }
     }
 }

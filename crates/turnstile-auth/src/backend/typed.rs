@@ -3,7 +3,7 @@
 //! closure, so that two auth servers changing one record at once never lose
 //! either change.
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,21 +35,37 @@ pub enum Change<T> {
     Keep,
     Put(T, Option<SystemTime>),
     Delete,
+    /// Decide again on what the backend holds now: for a decision (a
+    /// refusal, say) that must not rest on a cached copy another auth
+    /// server may have made stale. On a fresh read it is taken as `Keep`.
+    Reread,
 }
+
+/// Attempts before an update gives up on a record others keep changing.
+const MAX_ATTEMPTS: u32 = 64;
 
 /// The record at `key`, or `None`.
 pub async fn get<T: DeserializeOwned>(
     backend: &dyn Backend,
     key: &str,
 ) -> Result<Option<Stored<T>>, ApiError> {
+    Ok(read(backend, key).await?)
+}
+
+async fn read<T: DeserializeOwned>(
+    backend: &dyn Backend,
+    key: &str,
+) -> Result<Option<Stored<T>>, BackendError> {
     match backend.get(key).await {
         Ok(item) => Ok(Some(Stored {
-            value: decode(key, &item.value)?,
+            value: serde_json::from_slice(&item.value).map_err(|e| {
+                BackendError::Storage(format!("stored record {key:?} is corrupt: {e}"))
+            })?,
             revision: item.revision,
             expires: item.expires,
         })),
         Err(BackendError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -65,30 +81,90 @@ pub async fn update<T, R>(
 where
     T: Serialize + DeserializeOwned,
 {
-    loop {
-        let current = get::<T>(backend, key).await?;
-        let (change, out) = decide(current.as_ref())?;
-        let written = match (change, &current) {
-            (Change::Keep, _) | (Change::Delete, None) => return Ok(out),
-            (Change::Put(value, expires), None) => {
-                backend.create(key, encode(&value), expires).await.map(drop)
+    update_cached(backend, key, &mut None, |current, _| decide(current)).await
+}
+
+/// [`update`] starting from `cache`, the record as this process last read
+/// or wrote it (`None`: read it first), which saves a read per change while
+/// this process is the record's only writer. `decide` is told whether what
+/// it sees is that cached copy. A conflict drops the copy and reads; on
+/// return `cache` holds the record as last read or written. Retries after
+/// a conflict wait a random while, up to the time the failed round took
+/// times the attempt, so that two auth servers fighting over one record
+/// stop meeting in lockstep whatever the backend's speed.
+pub async fn update_cached<T, R, E>(
+    backend: &dyn Backend,
+    key: &str,
+    cache: &mut Option<Stored<T>>,
+    mut decide: impl FnMut(Option<&Stored<T>>, bool) -> Result<(Change<T>, R), E>,
+) -> Result<R, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<BackendError>,
+{
+    let mut round = Duration::ZERO;
+    for attempt in 0..MAX_ATTEMPTS {
+        backoff(attempt, round).await;
+        let began = Instant::now();
+        let (current, from_cache) = match cache.take() {
+            Some(c) => (Some(c), true),
+            None => (read::<T>(backend, key).await?, false),
+        };
+        let (change, out) = decide(current.as_ref(), from_cache)?;
+        let written = match (change, current) {
+            (Change::Reread, _) if from_cache => {
+                round = Duration::ZERO;
+                continue;
             }
+            (Change::Keep | Change::Reread, current) => {
+                *cache = current;
+                return Ok(out);
+            }
+            (Change::Delete, None) => return Ok(out),
+            (Change::Put(value, expires), None) => backend
+                .create(key, encode(&value), expires)
+                .await
+                .map(|revision| Some((value, revision, expires))),
             (Change::Put(value, expires), Some(c)) => backend
                 .compare_and_swap(key, c.revision, encode(&value), expires)
                 .await
-                .map(drop),
-            (Change::Delete, Some(c)) => backend.compare_and_delete(key, c.revision).await,
+                .map(|revision| Some((value, revision, expires))),
+            (Change::Delete, Some(c)) => backend
+                .compare_and_delete(key, c.revision)
+                .await
+                .map(|()| None),
         };
         match written {
-            Ok(()) => return Ok(out),
+            Ok(stored) => {
+                *cache = stored.map(|(value, revision, expires)| Stored {
+                    value,
+                    revision,
+                    expires,
+                });
+                return Ok(out);
+            }
             // Somebody wrote (or deleted, or created) in between: again.
             Err(
                 BackendError::CompareFailed(_)
                 | BackendError::AlreadyExists(_)
                 | BackendError::NotFound(_),
-            ) => continue,
+            ) => round = began.elapsed(),
             Err(e) => return Err(e.into()),
         }
+    }
+    Err(BackendError::Contended(key.to_string()).into())
+}
+
+/// Nothing before a first try or a reread; after a conflict, a random
+/// while up to the failed round's time (at least 0.2 ms) times the attempt.
+async fn backoff(attempt: u32, round: Duration) {
+    if attempt > 0 && !round.is_zero() {
+        let unit_us = u64::try_from(round.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(200);
+        let max_us = unit_us.saturating_mul(u64::from(attempt.min(8)));
+        let us = rand::random::<u64>() % max_us.max(1);
+        tokio::time::sleep(Duration::from_micros(us)).await;
     }
 }
 
