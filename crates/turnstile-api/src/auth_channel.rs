@@ -16,6 +16,14 @@
 //! (leases, audit forwarding and recording streams all do) and the retry goes
 //! elsewhere. With every server down, calls fail with the last server's
 //! error.
+//!
+//! A call may name an affinity ([`with_affinity`]): calls with the same one
+//! go to the same server while it is up (rendezvous hashing over the
+//! servers that are up, so a server's death moves only its own keys).
+//! Connection slots use the user's name, so each user's semaphore is
+//! changed by one auth server, whose cached copy and group commit then stay
+//! good; exactness does not depend on it (the backend's compare-and-swap
+//! keeps servers that do meet on one semaphore exact).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +52,29 @@ pub type Probe = Arc<
         + Send
         + Sync,
 >;
+
+/// The request header that carries a call's affinity.
+pub const AFFINITY: &str = "turnstile-affinity";
+
+/// `message` as a request that goes, while it is up, to the server every
+/// call with the same `key` goes to.
+pub fn with_affinity<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(key) {
+        request.metadata_mut().insert(AFFINITY, value);
+    }
+    request
+}
+
+/// FNV-1a of the key and a server's address: the rendezvous weight.
+fn weight(key: &[u8], addr: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.iter().chain([0u8].iter()).chain(addr.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
 
 /// The calls of auth's API whose request is a stream: sent once, never
 /// buffered or resent.
@@ -153,6 +184,17 @@ impl FailoverChannel {
             .collect()
     }
 
+    /// The server for `key`: of those up (all if none is), the one with
+    /// the highest weight for it.
+    fn pick_for(&self, key: &[u8]) -> usize {
+        let servers = &self.shared.servers;
+        let any_up = servers.iter().any(|s| s.up.load(Ordering::Relaxed));
+        (0..servers.len())
+            .filter(|&i| !any_up || servers[i].up.load(Ordering::Relaxed))
+            .max_by_key(|&i| weight(key, &servers[i].addr))
+            .unwrap_or(0)
+    }
+
     /// The next in turn of the servers that are up, or of all of them if
     /// none is.
     fn pick(&self) -> usize {
@@ -259,7 +301,10 @@ impl Service<http::Request<Body>> for FailoverChannel {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
-        let first = self.pick();
+        let first = match request.headers().get(AFFINITY) {
+            Some(key) => self.pick_for(key.as_bytes()),
+            None => self.pick(),
+        };
         Box::pin(async move {
             let streaming = shared.streaming.contains(&request.uri().path());
             if streaming || shared.servers.len() == 1 {
@@ -328,6 +373,36 @@ mod tests {
             s.up.store(false, Ordering::Relaxed);
         }
         assert_eq!(names(3), ["b", "c", "a"], "with none up, all in turn");
+    }
+
+    #[tokio::test]
+    async fn calls_with_one_affinity_go_to_one_server_and_move_only_when_it_is_down() {
+        let channel = AuthChannel::new(vec![
+            ("a".into(), lazy(1)),
+            ("b".into(), lazy(2)),
+            ("c".into(), lazy(3)),
+        ]);
+        let keys: Vec<String> = (0..300).map(|i| format!("user{i}")).collect();
+        let placed: Vec<usize> = keys
+            .iter()
+            .map(|k| channel.pick_for(k.as_bytes()))
+            .collect();
+        for (k, at) in keys.iter().zip(&placed) {
+            assert_eq!(channel.pick_for(k.as_bytes()), *at, "stable for {k}");
+        }
+        for server in 0..3 {
+            let share = placed.iter().filter(|&&p| p == server).count();
+            assert!(share > 60, "server {server} takes {share} of 300 keys");
+        }
+        channel.shared.servers[1].up.store(false, Ordering::Relaxed);
+        for (k, at) in keys.iter().zip(&placed) {
+            let now = channel.pick_for(k.as_bytes());
+            if *at == 1 {
+                assert_ne!(now, 1, "{k} left the server that is down");
+            } else {
+                assert_eq!(now, *at, "{k} stayed where it was");
+            }
+        }
     }
 
     #[tokio::test]

@@ -33,6 +33,11 @@ pub enum AuditLogError {
     Postgres { target: String, message: String },
     #[error("audit search: {0}")]
     BadCursor(String),
+    #[error(
+        "the audit spool {path} is full ({max} bytes) while PostgreSQL cannot be written: \
+         events wait at their senders until PostgreSQL answers or the spool is given room"
+    )]
+    SpoolFull { path: PathBuf, max: u64 },
 }
 
 /// What to look for.

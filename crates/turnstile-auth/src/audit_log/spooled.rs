@@ -3,7 +3,9 @@
 //! on the auth server's disk (the file log's format, synced), and written
 //! to PostgreSQL, under the same uid, as soon as it answers again; then the
 //! spool's file is deleted. A spooled event shows in searches once it is
-//! in PostgreSQL.
+//! in PostgreSQL. The spool is bounded ([`SPOOL_MAX_BYTES`]): a full spool
+//! refuses events, which then wait in their senders' bounded queues (a
+//! node's refuses new sessions once its queue is full): nothing is dropped.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +23,15 @@ use super::{AuditLog, AuditLogError, AuditPage, AuditQuery, FileAuditLog, Postgr
 const REPLAY_EVERY: Duration = Duration::from_secs(2);
 /// Spooled events written to PostgreSQL per statement.
 const REPLAY_BATCH: usize = 1000;
+/// The most the spool holds on disk.
+pub const SPOOL_MAX_BYTES: u64 = 1 << 30;
 
 #[derive(Debug)]
 pub struct SpooledAuditLog {
     postgres: Arc<PostgresAuditLog>,
     spool: Arc<FileAuditLog>,
+    spool_dir: PathBuf,
+    max_bytes: u64,
 }
 
 impl SpooledAuditLog {
@@ -39,6 +45,8 @@ impl SpooledAuditLog {
         let log = Self {
             postgres: Arc::new(postgres),
             spool: Arc::new(FileAuditLog::new(&spool_dir, clock)),
+            spool_dir,
+            max_bytes: SPOOL_MAX_BYTES,
         };
         let (postgres, spool) = (log.postgres.clone(), log.spool.clone());
         tokio::spawn(async move {
@@ -61,10 +69,47 @@ impl SpooledAuditLog {
         log
     }
 
+    /// The spool holds at most `max_bytes` (default [`SPOOL_MAX_BYTES`]).
+    #[must_use]
+    pub fn with_spool_limit(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Refuses to spool more once the spool holds its limit.
+    async fn check_room(&self) -> Result<(), AuditLogError> {
+        let dir = self.spool_dir.clone();
+        let used = tokio::task::spawn_blocking(move || size_of(&dir))
+            .await
+            .unwrap_or(0);
+        if used >= self.max_bytes {
+            return Err(AuditLogError::SpoolFull {
+                path: self.spool_dir.clone(),
+                max: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Writes what the spool holds to PostgreSQL; returns how many.
     pub async fn replay(&self) -> Result<usize, AuditLogError> {
         replay(&self.postgres, &self.spool).await
     }
+}
+
+/// Bytes of the files under `dir` (0 if it is missing).
+fn size_of(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => size_of(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 async fn replay(postgres: &PostgresAuditLog, spool: &FileAuditLog) -> Result<usize, AuditLogError> {
@@ -89,6 +134,7 @@ impl AuditLog for SpooledAuditLog {
         match self.postgres.emit(event.clone()).await {
             Ok(json) => Ok(json),
             Err(e) => {
+                self.check_room().await?;
                 tracing::warn!(error = %e, "audit event spooled on disk until PostgreSQL answers");
                 self.spool.emit(event).await
             }
@@ -99,6 +145,7 @@ impl AuditLog for SpooledAuditLog {
         match self.postgres.emit_batch(events.clone()).await {
             Ok(()) => Ok(()),
             Err(e) => {
+                self.check_room().await?;
                 tracing::warn!(error = %e, events = events.len(), "audit events spooled on disk until PostgreSQL answers");
                 self.spool.emit_batch(events).await
             }
@@ -154,6 +201,37 @@ mod tests {
             .collect();
         users.sort();
         assert_eq!(users, ["batch", "before", "during"]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_events_rather_than_dropping_them() {
+        let mut server = PostgresServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let postgres = PostgresAuditLog::connect(&server.uri(), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let log = SpooledAuditLog::new(
+            postgres,
+            dir.path().join("spool"),
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        )
+        .with_spool_limit(1);
+        server.stop();
+        log.emit(login("first")).await.expect("the spool had room");
+        let e = log.emit(login("second")).await.unwrap_err().to_string();
+        assert!(e.contains("spool") && e.contains("full"), "{e}");
+        let e = log
+            .emit_batch(vec![(login("batch"), "uid-b".into())])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("full"), "{e}");
+        server.restart();
+        assert_eq!(log.replay().await.unwrap(), 1);
+        log.emit(login("after")).await.unwrap();
         shutdown.cancel();
     }
 }

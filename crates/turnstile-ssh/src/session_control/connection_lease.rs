@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use turnstile_api::auth_channel::AuthChannel;
+use turnstile_api::auth_channel::{AuthChannel, with_affinity};
 use turnstile_api::rpc::{AuthClient, proto};
 use turnstile_api::semaphore::CONNECTION;
 
@@ -60,15 +60,18 @@ impl LeaseService for AuthClient<AuthChannel> {
     async fn acquire(&self, p: &LeaseParams, ttl: Duration) -> Result<String, AcquireError> {
         let resp = self
             .clone()
-            .acquire_semaphore(proto::AcquireSemaphoreRequest {
-                kind: CONNECTION.into(),
-                name: p.user.clone(),
-                max: p.max,
-                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                login: p.login.clone(),
-                remote_addr: p.remote_addr.clone(),
-                holder_name: p.holder_name.clone(),
-            })
+            .acquire_semaphore(with_affinity(
+                proto::AcquireSemaphoreRequest {
+                    kind: CONNECTION.into(),
+                    name: p.user.clone(),
+                    max: p.max,
+                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                    login: p.login.clone(),
+                    remote_addr: p.remote_addr.clone(),
+                    holder_name: p.holder_name.clone(),
+                },
+                &p.user,
+            ))
             .await;
         match resp {
             Ok(r) => Ok(r.into_inner().lease_id),
@@ -94,12 +97,15 @@ impl LeaseService for AuthClient<AuthChannel> {
     ) -> Result<(), RenewError> {
         match self
             .clone()
-            .keep_alive_semaphore(proto::KeepAliveSemaphoreRequest {
-                kind: CONNECTION.into(),
-                name: user.to_string(),
-                lease_id: lease_id.to_string(),
-                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-            })
+            .keep_alive_semaphore(with_affinity(
+                proto::KeepAliveSemaphoreRequest {
+                    kind: CONNECTION.into(),
+                    name: user.to_string(),
+                    lease_id: lease_id.to_string(),
+                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                },
+                user,
+            ))
             .await
         {
             Ok(_) => Ok(()),
@@ -110,11 +116,14 @@ impl LeaseService for AuthClient<AuthChannel> {
 
     async fn cancel(&self, user: &str, lease_id: &str) -> Result<(), String> {
         self.clone()
-            .cancel_semaphore(proto::CancelSemaphoreRequest {
-                kind: CONNECTION.into(),
-                name: user.to_string(),
-                lease_id: lease_id.to_string(),
-            })
+            .cancel_semaphore(with_affinity(
+                proto::CancelSemaphoreRequest {
+                    kind: CONNECTION.into(),
+                    name: user.to_string(),
+                    lease_id: lease_id.to_string(),
+                },
+                user,
+            ))
             .await
             .map(|_| ())
             .map_err(|s| s.message().to_string())

@@ -292,7 +292,10 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// Slot acquire and release straight on each backend (no gRPC): SQLite,
 /// etcd with one auth server, and etcd with two auth servers (two
-/// processes' worth of backend clients and semaphores) taking turns.
+/// processes' worth of backend clients and semaphores): two users' slots,
+/// each user's on one server as nodes and proxies route them (by
+/// affinity), and one user's semaphore changed through both servers in
+/// turn, as while a failover moves a user's calls.
 async fn backend_slots() -> anyhow::Result<()> {
     use turnstile_api::clock::SystemClock;
     use turnstile_auth::backend::etcd::testing::EtcdServer;
@@ -300,9 +303,9 @@ async fn backend_slots() -> anyhow::Result<()> {
     use turnstile_auth::semaphores::{LeaseRequest, Semaphores};
 
     println!();
-    println!("Connection slots straight on the backend (no gRPC), one user's semaphore");
+    println!("Connection slots straight on the backend (no gRPC)");
     println!(
-        "{:<30}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10}",
+        "{:<52}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10}",
         "backend",
         "contenders",
         "pairs",
@@ -319,31 +322,33 @@ async fn backend_slots() -> anyhow::Result<()> {
     let settings = etcd.settings("/bench");
     let etcd_a: Arc<dyn Backend> = Arc::new(EtcdBackend::connect(&settings)?);
     let etcd_b: Arc<dyn Backend> = Arc::new(EtcdBackend::connect(&settings)?);
-    let setups: Vec<(&str, Vec<Arc<Semaphores>>)> = vec![
-        (
-            "SQLite",
-            vec![Arc::new(Semaphores::new(sqlite, clock.clone()))],
-        ),
-        (
-            "etcd, one auth server",
-            vec![Arc::new(Semaphores::new(etcd_a.clone(), clock.clone()))],
-        ),
-        (
-            "etcd, two auth servers",
-            vec![
-                Arc::new(Semaphores::new(etcd_a, clock.clone())),
-                Arc::new(Semaphores::new(etcd_b, clock.clone())),
-            ],
-        ),
+    let two = vec![
+        Arc::new(Semaphores::new(etcd_a.clone(), clock.clone())),
+        Arc::new(Semaphores::new(etcd_b, clock.clone())),
     ];
-    for (label, servers) in setups {
+    // (label, servers, users): contender i takes user i % users's slot
+    // through server i % servers.
+    let setups: Vec<(&str, Vec<Arc<Semaphores>>, usize)> = vec![
+        (
+            "SQLite, one user",
+            vec![Arc::new(Semaphores::new(sqlite, clock.clone()))],
+            1,
+        ),
+        (
+            "etcd, one auth server, one user",
+            vec![Arc::new(Semaphores::new(etcd_a, clock.clone()))],
+            1,
+        ),
+        ("etcd, two auth servers, two users (routed)", two.clone(), 2),
+        ("etcd, two auth servers on one user (failover)", two, 1),
+    ];
+    for (label, servers, users) in setups {
         for contenders in [1usize, 16, 64] {
             let per = (1000 / contenders).max(20);
-            let name = format!("bench-{}-{contenders}", label.len());
             let servers = servers.clone();
             let pair: PairFn = Arc::new(move |i| {
                 let semaphores = servers[i % servers.len()].clone();
-                let name = name.clone();
+                let name = format!("bench-{}-{contenders}-{}", label.len(), i % users);
                 Box::pin(async move {
                     let t0 = Instant::now();
                     let lease = semaphores
@@ -367,7 +372,7 @@ async fn backend_slots() -> anyhow::Result<()> {
             });
             let row = race_pairs(contenders, per, pair).await?;
             println!(
-                "{:<30}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10.0}",
+                "{:<52}  {:>11}  {:>8}  {:>14}  {:>14}  {:>14}  {:>14}  {:>10.0}",
                 label,
                 contenders,
                 row.pairs,
