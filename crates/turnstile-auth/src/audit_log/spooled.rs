@@ -167,20 +167,29 @@ mod tests {
 
     use crate::audit_log::tests::login;
 
-    #[tokio::test]
-    async fn events_of_an_outage_wait_on_disk_and_reach_postgres_once() {
-        let mut server = PostgresServer::start();
-        let dir = tempfile::tempdir().unwrap();
+    /// A spooled log over a running PostgreSQL, spooling under `dir`.
+    async fn spooled(
+        server: &PostgresServer,
+        dir: &tempfile::TempDir,
+        shutdown: &CancellationToken,
+    ) -> SpooledAuditLog {
         let postgres = PostgresAuditLog::connect(&server.uri(), Arc::new(SystemClock))
             .await
             .unwrap();
-        let shutdown = CancellationToken::new();
-        let log = SpooledAuditLog::new(
+        SpooledAuditLog::new(
             postgres,
             dir.path().join("spool"),
             Arc::new(SystemClock),
             shutdown.clone(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn events_of_an_outage_wait_on_disk_and_reach_postgres_once() {
+        let mut server = PostgresServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let log = spooled(&server, &dir, &shutdown).await;
         log.emit(login("before")).await.unwrap();
         server.stop();
         log.emit(login("during")).await.expect("spooled, not lost");
@@ -208,17 +217,8 @@ mod tests {
     async fn a_full_spool_refuses_events_rather_than_dropping_them() {
         let mut server = PostgresServer::start();
         let dir = tempfile::tempdir().unwrap();
-        let postgres = PostgresAuditLog::connect(&server.uri(), Arc::new(SystemClock))
-            .await
-            .unwrap();
         let shutdown = CancellationToken::new();
-        let log = SpooledAuditLog::new(
-            postgres,
-            dir.path().join("spool"),
-            Arc::new(SystemClock),
-            shutdown.clone(),
-        )
-        .with_spool_limit(1);
+        let log = spooled(&server, &dir, &shutdown).await.with_spool_limit(1);
         server.stop();
         log.emit(login("first")).await.expect("the spool had room");
         let e = log.emit(login("second")).await.unwrap_err().to_string();

@@ -152,20 +152,8 @@ impl Authority {
         if gone.is_empty() {
             return Ok(());
         }
-        let key = format!("users/{user}");
-        typed::update(
-            self.backend.as_ref(),
-            &key,
-            |current: Option<&Stored<UserRecord>>| {
-                let Some(current) = current else {
-                    return Ok((Change::Keep, ()));
-                };
-                let mut record = current.value.clone();
-                record.roles.retain(|r| !gone.contains(r));
-                Ok((Change::Put(record, None), ()))
-            },
-        )
-        .await?;
+        self.modify_user(user, |record| record.roles.retain(|r| !gone.contains(r)))
+            .await?;
         Err(ApiError::bad_parameter(format!(
             "role(s) {} of user {user:?} were removed while the user was being saved; the user was saved without them",
             gone.join(", ")

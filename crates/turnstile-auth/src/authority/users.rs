@@ -7,17 +7,34 @@ impl Authority {
     pub async fn set_password(&self, user: &str, password: &str) -> Result<(), ApiError> {
         passwords::check_policy(password)?;
         let hash = passwords::hash(password).await?;
+        let found = self
+            .modify_user(user, |record| record.password_hash = Some(hash.clone()))
+            .await?;
+        if !found {
+            return Err(ApiError::not_found(format!("user {user:?} not found")));
+        }
+        Ok(())
+    }
+
+    /// Changes `user`'s record as it is when written (compare-and-swap, so
+    /// a concurrent change to another field is never lost). False when there
+    /// is no such user; nothing is written then.
+    pub(super) async fn modify_user(
+        &self,
+        user: &str,
+        change: impl Fn(&mut UserRecord),
+    ) -> Result<bool, ApiError> {
         let key = format!("users/{user}");
         typed::update(
             self.backend.as_ref(),
             &key,
             |current: Option<&Stored<UserRecord>>| {
                 let Some(current) = current else {
-                    return Err(ApiError::not_found(format!("user {user:?} not found")));
+                    return Ok((Change::Keep, false));
                 };
                 let mut record = current.value.clone();
-                record.password_hash = Some(hash.clone());
-                Ok((Change::Put(record, None), ()))
+                change(&mut record);
+                Ok((Change::Put(record, None), true))
             },
         )
         .await
