@@ -7,6 +7,22 @@ use serde::{Deserialize, Serialize};
 /// The kind of semaphore that counts a user's connections to nodes.
 pub const CONNECTION: &str = "connection";
 
+/// The shortest and longest lifetime a lease may be given; auth clamps
+/// what a node asks for into this range, and `session_control_timeout` must
+/// lie in it.
+pub const LEASE_TTL_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+pub const LEASE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Checks a `session_control_timeout` (a lease's lifetime) against
+/// [`LEASE_TTL_MIN`]..=[`LEASE_TTL_MAX`].
+pub fn check_lease_ttl(ttl: std::time::Duration) -> Result<(), String> {
+    if (LEASE_TTL_MIN..=LEASE_TTL_MAX).contains(&ttl) {
+        Ok(())
+    } else {
+        Err("must be between 1s and 1h; write it like 30s or 2m (default 2m)".into())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub lease_id: String,

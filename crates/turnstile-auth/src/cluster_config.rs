@@ -67,9 +67,7 @@ impl ClusterConfig {
             }
             "session_control_timeout" => {
                 let d = duration(value)?;
-                if d.is_zero() {
-                    return Err(bad("must be longer than zero".into()));
-                }
+                turnstile_api::semaphore::check_lease_ttl(d).map_err(bad)?;
                 self.session_control_timeout_ms = millis(d);
             }
             "locking_mode" => self.locking_mode = value.parse().map_err(bad)?,
@@ -248,7 +246,12 @@ mod tests {
             .set("session_control_timeout", "0s")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("longer than zero"), "{e}");
+        assert!(e.contains("between 1s and 1h"), "{e}");
+        let e = c
+            .set("session_control_timeout", "2h")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1s and 1h"), "{e}");
         let e = c.set("colour", "red").unwrap_err().to_string();
         assert!(e.contains(SETTABLE), "{e}");
     }

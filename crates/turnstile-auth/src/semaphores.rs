@@ -34,6 +34,11 @@ pub enum SemaphoreError {
     Contention(String),
     #[error("lease {lease_id} of semaphore {key} expired or was released")]
     LeaseGone { key: String, lease_id: String },
+    /// A host asked to renew or release a lease another host holds.
+    #[error(
+        "lease {lease_id} of semaphore {key} is held by another host; a host may renew or release only its own leases"
+    )]
+    NotHolder { key: String, lease_id: String },
     #[error("{0}")]
     BadParameter(String),
     #[error(transparent)]
@@ -47,6 +52,7 @@ impl From<SemaphoreError> for ApiError {
             SemaphoreError::LimitExceeded { .. } => ErrorKind::LimitExceeded,
             SemaphoreError::Contention(_) => ErrorKind::Unavailable,
             SemaphoreError::LeaseGone { .. } => ErrorKind::NotFound,
+            SemaphoreError::NotHolder { .. } => ErrorKind::AccessDenied,
             SemaphoreError::BadParameter(_) => ErrorKind::BadParameter,
             SemaphoreError::Backend(b) => b.kind(),
         };
@@ -70,11 +76,19 @@ pub struct LeaseRequest {
 /// The semaphore as this process last read or committed it.
 type Cached = Option<Stored<Semaphore>>;
 
-/// A change waiting to be committed.
+/// A change waiting to be committed. `holder`: the host asking, which must
+/// hold the lease (`None`: an administrator, who may release any).
 enum Op {
     Acquire(LeaseRequest),
-    KeepAlive { lease_id: String, ttl: Duration },
-    Cancel { lease_id: String },
+    KeepAlive {
+        lease_id: String,
+        ttl: Duration,
+        holder: String,
+    },
+    Cancel {
+        lease_id: String,
+        holder: Option<String>,
+    },
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Option<Lease>, SemaphoreError>>;
@@ -140,8 +154,23 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Semaphore, SemaphoreError> {
         .map_err(|e| BackendError::Storage(format!("semaphore {key} is corrupt: {e}")).into())
 }
 
-fn ttl_ms(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+/// `now` plus a lease lifetime clamped to
+/// [`semaphore::LEASE_TTL_MIN`]..=[`semaphore::LEASE_TTL_MAX`], so no host
+/// can take a slot for ever nor overflow the expiry.
+fn lease_expiry(now: i64, ttl: Duration) -> i64 {
+    let ttl = ttl.clamp(semaphore::LEASE_TTL_MIN, semaphore::LEASE_TTL_MAX);
+    now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Refuses a change to `lease` from a host other than its holder.
+fn check_holder(lease: &Lease, holder: Option<&str>, key: &str) -> Result<(), SemaphoreError> {
+    match holder {
+        Some(h) if h != lease.holder => Err(SemaphoreError::NotHolder {
+            key: key.to_string(),
+            lease_id: lease.lease_id.clone(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Applies one change to the live leases; `Ok(Some)` for a new lease.
@@ -164,7 +193,7 @@ fn apply(
                 lease_id: uuid::Uuid::new_v4().to_string(),
                 holder: req.holder.clone(),
                 holder_name: req.holder_name.clone(),
-                expires: now + ttl_ms(req.ttl),
+                expires: lease_expiry(now, req.ttl),
                 login: req.login.clone(),
                 remote_addr: req.remote_addr.clone(),
                 since: now,
@@ -172,7 +201,11 @@ fn apply(
             sem.leases.push(lease.clone());
             Ok(Some(lease))
         }
-        Op::KeepAlive { lease_id, ttl } => {
+        Op::KeepAlive {
+            lease_id,
+            ttl,
+            holder,
+        } => {
             let lease = sem
                 .leases
                 .iter_mut()
@@ -181,10 +214,14 @@ fn apply(
                     key: key.to_string(),
                     lease_id: lease_id.clone(),
                 })?;
-            lease.expires = now + ttl_ms(*ttl);
+            check_holder(lease, Some(holder), key)?;
+            lease.expires = lease_expiry(now, *ttl);
             Ok(Some(lease.clone()))
         }
-        Op::Cancel { lease_id } => {
+        Op::Cancel { lease_id, holder } => {
+            if let Some(lease) = sem.leases.iter().find(|l| &l.lease_id == lease_id) {
+                check_holder(lease, holder.as_deref(), key)?;
+            }
             sem.leases.retain(|l| &l.lease_id != lease_id);
             Ok(None)
         }
@@ -310,18 +347,20 @@ impl Semaphores {
             .ok_or_else(|| SemaphoreError::BadParameter("no lease".into()))
     }
 
-    /// Extends a live lease to `ttl` from now.
+    /// Extends a live lease `holder` holds to `ttl` from now.
     pub async fn keep_alive(
         &self,
         kind: &str,
         name: &str,
         lease_id: &str,
         ttl: Duration,
+        holder: &str,
     ) -> Result<Lease, SemaphoreError> {
         Self::check(kind, name)?;
         let op = Op::KeepAlive {
             lease_id: lease_id.to_string(),
             ttl,
+            holder: holder.to_string(),
         };
         self.submit(&key(kind, name), op)
             .await?
@@ -331,16 +370,19 @@ impl Semaphores {
             })
     }
 
-    /// Releases a lease; releasing one that is already gone is not an error.
+    /// Releases a lease `holder` holds (`None`: an administrator releasing
+    /// any); releasing one that is already gone is not an error.
     pub async fn cancel(
         &self,
         kind: &str,
         name: &str,
         lease_id: &str,
+        holder: Option<&str>,
     ) -> Result<(), SemaphoreError> {
         Self::check(kind, name)?;
         let op = Op::Cancel {
             lease_id: lease_id.to_string(),
+            holder: holder.map(str::to_string),
         };
         self.submit(&key(kind, name), op).await.map(|_| ())
     }
@@ -351,7 +393,8 @@ impl Semaphores {
         let mut released = 0;
         for (kind, name, lease) in self.list("").await? {
             if lease.holder == holder {
-                self.cancel(&kind, &name, &lease.lease_id).await?;
+                self.cancel(&kind, &name, &lease.lease_id, Some(holder))
+                    .await?;
                 released += 1;
             }
         }
@@ -400,6 +443,8 @@ mod tests {
             remote_addr: "127.0.0.1:1".into(),
         }
     }
+
+    const SECS_30: Duration = Duration::from_secs(30);
 
     async fn race(backend: Arc<dyn Backend>) {
         let sems = Arc::new(Semaphores::new(backend, Arc::new(SystemClock)));
@@ -461,7 +506,7 @@ mod tests {
             Err(SemaphoreError::LimitExceeded { .. })
         ));
         // Released through the other server: `a` still caches it as full.
-        b.cancel("connection", "alice", &held.lease_id)
+        b.cancel("connection", "alice", &held.lease_id, Some("node-1"))
             .await
             .unwrap();
         a.acquire(&request(1))
@@ -482,7 +527,7 @@ mod tests {
             Err(SemaphoreError::LimitExceeded { .. })
         ));
         clock.advance(Duration::from_secs(20));
-        sems.keep_alive("connection", "alice", &l1.lease_id, Duration::from_secs(30))
+        sems.keep_alive("connection", "alice", &l1.lease_id, SECS_30, "node-1")
             .await
             .unwrap();
         clock.advance(Duration::from_secs(20));
@@ -493,18 +538,76 @@ mod tests {
         clock.advance(Duration::from_secs(11));
         // Expired: the slot is free and the old lease cannot be renewed.
         assert!(matches!(
-            sems.keep_alive("connection", "alice", &l1.lease_id, Duration::from_secs(30))
+            sems.keep_alive("connection", "alice", &l1.lease_id, SECS_30, "node-1")
                 .await,
             Err(SemaphoreError::LeaseGone { .. })
         ));
         let l2 = sems.acquire(&request(1)).await.unwrap();
-        sems.cancel("connection", "alice", &l2.lease_id)
+        sems.cancel("connection", "alice", &l2.lease_id, Some("node-1"))
             .await
             .unwrap();
-        sems.cancel("connection", "alice", &l2.lease_id)
+        sems.cancel("connection", "alice", &l2.lease_id, Some("node-1"))
             .await
             .unwrap();
         assert!(sems.list("").await.unwrap().is_empty());
         sems.acquire(&request(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_the_holder_renews_or_releases_a_lease() {
+        let sems = Semaphores::new(Arc::new(MemoryBackend::new()), Arc::new(SystemClock));
+        let held = sems.acquire(&request(1)).await.unwrap();
+        let e = sems
+            .keep_alive("connection", "alice", &held.lease_id, SECS_30, "node-2")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SemaphoreError::NotHolder { .. }), "{e}");
+        let e = sems
+            .cancel("connection", "alice", &held.lease_id, Some("node-2"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("held by another host"), "{e}");
+        assert_eq!(sems.list("").await.unwrap().len(), 1, "still held");
+        assert_eq!(sems.release_holder("node-2").await.unwrap(), 0);
+        sems.keep_alive("connection", "alice", &held.lease_id, SECS_30, "node-1")
+            .await
+            .expect("the holder renews");
+        sems.cancel("connection", "alice", &held.lease_id, None)
+            .await
+            .expect("an administrator releases any lease");
+        assert!(sems.list("").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn lease_lifetimes_are_clamped() {
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let sems = Semaphores::new(
+            Arc::new(MemoryBackend::with_clock(clock.clone())),
+            clock.clone(),
+        );
+        let mut forever = request(1);
+        forever.ttl = Duration::MAX;
+        let lease = sems.acquire(&forever).await.expect("no overflow");
+        let now = ms(clock.now());
+        assert_eq!(lease.expires - now, 3_600_000, "at most an hour");
+        let renewed = sems
+            .keep_alive(
+                "connection",
+                "alice",
+                &lease.lease_id,
+                Duration::MAX,
+                "node-1",
+            )
+            .await
+            .unwrap();
+        assert_eq!(renewed.expires - now, 3_600_000);
+        clock.advance(semaphore::LEASE_TTL_MAX + Duration::from_secs(1));
+        sems.acquire(&request(1))
+            .await
+            .expect("the hour-long lease lapsed");
+        let mut instant = request(2);
+        instant.ttl = Duration::from_millis(1);
+        let short = sems.acquire(&instant).await.unwrap();
+        assert_eq!(short.expires - ms(clock.now()), 1_000, "at least a second");
     }
 }

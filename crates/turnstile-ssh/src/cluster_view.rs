@@ -100,11 +100,23 @@ pub struct SessionEndings {
     pub at_cert_expiry: bool,
 }
 
+/// How long a name that was not found, even after a refresh, is answered
+/// "unknown" from memory: a flood of made-up node or user names costs one
+/// refresh per name per this long, not one per connection. A refresh
+/// (every change auth announces causes one) forgets every miss.
+const MISS_TTL: Duration = Duration::from_secs(2);
+/// The most misses remembered; beyond, the oldest half is forgotten.
+const MAX_MISSES: usize = 4096;
+
 #[derive(Debug)]
 pub struct ClusterView {
     client: AuthClient<AuthChannel>,
     snapshot: RwLock<Snapshot>,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// Names looked up in vain ("node:NAME", "user:NAME") and when.
+    misses: std::sync::Mutex<HashMap<String, Instant>>,
+    /// How many times auth was asked for everything (for tests).
+    fetches: std::sync::atomic::AtomicU64,
 }
 
 fn parse_keys(keys: &[String]) -> Result<Vec<PublicKey>, ApiError> {
@@ -122,7 +134,43 @@ impl ClusterView {
             client,
             snapshot: RwLock::new(Snapshot::default()),
             refresh_lock: tokio::sync::Mutex::new(()),
+            misses: std::sync::Mutex::new(HashMap::new()),
+            fetches: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn misses(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.misses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` was looked up in vain within [`MISS_TTL`].
+    fn missed_lately(&self, key: &str) -> bool {
+        self.misses()
+            .get(key)
+            .is_some_and(|at| at.elapsed() < MISS_TTL)
+    }
+
+    fn remember_miss(&self, key: String) {
+        let mut misses = self.misses();
+        if misses.len() >= MAX_MISSES {
+            misses.retain(|_, at| at.elapsed() < MISS_TTL / 2);
+            if misses.len() >= MAX_MISSES {
+                misses.clear();
+            }
+        }
+        misses.insert(key, Instant::now());
+    }
+
+    /// Refreshes once for a name the cache does not hold, unless it was
+    /// missed lately; misses at the same moment share one refresh. Returns
+    /// whether to look again.
+    async fn refresh_for_miss(&self, key: String) -> bool {
+        if self.missed_lately(&key) {
+            return false;
+        }
+        let _ = self.refresh_since(Instant::now()).await;
+        self.remember_miss(key);
+        true
     }
 
     pub fn client(&self) -> AuthClient<AuthChannel> {
@@ -154,6 +202,8 @@ impl ClusterView {
     async fn fetch(&self) -> Result<(), ApiError> {
         // What is fetched is as new as this moment, not as the answer.
         let began = Instant::now();
+        self.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut client = self.client.clone();
         let authorities = client
             .get_authorities(proto::GetAuthoritiesRequest {})
@@ -222,6 +272,7 @@ impl ClusterView {
             loaded: true,
         };
         *self.snapshot.write().await = fresh;
+        self.misses().clear();
         Ok(())
     }
 
@@ -406,7 +457,6 @@ impl ClusterView {
             .await
             .map_err(|e| format!("cannot check user {:?} with auth: {e}", identity.user))?;
         // A user just added may be missing from the cache: refresh once.
-        // Misses at the same moment share one refresh.
         if !self
             .snapshot
             .read()
@@ -414,7 +464,8 @@ impl ClusterView {
             .users
             .contains_key(&identity.user)
         {
-            let _ = self.refresh_since(Instant::now()).await;
+            self.refresh_for_miss(format!("user:{}", identity.user))
+                .await;
         }
         let s = self.snapshot.read().await;
         let who = LockSubject {
@@ -476,7 +527,8 @@ impl ClusterView {
         Ok(self.snapshot.read().await.nodes.clone())
     }
 
-    /// The node registered under `name` (or id); an unknown name triggers one refresh.
+    /// The node registered under `name` (or id); an unknown name triggers
+    /// one refresh (none if it was missed lately).
     pub async fn find_node(&self, name: &str) -> Result<Option<NodeInfo>, ApiError> {
         self.ensure_loaded().await?;
         for attempt in 0..2 {
@@ -490,7 +542,11 @@ impl ClusterView {
             {
                 return Ok(Some(n.clone()));
             }
-            if attempt == 0 && self.refresh().await.is_err() {
+            if attempt == 0
+                && !self
+                    .refresh_for_miss(format!("node:{}", name.to_ascii_lowercase()))
+                    .await
+            {
                 break;
             }
         }
@@ -550,6 +606,28 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn unknown_names_cost_one_refresh_each_not_one_per_lookup() {
+        let view = view_with("best_effort", Some(Instant::now()));
+        let fetches = || view.fetches.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..50 {
+            assert!(view.find_node("ghost").await.unwrap().is_none());
+            assert!(view.find_node("GHOST").await.unwrap().is_none());
+        }
+        assert_eq!(fetches(), 1, "one refresh for a name missed 100 times");
+        let mallory = UserIdentity {
+            user: "mallory".into(),
+            roles: vec!["access".into()],
+            logins: vec!["root".into()],
+        };
+        for _ in 0..50 {
+            assert!(view.standing(&mallory, None, None, 10).await.is_err());
+        }
+        assert_eq!(fetches(), 2, "and one for a user missed 50 times");
+        view.find_node("other").await.unwrap();
+        assert_eq!(fetches(), 3, "another name is looked up again");
     }
 
     #[tokio::test]

@@ -127,11 +127,13 @@ impl AuthApi {
     /// an administrator) and applies what it means for `recordings ls`;
     /// returns it to be written.
     async fn take_host_event(&self, c: &Caller, event: AuditEvent) -> Result<AuditEvent, Status> {
-        // What a host may say: events it saw itself (they carry its id), and
-        // for the proxy, password logins. Nothing of administrators or auth.
+        // What a host may say: events it saw itself (they carry its id).
+        // Nothing of administrators or of auth's own checks: logins are
+        // written by auth, which checked the password.
         let allowed = match &event {
-            AuditEvent::AdminChange { .. } | AuditEvent::AuditGap { .. } => false,
-            AuditEvent::UserLogin { .. } => c.role == SystemRole::Proxy,
+            AuditEvent::AdminChange { .. }
+            | AuditEvent::AuditGap { .. }
+            | AuditEvent::UserLogin { .. } => false,
             other => other.server_id() == Some(c.id.as_str()),
         };
         if !allowed {
@@ -602,7 +604,7 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::KeepAliveSemaphoreRequest>,
     ) -> RpcResult<proto::SemaphoreLease> {
-        require(&req, &[SystemRole::Node])?;
+        let c = require(&req, &[SystemRole::Node])?;
         let r = req.into_inner();
         let lease = self
             .authority
@@ -612,6 +614,7 @@ impl proto::auth_server::Auth for AuthApi {
                 &r.name,
                 &r.lease_id,
                 Duration::from_millis(r.ttl_ms),
+                &c.id,
             )
             .await
             .map_err(|e| fail(e.into()))?;
@@ -627,7 +630,12 @@ impl proto::auth_server::Auth for AuthApi {
         let r = req.into_inner();
         self.authority
             .semaphores()
-            .cancel(&r.kind, &r.name, &r.lease_id)
+            .cancel(
+                &r.kind,
+                &r.name,
+                &r.lease_id,
+                (c.role != SystemRole::Admin).then_some(c.id.as_str()),
+            )
             .await
             .map_err(|e| fail(e.into()))?;
         if c.role == SystemRole::Admin {

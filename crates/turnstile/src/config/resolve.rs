@@ -395,11 +395,8 @@ pub fn resolve(
             ));
         }
         let timeout = a.session_control_timeout.map(|d| d.0);
-        if timeout.is_some_and(|t| t.is_zero()) {
-            return Err(field_error(
-                "auth_service.session_control_timeout",
-                "must be longer than zero; write it like 30s or 2m (default 2m)",
-            ));
+        if let Some(Err(e)) = timeout.map(turnstile_api::semaphore::check_lease_ttl) {
+            return Err(field_error("auth_service.session_control_timeout", e));
         }
         let cluster_name = a
             .cluster_name
@@ -697,6 +694,10 @@ mod tests {
             ),
             (
                 "auth_service:\n  session_control_timeout: 0s\n",
+                "auth_service.session_control_timeout",
+            ),
+            (
+                "auth_service:\n  session_control_timeout: 2h\n",
                 "auth_service.session_control_timeout",
             ),
             (

@@ -4,6 +4,7 @@
 mod access_plane;
 mod cli;
 mod cluster;
+mod compromised_node;
 mod forwarding;
 mod ha;
 mod locks;

@@ -546,4 +546,18 @@ async fn a_host_speaks_only_for_itself_and_auth_tells_a_gap_from_a_resend() {
     assert_eq!(gap["missing_from"], 5);
     assert_eq!(gap["missing_to"], 8);
     assert_eq!(gap["server_id"], host_id.as_str());
+
+    // Only auth writes `user.login`: not even the proxy may claim one.
+    let tls = turnstile_ssh::identity::TlsIdentity::load(&data, SystemRole::Proxy)
+        .unwrap()
+        .expect("the proxy's TLS identity");
+    let mut proxy = turnstile_ssh::cluster_view::auth_client(auth_addr.trim(), &tls).unwrap();
+    let mut forged_login = batch(vec![(1, forged[0].clone())]);
+    forged_login.queue_id = "proxy-queue".into();
+    let r = proxy
+        .emit_audit_events(forged_login)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.refused, 1, "a proxy may not write user.login");
 }

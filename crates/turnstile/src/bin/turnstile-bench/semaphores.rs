@@ -342,13 +342,13 @@ async fn backend_slots() -> anyhow::Result<()> {
         ("etcd, two auth servers, two users (routed)", two.clone(), 2),
         ("etcd, two auth servers on one user (failover)", two, 1),
     ];
-    for (label, servers, users) in setups {
+    for (setup, (label, servers, users)) in setups.into_iter().enumerate() {
         for contenders in [1usize, 16, 64] {
             let per = (1000 / contenders).max(20);
             let servers = servers.clone();
             let pair: PairFn = Arc::new(move |i| {
                 let semaphores = servers[i % servers.len()].clone();
-                let name = format!("bench-{}-{contenders}-{}", label.len(), i % users);
+                let name = format!("bench-{setup}-{contenders}-{}", i % users);
                 Box::pin(async move {
                     let t0 = Instant::now();
                     let lease = semaphores
@@ -365,7 +365,7 @@ async fn backend_slots() -> anyhow::Result<()> {
                         .await?;
                     let acquired = t0.elapsed();
                     semaphores
-                        .cancel("connection", &name, &lease.lease_id)
+                        .cancel("connection", &name, &lease.lease_id, Some("bench"))
                         .await?;
                     Ok((acquired, t0.elapsed()))
                 })
