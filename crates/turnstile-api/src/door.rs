@@ -105,8 +105,8 @@ pub enum DoorResponse {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes is larger than the {1} allowed")]
+    TooLarge(usize, usize),
     #[error("malformed message: {0}")]
     Malformed(String),
 }
@@ -122,12 +122,21 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 
 /// Takes one complete frame off the front of `buf`, if there is one.
 pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut Vec<u8>) -> Result<Option<T>, FrameError> {
+    decode_within(buf, MAX_FRAME)
+}
+
+/// [`decode`], refusing frames longer than `max` (at most [`MAX_FRAME`]).
+pub fn decode_within<T: for<'de> Deserialize<'de>>(
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    let max = max.min(MAX_FRAME);
+    if len > max {
+        return Err(FrameError::TooLarge(len, max));
     }
     if buf.len() < 4 + len {
         return Ok(None);
@@ -165,7 +174,7 @@ mod tests {
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         assert!(matches!(
             decode::<DoorRequest>(&mut huge),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge(..))
         ));
         let mut junk = encode(&serde_json::json!({"type": "rm_rf"}));
         assert!(matches!(

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod join;
 pub mod live;
 pub mod node;
+pub mod pre_auth;
 pub mod proxy;
 pub mod proxy_header;
 pub mod server;

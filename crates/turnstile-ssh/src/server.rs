@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use turnstile_api::clock::Clock;
 
 use crate::cluster_view::ClusterView;
+use crate::pre_auth::{Gatekeeper, PreAuth, PreAuthLimits};
 use crate::proxy_header::read_if_present;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +42,7 @@ pub(crate) fn server_config(
         certificates: vec![host.certificate.clone()],
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
+        // Before authentication the gatekeeper's login_grace_time applies.
         inactivity_timeout: Some(Duration::from_secs(3600)),
         keepalive_interval: Some(Duration::from_secs(30)),
         nodelay: true,
@@ -104,29 +106,56 @@ async fn connection_info(
     }
 }
 
+/// How a server takes connections: its SSH config, whether it reads PROXY
+/// headers (nodes), its limits before authentication, and how it stops.
+pub(crate) struct Listening {
+    pub config: russh::server::Config,
+    pub headers: Option<HeaderPolicy>,
+    pub pre_auth: PreAuthLimits,
+    /// How long open connections may finish at shutdown.
+    pub grace: Duration,
+    /// "node" or "proxy", for what users are told.
+    pub who: &'static str,
+}
+
+/// Waits until `authenticated`, or for ever once `deadline` passes first.
+async fn login_grace_over(deadline: tokio::time::Instant, authenticated: CancellationToken) {
+    if tokio::time::timeout_at(deadline, authenticated.cancelled())
+        .await
+        .is_ok()
+    {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Accepts SSH connections until `shutdown`, one handler per connection from
-/// `make_handler`; then stops accepting, lets the open connections finish
-/// for up to `grace`, disconnects those still open (saying `who` shut down)
-/// and waits a little more for `tasks` (connections and anything they
-/// spawned) to write their last events.
-#[allow(clippy::too_many_arguments)]
+/// `make_handler` (given the connection's place among the unauthenticated,
+/// to give back when it authenticates); then stops accepting, lets the open
+/// connections finish for up to the grace, disconnects those still open
+/// (saying who shut down) and waits a little more for `tasks` (connections
+/// and anything they spawned) to write their last events.
 pub(crate) async fn serve<H, F>(
     listener: TcpListener,
-    config: russh::server::Config,
-    headers: Option<HeaderPolicy>,
+    listening: Listening,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-    grace: Duration,
-    who: &'static str,
     make_handler: F,
 ) where
     H: Handler<Error = russh::Error> + Send + 'static,
-    F: Fn(ConnectionInfo) -> H + Send + Sync + 'static,
+    F: Fn(ConnectionInfo, PreAuth) -> H + Send + Sync + 'static,
 {
+    let Listening {
+        config,
+        headers,
+        pre_auth,
+        grace,
+        who,
+    } = listening;
     let config = Arc::new(config);
     let headers = headers.map(Arc::new);
     let make_handler = Arc::new(make_handler);
     let grace_over = CancellationToken::new();
+    let gatekeeper = Gatekeeper::new(pre_auth);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -140,31 +169,78 @@ pub(crate) async fn serve<H, F>(
         };
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + gatekeeper.limits().login_grace_time;
+        let pre_auth = match gatekeeper.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(reason) => {
+                // Lines before the SSH version are allowed (RFC 4253 4.2);
+                // `ssh -v` shows this one.
+                let _ = stream.try_write(format!("{reason}\r\n").as_bytes());
+                tracing::debug!(%peer, %reason, "connection refused before authentication");
+                continue;
+            }
+        };
+        let header_timeout = gatekeeper.limits().proxy_header_timeout;
+        let login_grace = gatekeeper.limits().login_grace_time;
         let config = config.clone();
         let grace_over = grace_over.clone();
         let headers = headers.clone();
         let make_handler = make_handler.clone();
         tasks.spawn(async move {
-            let info = match connection_info(&mut stream, peer, headers.as_deref()).await {
-                Ok(info) => info,
-                Err(reason) => {
+            let read = connection_info(&mut stream, peer, headers.as_deref());
+            let info = match tokio::time::timeout(header_timeout, read).await {
+                Ok(Ok(info)) => info,
+                Ok(Err(reason)) => {
                     tracing::warn!(%peer, %reason, "connection refused");
                     return;
                 }
+                Err(_) => {
+                    tracing::info!(%peer, "no complete PROXY header within proxy_header_timeout; connection closed");
+                    return;
+                }
             };
-            let handler = make_handler(info);
-            let session = match russh::server::run_stream(config, stream, handler).await {
-                Ok(session) => session,
-                Err(e) => {
+            if let Err(reason) = pre_auth.count_as(info.client.ip()) {
+                tracing::debug!(%peer, client = %info.client, %reason, "connection refused before authentication");
+                return;
+            }
+            let authenticated = pre_auth.authenticated_signal();
+            let handler = make_handler(info, pre_auth);
+            let cut = CancellationToken::new();
+            let stream = Severable::new(stream, &cut);
+            let started = russh::server::run_stream(config, stream, handler);
+            let session = match tokio::time::timeout_at(deadline, started).await {
+                Ok(Ok(session)) => session,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no SSH handshake within login_grace_time");
                     return;
                 }
             };
             let handle = session.handle();
+            let mut session = session;
             tokio::select! {
-                r = session => {
+                r = &mut session => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = login_grace_over(deadline, authenticated) => {
+                    let reason = format!(
+                        "authentication did not finish within login_grace_time ({})",
+                        turnstile_api::duration::format(login_grace)
+                    );
+                    tracing::info!(%peer, "{reason}; disconnected");
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                        .await;
+                    // In the middle of a key exchange russh holds the
+                    // disconnect back: then the connection is cut.
+                    if tokio::time::timeout(LAST_WORDS / 5, &mut session).await.is_err() {
+                        cut.cancel();
+                        let _ = tokio::time::timeout(LAST_WORDS, session).await;
                     }
                 }
                 _ = grace_over.cancelled() => {
@@ -195,6 +271,82 @@ pub(crate) async fn serve<H, F>(
                 "{who}: connections did not end after their disconnect; stopping anyway"
             );
         }
+    }
+}
+
+/// A connection's TCP stream that the server can cut: once `cut` is
+/// cancelled every read and write fails, so the SSH session ends and the
+/// socket closes whatever state the session is in.
+struct Severable {
+    stream: TcpStream,
+    cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    severed: bool,
+}
+
+impl Severable {
+    fn new(stream: TcpStream, cut: &CancellationToken) -> Self {
+        Self {
+            stream,
+            cut: Box::pin(cut.clone().cancelled_owned()),
+            severed: false,
+        }
+    }
+
+    /// An error once the stream is cut.
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.severed && self.cut.as_mut().poll(cx).is_ready() {
+            self.severed = true;
+        }
+        if self.severed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection was cut",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl tokio::io::AsyncRead for Severable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Severable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -9,6 +9,7 @@
 //! refused with the reason ("administratively prohibited"), so the user reads
 //! why instead of "Permission denied".
 
+use crate::pre_auth::PreAuth;
 use std::sync::Arc;
 
 use russh::keys::Certificate;
@@ -77,6 +78,8 @@ pub struct NodeConnection {
     watch: Option<WatchGuard>,
     /// The remote forwards (`ssh -R`) listening for this connection.
     remote: RemoteForwards,
+    /// Counted among the unauthenticated connections until it authenticates.
+    pre_auth: PreAuth,
 }
 
 /// Why a forward is refused, and whose it was when the connection has a user.
@@ -106,10 +109,11 @@ pub(crate) fn prohibited(reason: impl Into<String>) -> ChannelOpenFailure {
 }
 
 impl NodeConnection {
-    pub(super) fn new(shared: Arc<NodeShared>, info: ConnectionInfo) -> Self {
+    pub(super) fn new(shared: Arc<NodeShared>, info: ConnectionInfo, pre_auth: PreAuth) -> Self {
         Self {
             shared,
             info,
+            pre_auth,
             id: uuid::Uuid::new_v4().to_string(),
             access: Access::Pending,
             closed: CancellationToken::new(),
@@ -435,6 +439,7 @@ impl Handler for NodeConnection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        self.pre_auth.authenticated();
         self.on_authenticated(session.handle());
         Ok(())
     }

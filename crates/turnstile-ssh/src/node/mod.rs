@@ -24,7 +24,7 @@ use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
 use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 pub use crate::server::HostCredentials;
-use crate::server::{HeaderPolicy, serve, server_config};
+use crate::server::{HeaderPolicy, Listening, serve, server_config};
 use crate::session_control::{ChannelLimit, LeaseService};
 
 mod connection;
@@ -53,6 +53,8 @@ pub struct NodeConfig {
     /// Remote forwards may listen on the address the client asks for, as
     /// sshd's `GatewayPorts yes`; otherwise on loopback only.
     pub gateway_ports: bool,
+    /// Limits on connections before they authenticate.
+    pub pre_auth: crate::pre_auth::PreAuthLimits,
 }
 
 /// What `ssh_service.accept_env` is when the file does not set it.
@@ -270,15 +272,21 @@ impl NodeService {
             clock: shared.clock.clone(),
         };
         let for_handlers = shared.clone();
+        let listening = Listening {
+            config: server_config(&self.host, &[russh::MethodKind::PublicKey]),
+            headers: Some(headers),
+            pre_auth: self.config.pre_auth.clone(),
+            grace: self.config.shutdown_grace,
+            who: "node",
+        };
         serve(
             listener,
-            server_config(&self.host, &[russh::MethodKind::PublicKey]),
-            Some(headers),
+            listening,
             &shared.tasks,
             &shutdown,
-            self.config.shutdown_grace,
-            "node",
-            move |info| connection::NodeConnection::new(for_handlers.clone(), info),
+            move |info, pre_auth| {
+                connection::NodeConnection::new(for_handlers.clone(), info, pre_auth)
+            },
         )
         .await;
         heartbeat.abort();

@@ -16,6 +16,7 @@ use super::ProxyShared;
 use super::door::serve_door;
 use crate::live::{Activity, WatchGuard, WatchRequest};
 use crate::node::prohibited;
+use crate::pre_auth::PreAuth;
 use crate::server::ConnectionInfo;
 use crate::user_cert::{refusal_event, verify_user_cert};
 
@@ -51,6 +52,11 @@ pub(crate) struct ProxyConnection {
     /// On the proxy's list of live connections while a certificate's holder
     /// is connected.
     watch: Option<WatchGuard>,
+    /// Counted among the unauthenticated connections until a user
+    /// authenticates; the anonymous user stays counted.
+    pre_auth: PreAuth,
+    /// Channels opened so far (the anonymous user may open only a few).
+    channels_opened: u32,
 }
 
 fn connect_failed(reason: String) -> ChannelOpenFailure {
@@ -58,12 +64,14 @@ fn connect_failed(reason: String) -> ChannelOpenFailure {
 }
 
 impl ProxyConnection {
-    pub(super) fn new(shared: Arc<ProxyShared>, info: ConnectionInfo) -> Self {
+    pub(super) fn new(shared: Arc<ProxyShared>, info: ConnectionInfo, pre_auth: PreAuth) -> Self {
         Self {
             shared,
             info,
             principal: Principal::Nobody,
             watch: None,
+            pre_auth,
+            channels_opened: 0,
         }
     }
 
@@ -196,6 +204,11 @@ impl Handler for ProxyConnection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // The anonymous user proved nothing: it stays under the limits of
+        // the unauthenticated, login_grace_time included.
+        if !matches!(self.principal, Principal::Anonymous) {
+            self.pre_auth.authenticated();
+        }
         if let Principal::Certificate {
             identity,
             certificate,
@@ -224,14 +237,30 @@ impl Handler for ProxyConnection {
             reply.reject(prohibited("not authenticated")).await;
             return Ok(());
         }
+        let limits = &self.shared.config.pre_auth;
+        let max_frame = if matches!(self.principal, Principal::Anonymous) {
+            if self.channels_opened >= limits.anonymous_max_channels {
+                reply
+                    .reject(prohibited(format!(
+                        "the anonymous user may open at most {} channels on a connection (anonymous_max_channels)",
+                        limits.anonymous_max_channels
+                    )))
+                    .await;
+                return Ok(());
+            }
+            limits.anonymous_max_frame
+        } else {
+            turnstile_api::door::MAX_FRAME
+        };
+        self.channels_opened += 1;
         reply.accept().await;
         let shared = self.shared.clone();
         let principal = self.principal.clone();
         let client = self.info.client;
         let handle = session.handle();
-        self.shared
-            .tasks
-            .spawn(async move { serve_door(channel, handle, shared, principal, client).await });
+        self.shared.tasks.spawn(async move {
+            serve_door(channel, handle, shared, principal, client, max_frame).await
+        });
         Ok(())
     }
 

@@ -220,6 +220,7 @@ pub(crate) async fn serve_door(
     shared: Arc<ProxyShared>,
     principal: Principal,
     client: SocketAddr,
+    max_frame: usize,
 ) {
     let id = channel.id();
     let (mut reader, writer) = channel.split();
@@ -267,7 +268,7 @@ pub(crate) async fn serve_door(
             ChannelMsg::Data { data } if in_subsystem => {
                 buf.extend_from_slice(&data);
                 loop {
-                    match door::decode::<DoorRequest>(&mut buf) {
+                    match door::decode_within::<DoorRequest>(&mut buf, max_frame) {
                         Ok(Some(request)) => {
                             let response = answer(&shared, &principal, client, request).await;
                             let mut out = writer.make_writer();

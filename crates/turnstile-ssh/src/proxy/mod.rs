@@ -27,7 +27,7 @@ use crate::cluster_view::{ClusterView, SessionEndings};
 use crate::identity::generate_ed25519;
 use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 use crate::proxy_header;
-use crate::server::{HostCredentials, serve, server_config};
+use crate::server::{HostCredentials, Listening, serve, server_config};
 
 mod connection;
 mod door;
@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// How long to wait for a node to accept the TCP connection.
     pub node_connect_timeout: Duration,
+    /// Limits on connections before they authenticate.
+    pub pre_auth: crate::pre_auth::PreAuthLimits,
 }
 
 pub(crate) struct ProxyShared {
@@ -166,15 +168,21 @@ impl ProxyService {
             MethodKind::KeyboardInteractive,
         ];
         let for_handlers = shared.clone();
+        let listening = Listening {
+            config: server_config(&self.host, &methods),
+            headers: None,
+            pre_auth: self.config.pre_auth.clone(),
+            grace: self.config.shutdown_grace,
+            who: "proxy",
+        };
         serve(
             listener,
-            server_config(&self.host, &methods),
-            None,
+            listening,
             &shared.tasks,
             &shutdown,
-            self.config.shutdown_grace,
-            "proxy",
-            move |info| connection::ProxyConnection::new(for_handlers.clone(), info),
+            move |info, pre_auth| {
+                connection::ProxyConnection::new(for_handlers.clone(), info, pre_auth)
+            },
         )
         .await;
         stopped.cancel();

@@ -36,6 +36,21 @@ pub struct GlobalSection {
     pub shutdown_grace: Option<WrittenDuration>,
     /// The bound of the on-disk queue of audit events on their way to auth.
     pub audit_queue_max_size: Option<ByteSize>,
+    /// Limits on connections to the node and proxy before authentication.
+    pub pre_auth: Option<PreAuthSection>,
+}
+
+/// Limits on connections before they authenticate, named like sshd's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreAuthSection {
+    /// `start:rate:full`, default 64:30:512.
+    pub max_startups: Option<String>,
+    pub per_source_max_startups: Option<u32>,
+    pub login_grace_time: Option<WrittenDuration>,
+    pub proxy_header_timeout: Option<WrittenDuration>,
+    pub anonymous_max_channels: Option<u32>,
+    pub anonymous_max_frame: Option<ByteSize>,
 }
 
 /// How this process records sessions, when it is a recorder (node, or proxy

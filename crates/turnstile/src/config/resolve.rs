@@ -17,6 +17,7 @@ use turnstile_auth::backend::{EtcdCredentials, EtcdSettings, EtcdTls};
 use turnstile_auth::cluster_config::FileSettings;
 use turnstile_recording::recorder::RecorderConfig;
 use turnstile_recording::storage::StoreUri;
+use turnstile_ssh::pre_auth::PreAuthLimits;
 
 use super::file::FileConfig;
 
@@ -54,6 +55,8 @@ pub struct ResolvedConfig {
     pub shutdown_grace: Duration,
     /// The bound of each on-disk audit queue (node, proxy); at it, new sessions are refused.
     pub audit_queue_max: u64,
+    /// Limits on connections to the node and proxy before authentication.
+    pub pre_auth: PreAuthLimits,
 }
 
 /// Where auth keeps the cluster's state.
@@ -589,10 +592,12 @@ pub fn resolve(
             "must be at least 1MiB (default 256MiB)",
         ));
     }
+    let pre_auth = resolve_pre_auth(global.pre_auth.unwrap_or_default())?;
     Ok(ResolvedConfig {
         view_refresh,
         shutdown_grace,
         audit_queue_max,
+        pre_auth,
         data_dir,
         auth_servers,
         join_token: global.join_token,
@@ -603,6 +608,69 @@ pub fn resolve(
         recording,
         metrics_listen_addr,
     })
+}
+
+/// The limits before authentication, checked: each cap at least 1, each
+/// deadline between 1s and 10m, frames between 1KiB and 1MiB.
+fn resolve_pre_auth(p: super::file::PreAuthSection) -> Result<PreAuthLimits, String> {
+    let mut limits = PreAuthLimits::default();
+    if let Some(m) = p.max_startups {
+        limits.max_startups = m
+            .parse()
+            .map_err(|e| field_error("turnstile.pre_auth.max_startups", e))?;
+    }
+    let at_least_one = |field: &str, v: Option<u32>, default: u32| match v {
+        Some(0) => Err(field_error(
+            field,
+            format!("must be at least 1 (default {default})"),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    limits.per_source_max_startups = at_least_one(
+        "turnstile.pre_auth.per_source_max_startups",
+        p.per_source_max_startups,
+        limits.per_source_max_startups,
+    )?;
+    limits.anonymous_max_channels = at_least_one(
+        "turnstile.pre_auth.anonymous_max_channels",
+        p.anonymous_max_channels,
+        limits.anonymous_max_channels,
+    )?;
+    let deadline =
+        |field: &str, v: Option<turnstile_api::duration::WrittenDuration>, default: Duration| {
+            let d = v.map_or(default, |d| d.0);
+            if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+                return Err(field_error(
+                    field,
+                    format!(
+                        "must be between 1s and 10m (default {})",
+                        turnstile_api::duration::format(default)
+                    ),
+                ));
+            }
+            Ok(d)
+        };
+    limits.login_grace_time = deadline(
+        "turnstile.pre_auth.login_grace_time",
+        p.login_grace_time,
+        limits.login_grace_time,
+    )?;
+    limits.proxy_header_timeout = deadline(
+        "turnstile.pre_auth.proxy_header_timeout",
+        p.proxy_header_timeout,
+        limits.proxy_header_timeout,
+    )?;
+    if let Some(ByteSize(n)) = p.anonymous_max_frame {
+        if !(1024..=turnstile_api::door::MAX_FRAME as u64).contains(&n) {
+            return Err(field_error(
+                "turnstile.pre_auth.anonymous_max_frame",
+                "must be between 1KiB and 1MiB (default 64KiB)",
+            ));
+        }
+        limits.anonymous_max_frame = n as usize;
+    }
+    Ok(limits)
 }
 
 /// The recorder's bounds, checked: a buffer must hold at least a few

@@ -47,10 +47,14 @@ pub(crate) fn joining_yaml(
         .map(|t| format!("  join_token: {t}\n"))
         .unwrap_or_default();
     format!(
-        "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth}\"]\n{token}  ca_pin: {pin}\n{service}",
+        "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth}\"]\n{token}  ca_pin: {pin}\n{MANY_FROM_ONE_ADDRESS}{service}",
         data.display()
     )
 }
+
+/// The tests' clients all come from 127.0.0.1, up to 40 racers at once:
+/// above the default of 10 unauthenticated connections per address.
+pub(crate) const MANY_FROM_ONE_ADDRESS: &str = "  pre_auth:\n    per_source_max_startups: 100\n";
 
 pub(crate) fn node_service(name: &str, env: &str) -> String {
     format!(

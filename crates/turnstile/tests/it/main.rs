@@ -10,6 +10,7 @@ mod ha;
 mod locks;
 mod object_stores;
 mod openssh;
+mod pre_auth;
 mod pty;
 mod recording;
 mod recording_modes;

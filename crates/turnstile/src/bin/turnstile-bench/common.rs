@@ -338,7 +338,7 @@ impl Cluster {
             std::fs::write(
                 &config,
                 format!(
-                    "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth_addr}\"]\n  join_token: {token}\n  ca_pin: {pin}\n{service}",
+                    "turnstile:\n  data_dir: {}\n  auth_servers: [\"{auth_addr}\"]\n  join_token: {token}\n  ca_pin: {pin}\n{MANY_CLIENTS}{service}",
                     path(part).display()
                 ),
             )?;
@@ -494,6 +494,11 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Benchmarks open hundreds of connections at once from 127.0.0.1: far
+/// above the default limits on unauthenticated connections.
+pub(crate) const MANY_CLIENTS: &str =
+    "  pre_auth:\n    max_startups: \"4096\"\n    per_source_max_startups: 4096\n";
 
 const BENCH_ACCESS_KEY: &str = "AKIATURNSTILEBENCH";
 const BENCH_SECRET_KEY: &str = "turnstile-bench-secret-key";

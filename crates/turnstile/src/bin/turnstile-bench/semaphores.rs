@@ -24,8 +24,9 @@ fn one_process_config(
     std::fs::write(
         &config,
         format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
-            data.display()
+            "turnstile:\n  data_dir: {}\n{}auth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: bench\n",
+            data.display(),
+            crate::common::MANY_CLIENTS,
         ),
     )?;
     Ok((data, config))

@@ -1,0 +1,172 @@
+//! Connections that never authenticate: a flood from one address is cut to
+//! its cap while others get in; what does not authenticate in time, or
+//! never finishes its PROXY header, is closed; the anonymous user is kept
+//! small.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::{ClusterSpec, TestCluster, text};
+
+/// A connection from `source` to `addr` that sends `first` and nothing more.
+async fn silent(source: &str, addr: &str, first: &[u8]) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection (true) or `within` passes
+/// (false); what it sent is appended to `seen`.
+async fn closed_within(stream: &mut TcpStream, within: Duration, seen: &mut Vec<u8>) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn spec(pre_auth: &str) -> ClusterSpec {
+    ClusterSpec {
+        global_extra: format!("  pre_auth:\n{pre_auth}"),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_address_is_cut_to_its_cap_while_others_get_in() {
+    let c = TestCluster::start_with(spec("    login_grace_time: 30s\n")).await;
+    c.add_user("alice", "access", crate::support::test_login())
+        .await;
+    let id = c.sign("alice").await;
+    let mut flood = Vec::new();
+    for _ in 0..500 {
+        flood.push(silent("127.0.0.2", &c.proxy_addr, b"SSH-2.0-flood\r\n").await);
+    }
+    // The first ten are served (they got the server's version); the rest
+    // were told why and closed.
+    let mut kept = 0;
+    let mut told = String::new();
+    for stream in &mut flood {
+        let mut seen = Vec::new();
+        if closed_within(stream, Duration::from_millis(200), &mut seen).await {
+            told = text(&seen);
+        } else {
+            assert!(text(&seen).starts_with("SSH-2.0-"), "{}", text(&seen));
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 10, "per_source_max_startups is 10 by default");
+    assert!(
+        told.contains("too many unauthenticated connections from 127.0.0.2")
+            && told.contains("per_source_max_startups=10"),
+        "{told}"
+    );
+    // alice, from another address, runs a command at once.
+    let started = Instant::now();
+    let out = c
+        .ssh(
+            &id,
+            &[
+                &format!("{}@web1", crate::support::test_login()),
+                "--",
+                "echo",
+                "in",
+            ],
+        )
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "in");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_does_not_authenticate_in_time_is_disconnected() {
+    let c = TestCluster::start_with(spec(
+        "    login_grace_time: 2s\n    proxy_header_timeout: 1s\n",
+    ))
+    .await;
+    // A client that sends its version and then nothing, to the proxy and
+    // straight to the node.
+    for addr in [&c.proxy_addr, &c.node_addr] {
+        let mut stream = silent("127.0.0.1", addr, b"SSH-2.0-slow\r\n").await;
+        let mut seen = Vec::new();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(15), &mut seen).await,
+            "{addr}: still open past login_grace_time"
+        );
+    }
+    // A node reading a PROXY header that never ends (0x0D, then nothing).
+    let mut stream = silent("127.0.0.1", &c.node_addr, b"\r").await;
+    let mut seen = Vec::new();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10), &mut seen).await,
+        "a half PROXY header held the connection past proxy_header_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anonymous_user_opens_few_channels_and_sends_small_frames() {
+    use turnstile_api::door::{self, DoorRequest, DoorResponse};
+    use turnstile_ssh::client::door::call;
+    use turnstile_ssh::client::{ClientError, open_proxy};
+
+    let c = TestCluster::start().await;
+    let mut anon = open_proxy(&c.proxy_addr, &[]).await.unwrap();
+    anon.auth_anonymous().await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            call(&anon, &DoorRequest::ClusterInfo).await,
+            Ok(DoorResponse::ClusterInfo(_))
+        ));
+    }
+    // The fourth channel sends a frame larger than 64 KiB.
+    let mut channel = anon.handle.channel_open_session().await.unwrap();
+    channel
+        .request_subsystem(true, door::SUBSYSTEM)
+        .await
+        .unwrap();
+    let mut frame = (100u32 * 1024).to_be_bytes().to_vec();
+    frame.extend_from_slice(&[b' '; 1024]);
+    channel.data(&frame[..]).await.unwrap();
+    let mut buf = Vec::new();
+    let answer = loop {
+        match channel.wait().await {
+            Some(russh::ChannelMsg::Data { data }) => {
+                buf.extend_from_slice(&data);
+                if let Some(r) = door::decode::<DoorResponse>(&mut buf).unwrap() {
+                    break r;
+                }
+            }
+            Some(_) => {}
+            None => panic!("closed without an answer"),
+        }
+    };
+    let DoorResponse::Error { message } = answer else {
+        panic!("{answer:?}");
+    };
+    assert!(
+        message.contains("larger than the 65536 allowed"),
+        "{message}"
+    );
+    // A fifth channel is refused, saying why.
+    match call(&anon, &DoorRequest::ClusterInfo).await {
+        Err(ClientError::ChannelRefused(text)) => {
+            assert!(text.contains("at most 4 channels"), "{text}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
