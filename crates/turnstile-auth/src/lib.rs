@@ -10,6 +10,7 @@ pub mod ca;
 pub mod change_feed;
 pub mod cluster_config;
 pub mod locks;
+pub mod login_guard;
 pub mod passwords;
 pub mod recording_stream;
 pub mod recordings;

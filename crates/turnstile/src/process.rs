@@ -425,7 +425,8 @@ async fn launch_services(
                     audit,
                     &auth_settings.cluster_name,
                 )
-                .await?,
+                .await?
+                .with_login_policy(auth_settings.login_policy.clone()),
             );
             cluster_config::apply_file(
                 authority.backend().as_ref(),

@@ -67,9 +67,6 @@ pub struct IssuedUserCert {
     pub valid_before: SystemTime,
 }
 
-/// How long a wrong password keeps the caller waiting.
-pub const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
-
 /// What a joining process receives.
 #[derive(Debug, Clone)]
 pub struct Joined {
@@ -88,6 +85,8 @@ pub struct Authority {
     tls_ca: TlsCa,
     host_ca_endorsement: Vec<u8>,
     semaphores: Semaphores,
+    /// Lockouts, backoff and the bound on concurrent password checks.
+    login_guard: crate::login_guard::LoginGuard,
 }
 
 use crate::backend::typed::{decode, encode};
@@ -107,6 +106,13 @@ impl Authority {
     /// Loads the CAs from the backend, creating them on first start. Safe when
     /// several auth servers start at once: the first `create` wins, the others
     /// read what it wrote.
+    /// How password logins resist guessing (the default: 10 failures lock
+    /// a user out from one address for 5m; 1s..8s backoff per address).
+    pub fn with_login_policy(mut self, policy: crate::login_guard::LoginPolicy) -> Self {
+        self.login_guard = crate::login_guard::LoginGuard::new(policy);
+        self
+    }
+
     pub async fn open(
         backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
@@ -135,6 +141,7 @@ impl Authority {
         ))?;
         Ok(Self {
             semaphores: Semaphores::new(backend.clone(), clock.clone()),
+            login_guard: crate::login_guard::LoginGuard::new(Default::default()),
             backend,
             clock,
             audit,

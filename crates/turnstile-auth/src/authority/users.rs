@@ -41,8 +41,10 @@ impl Authority {
     }
 
     /// Checks a password login and, given a public key, issues a certificate
-    /// for it. Every attempt is audited as `user.login`; a failure waits
-    /// [`FAILED_LOGIN_DELAY`] and says only that the user or password is wrong.
+    /// for it. Every attempt is audited as `user.login`; a failure waits out
+    /// its source's backoff and says only that the user or password is
+    /// wrong; a (user, source) pair that failed too often is locked out (see
+    /// [`crate::login_guard`]).
     pub async fn login(
         &self,
         user: &str,
@@ -51,14 +53,6 @@ impl Authority {
         ttl: Duration,
         remote_addr: &str,
     ) -> Result<Option<IssuedUserCert>, ApiError> {
-        let verified = match self.get_user(user).await {
-            Ok(record) => match &record.password_hash {
-                Some(hash) => passwords::verify(password, hash).await,
-                None => false,
-            },
-            Err(e) if e.kind == ErrorKind::NotFound => false,
-            Err(e) => return Err(e),
-        };
         let event = |success: bool, error: Option<String>| AuditEvent::UserLogin {
             user: user.to_string(),
             method: "password".into(),
@@ -66,12 +60,41 @@ impl Authority {
             error,
             remote_addr: remote_addr.to_string(),
         };
+        let guard = &self.login_guard;
+        let source = crate::login_guard::source_of(remote_addr);
+        if let Some(left) = guard.locked_out(user, &source) {
+            let refusal = format!(
+                "too many failed logins for user {user:?} from {source}; try again in {}",
+                turnstile_api::duration::format(Duration::from_secs(left.as_secs() + 1))
+            );
+            self.record(event(false, Some(refusal.clone()))).await;
+            return Err(ApiError::new(ErrorKind::LimitExceeded, refusal));
+        }
+        // An unknown user, or one without a password, costs a verification
+        // too, so the answer's timing does not tell who exists.
+        let verified = match self.get_user(user).await {
+            Ok(record) => {
+                guard
+                    .verify(password, record.password_hash.as_deref())
+                    .await
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => guard.verify(password, None).await,
+            Err(e) => return Err(e),
+        };
         if !verified {
-            self.record(event(false, Some("wrong user name or password".into())))
-                .await;
-            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+            let after = guard.failed(user, &source);
+            let mut error = "wrong user name or password".to_string();
+            if after.locked_out {
+                error.push_str(&format!(
+                    "; user {user:?} is locked out from {source} for {}",
+                    turnstile_api::duration::format(guard.policy().lockout)
+                ));
+            }
+            self.record(event(false, Some(error))).await;
+            tokio::time::sleep(after.wait).await;
             return Err(ApiError::access_denied("wrong user name or password"));
         }
+        guard.succeeded(user, &source);
         let Some(public_key) = public_key else {
             return Ok(None);
         };

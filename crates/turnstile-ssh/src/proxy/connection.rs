@@ -88,14 +88,18 @@ impl ProxyConnection {
 
     async fn check_password(&mut self, user: &str, password: &str) -> Auth {
         let mut client = self.shared.view.client();
+        // One user's attempts go to one auth server, where they are counted.
         let result = client
-            .login(proto::LoginRequest {
-                user: user.to_string(),
-                password: password.to_string(),
-                public_key: String::new(),
-                ttl_seconds: 0,
-                client_addr: self.info.client.to_string(),
-            })
+            .login(turnstile_api::auth_channel::with_affinity(
+                proto::LoginRequest {
+                    user: user.to_string(),
+                    password: password.to_string(),
+                    public_key: String::new(),
+                    ttl_seconds: 0,
+                    client_addr: self.info.client.to_string(),
+                },
+                user,
+            ))
             .await;
         match result {
             Ok(_) => {

@@ -67,13 +67,16 @@ async fn answer(
             }
             let mut client_rpc = shared.view.client();
             match client_rpc
-                .login(proto::LoginRequest {
-                    user: user.clone(),
-                    password: password.clone(),
-                    public_key,
-                    ttl_seconds,
-                    client_addr: client.to_string(),
-                })
+                .login(turnstile_api::auth_channel::with_affinity(
+                    proto::LoginRequest {
+                        user: user.clone(),
+                        password: password.clone(),
+                        public_key,
+                        ttl_seconds,
+                        client_addr: client.to_string(),
+                    },
+                    user,
+                ))
                 .await
             {
                 Ok(r) => issued(r.into_inner()),

@@ -523,6 +523,14 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
 /// The first line of standard input, without its line ending; checked
 /// against the password policy here so a bad one fails before anything is stored.
 pub fn read_password_line() -> anyhow::Result<String> {
+    let password = read_first_line()?;
+    turnstile_auth::passwords::check_policy(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(password)
+}
+
+/// The first line of standard input, without its line ending (a password
+/// to log in with: auth judges it, and audits a wrong one).
+pub fn read_first_line() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin()
         .read_line(&mut line)
@@ -531,7 +539,6 @@ pub fn read_password_line() -> anyhow::Result<String> {
     if password.is_empty() {
         bail!("no password on standard input (--password-stdin reads its first line)");
     }
-    turnstile_auth::passwords::check_policy(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(password)
 }
 

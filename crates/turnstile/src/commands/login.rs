@@ -11,7 +11,7 @@ use turnstile_ssh::client::door::{FirstContact, fingerprints, first_contact, pas
 use turnstile_ssh::identity::generate_ed25519;
 
 use crate::cli::LoginArgs;
-use crate::commands::admin::read_password_line;
+use crate::commands::admin::read_first_line;
 use crate::identity_file::{self, NewIdentity};
 use crate::profile::{self, Profile};
 
@@ -119,7 +119,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
     profile::remember(&home, &args.proxy, &contact.info.cluster_name, &host_ca)?;
 
     let password = if args.password_stdin {
-        read_password_line()?
+        read_first_line()?
     } else {
         let mut tty =
             Tty::open().context("no terminal to ask for the password; use --password-stdin")?;

@@ -94,6 +94,18 @@ pub struct AuthSection {
     pub locking_mode: Option<String>,
     pub client_idle_timeout: Option<WrittenDuration>,
     pub disconnect_expired_cert: Option<bool>,
+    /// How password logins resist guessing.
+    pub password_login: Option<PasswordLoginSection>,
+}
+
+/// Lockout of a (user, source address) pair and backoff per source.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordLoginSection {
+    pub max_failures: Option<u32>,
+    pub lockout: Option<WrittenDuration>,
+    pub backoff_start: Option<WrittenDuration>,
+    pub backoff_max: Option<WrittenDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

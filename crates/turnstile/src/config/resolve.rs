@@ -118,6 +118,8 @@ pub struct AuthSettings {
     /// The cluster settings the file sets, written at start where they
     /// differ from the stored ones; what the file omits is left as stored.
     pub cluster_settings: FileSettings,
+    /// How password logins resist guessing.
+    pub login_policy: turnstile_auth::login_guard::LoginPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -359,6 +361,7 @@ pub fn resolve(
                     .map_err(|e| field_error("auth_service.session_recording", e))
             })
             .transpose()?;
+        let login_policy = resolve_password_login(a.password_login.unwrap_or_default())?;
         let upload_grace = a.upload_grace_period.map_or(DEFAULT_UPLOAD_GRACE, |d| d.0);
         if upload_grace.is_zero() {
             return Err(field_error(
@@ -421,6 +424,7 @@ pub fn resolve(
             recordings,
             audit_events,
             upload_grace,
+            login_policy,
             cluster_settings: FileSettings {
                 session_control_timeout: timeout,
                 session_recording,
@@ -608,6 +612,64 @@ pub fn resolve(
         recording,
         metrics_listen_addr,
     })
+}
+
+/// The password lockout and backoff, checked.
+fn resolve_password_login(
+    p: super::file::PasswordLoginSection,
+) -> Result<turnstile_auth::login_guard::LoginPolicy, String> {
+    let mut policy = turnstile_auth::login_guard::LoginPolicy::default();
+    if let Some(n) = p.max_failures {
+        if n == 0 {
+            return Err(field_error(
+                "auth_service.password_login.max_failures",
+                "must be at least 1 (default 10)",
+            ));
+        }
+        policy.max_failures = n;
+    }
+    let within = |field: &str,
+                  v: Option<turnstile_api::duration::WrittenDuration>,
+                  default: Duration,
+                  max: Duration| {
+        let d = v.map_or(default, |d| d.0);
+        if d.is_zero() || d > max {
+            return Err(field_error(
+                field,
+                format!(
+                    "must be longer than zero and at most {} (default {})",
+                    turnstile_api::duration::format(max),
+                    turnstile_api::duration::format(default)
+                ),
+            ));
+        }
+        Ok(d)
+    };
+    policy.lockout = within(
+        "auth_service.password_login.lockout",
+        p.lockout,
+        policy.lockout,
+        Duration::from_secs(86_400),
+    )?;
+    policy.backoff_start = within(
+        "auth_service.password_login.backoff_start",
+        p.backoff_start,
+        policy.backoff_start,
+        Duration::from_secs(60),
+    )?;
+    policy.backoff_max = within(
+        "auth_service.password_login.backoff_max",
+        p.backoff_max,
+        policy.backoff_max,
+        Duration::from_secs(60),
+    )?;
+    if policy.backoff_max < policy.backoff_start {
+        return Err(field_error(
+            "auth_service.password_login.backoff_max",
+            "must not be shorter than backoff_start",
+        ));
+    }
+    Ok(policy)
 }
 
 /// The limits before authentication, checked: each cap at least 1, each

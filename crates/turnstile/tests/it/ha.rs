@@ -58,9 +58,10 @@ impl Shared {
 fn attached_to_all(data: &Path, auths: &[String], token: &str, pin: &str, service: &str) -> String {
     let list: Vec<String> = auths.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "turnstile:\n  data_dir: {}\n  auth_servers: [{}]\n  join_token: {token}\n  ca_pin: {pin}\n  view_refresh_interval: 10s\n{service}",
+        "turnstile:\n  data_dir: {}\n  auth_servers: [{}]\n  join_token: {token}\n  ca_pin: {pin}\n  view_refresh_interval: 10s\n{}{service}",
         data.display(),
-        list.join(", ")
+        list.join(", "),
+        crate::cluster::MANY_FROM_ONE_ADDRESS,
     )
 }
 

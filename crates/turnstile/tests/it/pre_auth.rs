@@ -170,3 +170,76 @@ async fn the_anonymous_user_opens_few_channels_and_sends_small_frames() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// A password attempt as `user` from `source` through the proxy: did the
+/// proxy accept it?
+async fn password_from(source: &str, proxy_addr: &str, user: &str, password: &str) -> bool {
+    let stream = silent(source, proxy_addr, b"").await;
+    let mut conn = turnstile_ssh::client::open(stream, "the proxy", "127.0.0.1", &[])
+        .await
+        .unwrap();
+    conn.auth_password(user, password).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_locks_out_one_source_only_and_only_for_a_while() {
+    let c = crate::cluster::Cluster::start_with(
+        "  password_login:\n    lockout: 3s\n    backoff_start: 10ms\n    backoff_max: 40ms\n",
+    )
+    .await;
+    c.add_alice().await;
+    let right = "correct horse battery";
+    for _ in 0..10 {
+        assert!(!password_from("127.0.0.2", &c.proxy_addr, "alice", "wrong guess!").await);
+    }
+    assert!(
+        !password_from("127.0.0.2", &c.proxy_addr, "alice", right).await,
+        "the pair is locked out"
+    );
+    assert!(
+        password_from("127.0.0.1", &c.proxy_addr, "alice", right).await,
+        "another source still gets in"
+    );
+    // The lockout ends by itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !password_from("127.0.0.2", &c.proxy_addr, "alice", right).await {
+        assert!(Instant::now() < deadline, "still locked out after 15s");
+    }
+    // A short password is sent, refused by auth and audited like any other.
+    let out = c.login("short").await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("wrong user name or password"),
+        "{}",
+        text(&out.stderr)
+    );
+    let events = crate::support::audit_events(&c.auth_data(), Some("user.login")).await;
+    let errors: Vec<String> = events
+        .iter()
+        .filter(|e| e["success"] == false)
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            format!("{} {}", field("addr.remote"), field("error"))
+        })
+        .collect();
+    assert!(
+        errors.iter().filter(|e| e.contains("127.0.0.2")).count() >= 11,
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("is locked out from 127.0.0.2 for 3s")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("too many failed logins for user \"alice\" from 127.0.0.2")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().filter(|e| e.contains("127.0.0.1")).count() >= 1,
+        "the short password was audited: {errors:#?}"
+    );
+}

@@ -152,6 +152,7 @@ async fn limit_events(admin_args: &[&str], kind: &str) -> Vec<serde_json::Value>
 async fn forty_racers_three_slots_in_process_on_the_memory_backend() {
     let c = TestCluster::start_with(ClusterSpec {
         storage: "memory",
+        global_extra: crate::cluster::MANY_FROM_ONE_ADDRESS.into(),
         ..Default::default()
     })
     .await;

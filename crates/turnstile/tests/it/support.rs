@@ -270,8 +270,9 @@ pub fn one_process_config(dir: &Path, node_name: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "turnstile:\n  data_dir: {}\nauth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node_name}\n",
-            dir.join("data").display()
+            "turnstile:\n  data_dir: {}\n{}auth_service:\n  listen_addr: 127.0.0.1:0\nproxy_service:\n  listen_addr: 127.0.0.1:0\nssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node_name}\n",
+            dir.join("data").display(),
+            crate::cluster::MANY_FROM_ONE_ADDRESS,
         ),
     )
     .unwrap();
