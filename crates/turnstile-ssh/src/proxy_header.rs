@@ -1,11 +1,15 @@
 //! Telling a node the client's real address: the proxy sends a PROXY protocol
 //! v2 header before the tunnelled SSH bytes, with a TLV (type 0xE0) carrying
-//! the proxy's host certificate and its signature over the addresses and the
-//! time. A node believes a header only if the certificate is from the cluster's
-//! host CA, marks a proxy, and the signature is fresh; anyone else connecting
-//! straight to a node cannot claim an address.
+//! the proxy's host certificate and its signature over the addresses, the
+//! time, the target node's host id and a random nonce. A node believes a
+//! header only if the certificate is from the cluster's host CA, marks a
+//! proxy, the signature is fresh, the header names this node, and its nonce
+//! was not seen before; anyone else connecting straight to a node cannot
+//! claim an address, nor replay a header a proxy sent to another node.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use russh::keys::signature::{Signer, Verifier};
@@ -22,7 +26,11 @@ const SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
 ];
 const TLV_TURNSTILE: u8 = 0xE0;
-const SIGNED_PREFIX: &[u8] = b"turnstile-proxy-header-v1";
+const SIGNED_PREFIX: &[u8] = b"turnstile-proxy-header-v2";
+/// The version of the TLV's layout (1: before headers named their node).
+const TLV_VERSION: u8 = 2;
+/// The most nonces a node remembers (headers of the last two minutes).
+const MAX_SEEN: usize = 100_000;
 const MAX_HEADER: usize = 8192;
 /// How old (or how far in the future) a signed header may be.
 pub const MAX_SKEW: u64 = 60;
@@ -62,33 +70,52 @@ fn address_block(client: SocketAddr, node: SocketAddr) -> (u8, Vec<u8>) {
     }
 }
 
-fn signed_message(family: u8, block: &[u8], timestamp: u64) -> Vec<u8> {
+fn signed_message(
+    family: u8,
+    block: &[u8],
+    timestamp: u64,
+    nonce: &[u8; 16],
+    target: &str,
+) -> Vec<u8> {
     let mut m = SIGNED_PREFIX.to_vec();
     m.push(family);
     m.extend_from_slice(block);
     m.extend_from_slice(&timestamp.to_be_bytes());
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(&u16::try_from(target.len()).unwrap_or(0).to_be_bytes());
+    m.extend_from_slice(target.as_bytes());
     m
 }
 
-/// The header a proxy sends before tunnelling `client`'s bytes to `node`.
+/// The header a proxy sends before tunnelling `client`'s bytes to `node`,
+/// the node whose host id is `target`.
 pub fn encode(
     client: SocketAddr,
     node: SocketAddr,
+    target: &str,
     proxy_key: &PrivateKey,
     proxy_cert: &Certificate,
     now: u64,
 ) -> Result<Vec<u8>, String> {
     let (family, block) = address_block(client, node);
+    let nonce: [u8; 16] = rand::random();
     let signature: Signature = proxy_key
-        .try_sign(&signed_message(family, &block, now))
+        .try_sign(&signed_message(family, &block, now, &nonce, target))
         .map_err(|e| e.to_string())?;
     let mut sig_bytes = Vec::new();
     signature
         .encode(&mut sig_bytes)
         .map_err(|e| e.to_string())?;
     let cert_bytes = proxy_cert.to_bytes().map_err(|e| e.to_string())?;
-    let mut value = vec![1u8];
+    let mut value = vec![TLV_VERSION];
     value.extend_from_slice(&now.to_be_bytes());
+    value.extend_from_slice(&nonce);
+    value.extend_from_slice(
+        &u16::try_from(target.len())
+            .map_err(|_| "host id too long")?
+            .to_be_bytes(),
+    );
+    value.extend_from_slice(target.as_bytes());
     value.extend_from_slice(&u32::try_from(cert_bytes.len()).unwrap_or(0).to_be_bytes());
     value.extend_from_slice(&cert_bytes);
     value.extend_from_slice(&u32::try_from(sig_bytes.len()).unwrap_or(0).to_be_bytes());
@@ -120,6 +147,9 @@ pub struct ProxyHeader {
     family: u8,
     block: Vec<u8>,
     timestamp: u64,
+    nonce: [u8; 16],
+    /// The host id of the node the proxy meant it for.
+    target: String,
     cert: Option<Certificate>,
     signature: Option<Signature>,
 }
@@ -162,6 +192,8 @@ pub fn parse(family: u8, mut body: &[u8]) -> Result<ProxyHeader, HeaderError> {
         family,
         block,
         timestamp: 0,
+        nonce: [0; 16],
+        target: String::new(),
         cert: None,
         signature: None,
     };
@@ -172,11 +204,21 @@ pub fn parse(family: u8, mut body: &[u8]) -> Result<ProxyHeader, HeaderError> {
         if kind != TLV_TURNSTILE {
             continue;
         }
-        if take(&mut value, 1)? != [1] {
-            return Err(HeaderError::Malformed("unknown TLV version"));
+        match take(&mut value, 1)?[0] {
+            TLV_VERSION => {}
+            1 => {
+                return Err(HeaderError::Malformed(
+                    "it is an older proxy's (it does not name its node); upgrade the proxy",
+                ));
+            }
+            _ => return Err(HeaderError::Malformed("unknown TLV version")),
         }
         let ts = take(&mut value, 8)?;
         header.timestamp = u64::from_be_bytes(ts.try_into().unwrap_or([0; 8]));
+        header.nonce = take(&mut value, 16)?.try_into().unwrap_or([0; 16]);
+        let target_len = u16::from_be_bytes(take(&mut value, 2)?.try_into().unwrap_or([0; 2]));
+        header.target = String::from_utf8(take(&mut value, target_len as usize)?.to_vec())
+            .map_err(|_| HeaderError::Malformed("bad host id"))?;
         let cert_len = be_u32(take(&mut value, 4)?);
         let cert = Certificate::from_bytes(take(&mut value, cert_len)?)
             .map_err(|_| HeaderError::Malformed("bad certificate"))?;
@@ -190,8 +232,15 @@ pub fn parse(family: u8, mut body: &[u8]) -> Result<ProxyHeader, HeaderError> {
 }
 
 impl ProxyHeader {
-    /// Checks the header was signed by a proxy of the cluster, recently.
-    pub fn verify(&self, host_ca: &[Fingerprint], now: u64) -> Result<SocketAddr, HeaderError> {
+    /// Checks the header was signed by a proxy of the cluster, recently, for
+    /// the node whose host id is `me`, and was not seen before by `seen`.
+    pub fn verify(
+        &self,
+        host_ca: &[Fingerprint],
+        now: u64,
+        me: &str,
+        seen: &SeenHeaders,
+    ) -> Result<SocketAddr, HeaderError> {
         let (Some(cert), Some(signature)) = (&self.cert, &self.signature) else {
             return Err(HeaderError::Untrusted("it carries no signature"));
         };
@@ -208,11 +257,45 @@ impl ProxyHeader {
         }
         cert.public_key()
             .verify(
-                &signed_message(self.family, &self.block, self.timestamp),
+                &signed_message(
+                    self.family,
+                    &self.block,
+                    self.timestamp,
+                    &self.nonce,
+                    &self.target,
+                ),
                 signature,
             )
             .map_err(|_| HeaderError::Untrusted("the signature does not verify"))?;
+        if self.target != me {
+            return Err(HeaderError::Untrusted("it was signed for another node"));
+        }
+        if !seen.first_time(self.nonce, now) {
+            return Err(HeaderError::Untrusted("it was seen before (a replay)"));
+        }
         Ok(self.client)
+    }
+}
+
+/// The nonces of the headers a node accepted within their freshness window.
+#[derive(Debug, Default)]
+pub struct SeenHeaders {
+    /// nonce -> when it may be forgotten (unix seconds).
+    nonces: Mutex<HashMap<[u8; 16], u64>>,
+}
+
+impl SeenHeaders {
+    /// Remembers `nonce`; false if it was already there (or, in a flood
+    /// beyond [`MAX_SEEN`] fresh headers, if there is no room to remember).
+    fn first_time(&self, nonce: [u8; 16], now: u64) -> bool {
+        let mut nonces = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
+        if nonces.len() >= MAX_SEEN {
+            nonces.retain(|_, until| *until > now);
+            if nonces.len() >= MAX_SEEN {
+                return false;
+            }
+        }
+        nonces.insert(nonce, now + 2 * MAX_SKEW + 1).is_none()
     }
 }
 
@@ -284,32 +367,54 @@ mod tests {
         let client: SocketAddr = "203.0.113.7:50122".parse().unwrap();
         let node: SocketAddr = "127.0.0.1:3022".parse().unwrap();
         let now = 1_700_000_000;
-        let h = round_trip(&encode(client, node, &proxy, &cert, now).unwrap());
-        assert_eq!(h.verify(&fp, now + 5), Ok(client));
+        let h = round_trip(&encode(client, node, "node-1", &proxy, &cert, now).unwrap());
+        let seen = SeenHeaders::default();
         assert_eq!(
-            h.verify(&fp, now + 600),
+            h.verify(&fp, now + 600, "node-1", &seen),
             Err(HeaderError::Untrusted("the signature is stale"))
         );
         assert!(
-            h.verify(&[generate_ed25519().fingerprint(HashAlg::Sha256)], now)
-                .is_err()
+            h.verify(
+                &[generate_ed25519().fingerprint(HashAlg::Sha256)],
+                now,
+                "node-1",
+                &seen
+            )
+            .is_err()
+        );
+        assert_eq!(
+            h.verify(&fp, now, "node-2", &seen),
+            Err(HeaderError::Untrusted("it was signed for another node"))
+        );
+        assert_eq!(h.verify(&fp, now + 5, "node-1", &seen), Ok(client));
+        assert_eq!(
+            h.verify(&fp, now + 6, "node-1", &seen),
+            Err(HeaderError::Untrusted("it was seen before (a replay)"))
         );
 
         let node_cert = host_cert(&ca, &proxy, None);
-        let h = round_trip(&encode(client, node, &proxy, &node_cert, now).unwrap());
+        let h = round_trip(&encode(client, node, "node-1", &proxy, &node_cert, now).unwrap());
         assert_eq!(
-            h.verify(&fp, now),
+            h.verify(&fp, now, "node-1", &seen),
             Err(HeaderError::Untrusted("the certificate is not a proxy's"))
         );
 
         // A signature by another key under a real proxy certificate fails.
         let thief = generate_ed25519();
-        let mut bytes = encode(client, node, &thief, &cert, now).unwrap();
-        assert!(round_trip(&bytes).verify(&fp, now).is_err());
+        let mut bytes = encode(client, node, "node-1", &thief, &cert, now).unwrap();
+        assert!(
+            round_trip(&bytes)
+                .verify(&fp, now, "node-1", &seen)
+                .is_err()
+        );
         // Tampering with the address breaks the signature.
-        bytes = encode(client, node, &proxy, &cert, now).unwrap();
+        bytes = encode(client, node, "node-1", &proxy, &cert, now).unwrap();
         bytes[16] ^= 1;
-        assert!(round_trip(&bytes).verify(&fp, now).is_err());
+        assert!(
+            round_trip(&bytes)
+                .verify(&fp, now, "node-1", &seen)
+                .is_err()
+        );
     }
 
     #[test]
@@ -319,8 +424,12 @@ mod tests {
         let cert = host_cert(&ca, &proxy, Some("proxy"));
         let client: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
         let node: SocketAddr = "127.0.0.1:3022".parse().unwrap();
-        let h = round_trip(&encode(client, node, &proxy, &cert, 10).unwrap());
-        assert_eq!(h.verify(&[ca.fingerprint(HashAlg::Sha256)], 10), Ok(client));
+        let h = round_trip(&encode(client, node, "node-1", &proxy, &cert, 10).unwrap());
+        let seen = SeenHeaders::default();
+        assert_eq!(
+            h.verify(&[ca.fingerprint(HashAlg::Sha256)], 10, "node-1", &seen),
+            Ok(client)
+        );
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub struct ConnectionInfo {
 pub(crate) struct HeaderPolicy {
     pub view: Arc<ClusterView>,
     pub clock: Arc<dyn Clock>,
+    /// This node's host id: a header must name it.
+    pub host_id: String,
+    /// Headers already accepted, so none is accepted twice.
+    pub seen: crate::proxy_header::SeenHeaders,
 }
 
 /// How long to wait for the first byte that could start a PROXY header.
@@ -94,7 +98,12 @@ async fn connection_info(
                 .await
                 .map_err(|e| e.to_string())?;
             let client = header
-                .verify(&host_ca, policy.clock.unix_now())
+                .verify(
+                    &host_ca,
+                    policy.clock.unix_now(),
+                    &policy.host_id,
+                    &policy.seen,
+                )
                 .map_err(|e| e.to_string())?;
             Ok(ConnectionInfo {
                 client,

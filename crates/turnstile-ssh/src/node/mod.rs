@@ -270,6 +270,8 @@ impl NodeService {
         let headers = HeaderPolicy {
             view: shared.view.clone(),
             clock: shared.clock.clone(),
+            host_id: shared.config.host_id.clone(),
+            seen: Default::default(),
         };
         let for_handlers = shared.clone();
         let listening = Listening {

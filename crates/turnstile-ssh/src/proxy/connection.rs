@@ -368,14 +368,14 @@ impl Handler for ProxyConnection {
             return Ok(());
         }
         let mut node = node;
-        let mut connected = self.shared.dial_node(self.info.client, &node.addr).await;
+        let mut connected = self.shared.dial_node(self.info.client, &node).await;
         if connected.is_err() {
             // The node may have restarted elsewhere since the view was cached.
             if self.shared.view.refresh().await.is_ok()
                 && let Ok(Some(fresh)) = self.shared.view.find_node(host_to_connect).await
                 && fresh.addr != node.addr
             {
-                connected = self.shared.dial_node(self.info.client, &fresh.addr).await;
+                connected = self.shared.dial_node(self.info.client, &fresh).await;
                 node = fresh;
             }
         }

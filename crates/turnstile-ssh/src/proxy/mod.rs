@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use turnstile_recording::recorder::Recorder;
 
 use crate::audit_forwarder::AuditForwarder;
-use crate::cluster_view::{ClusterView, SessionEndings};
+use crate::cluster_view::{ClusterView, NodeInfo, SessionEndings};
 use crate::identity::generate_ed25519;
 use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 use crate::proxy_header;
@@ -89,8 +89,14 @@ impl Judge for ProxyShared {
 }
 
 impl ProxyShared {
-    /// Connects to a node and sends the signed header naming the user's address.
-    pub async fn dial_node(&self, client: SocketAddr, addr: &str) -> Result<TcpStream, String> {
+    /// Connects to a node and sends the signed header naming the user's
+    /// address and the node it is meant for.
+    pub async fn dial_node(
+        &self,
+        client: SocketAddr,
+        node: &NodeInfo,
+    ) -> Result<TcpStream, String> {
+        let addr = node.addr.as_str();
         let mut tcp =
             tokio::time::timeout(self.config.node_connect_timeout, TcpStream::connect(addr))
                 .await
@@ -101,6 +107,7 @@ impl ProxyShared {
         let header = proxy_header::encode(
             client,
             node_addr,
+            &node.id,
             &self.host.key,
             &self.host.certificate,
             self.clock.unix_now(),

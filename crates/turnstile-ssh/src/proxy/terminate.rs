@@ -115,7 +115,7 @@ impl Terminating {
             certificate: Certificate::from_openssh(&issued.certificate)
                 .map_err(|e| e.to_string())?,
         };
-        let tcp = self.shared.dial_node(self.client, &self.node.addr).await?;
+        let tcp = self.shared.dial_node(self.client, &self.node).await?;
         let host_ca: Vec<PublicKey> = self
             .shared
             .view

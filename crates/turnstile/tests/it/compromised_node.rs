@@ -94,3 +94,65 @@ async fn a_node_cannot_renew_or_release_another_hosts_lease_nor_hold_one_for_eve
     .await
     .expect("a node releases its own lease");
 }
+
+/// Sends `header` and an SSH version to the node; true if the node answers
+/// with its own version (it took the header), false if it hangs up.
+async fn node_takes(node_addr: &str, header: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(node_addr).await.unwrap();
+    stream.write_all(header).await.unwrap();
+    stream.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the node neither answered nor hung up");
+        match read {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.starts_with(b"SSH-2.0-") {
+            return true;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_opens_one_connection_to_the_node_it_names_and_no_other() {
+    let c = TestCluster::start().await;
+    let data = c.data_dir();
+    // The proxy's real host key and certificate (this one process is auth,
+    // proxy and node; its node's host id is the process's).
+    let proxy =
+        turnstile_ssh::identity::HostKeys::load_or_create(&data, SystemRole::Proxy).unwrap();
+    let cert = proxy.certificate.expect("the proxy's host certificate");
+    let node_id = turnstile_ssh::identity::load_or_create_host_id(&data).unwrap();
+    let client: std::net::SocketAddr = "203.0.113.9:4000".parse().unwrap();
+    let node_addr: std::net::SocketAddr = c.node_addr.parse().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |target: &str| {
+        turnstile_ssh::proxy_header::encode(client, node_addr, target, &proxy.key, &cert, now)
+            .unwrap()
+    };
+    let header = sign(&node_id);
+    assert!(
+        node_takes(&c.node_addr, &header).await,
+        "the header as sent"
+    );
+    assert!(
+        !node_takes(&c.node_addr, &header).await,
+        "the same header again is a replay"
+    );
+    assert!(
+        !node_takes(&c.node_addr, &sign("another-node")).await,
+        "a header signed for another node"
+    );
+    assert!(
+        node_takes(&c.node_addr, &sign(&node_id)).await,
+        "a fresh one"
+    );
+}
