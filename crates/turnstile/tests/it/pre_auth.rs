@@ -45,15 +45,77 @@ fn spec(pre_auth: &str) -> ClusterSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_address_is_cut_to_its_cap_while_others_get_in() {
     let c = TestCluster::start_with(spec("    login_grace_time: 30s\n")).await;
-    c.add_user("alice", "access", crate::support::test_login())
+    let login = crate::support::test_login();
+    c.add_user("alice", "access", login).await;
+    c.add_user("mallory", "access", login).await;
+    for user in ["alice", "mallory"] {
+        let data = c.data_dir();
+        let out = crate::support::run(
+            crate::support::BIN,
+            &[
+                "admin",
+                "users",
+                "passwd",
+                user,
+                "--password-stdin",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            Some(b"correct horse battery\n"),
+        )
         .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
     let id = c.sign("alice").await;
+    // This one process is auth, proxy and node.
+    let idle = crate::support::rss_of(std::process::id());
     let mut flood = Vec::new();
     for _ in 0..500 {
         flood.push(silent("127.0.0.2", &c.proxy_addr, b"SSH-2.0-flood\r\n").await);
     }
-    // The first ten are served (they got the server's version); the rest
-    // were told why and closed.
+    // 200 guesses at mallory's password at once, from the same address.
+    let proxy = c.proxy_addr.clone();
+    let guesses: Vec<_> = (0..200)
+        .map(|i| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                try_password("127.0.0.2", &proxy, "mallory", &format!("guess {i}")).await
+            })
+        })
+        .collect();
+    // Meanwhile alice, from another address, runs a command and logs in
+    // with her password, each at once.
+    let started = Instant::now();
+    let out = c
+        .ssh(&id, &[&format!("{login}@web1"), "--", "echo", "in"])
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "in");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    assert_eq!(
+        try_password("127.0.0.1", &proxy, "alice", "correct horse battery").await,
+        Some(true)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mut answered = 0;
+    for g in guesses {
+        assert_ne!(g.await.unwrap(), Some(true), "a guess got in");
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    let grown = crate::support::rss_of(std::process::id()).saturating_sub(idle);
+    assert!(grown < 200 << 20, "grew by {} MiB", grown >> 20);
+    // The first ten silent connections are served (they got the server's
+    // version); the rest were told why and closed.
     let mut kept = 0;
     let mut told = String::new();
     for stream in &mut flood {
@@ -70,26 +132,6 @@ async fn a_flood_from_one_address_is_cut_to_its_cap_while_others_get_in() {
         told.contains("too many unauthenticated connections from 127.0.0.2")
             && told.contains("per_source_max_startups=10"),
         "{told}"
-    );
-    // alice, from another address, runs a command at once.
-    let started = Instant::now();
-    let out = c
-        .ssh(
-            &id,
-            &[
-                &format!("{}@web1", crate::support::test_login()),
-                "--",
-                "echo",
-                "in",
-            ],
-        )
-        .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim(), "in");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
     );
 }
 
@@ -172,13 +214,20 @@ async fn the_anonymous_user_opens_few_channels_and_sends_small_frames() {
 }
 
 /// A password attempt as `user` from `source` through the proxy: did the
-/// proxy accept it?
-async fn password_from(source: &str, proxy_addr: &str, user: &str, password: &str) -> bool {
+/// proxy accept it? `None`: the proxy refused the connection itself.
+async fn try_password(source: &str, proxy_addr: &str, user: &str, password: &str) -> Option<bool> {
     let stream = silent(source, proxy_addr, b"").await;
     let mut conn = turnstile_ssh::client::open(stream, "the proxy", "127.0.0.1", &[])
         .await
-        .unwrap();
-    conn.auth_password(user, password).await.is_ok()
+        .ok()?;
+    Some(conn.auth_password(user, password).await.is_ok())
+}
+
+/// [`try_password`] from a source the proxy does not refuse.
+async fn password_from(source: &str, proxy_addr: &str, user: &str, password: &str) -> bool {
+    try_password(source, proxy_addr, user, password)
+        .await
+        .expect("the proxy took the connection")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,6 +279,17 @@ pub fn one_process_config(dir: &Path, node_name: &str) -> PathBuf {
     config
 }
 
+/// The resident memory of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/PID/status")
+        * 1024
+}
+
 /// A `turnstile start` process of the real binary, with its own config.
 pub struct Proc {
     child: tokio::process::Child,
@@ -378,13 +389,7 @@ impl Proc {
 
     /// Resident memory of the process, in bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS in /proc/PID/status")
-            * 1024
+        rss_of(self.pid().as_raw() as u32)
     }
 
     fn pid(&self) -> nix::unistd::Pid {
