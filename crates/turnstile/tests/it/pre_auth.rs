@@ -49,22 +49,7 @@ async fn a_flood_from_one_address_is_cut_to_its_cap_while_others_get_in() {
     c.add_user("alice", "access", login).await;
     c.add_user("mallory", "access", login).await;
     for user in ["alice", "mallory"] {
-        let data = c.data_dir();
-        let out = crate::support::run(
-            crate::support::BIN,
-            &[
-                "admin",
-                "users",
-                "passwd",
-                user,
-                "--password-stdin",
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-            Some(b"correct horse battery\n"),
-        )
-        .await;
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        c.set_password(user, "correct horse battery").await;
     }
     let id = c.sign("alice").await;
     // This one process is auth, proxy and node.

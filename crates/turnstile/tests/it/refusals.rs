@@ -375,26 +375,7 @@ mod door {
             !out.status.success(),
             "passwd without a password on stdin fails"
         );
-        let data = c.data_dir();
-        let out = crate::support::run(
-            crate::support::BIN,
-            &[
-                "admin",
-                "users",
-                "passwd",
-                "alice",
-                "--password-stdin",
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-            Some(b"long enough password\n"),
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "{}",
-            crate::support::text(&out.stderr)
-        );
+        c.set_password("alice", "long enough password").await;
         let id = c.sign("alice").await;
         let identity = turnstile::identity_file::read(&id).unwrap();
         let key = generate_ed25519().public_key().to_openssh().unwrap();

@@ -158,6 +158,26 @@ ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n{node_extra}  lab
     }
 
     /// Creates a role from YAML text.
+    /// `admin users passwd USER --password-stdin`.
+    pub async fn set_password(&self, user: &str, password: &str) {
+        let data = self.data_dir();
+        let out = run(
+            BIN,
+            &[
+                "admin",
+                "users",
+                "passwd",
+                user,
+                "--password-stdin",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            Some(format!("{password}\n").as_bytes()),
+        )
+        .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     pub async fn create_role(&self, name: &str, yaml: &str) {
         let path = self.dir.path().join(format!("{name}.role.yaml"));
         std::fs::write(&path, yaml).unwrap();
