@@ -219,13 +219,18 @@ impl Ticket {
     fn counted(&self) -> MutexGuard<'_, Option<IpAddr>> {
         self.counted.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Gives the place back, once.
+    fn release(&self) {
+        if let Some(source) = self.counted().take() {
+            self.keeper.counts().remove(source);
+        }
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(source) = self.counted().take() {
-            self.keeper.counts().remove(source);
-        }
+        self.release();
     }
 }
 
@@ -238,9 +243,7 @@ impl PreAuth {
     /// The connection has authenticated: it no longer counts, and its
     /// `login_grace_time` no longer runs.
     pub fn authenticated(&self) {
-        if let Some(source) = self.0.counted().take() {
-            self.0.keeper.counts().remove(source);
-        }
+        self.0.release();
         self.0.authenticated.cancel();
     }
 
