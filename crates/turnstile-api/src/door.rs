@@ -58,6 +58,9 @@ pub struct ClusterInfo {
     pub host_ca: Vec<String>,
     /// Base64 of the TLS CA's signature over the host CA statement.
     pub host_ca_endorsement: String,
+    /// The proxy host CA (absent from proxies older than it).
+    #[serde(default)]
+    pub proxy_ca: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -168,11 +168,22 @@ pub const EXT_VIA_PROXY: &str = "turnstile-via-proxy@turnstile";
 /// for proxies), so nodes can trust what a proxy tells them.
 pub const EXT_HOST_ROLE: &str = "turnstile-role@turnstile";
 
-/// The statement the TLS CA signs about the host CA: a client that trusts the
-/// TLS CA (by its pin) can then trust these host CA keys.
-pub fn host_ca_statement(cluster_name: &str, host_ca_keys: &[String]) -> Vec<u8> {
-    let mut s = format!("turnstile host CA endorsement v1\ncluster {cluster_name}\n");
+/// The statement the TLS CA signs about the host CAs: a client that trusts
+/// the TLS CA (by its pin) can then trust these host CA and proxy host CA
+/// keys, each for what it signs.
+pub fn host_ca_statement(
+    cluster_name: &str,
+    host_ca_keys: &[String],
+    proxy_ca_keys: &[String],
+) -> Vec<u8> {
+    let mut s = format!("turnstile host CA endorsement v2\ncluster {cluster_name}\n");
     for key in host_ca_keys {
+        s.push_str("host-ca ");
+        s.push_str(key.trim());
+        s.push('\n');
+    }
+    for key in proxy_ca_keys {
+        s.push_str("proxy-ca ");
         s.push_str(key.trim());
         s.push('\n');
     }

@@ -260,6 +260,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_verification_known_user_or_not_takes_one_of_four_permits() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+        let g = LoginGuard::new(LoginPolicy::default());
+        assert_eq!(g.verifications.available_permits(), 4);
+        let h = passwords::hash("long enough").await.unwrap();
+        for hash in [None, Some(h.as_str())] {
+            let held = g.verifications.acquire_many(4).await.unwrap();
+            let mut attempt = std::pin::pin!(g.verify("long enough", hash));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                attempt.as_mut().poll(&mut cx).is_pending(),
+                "a fifth verification waits ({hash:?})"
+            );
+            drop(held);
+            assert_eq!(attempt.await, hash.is_some());
+        }
+    }
+
+    #[tokio::test]
     async fn unknown_users_cost_a_verification_too() {
         let g = guard();
         assert!(!g.verify("anything", None).await);

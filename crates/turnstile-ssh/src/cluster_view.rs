@@ -70,6 +70,9 @@ pub struct NodeInfo {
     pub name: String,
     pub addr: String,
     pub labels: Labels,
+    /// The host key auth certified for this node (OpenSSH form; empty for
+    /// a node that has not had a certificate since auth kept keys).
+    pub host_key: String,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +80,8 @@ struct Snapshot {
     user_ca: Vec<PublicKey>,
     host_ca: Vec<PublicKey>,
     host_ca_text: Vec<String>,
+    proxy_ca: Vec<PublicKey>,
+    proxy_ca_text: Vec<String>,
     host_ca_endorsement: Vec<u8>,
     tls_ca_pem: String,
     cluster_name: String,
@@ -247,6 +252,8 @@ impl ClusterView {
             user_ca: parse_keys(&authorities.user_ca)?,
             host_ca: parse_keys(&authorities.host_ca)?,
             host_ca_text: authorities.host_ca,
+            proxy_ca: parse_keys(&authorities.proxy_ca)?,
+            proxy_ca_text: authorities.proxy_ca,
             host_ca_endorsement: authorities.host_ca_endorsement,
             tls_ca_pem: authorities.tls_ca_pem,
             cluster_name: authorities.cluster_name,
@@ -260,6 +267,7 @@ impl ClusterView {
                     name: n.name,
                     addr: n.addr,
                     labels: n.labels.into_iter().collect(),
+                    host_key: n.host_key,
                 })
                 .collect(),
             users: users
@@ -395,13 +403,18 @@ impl ClusterView {
             host_ca: s.host_ca_text.clone(),
             host_ca_endorsement: base64::engine::general_purpose::STANDARD
                 .encode(&s.host_ca_endorsement),
+            proxy_ca: s.proxy_ca_text.clone(),
         })
     }
 
-    pub async fn host_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {
+    /// The proxy host CA, which signs only proxies' own certificates.
+    pub async fn proxy_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {
+        self.ensure_loaded().await?;
         Ok(self
-            .host_ca_keys()
-            .await?
+            .snapshot
+            .read()
+            .await
+            .proxy_ca
             .iter()
             .map(|k| k.fingerprint(HashAlg::Sha256))
             .collect())

@@ -232,11 +232,12 @@ pub fn parse(family: u8, mut body: &[u8]) -> Result<ProxyHeader, HeaderError> {
 }
 
 impl ProxyHeader {
-    /// Checks the header was signed by a proxy of the cluster, recently, for
-    /// the node whose host id is `me`, and was not seen before by `seen`.
+    /// Checks the header was signed by a proxy of the cluster (its
+    /// certificate from the proxy host CA `proxy_ca`), recently, for the node
+    /// whose host id is `me`, and was not seen before by `seen`.
     pub fn verify(
         &self,
-        host_ca: &[Fingerprint],
+        proxy_ca: &[Fingerprint],
         now: u64,
         me: &str,
         seen: &SeenHeaders,
@@ -244,8 +245,8 @@ impl ProxyHeader {
         let (Some(cert), Some(signature)) = (&self.cert, &self.signature) else {
             return Err(HeaderError::Untrusted("it carries no signature"));
         };
-        cert.validate_at(now, host_ca)
-            .map_err(|_| HeaderError::Untrusted("the certificate is not from the host CA"))?;
+        cert.validate_at(now, proxy_ca)
+            .map_err(|_| HeaderError::Untrusted("the certificate is not from the proxy host CA"))?;
         if cert.cert_type() != CertType::Host
             || cert.extensions().get(EXT_HOST_ROLE).map(String::as_str)
                 != Some(SystemRole::Proxy.as_str())

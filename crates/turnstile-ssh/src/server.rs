@@ -19,11 +19,28 @@ use crate::proxy_header::read_if_present;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The host key and the certificate auth signed for it.
+/// The host key and the certificate auth signed for it, which is renewed in
+/// place (host certificates are short-lived): each new connection is
+/// offered the newest.
 #[derive(Debug, Clone)]
 pub struct HostCredentials {
     pub key: PrivateKey,
-    pub certificate: Certificate,
+    pub certificate: tokio::sync::watch::Receiver<Certificate>,
+}
+
+impl HostCredentials {
+    /// Credentials whose certificate is never renewed.
+    pub fn fixed(key: PrivateKey, certificate: Certificate) -> Self {
+        Self {
+            key,
+            certificate: tokio::sync::watch::channel(certificate).1,
+        }
+    }
+
+    /// The certificate as of now.
+    pub fn certificate(&self) -> Certificate {
+        self.certificate.borrow().clone()
+    }
 }
 
 /// A russh server config presenting a host certificate and offering `methods`
@@ -39,7 +56,7 @@ pub(crate) fn server_config(
     russh::server::Config {
         methods,
         keys: vec![host.key.clone()],
-        certificates: vec![host.certificate.clone()],
+        certificates: vec![host.certificate()],
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
         // Before authentication the gatekeeper's login_grace_time applies.
@@ -62,7 +79,7 @@ pub struct ConnectionInfo {
 }
 
 /// How a server reads signed PROXY headers: only nodes do, and they check
-/// them against the cluster's host CA.
+/// them against the cluster's proxy host CA.
 pub(crate) struct HeaderPolicy {
     pub view: Arc<ClusterView>,
     pub clock: Arc<dyn Clock>,
@@ -92,14 +109,14 @@ async fn connection_info(
     match read_if_present(stream, HEADER_WAIT).await {
         Ok(None) => Ok(direct),
         Ok(Some(header)) => {
-            let host_ca = policy
+            let proxy_ca = policy
                 .view
-                .host_ca_fingerprints()
+                .proxy_ca_fingerprints()
                 .await
                 .map_err(|e| e.to_string())?;
             let client = header
                 .verify(
-                    &host_ca,
+                    &proxy_ca,
                     policy.clock.unix_now(),
                     &policy.host_id,
                     &policy.seen,
@@ -115,10 +132,12 @@ async fn connection_info(
     }
 }
 
-/// How a server takes connections: its SSH config, whether it reads PROXY
-/// headers (nodes), its limits before authentication, and how it stops.
+/// How a server takes connections: its host credentials and the methods it
+/// offers, whether it reads PROXY headers (nodes), its limits before
+/// authentication, and how it stops.
 pub(crate) struct Listening {
-    pub config: russh::server::Config,
+    pub host: HostCredentials,
+    pub methods: &'static [MethodKind],
     pub headers: Option<HeaderPolicy>,
     pub pre_auth: PreAuthLimits,
     /// How long open connections may finish at shutdown.
@@ -154,13 +173,15 @@ pub(crate) async fn serve<H, F>(
     F: Fn(ConnectionInfo, PreAuth) -> H + Send + Sync + 'static,
 {
     let Listening {
-        config,
+        mut host,
+        methods,
         headers,
         pre_auth,
         grace,
         who,
     } = listening;
-    let config = Arc::new(config);
+    let _ = host.certificate.borrow_and_update();
+    let mut config = Arc::new(server_config(&host, methods));
     let headers = headers.map(Arc::new);
     let make_handler = Arc::new(make_handler);
     let grace_over = CancellationToken::new();
@@ -176,6 +197,10 @@ pub(crate) async fn serve<H, F>(
                 }
             },
         };
+        if host.certificate.has_changed().unwrap_or(false) {
+            let _ = host.certificate.borrow_and_update();
+            config = Arc::new(server_config(&host, methods));
+        }
         let mut stream = stream;
         let _ = stream.set_nodelay(true);
         let deadline = tokio::time::Instant::now() + gatekeeper.limits().login_grace_time;
@@ -242,24 +267,14 @@ pub(crate) async fn serve<H, F>(
                         turnstile_api::duration::format(login_grace)
                     );
                     tracing::info!(%peer, "{reason}; disconnected");
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, reason, String::new())
-                        .await;
-                    // In the middle of a key exchange russh holds the
-                    // disconnect back: then the connection is cut.
-                    if tokio::time::timeout(LAST_WORDS / 5, &mut session).await.is_err() {
-                        cut.cancel();
-                        let _ = tokio::time::timeout(LAST_WORDS, session).await;
-                    }
+                    end_connection(&handle, &mut session, &cut, reason).await;
                 }
                 _ = grace_over.cancelled() => {
                     let reason = format!(
                         "the {who} shut down: its shutdown_grace of {} passed",
                         turnstile_api::duration::format(grace)
                     );
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, reason, String::new())
-                        .await;
+                    end_connection(&handle, &mut session, &cut, reason).await;
                 }
             }
         });
@@ -280,6 +295,27 @@ pub(crate) async fn serve<H, F>(
                 "{who}: connections did not end after their disconnect; stopping anyway"
             );
         }
+    }
+}
+
+/// Ends a connection, telling the client `reason`; one that does not end
+/// soon after (russh holds a disconnect back in the middle of a key
+/// exchange) is cut.
+async fn end_connection<F: std::future::Future + Unpin>(
+    handle: &russh::server::Handle,
+    session: &mut F,
+    cut: &CancellationToken,
+    reason: String,
+) {
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+        .await;
+    if tokio::time::timeout(LAST_WORDS / 5, &mut *session)
+        .await
+        .is_err()
+    {
+        cut.cancel();
+        let _ = tokio::time::timeout(LAST_WORDS, session).await;
     }
 }
 

@@ -429,6 +429,24 @@ pub enum NodesCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Give a node another name. A node's name is bound to its host id at
+    /// first join and never issued to another node; this is the way to
+    /// change it.
+    #[command(
+        after_help = "The node's listing and routing use NEW at once; its host certificate carries NEW from its next renewal (at most 12 h; restart the node to have it now). Users reaching it as OLD must use NEW."
+    )]
+    Rename {
+        /// The node's current name.
+        old: String,
+        /// The name it gets.
+        new: String,
+    },
+    /// Free a node's name and forget the node (for a node that is gone, so
+    /// another may take its name).
+    Rm {
+        /// The node's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The four files of a user identity (`admin sign --out PATH`): the private key
-//! (PATH, 0600), the certificate (PATH-cert.pub), the host CA as an
-//! `@cert-authority` line (PATH.known_hosts), and an ssh_config that jumps
+//! (PATH, 0600), the certificate (PATH-cert.pub), the CAs as `@cert-authority`
+//! lines (PATH.known_hosts: the proxy host CA for the proxy's name, the host
+//! CA for every other host), and an ssh_config that jumps
 //! through the proxy (PATH.ssh_config), which also records the proxy address
 //! for `turnstile ssh -i PATH`.
 
@@ -8,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use russh::keys::ssh_key::LineEnding;
-use russh::keys::{Certificate, PrivateKey, PublicKey};
-use turnstile_ssh::client::{UserCredentials, parse_cert_authorities};
+use russh::keys::{Certificate, PrivateKey};
+use turnstile_ssh::client::{Trust, UserCredentials, known_hosts_lines, parse_cert_authorities};
 use turnstile_ssh::identity::write_file;
 
 const PROXY_MARKER: &str = "# turnstile-proxy: ";
@@ -45,6 +46,7 @@ pub struct NewIdentity<'a> {
     pub key: &'a PrivateKey,
     pub certificate: &'a Certificate,
     pub host_ca: &'a [String],
+    pub proxy_ca: &'a [String],
     pub proxy: &'a str,
     pub default_login: &'a str,
 }
@@ -72,17 +74,7 @@ pub fn write(out: &Path, id: &NewIdentity<'_>) -> anyhow::Result<IdentityPaths> 
         format!("{}\n", id.certificate.to_openssh()?).as_bytes(),
         0o644,
     )?;
-    let known_hosts: String = id
-        .host_ca
-        .iter()
-        .map(|k| {
-            format!(
-                "@cert-authority * {} turnstile-{}-host-ca\n",
-                k.trim(),
-                id.cluster_name
-            )
-        })
-        .collect();
+    let known_hosts = known_hosts_lines(id.cluster_name, id.proxy, id.host_ca, id.proxy_ca);
     write_file(&paths.known_hosts, known_hosts.as_bytes(), 0o644)?;
     let proxy_host = host_of(id.proxy);
     let lines = [
@@ -114,7 +106,7 @@ pub fn write(out: &Path, id: &NewIdentity<'_>) -> anyhow::Result<IdentityPaths> 
 /// An identity read back for `turnstile ssh -i PATH`.
 pub struct LoadedIdentity {
     pub credentials: UserCredentials,
-    pub host_ca: Vec<PublicKey>,
+    pub trust: Trust,
     pub proxy: Option<String>,
 }
 
@@ -146,8 +138,8 @@ pub fn read(path: &Path) -> anyhow::Result<LoadedIdentity> {
             paths.known_hosts.display()
         )
     })?;
-    let host_ca = parse_cert_authorities(&known_hosts);
-    if host_ca.is_empty() {
+    let trust = parse_cert_authorities(&known_hosts);
+    if trust.host_ca.is_empty() {
         bail!(
             "{} has no @cert-authority line; write the identity again with `turnstile admin sign`",
             paths.known_hosts.display()
@@ -164,7 +156,7 @@ pub fn read(path: &Path) -> anyhow::Result<LoadedIdentity> {
             key: std::sync::Arc::new(key),
             certificate,
         },
-        host_ca,
+        trust,
         proxy,
     })
 }

@@ -29,6 +29,7 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod host_cert;
 pub mod identity_file;
 pub mod memory;
 pub mod metrics_endpoint;

@@ -16,20 +16,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use turnstile_api::clock::SystemClock;
 use turnstile_api::identity::SystemRole;
-use turnstile_api::rpc::proto;
 use turnstile_auth::audit_log::{AuditLog, FileAuditLog, PostgresAuditLog, SpooledAuditLog};
 use turnstile_auth::backend::{Backend, EtcdBackend, MemoryBackend, SqliteBackend};
 use turnstile_auth::cluster_config;
 use turnstile_auth::{AuthService, AuthServiceConfig, Authority};
 use turnstile_ssh::audit_forwarder::AuditForwarder;
 use turnstile_ssh::cluster_view::{ClusterView, auth_servers_client};
-use turnstile_ssh::identity::{HostKeys, TlsIdentity, load_or_create_host_id};
+use turnstile_ssh::identity::{TlsIdentity, load_or_create_host_id};
 use turnstile_ssh::join::{JoinError, join};
-use turnstile_ssh::node::{HostCredentials, NodeConfig, NodeService, advertised_addr};
+use turnstile_ssh::node::{NodeConfig, NodeService, advertised_addr};
 use turnstile_ssh::proxy::{ProxyConfig, ProxyService};
 
 use crate::config::ResolvedConfig;
 use crate::config::resolve::{AuditEventsUri, FILE_STORE_MIN_PART, StorageKind, host_name};
+use crate::host_cert::{self, HostRequest};
 use turnstile_recording::recorder::Recorder;
 use turnstile_recording::shipper::{self, Shipper};
 use turnstile_recording::spool::Spool;
@@ -167,46 +167,6 @@ fn local_identity(
     };
     identity.save(data_dir, role)?;
     Ok(identity)
-}
-
-/// Gets a fresh host certificate for `principals`; falls back to the last one
-/// kept on disk if auth cannot be reached.
-async fn host_credentials(
-    view: &ClusterView,
-    data_dir: &Path,
-    role: SystemRole,
-    principals: Vec<String>,
-) -> anyhow::Result<HostCredentials> {
-    let mut keys = HostKeys::load_or_create(data_dir, role)?;
-    let public_key = keys.key.public_key().to_openssh()?;
-    let mut client = view.client();
-    match client
-        .generate_host_cert(proto::GenerateHostCertRequest {
-            public_key,
-            principals,
-        })
-        .await
-    {
-        Ok(resp) => {
-            let cert = russh::keys::Certificate::from_openssh(&resp.into_inner().certificate)?;
-            keys.save_certificate(data_dir, role, cert)?;
-        }
-        Err(status) => match &keys.certificate {
-            Some(_) => tracing::warn!(
-                error = %status.message(),
-                "cannot renew the {role} host certificate from auth; using the one kept in the data dir"
-            ),
-            None => bail!(
-                "cannot get a {role} host certificate from auth: {}",
-                status.message()
-            ),
-        },
-    }
-    let certificate = keys.certificate.clone().context("no host certificate")?;
-    Ok(HostCredentials {
-        key: keys.key,
-        certificate,
-    })
 }
 
 /// The TLS identities of a process without the auth service: kept from an
@@ -426,7 +386,8 @@ async fn launch_services(
                     &auth_settings.cluster_name,
                 )
                 .await?
-                .with_login_policy(auth_settings.login_policy.clone()),
+                .with_login_policy(auth_settings.login_policy.clone())
+                .with_host_cert_ttl(auth_settings.host_cert_ttl),
             );
             cluster_config::apply_file(
                 authority.backend().as_ref(),
@@ -484,7 +445,15 @@ async fn launch_services(
             host_name(),
         ];
         principals.dedup();
-        let host = host_credentials(&view, &data_dir, SystemRole::Proxy, principals).await?;
+        let host = host_cert::obtain(
+            &view,
+            &data_dir,
+            SystemRole::Proxy,
+            HostRequest::Proxy { principals },
+            drain.clone(),
+        )
+        .await?
+        .credentials;
         warm(&view).await;
         view.spawn_refresher(config.view_refresh, drain.clone());
         view.spawn_watcher(drain.clone());
@@ -528,21 +497,37 @@ async fn launch_services(
         let advertised = advertised_addr(node.public_addr.as_deref(), bound);
         let tls = &identities[&SystemRole::Node];
         let view = ClusterView::new(auth_servers_client(&auth_targets, tls)?);
-        // OpenSSH lower-cases the host name it checks the certificate against.
-        let mut principals = vec![
-            node.node_name.clone(),
-            node.node_name.to_ascii_lowercase(),
-            host_part(&advertised),
-        ];
-        principals.dedup();
-        let host = host_credentials(&view, &data_dir, SystemRole::Node, principals).await?;
+        // Auth sets the node's names: the one bound to it at first join.
+        let issued = host_cert::obtain(
+            &view,
+            &data_dir,
+            SystemRole::Node,
+            HostRequest::Node {
+                name: node.node_name.clone(),
+                addr: advertised.clone(),
+            },
+            drain.clone(),
+        )
+        .await?;
+        let node_name = match issued.node_name {
+            Some(bound) if bound != node.node_name => {
+                tracing::warn!(
+                    configured = %node.node_name,
+                    %bound,
+                    "auth has this node named {bound:?} (renamed with `turnstile admin nodes rename`); ssh_service.node_name is ignored"
+                );
+                bound
+            }
+            _ => node.node_name.clone(),
+        };
+        let host = issued.credentials;
         warm(&view).await;
         view.spawn_refresher(config.view_refresh, drain.clone());
         view.spawn_watcher(drain.clone());
         let service = NodeService::new(
             NodeConfig {
                 host_id: host_id.clone(),
-                node_name: node.node_name.clone(),
+                node_name,
                 labels: node.labels.clone(),
                 public_addr: node.public_addr.clone(),
                 heartbeat_interval: node.heartbeat_interval,

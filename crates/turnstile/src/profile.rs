@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use russh::keys::PublicKey;
 use serde::{Deserialize, Serialize};
+use turnstile_ssh::client::Trust;
 use turnstile_ssh::identity::write_file;
 
 use crate::cli::ClientArgs;
@@ -65,9 +66,12 @@ struct Trusted {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct TrustedCluster {
+pub struct TrustedCluster {
     cluster: String,
-    host_ca: Vec<String>,
+    pub host_ca: Vec<String>,
+    /// Absent in what was trusted before clusters had a proxy host CA.
+    #[serde(default)]
+    pub proxy_ca: Vec<String>,
 }
 
 fn trusted_path(home: &Path) -> PathBuf {
@@ -81,27 +85,25 @@ fn load_trusted(home: &Path) -> Trusted {
         .unwrap_or_default()
 }
 
-/// The host CA the user trusted earlier for this proxy.
-pub fn trusted_host_ca(home: &Path, proxy: &str) -> Option<Vec<String>> {
-    load_trusted(home)
-        .proxies
-        .get(proxy)
-        .map(|t| t.host_ca.clone())
+/// The CAs the user trusted earlier for this proxy.
+pub fn trusted(home: &Path, proxy: &str) -> Option<TrustedCluster> {
+    load_trusted(home).proxies.get(proxy).cloned()
 }
 
-/// Remembers that the user trusts `host_ca` for this proxy.
-pub fn remember(
-    home: &Path,
-    proxy: &str,
-    cluster: &str,
-    host_ca: &[PublicKey],
-) -> anyhow::Result<()> {
+/// Keys as OpenSSH writes them.
+pub fn key_texts(keys: &[PublicKey]) -> Vec<String> {
+    keys.iter().filter_map(|k| k.to_openssh().ok()).collect()
+}
+
+/// Remembers that the user trusts `trust` for this proxy.
+pub fn remember(home: &Path, proxy: &str, cluster: &str, trust: &Trust) -> anyhow::Result<()> {
     let mut trusted = load_trusted(home);
     trusted.proxies.insert(
         proxy.to_string(),
         TrustedCluster {
             cluster: cluster.to_string(),
-            host_ca: host_ca.iter().filter_map(|k| k.to_openssh().ok()).collect(),
+            host_ca: key_texts(&trust.host_ca),
+            proxy_ca: key_texts(&trust.proxy_ca),
         },
     );
     write_file(

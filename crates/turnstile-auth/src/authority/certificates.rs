@@ -1,7 +1,8 @@
 //! The certificates the authority issues and checks: TLS identities, host
-//! certificates (names unique ignoring case), user certificates (capped by the
-//! roles, bounded by the user's current record and locks), the proxy's
-//! per-session certificates.
+//! certificates (a node's names set by auth from the name bound to its host
+//! id; a proxy's own names signed by the proxy host CA), user certificates
+//! (capped by the roles, bounded by the user's current record and locks),
+//! the proxy's per-session certificates.
 
 use super::*;
 
@@ -19,13 +20,15 @@ impl Authority {
             host_id,
             public_key_der,
             self.clock.now(),
-            HOST_CERT_TTL,
+            TLS_CERT_TTL,
         )
     }
 
-    /// Signs a host certificate whose principals are the host id and `names`;
-    /// a proxy's certificate says so in an extension.
-    pub fn generate_host_cert(
+    /// Signs a host certificate whose principals are the host id and `names`:
+    /// a proxy's by the proxy host CA (and it says so in an extension), any
+    /// other by the host CA, so a node's certificate never passes for a
+    /// proxy's.
+    fn generate_host_cert(
         &self,
         host_id: &str,
         role: SystemRole,
@@ -44,17 +47,20 @@ impl Authority {
             }
         }
         let now = self.clock.now();
-        let extensions: Vec<(String, String)> = match role {
-            SystemRole::Proxy => vec![(EXT_HOST_ROLE.to_string(), role.to_string())],
-            _ => Vec::new(),
+        let (ca, extensions): (&SshCa, Vec<(String, String)>) = match role {
+            SystemRole::Proxy => (
+                &self.proxy_ca,
+                vec![(EXT_HOST_ROLE.to_string(), role.to_string())],
+            ),
+            _ => (&self.host_ca, Vec::new()),
         };
-        self.host_ca.sign_host(
+        ca.sign_host(
             public_key,
             host_id,
             &principals,
             &extensions,
             now - CLOCK_SKEW,
-            now + HOST_CERT_TTL,
+            now + self.host_cert_ttl,
         )
     }
 
@@ -125,7 +131,7 @@ impl Authority {
     }
 
     /// For a proxy recording a session: a host certificate naming the node
-    /// (its name, id and address host) on the proxy's own key.
+    /// (its id and bound name) on the proxy's own key, from the host CA.
     pub async fn node_host_cert_for_proxy(
         &self,
         node_name: &str,
@@ -137,16 +143,11 @@ impl Authority {
             .into_iter()
             .find(|n| n.name.eq_ignore_ascii_case(node_name))
             .ok_or_else(|| ApiError::not_found(format!("node {node_name:?} not found")))?;
-        let host = node
-            .addr
-            .rsplit_once(':')
-            .map_or(node.addr.as_str(), |(h, _)| h)
-            .to_string();
         self.generate_host_cert(
             &node.id,
             SystemRole::Node,
             proxy_key,
-            &[node.name.clone(), node.name.to_ascii_lowercase(), host],
+            &[node.name.clone(), node.name.to_ascii_lowercase()],
         )
     }
 
@@ -239,27 +240,42 @@ impl Authority {
         })
     }
 
-    /// A host certificate for the caller `host_id`, which may not claim a
-    /// name (ignoring case) another registered node holds.
-    pub async fn issue_host_cert(
+    /// A node's host certificate: its names are the host id, the name bound
+    /// to that id (bound now to `requested` at first join) and, when the
+    /// node advertises the address it calls auth from (`caller`), that
+    /// address's host; nothing the node asks for beyond that. Returns the
+    /// certificate and the bound name.
+    pub async fn issue_node_host_cert(
         &self,
         host_id: &str,
-        role: SystemRole,
         key: &PublicKey,
-        principals: &[String],
-    ) -> Result<Certificate, ApiError> {
-        let nodes = self.list_nodes().await?;
-        for p in principals {
-            if let Some(other) = nodes
-                .iter()
-                .find(|n| n.name.eq_ignore_ascii_case(p) && n.id != host_id)
-            {
-                return Err(ApiError::access_denied(format!(
-                    "principal {p:?} belongs to node {}",
-                    other.id
-                )));
-            }
+        requested: &str,
+        advertised: &str,
+        caller: Option<std::net::IpAddr>,
+    ) -> Result<(Certificate, String), ApiError> {
+        let name = self.bind_node_name(host_id, requested).await?;
+        let mut names = vec![name.clone(), name.to_ascii_lowercase()];
+        let host = advertised
+            .rsplit_once(':')
+            .map_or(advertised, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        if let (Ok(ip), Some(caller)) = (host.parse::<std::net::IpAddr>(), caller)
+            && ip == caller
+        {
+            names.push(host.to_string());
         }
-        self.generate_host_cert(host_id, role, key, principals)
+        let cert = self.generate_host_cert(host_id, SystemRole::Node, key, &names)?;
+        self.remember_node_key(host_id, key).await?;
+        Ok((cert, name))
+    }
+
+    /// A proxy's host certificate for its own `names`, from the proxy host CA.
+    pub fn issue_proxy_host_cert(
+        &self,
+        host_id: &str,
+        key: &PublicKey,
+        names: &[String],
+    ) -> Result<Certificate, ApiError> {
+        self.generate_host_cert(host_id, SystemRole::Proxy, key, names)
     }
 }

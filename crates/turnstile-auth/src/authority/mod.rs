@@ -28,8 +28,11 @@ use crate::ca::{SshCa, StoredSshCa, TlsCa, TlsIdentityPem};
 use crate::semaphores::Semaphores;
 use crate::{passwords, tokens};
 
-/// How long host and process TLS certificates live.
-pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 86400);
+/// How long process TLS certificates live.
+pub const TLS_CERT_TTL: Duration = Duration::from_secs(365 * 86400);
+/// How long SSH host certificates live by default; hosts renew them at
+/// half-life.
+pub const HOST_CERT_TTL: Duration = Duration::from_secs(86400);
 /// Certificates are valid from a little before they are issued, for clock skew.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// The longest a node registration may live without a heartbeat.
@@ -37,6 +40,9 @@ pub const MAX_NODE_TTL: Duration = Duration::from_secs(3600);
 
 const USER_CA_KEY: &str = "authorities/user";
 const HOST_CA_KEY: &str = "authorities/host";
+/// Signs only proxies' certificates for their own names (created on first
+/// start of a version that has it, upgrades included).
+const PROXY_CA_KEY: &str = "authorities/proxy";
 const TLS_CA_KEY: &str = "authorities/tls";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,6 +63,10 @@ pub struct NodeRecord {
     pub labels: Labels,
     #[serde(default)]
     pub expires_unix: i64,
+    /// The host key auth certified for this host id (set by auth from
+    /// `node_keys/<host id>`, never by the node).
+    #[serde(default)]
+    pub host_key: String,
 }
 
 /// A signed user certificate and what it says.
@@ -82,8 +92,10 @@ pub struct Authority {
     cluster_name: String,
     user_ca: SshCa,
     host_ca: SshCa,
+    proxy_ca: SshCa,
     tls_ca: TlsCa,
     host_ca_endorsement: Vec<u8>,
+    host_cert_ttl: Duration,
     semaphores: Semaphores,
     /// Lockouts, backoff and the bound on concurrent password checks.
     login_guard: crate::login_guard::LoginGuard,
@@ -113,6 +125,12 @@ impl Authority {
         self
     }
 
+    /// How long SSH host certificates live (default 24 h).
+    pub fn with_host_cert_ttl(mut self, ttl: Duration) -> Self {
+        self.host_cert_ttl = ttl;
+        self
+    }
+
     pub async fn open(
         backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
@@ -121,6 +139,7 @@ impl Authority {
     ) -> Result<Self, ApiError> {
         let user_ca = load_or_create_ssh_ca(backend.as_ref(), USER_CA_KEY).await?;
         let host_ca = load_or_create_ssh_ca(backend.as_ref(), HOST_CA_KEY).await?;
+        let proxy_ca = load_or_create_ssh_ca(backend.as_ref(), PROXY_CA_KEY).await?;
         let tls_ca = match backend.get(TLS_CA_KEY).await {
             Ok(item) => decode::<TlsCa>(TLS_CA_KEY, &item.value)?,
             Err(BackendError::NotFound(_)) => {
@@ -138,6 +157,7 @@ impl Authority {
         let host_ca_endorsement = tls_ca.sign(&host_ca_statement(
             cluster_name,
             &[host_ca.public_key_openssh()],
+            &[proxy_ca.public_key_openssh()],
         ))?;
         Ok(Self {
             semaphores: Semaphores::new(backend.clone(), clock.clone()),
@@ -148,8 +168,10 @@ impl Authority {
             cluster_name: cluster_name.to_string(),
             user_ca,
             host_ca,
+            proxy_ca,
             tls_ca,
             host_ca_endorsement,
+            host_cert_ttl: HOST_CERT_TTL,
         })
     }
 
@@ -171,6 +193,11 @@ impl Authority {
 
     pub fn host_ca(&self) -> &SshCa {
         &self.host_ca
+    }
+
+    /// The proxy host CA: it signs proxies' certificates for their own names.
+    pub fn proxy_ca(&self) -> &SshCa {
+        &self.proxy_ca
     }
 
     pub fn tls_ca(&self) -> &TlsCa {

@@ -129,7 +129,7 @@ async fn user_certs_are_capped_by_max_session_ttl() {
 }
 
 #[tokio::test]
-async fn nodes_expire_and_names_are_unique() {
+async fn node_names_are_bound_to_host_ids_for_good() {
     let clock = Arc::new(turnstile_api::clock::ManualClock::new(SystemTime::now()));
     let a = Authority::open(
         Arc::new(MemoryBackend::with_clock(clock.clone())),
@@ -139,68 +139,107 @@ async fn nodes_expire_and_names_are_unique() {
     )
     .await
     .unwrap();
-    let node = |id: &str, addr: &str| NodeRecord {
+    let node = |id: &str, name: &str, addr: &str| NodeRecord {
         id: id.into(),
-        name: "web1".into(),
+        name: name.into(),
         addr: addr.into(),
         labels: Labels::new(),
         expires_unix: 0,
+        host_key: String::new(),
     };
+    let ttl = Duration::from_secs(60);
     let err = a
-        .upsert_node(node("n1", "127.0.0.1:0"), Duration::from_secs(60))
+        .upsert_node(node("n1", "web1", "127.0.0.1:0"), ttl)
         .await
         .unwrap_err();
     assert!(err.message.contains("real address"), "{err}");
-    a.upsert_node(node("n1", "127.0.0.1:3022"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let err = a
-        .upsert_node(node("n2", "127.0.0.1:4022"), Duration::from_secs(60))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind, ErrorKind::AlreadyExists);
-    // OpenSSH lower-cases host names: WEB1 and web1 are one name.
-    let shouting = NodeRecord {
-        name: "WEB1".into(),
-        ..node("n3", "127.0.0.1:5022")
-    };
-    let err = a
-        .upsert_node(shouting, Duration::from_secs(60))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind, ErrorKind::AlreadyExists);
-    assert!(err.message.contains("ignoring case"), "{err}");
-    // Another auth server's node took the name a moment ago: its claim is
-    // written, its record not yet. The claim alone refuses the name.
-    a.backend()
-        .put(
-            "node_names/db9",
-            serde_json::to_vec("n9").unwrap(),
-            Some(clock.now() + Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
-    let err = a
-        .upsert_node(
-            NodeRecord {
-                name: "DB9".into(),
-                ..node("n4", "127.0.0.1:6022")
-            },
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind, ErrorKind::AlreadyExists);
-    assert!(err.message.contains("node n9"), "{err}");
     let key = generate_ed25519().public_key().clone();
+    let (cert, name) = a
+        .issue_node_host_cert(
+            "n1",
+            &key,
+            "web1",
+            "10.0.0.1:3022",
+            Some([10, 0, 0, 1].into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(name, "web1");
+    assert_eq!(cert.valid_principals(), ["n1", "web1", "10.0.0.1"]);
+    a.upsert_node(node("n1", "web1", "10.0.0.1:3022"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.list_nodes().await.unwrap()[0].host_key,
+        key.to_openssh().unwrap()
+    );
+
+    // Another host id may not have the name, in any case, nor a
+    // certificate for it, nor for the first node's id as a name.
+    for asked in ["web1", "WEB1"] {
+        let err = a
+            .upsert_node(node("n2", asked, "10.0.0.2:3022"), ttl)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
+        assert!(err.message.contains("bound to host n1"), "{err}");
+        let err = a
+            .issue_node_host_cert("n2", &key, asked, "10.0.0.2:3022", None)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("ignoring case"), "{err}");
+    }
     let err = a
-        .issue_host_cert("n3", SystemRole::Node, &key, &["Web1".into()])
+        .issue_node_host_cert("n2", &key, "n1", "10.0.0.2:3022", None)
         .await
         .unwrap_err();
-    assert!(err.message.contains("belongs to node n1"), "{err}");
-    assert_eq!(a.list_nodes().await.unwrap().len(), 1);
+    assert!(err.message.contains("host id"), "{err}");
+    // An address the node does not call from is not among its names, and a
+    // node asking for another name gets the one bound to it.
+    let (cert, name) = a
+        .issue_node_host_cert(
+            "n1",
+            &key,
+            "proxy.example.com",
+            "10.0.0.9:3022",
+            Some([10, 0, 0, 1].into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(name, "web1");
+    assert_eq!(cert.valid_principals(), ["n1", "web1"]);
+
+    // The registration lapses; the name stays bound.
     clock.advance(Duration::from_secs(61));
     assert!(a.list_nodes().await.unwrap().is_empty());
+    let err = a
+        .issue_node_host_cert("n2", &key, "web1", "10.0.0.2:3022", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+
+    // Renaming moves the name; removing frees it.
+    let renamed = a.rename_node("web1", "web-one").await.unwrap();
+    assert_eq!(renamed.host_id, "n1");
+    let (_, name) = a
+        .issue_node_host_cert("n1", &key, "web1", "10.0.0.1:3022", None)
+        .await
+        .unwrap();
+    assert_eq!(name, "web-one");
+    let (_, name) = a
+        .issue_node_host_cert("n2", &key, "web1", "10.0.0.2:3022", None)
+        .await
+        .unwrap();
+    assert_eq!(name, "web1");
+    let err = a.rename_node("web-one", "WEB1").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AlreadyExists);
+    assert_eq!(a.remove_node("web-one").await.unwrap().host_id, "n1");
+    let (_, name) = a
+        .issue_node_host_cert("n3", &key, "web-one", "10.0.0.3:3022", None)
+        .await
+        .unwrap();
+    assert_eq!(name, "web-one");
+    assert!(a.remove_node("nothing").await.is_err());
 }
 
 mod login_tests {

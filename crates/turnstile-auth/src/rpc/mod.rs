@@ -85,6 +85,7 @@ fn node_to_proto(n: NodeRecord) -> proto::Node {
         labels: n.labels.into_iter().collect(),
         expires_unix: n.expires_unix,
         ttl_seconds: 0,
+        host_key: n.host_key,
     }
 }
 
@@ -240,6 +241,7 @@ impl proto::auth_server::Auth for AuthApi {
             host_ca: vec![a.host_ca().public_key_openssh()],
             tls_ca_pem: a.tls_ca().cert_pem.clone(),
             host_ca_endorsement: a.host_ca_endorsement().to_vec(),
+            proxy_ca: vec![a.proxy_ca().public_key_openssh()],
         })
     }
 
@@ -376,17 +378,39 @@ impl proto::auth_server::Auth for AuthApi {
         req: Request<proto::GenerateHostCertRequest>,
     ) -> RpcResult<proto::GenerateHostCertResponse> {
         let c = require(&req, HOSTS)?;
+        let caller = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         let key = parse_public_key(&r.public_key)?;
-        let cert = self
-            .authority
-            .issue_host_cert(&c.id, c.role, &key, &r.principals)
-            .await
-            .map_err(fail)?;
+        let (cert, node_name) = match c.role {
+            SystemRole::Proxy => (
+                self.authority
+                    .issue_proxy_host_cert(&c.id, &key, &r.principals)
+                    .map_err(fail)?,
+                String::new(),
+            ),
+            _ => self
+                .authority
+                .issue_node_host_cert(
+                    &c.id,
+                    &key,
+                    // Nodes older than name binding sent their name first
+                    // among the principals.
+                    if r.node_name.is_empty() {
+                        r.principals.first().map_or("", String::as_str)
+                    } else {
+                        &r.node_name
+                    },
+                    &r.addr,
+                    caller,
+                )
+                .await
+                .map_err(fail)?,
+        };
         ok(proto::GenerateHostCertResponse {
             certificate: cert
                 .to_openssh()
                 .map_err(|e| Status::internal(e.to_string()))?,
+            node_name,
         })
     }
 
@@ -407,6 +431,7 @@ impl proto::auth_server::Auth for AuthApi {
                     addr: n.addr,
                     labels: n.labels.into_iter().collect(),
                     expires_unix: 0,
+                    host_key: String::new(),
                 },
                 if n.ttl_seconds == 0 {
                     self.presence.node_ttl
@@ -417,6 +442,52 @@ impl proto::auth_server::Auth for AuthApi {
             .await
             .map_err(fail)?;
         ok(proto::UpsertNodeResponse {})
+    }
+
+    async fn rename_node(
+        &self,
+        req: Request<proto::RenameNodeRequest>,
+    ) -> RpcResult<proto::NodeBinding> {
+        let c = require(&req, ADMIN)?;
+        let r = req.into_inner();
+        let bound = self
+            .authority
+            .rename_node(&r.name, &r.new_name)
+            .await
+            .map_err(fail)?;
+        self.authority
+            .record(AuditEvent::admin(
+                "node.rename",
+                &c.id,
+                &bound.host_id,
+                [("from", r.name), ("to", bound.name.clone())],
+            ))
+            .await;
+        ok(proto::NodeBinding {
+            name: bound.name,
+            host_id: bound.host_id,
+        })
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> RpcResult<proto::NodeBinding> {
+        let c = require(&req, ADMIN)?;
+        let name = req.into_inner().name;
+        let bound = self.authority.remove_node(&name).await.map_err(fail)?;
+        self.authority
+            .record(AuditEvent::admin(
+                "node.remove",
+                &c.id,
+                &bound.host_id,
+                [("name", bound.name.clone())],
+            ))
+            .await;
+        ok(proto::NodeBinding {
+            name: bound.name,
+            host_id: bound.host_id,
+        })
     }
 
     async fn list_nodes(
@@ -896,6 +967,7 @@ impl proto::auth_server::Auth for AuthApi {
             certificate: cert
                 .to_openssh()
                 .map_err(|e| Status::internal(e.to_string()))?,
+            node_name: r.node_name,
         })
     }
 

@@ -10,7 +10,7 @@ use turnstile_api::identity::host_ca_statement;
 use turnstile_api::pin;
 
 use super::{
-    ClientError, Connected, UserCredentials, open_proxy, proxy_principal, verify_host_key,
+    ClientError, Connected, Trust, UserCredentials, open_proxy, proxy_principal, verify_host_key,
 };
 
 /// Sends one request over a fresh `turnstile` subsystem channel and returns
@@ -74,7 +74,7 @@ pub struct FirstContact {
 
 /// Asks the proxy for the cluster's public trust material, anonymously.
 pub async fn first_contact(proxy_addr: &str) -> Result<FirstContact, ClientError> {
-    let mut conn = open_proxy(proxy_addr, &[]).await?;
+    let mut conn = open_proxy(proxy_addr, &Trust::first_contact()).await?;
     let presented = conn.take_presented_host_key();
     conn.auth_anonymous().await?;
     match call(&conn, &DoorRequest::ClusterInfo).await? {
@@ -100,11 +100,7 @@ pub fn fingerprints(keys: &[PublicKey]) -> Vec<String> {
 impl FirstContact {
     /// The host CA keys, unverified.
     pub fn host_ca(&self) -> Result<Vec<PublicKey>, String> {
-        self.info
-            .host_ca
-            .iter()
-            .map(|k| PublicKey::from_openssh(k).map_err(|e| format!("bad host CA key: {e}")))
-            .collect()
+        parse_keys(&self.info.host_ca, "host CA")
     }
 
     /// The CA pin of the cluster's TLS CA (`sha256:<hex>`), as `turnstile
@@ -114,8 +110,9 @@ impl FirstContact {
     }
 
     /// Checks the trust material against the operator's CA pin: the TLS CA
-    /// must have that pin, and must have signed the host CA keys.
-    pub fn verify_pin(&self, expected_pin: &str) -> Result<Vec<PublicKey>, String> {
+    /// must have that pin, and must have signed the host CA and proxy host
+    /// CA keys.
+    pub fn verify_pin(&self, expected_pin: &str) -> Result<Trust, String> {
         let found = pin::ca_pin_of_pem(&self.info.tls_ca_pem).map_err(|e| e.to_string())?;
         if !pin::matches(&found, expected_pin) {
             return Err(format!(
@@ -127,38 +124,56 @@ impl FirstContact {
         let signature = base64::engine::general_purpose::STANDARD
             .decode(&self.info.host_ca_endorsement)
             .map_err(|_| "the host CA endorsement is not base64".to_string())?;
-        let statement = host_ca_statement(&self.info.cluster_name, &self.info.host_ca);
+        if self.info.proxy_ca.is_empty() {
+            return Err(format!(
+                "the proxy at {} serves no proxy host CA: the cluster runs a Turnstile older than this client; upgrade it",
+                self.proxy_addr
+            ));
+        }
+        let statement = host_ca_statement(
+            &self.info.cluster_name,
+            &self.info.host_ca,
+            &self.info.proxy_ca,
+        );
         aws_lc_rs::signature::UnparsedPublicKey::new(
             &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
             &ca_key,
         )
         .verify(&statement, &signature)
         .map_err(|_| "the host CA is not endorsed by the pinned CA".to_string())?;
-        self.host_ca()
+        Ok(Trust {
+            host_ca: self.host_ca()?,
+            proxy_ca: parse_keys(&self.info.proxy_ca, "proxy host CA")?,
+        })
     }
 
-    /// Checks, once `host_ca` is trusted, that the proxy we talked to presented
-    /// a host certificate from it for its own name.
-    pub fn verify_proxy(&self, host_ca: &[PublicKey]) -> Result<(), String> {
+    /// Checks, once `trust` is trusted, that the proxy we talked to presented
+    /// a certificate from its proxy host CA for its own name.
+    pub fn verify_proxy(&self, trust: &Trust) -> Result<(), String> {
         let presented = self
             .presented
             .as_ref()
             .ok_or_else(|| "the proxy presented no host key".to_string())?;
-        verify_host_key(presented, host_ca, proxy_principal(&self.proxy_addr))
-            .map_err(|reason| format!("the proxy at {}: {reason}", self.proxy_addr))
+        verify_host_key(
+            presented,
+            &trust.proxy_ca,
+            "proxy host CA",
+            proxy_principal(&self.proxy_addr),
+        )
+        .map_err(|reason| format!("the proxy at {}: {reason}", self.proxy_addr))
     }
 }
 
 /// Logs in with a password and returns a certificate for `public_key`.
 pub async fn password_login(
     proxy_addr: &str,
-    host_ca: &[PublicKey],
+    trust: &Trust,
     user: &str,
     password: &str,
     public_key: &PublicKey,
     ttl_seconds: u64,
 ) -> Result<IssuedCert, ClientError> {
-    let mut conn = open_proxy(proxy_addr, host_ca).await?;
+    let mut conn = open_proxy(proxy_addr, trust).await?;
     conn.auth_password(user, password).await?;
     let request = DoorRequest::Login {
         public_key: public_key.to_openssh().unwrap_or_default(),
@@ -177,11 +192,11 @@ pub async fn password_login(
 /// Asks the proxy with a certificate; for `ls` and renewals.
 pub async fn call_with_certificate(
     proxy_addr: &str,
-    host_ca: &[PublicKey],
+    trust: &Trust,
     creds: &UserCredentials,
     request: &DoorRequest,
 ) -> Result<DoorResponse, ClientError> {
-    let mut conn = open_proxy(proxy_addr, host_ca).await?;
+    let mut conn = open_proxy(proxy_addr, trust).await?;
     conn.auth_certificate(creds.user(), creds).await?;
     call(&conn, request).await
 }
@@ -189,10 +204,10 @@ pub async fn call_with_certificate(
 /// The nodes the user may reach.
 pub async fn list_nodes(
     proxy_addr: &str,
-    host_ca: &[PublicKey],
+    trust: &Trust,
     creds: &UserCredentials,
 ) -> Result<Vec<NodeEntry>, ClientError> {
-    match call_with_certificate(proxy_addr, host_ca, creds, &DoorRequest::Ls).await? {
+    match call_with_certificate(proxy_addr, trust, creds, &DoorRequest::Ls).await? {
         DoorResponse::Ls { nodes } => Ok(nodes),
         _ => Err(ClientError::Protocol {
             host: format!("the proxy at {proxy_addr}"),
@@ -204,14 +219,14 @@ pub async fn list_nodes(
 /// Recordings the user may see.
 pub async fn list_recordings(
     proxy_addr: &str,
-    host_ca: &[PublicKey],
+    trust: &Trust,
     creds: &UserCredentials,
     user: Option<String>,
     since_ms: i64,
 ) -> Result<Vec<turnstile_api::door::RecordingEntry>, ClientError> {
     match call_with_certificate(
         proxy_addr,
-        host_ca,
+        trust,
         creds,
         &DoorRequest::RecordingsLs { user, since_ms },
     )
@@ -230,14 +245,14 @@ pub async fn list_recordings(
 /// gone. Memory stays at one chunk whatever the recording's size.
 pub async fn fetch_recording(
     proxy_addr: &str,
-    host_ca: &[PublicKey],
+    trust: &Trust,
     creds: &UserCredentials,
     sid: &str,
     chunks: tokio::sync::mpsc::Sender<Vec<u8>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), ClientError> {
     const CHUNK: u32 = 512 * 1024;
-    let mut conn = open_proxy(proxy_addr, host_ca).await?;
+    let mut conn = open_proxy(proxy_addr, trust).await?;
     conn.auth_certificate(creds.user(), creds).await?;
     let mut offset = 0u64;
     loop {
@@ -272,4 +287,10 @@ pub async fn fetch_recording(
             }
         }
     }
+}
+
+fn parse_keys(keys: &[String], what: &str) -> Result<Vec<PublicKey>, String> {
+    keys.iter()
+        .map(|k| PublicKey::from_openssh(k).map_err(|e| format!("bad {what} key: {e}")))
+        .collect()
 }

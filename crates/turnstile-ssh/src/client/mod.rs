@@ -1,8 +1,9 @@
 //! The client behind `turnstile ssh`: connects to the proxy with the user's
 //! certificate, asks for a tunnel to the node by name, and runs a second,
-//! end-to-end SSH handshake with the node through it, as `ssh -J` does. Both
-//! hops must present a host certificate from the cluster's host CA naming the
-//! host we meant; there is no trust-on-first-use prompt.
+//! end-to-end SSH handshake with the node through it, as `ssh -J` does. The
+//! proxy must present a certificate from the cluster's proxy host CA and the
+//! node one from its host CA, each naming the host we meant; there is no
+//! trust-on-first-use prompt.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,26 @@ pub enum ClientError {
     ChannelRefused(String),
     #[error("SSH with {host} failed: {message}")]
     Protocol { host: String, message: String },
+    #[error(
+        "this identity was written before the cluster had a proxy host CA; renew it with `turnstile login` (or write it again with `turnstile admin sign`)"
+    )]
+    IdentityTooOld,
+}
+
+/// The CAs a client trusts for one cluster: the proxy host CA for the proxy
+/// hop, the host CA for nodes. A node's certificate never passes for the
+/// proxy's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    pub host_ca: Vec<PublicKey>,
+    pub proxy_ca: Vec<PublicKey>,
+}
+
+impl Trust {
+    /// Trusts nothing: first contact, which only records the host key.
+    pub fn first_contact() -> Self {
+        Self::default()
+    }
 }
 
 /// The user's key and certificate.
@@ -133,6 +154,8 @@ type InboundSink = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>
 /// Checks host certificates against the cluster's host CA, for one expected name.
 pub struct HostChecker {
     host_ca: Vec<PublicKey>,
+    /// What `host_ca` is, for what the user is told.
+    ca_name: &'static str,
     expected: String,
     refusal: Arc<Mutex<Option<String>>>,
     open_failure: Arc<OpenFailure>,
@@ -143,9 +166,10 @@ pub struct HostChecker {
 }
 
 impl HostChecker {
-    fn new(host_ca: &[PublicKey], expected: &str) -> Self {
+    fn new(host_ca: &[PublicKey], ca_name: &'static str, expected: &str) -> Self {
         Self {
             host_ca: host_ca.to_vec(),
+            ca_name,
             expected: expected.to_string(),
             refusal: Arc::default(),
             open_failure: Arc::default(),
@@ -178,14 +202,16 @@ impl HostChecker {
     }
 
     fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
-        verify_host_key(key, &self.host_ca, &self.expected)
+        verify_host_key(key, &self.host_ca, self.ca_name, &self.expected)
     }
 }
 
-/// Is `key` a host certificate from `host_ca` for `expected`?
+/// Is `key` a host certificate from `host_ca` (the cluster's `ca_name`) for
+/// `expected`?
 pub fn verify_host_key(
     key: &PublicKeyOrCertificate,
     host_ca: &[PublicKey],
+    ca_name: &str,
     expected: &str,
 ) -> Result<(), String> {
     let cert = match key {
@@ -205,7 +231,7 @@ pub fn verify_host_key(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     cert.validate_at(now, &fingerprints).map_err(|_| {
-        "its host certificate is not signed by the cluster's host CA, or has expired".to_string()
+        format!("its host certificate is not signed by the cluster's {ca_name}, or has expired")
     })?;
     if cert.cert_type() != CertType::Host {
         return Err("it presented a user certificate as its host certificate".into());
@@ -342,18 +368,22 @@ const CIPHERS: &[russh::cipher::Name] = &[
 ];
 
 fn client_config() -> Arc<client::Config> {
+    Arc::new(base_config())
+}
+
+fn base_config() -> client::Config {
     let preferred = russh::Preferred {
         host_key_certificates: std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]),
         cipher: std::borrow::Cow::Borrowed(CIPHERS),
         ..Default::default()
     };
-    Arc::new(client::Config {
+    client::Config {
         preferred,
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         nodelay: true,
         ..Default::default()
-    })
+    }
 }
 
 /// A connection to a node, through the proxy.
@@ -512,13 +542,47 @@ pub async fn open<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let checker = HostChecker::new(host_ca, expected);
+    open_with(client_config(), stream, label, expected, host_ca, "host CA").await
+}
+
+/// The proxy's check of a node's address ([`open`], saying who it is in its
+/// SSH version, so node logs and packet captures tell probes apart).
+pub(crate) async fn open_probe(
+    stream: TcpStream,
+    expected: &str,
+    host_ca: &[PublicKey],
+) -> Result<Connected, ClientError> {
+    let mut config = base_config();
+    config.client_id = russh::SshId::Standard("SSH-2.0-Turnstile_address_probe".into());
+    open_with(
+        Arc::new(config),
+        stream,
+        "node",
+        expected,
+        host_ca,
+        "host CA",
+    )
+    .await
+}
+
+async fn open_with<S>(
+    config: Arc<client::Config>,
+    stream: S,
+    label: &str,
+    expected: &str,
+    host_ca: &[PublicKey],
+    ca_name: &'static str,
+) -> Result<Connected, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let checker = HostChecker::new(host_ca, ca_name, expected);
     let refusal = checker.refusal.clone();
     let open_failure = checker.open_failure.clone();
     let presented = checker.presented.clone();
     let inbound = checker.inbound.clone();
     let closed = checker.closed.clone();
-    let handle = client::connect_stream(client_config(), stream, checker)
+    let handle = client::connect_stream(config, stream, checker)
         .await
         .map_err(
             |e| match refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -542,8 +606,13 @@ where
     })
 }
 
-/// Opens an SSH connection to the proxy at `proxy_addr`.
-pub async fn open_proxy(proxy_addr: &str, host_ca: &[PublicKey]) -> Result<Connected, ClientError> {
+/// Opens an SSH connection to the proxy at `proxy_addr`, which must present
+/// a certificate of `trust`'s proxy host CA (with nothing trusted: first
+/// contact).
+pub async fn open_proxy(proxy_addr: &str, trust: &Trust) -> Result<Connected, ClientError> {
+    if trust.proxy_ca.is_empty() && !trust.host_ca.is_empty() {
+        return Err(ClientError::IdentityTooOld);
+    }
     let tcp =
         TcpStream::connect(proxy_addr)
             .await
@@ -552,11 +621,13 @@ pub async fn open_proxy(proxy_addr: &str, host_ca: &[PublicKey]) -> Result<Conne
                 source,
             })?;
     let _ = tcp.set_nodelay(true);
-    open(
+    open_with(
+        client_config(),
         tcp,
         &format!("the proxy at {proxy_addr}"),
         host_of(proxy_addr),
-        host_ca,
+        &trust.proxy_ca,
+        "proxy host CA",
     )
     .await
 }
@@ -572,9 +643,9 @@ pub async fn connect_via_proxy(
     node: &str,
     login: &str,
     creds: &UserCredentials,
-    host_ca: &[PublicKey],
+    trust: &Trust,
 ) -> Result<NodeConnection, ClientError> {
-    let mut proxy = open_proxy(proxy_addr, host_ca).await?;
+    let mut proxy = open_proxy(proxy_addr, trust).await?;
     proxy.auth_certificate(creds.user(), creds).await?;
     let channel = match proxy
         .handle
@@ -591,7 +662,7 @@ pub async fn connect_via_proxy(
         channel.into_stream(),
         &format!("node {node:?}"),
         node,
-        host_ca,
+        &trust.host_ca,
     )
     .await?;
     conn.auth_certificate(login, creds).await?;
@@ -603,19 +674,77 @@ pub async fn connect_via_proxy(
     })
 }
 
-/// Reads the host CA keys from `@cert-authority` lines of a known_hosts file.
-pub fn parse_cert_authorities(known_hosts: &str) -> Vec<PublicKey> {
-    known_hosts
+/// Reads the CAs from the `@cert-authority` lines of a known_hosts file: a
+/// line for every host but some (`*,!…`) holds the host CA, a line for named
+/// hosts the proxy host CA (as [`known_hosts_lines`] writes them).
+pub fn parse_cert_authorities(known_hosts: &str) -> Trust {
+    let mut trust = Trust::default();
+    for rest in known_hosts
         .lines()
         .filter_map(|line| line.trim().strip_prefix("@cert-authority"))
-        .filter_map(|rest| {
-            let mut fields = rest.split_whitespace();
-            let _hosts = fields.next()?;
-            let algo = fields.next()?;
-            let data = fields.next()?;
-            PublicKey::from_openssh(&format!("{algo} {data}")).ok()
-        })
-        .collect()
+    {
+        let mut fields = rest.split_whitespace();
+        let (Some(hosts), Some(algo), Some(data)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Ok(key) = PublicKey::from_openssh(&format!("{algo} {data}")) else {
+            continue;
+        };
+        if hosts == "*" || hosts.starts_with("*,") {
+            trust.host_ca.push(key);
+        } else {
+            trust.proxy_ca.push(key);
+        }
+    }
+    trust
+}
+
+/// How OpenSSH names a host in known_hosts: `host`, or `[host]:port` off
+/// port 22.
+pub fn known_hosts_name(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port != "22" && !host.is_empty() => {
+            format!("[{}]:{port}", host.trim_matches(['[', ']']))
+        }
+        _ => host_of(addr).to_string(),
+    }
+}
+
+/// The `@cert-authority` lines for a cluster reached through `proxy`
+/// (HOST:PORT): the proxy host CA for the proxy's name only, the host CA
+/// for every other host, so a node's certificate never passes for the
+/// proxy's in OpenSSH either. OpenSSH looks a certificate's CA up under
+/// `[host]:port` and then under the bare host, so the host CA's line
+/// excludes both (a node on the proxy's host at port 22 is then reached
+/// through the proxy, not straight).
+pub fn known_hosts_lines(
+    cluster: &str,
+    proxy: &str,
+    host_ca: &[String],
+    proxy_ca: &[String],
+) -> String {
+    let name = known_hosts_name(proxy);
+    let bare = host_of(proxy);
+    let excluded = if name == bare {
+        format!("!{name}")
+    } else {
+        format!("!{name},!{bare}")
+    };
+    let mut out = String::new();
+    for k in proxy_ca {
+        out.push_str(&format!(
+            "@cert-authority {name} {} turnstile-{cluster}-proxy-ca\n",
+            k.trim()
+        ));
+    }
+    for k in host_ca {
+        out.push_str(&format!(
+            "@cert-authority *,{excluded} {} turnstile-{cluster}-host-ca\n",
+            k.trim()
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -630,13 +759,34 @@ mod tests {
     }
 
     #[test]
-    fn cert_authority_lines_are_read() {
-        let key = crate::identity::generate_ed25519();
-        let line = format!(
-            "@cert-authority * {}\n# comment\n",
-            key.public_key().to_openssh().unwrap()
+    fn cert_authority_lines_are_read_back_as_written() {
+        let host = crate::identity::generate_ed25519();
+        let proxy = crate::identity::generate_ed25519();
+        let text = known_hosts_lines(
+            "c1",
+            "127.0.0.1:3023",
+            &[host.public_key().to_openssh().unwrap()],
+            &[proxy.public_key().to_openssh().unwrap()],
         );
-        let keys = parse_cert_authorities(&line);
-        assert_eq!(keys, vec![key.public_key().clone()]);
+        assert!(text.contains("@cert-authority [127.0.0.1]:3023 "), "{text}");
+        assert!(
+            text.contains("@cert-authority *,![127.0.0.1]:3023,!127.0.0.1 "),
+            "{text}"
+        );
+        let trust = parse_cert_authorities(&format!("{text}# comment\n"));
+        assert_eq!(trust.host_ca, vec![host.public_key().clone()]);
+        assert_eq!(trust.proxy_ca, vec![proxy.public_key().clone()]);
+        // A file written before the proxy host CA: the host CA only.
+        let old = format!(
+            "@cert-authority * {} turnstile-c1-host-ca\n",
+            host.public_key().to_openssh().unwrap()
+        );
+        let trust = parse_cert_authorities(&old);
+        assert!(trust.proxy_ca.is_empty());
+        assert_eq!(
+            known_hosts_name("proxy.example.com:22"),
+            "proxy.example.com"
+        );
+        assert_eq!(known_hosts_name("[::1]:3023"), "[::1]:3023");
     }
 }

@@ -24,7 +24,7 @@ use crate::audit_forwarder::AuditForwarder;
 use crate::cluster_view::ClusterView;
 use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 pub use crate::server::HostCredentials;
-use crate::server::{HeaderPolicy, Listening, serve, server_config};
+use crate::server::{HeaderPolicy, Listening, serve};
 use crate::session_control::{ChannelLimit, LeaseService};
 
 mod connection;
@@ -275,7 +275,8 @@ impl NodeService {
         };
         let for_handlers = shared.clone();
         let listening = Listening {
-            config: server_config(&self.host, &[russh::MethodKind::PublicKey]),
+            host: self.host.clone(),
+            methods: &[russh::MethodKind::PublicKey],
             headers: Some(headers),
             pre_auth: self.config.pre_auth.clone(),
             grace: self.config.shutdown_grace,
@@ -311,6 +312,7 @@ async fn heartbeat(shared: Arc<NodeShared>, advertised: String, shutdown: Cancel
             expires_unix: 0,
             // Three missed heartbeats and the node is gone from listings.
             ttl_seconds: (shared.config.heartbeat_interval * 3).as_secs().max(1),
+            host_key: String::new(),
         };
         let trackers = shared.trackers_now();
         if !trackers.is_empty() {

@@ -27,10 +27,11 @@ use crate::cluster_view::{ClusterView, NodeInfo, SessionEndings};
 use crate::identity::generate_ed25519;
 use crate::live::{Judge, LiveConnections, Watched, ends_by_itself};
 use crate::proxy_header;
-use crate::server::{HostCredentials, Listening, serve, server_config};
+use crate::server::{HostCredentials, Listening, serve};
 
 mod connection;
 mod door;
+mod probe;
 mod terminate;
 
 #[derive(Debug, Clone)]
@@ -59,6 +60,8 @@ pub(crate) struct ProxyShared {
     /// Certificate holders' connections, checked every second against locks
     /// and the users' records.
     pub live: Arc<LiveConnections>,
+    /// Registered addresses seen answering with their node's host key.
+    pub probes: probe::AddressProbes,
 }
 
 /// The proxy ends certificate holders' connections for locks and user
@@ -89,13 +92,18 @@ impl Judge for ProxyShared {
 }
 
 impl ProxyShared {
-    /// Connects to a node and sends the signed header naming the user's
+    /// Connects to a node, once its registered address has answered with
+    /// the node's host key, and sends the signed header naming the user's
     /// address and the node it is meant for.
     pub async fn dial_node(
         &self,
         client: SocketAddr,
         node: &NodeInfo,
     ) -> Result<TcpStream, String> {
+        let host_ca = self.view.host_ca_keys().await.map_err(|e| e.to_string())?;
+        self.probes
+            .check(node, &host_ca, self.config.node_connect_timeout)
+            .await?;
         let addr = node.addr.as_str();
         let mut tcp =
             tokio::time::timeout(self.config.node_connect_timeout, TcpStream::connect(addr))
@@ -109,7 +117,7 @@ impl ProxyShared {
             node_addr,
             &node.id,
             &self.host.key,
-            &self.host.certificate,
+            &self.host.certificate(),
             self.clock.unix_now(),
         )
         .map_err(|e| format!("cannot sign the client address: {e}"))?;
@@ -160,6 +168,7 @@ impl ProxyService {
             audit: self.audit.clone(),
             session_key: Arc::new(generate_ed25519()),
             live: LiveConnections::new(),
+            probes: Default::default(),
         });
         let stopped = CancellationToken::new();
         shared.live.spawn_sweeper(
@@ -169,14 +178,14 @@ impl ProxyService {
             stopped.clone(),
         );
         tracing::info!(addr = ?listener.local_addr().ok(), "proxy service listening");
-        let methods = [
-            MethodKind::PublicKey,
-            MethodKind::Password,
-            MethodKind::KeyboardInteractive,
-        ];
         let for_handlers = shared.clone();
         let listening = Listening {
-            config: server_config(&self.host, &methods),
+            host: self.host.clone(),
+            methods: &[
+                MethodKind::PublicKey,
+                MethodKind::Password,
+                MethodKind::KeyboardInteractive,
+            ],
             headers: None,
             pre_auth: self.config.pre_auth.clone(),
             grace: self.config.shutdown_grace,

@@ -37,10 +37,7 @@ pub(crate) async fn serve(
     client: SocketAddr,
     host_cert: Certificate,
 ) {
-    let host = HostCredentials {
-        key: shared.host.key.clone(),
-        certificate: host_cert,
-    };
+    let host = HostCredentials::fixed(shared.host.key.clone(), host_cert);
     let config = Arc::new(server_config(&host, &[MethodKind::PublicKey]));
     let handler = Terminating {
         shared,

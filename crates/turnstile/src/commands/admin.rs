@@ -80,6 +80,37 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Roles(cmd) => roles(&mut admin, cmd).await,
         AdminCommand::Users(cmd) => users(&mut admin, cmd).await,
         AdminCommand::Nodes(NodesCommand::Ls { format }) => nodes_ls(&mut admin, format).await,
+        AdminCommand::Nodes(NodesCommand::Rename { old, new }) => {
+            let bound = admin
+                .client
+                .rename_node(proto::RenameNodeRequest {
+                    name: old.clone(),
+                    new_name: new,
+                })
+                .await
+                .map_err(|s| rpc_error(&admin, s))?
+                .into_inner();
+            crate::outln!(
+                "Node {old:?} (host {}) is now {:?}; its host certificate carries the new name from its next renewal (restart it to have that now).",
+                bound.host_id,
+                bound.name
+            );
+            Ok(())
+        }
+        AdminCommand::Nodes(NodesCommand::Rm { name }) => {
+            let bound = admin
+                .client
+                .remove_node(proto::DeleteRequest { name })
+                .await
+                .map_err(|s| rpc_error(&admin, s))?
+                .into_inner();
+            crate::outln!(
+                "Node {:?} (host {}) forgotten; its name is free.",
+                bound.name,
+                bound.host_id
+            );
+            Ok(())
+        }
         AdminCommand::Tokens(TokensCommand::Add { roles, ttl, format }) => {
             tokens_add(&mut admin, roles, &ttl, format).await
         }
@@ -494,6 +525,7 @@ async fn sign(admin: &mut Admin, args: SignArgs) -> anyhow::Result<()> {
             key: &key,
             certificate: &certificate,
             host_ca: &authorities.host_ca,
+            proxy_ca: &authorities.proxy_ca,
             proxy: &proxy,
             default_login: &default_login,
         },

@@ -1,12 +1,14 @@
-//! `turnstile login`: first contact with a cluster (trust its host CA by the
-//! CA pin, or by the user's yes at a prompt), then a password login that
+//! `turnstile login`: first contact with a cluster (trust its host CA and
+//! proxy host CA by the CA pin, or by the user's yes at a prompt), then a
+//! password login that
 //! returns a short-lived certificate for a fresh key, saved as the profile.
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use russh::keys::{Certificate, PublicKey};
+use russh::keys::Certificate;
+use turnstile_ssh::client::Trust;
 use turnstile_ssh::client::door::{FirstContact, fingerprints, first_contact, password_login};
 use turnstile_ssh::identity::generate_ed25519;
 
@@ -60,12 +62,12 @@ impl Tty {
     }
 }
 
-/// Decides which host CA to trust for this proxy.
+/// Decides which CAs to trust for this proxy.
 fn trust(
     args: &LoginArgs,
     contact: &FirstContact,
     home: &std::path::Path,
-) -> anyhow::Result<Vec<PublicKey>> {
+) -> anyhow::Result<Trust> {
     if let Some(pin) = &args.ca_pin {
         turnstile_api::pin::validate(pin).map_err(|e| anyhow::anyhow!("--ca-pin: {e}"))?;
         return contact.verify_pin(pin).map_err(|e| anyhow::anyhow!("{e}"));
@@ -77,23 +79,35 @@ fn trust(
     let offered = contact
         .verify_pin(&pin)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let offered_text: Vec<String> = offered.iter().filter_map(|k| k.to_openssh().ok()).collect();
-    if let Some(remembered) = profile::trusted_host_ca(home, &args.proxy) {
-        if remembered == offered_text {
+    let offered_host = profile::key_texts(&offered.host_ca);
+    let offered_proxy = profile::key_texts(&offered.proxy_ca);
+    let mut upgraded = false;
+    if let Some(remembered) = profile::trusted(home, &args.proxy) {
+        if remembered.host_ca == offered_host && remembered.proxy_ca == offered_proxy {
             return Ok(offered);
         }
-        bail!(
-            "the host CA of the cluster behind {} changed since you trusted it (now {}); if that is expected, log in with --ca-pin",
-            args.proxy,
-            fingerprints(&offered).join(", ")
-        );
+        if remembered.host_ca == offered_host && remembered.proxy_ca.is_empty() {
+            // Trusted before clusters had a proxy host CA: ask again.
+            upgraded = true;
+        } else {
+            bail!(
+                "the host CA of the cluster behind {} changed since you trusted it (now {}); if that is expected, log in with --ca-pin",
+                args.proxy,
+                fingerprints(&offered.host_ca).join(", ")
+            );
+        }
     }
+    let why = if upgraded {
+        "You trusted this cluster before it had a proxy host CA (it was upgraded); its CA pin endorses the new CA.\n"
+    } else {
+        ""
+    };
     let mut tty = Tty::open().context(
         "cannot ask whether to trust this cluster without a terminal; pass --ca-pin (printed by `turnstile start`)",
     )?;
     let answer = tty.ask(
         &format!(
-            "The proxy at {} serves cluster {:?}.\nIts CA pin is {pin} (`turnstile start` and `admin tokens add` print it: compare).\nTrust it? [y/N] ",
+            "{why}The proxy at {} serves cluster {:?}.\nIts CA pin is {pin} (`turnstile start` and `admin tokens add` print it: compare).\nTrust it? [y/N] ",
             args.proxy,
             contact.info.cluster_name,
         ),
@@ -112,11 +126,11 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
         None => Duration::ZERO,
     };
     let contact = first_contact(&args.proxy).await?;
-    let host_ca = trust(&args, &contact, &home)?;
+    let trust = trust(&args, &contact, &home)?;
     contact
-        .verify_proxy(&host_ca)
+        .verify_proxy(&trust)
         .map_err(|e| anyhow::anyhow!("{e}; not sending a password to it"))?;
-    profile::remember(&home, &args.proxy, &contact.info.cluster_name, &host_ca)?;
+    profile::remember(&home, &args.proxy, &contact.info.cluster_name, &trust)?;
 
     let password = if args.password_stdin {
         read_first_line()?
@@ -128,7 +142,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
     let key = generate_ed25519();
     let issued = password_login(
         &args.proxy,
-        &host_ca,
+        &trust,
         &args.user,
         &password,
         key.public_key(),
@@ -158,6 +172,7 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
             key: &key,
             certificate: &certificate,
             host_ca: &contact.info.host_ca,
+            proxy_ca: &contact.info.proxy_ca,
             proxy: &args.proxy,
             default_login: &default_login,
         },

@@ -10,7 +10,7 @@ use crate::profile::client_identity;
 
 pub async fn run(args: LsArgs) -> anyhow::Result<()> {
     let (identity, proxy) = client_identity(&args.client)?;
-    let nodes = list_nodes(&proxy, &identity.host_ca, &identity.credentials).await?;
+    let nodes = list_nodes(&proxy, &identity.trust, &identity.credentials).await?;
     if args.format == Format::Json {
         for n in &nodes {
             crate::outln!(

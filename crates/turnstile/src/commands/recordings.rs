@@ -134,7 +134,7 @@ async fn for_each_event<S: EventSink>(
     });
     let fetched = fetch_recording(
         &proxy,
-        &identity.host_ca,
+        &identity.trust,
         &identity.credentials,
         sid,
         tx,
@@ -322,7 +322,7 @@ pub async fn run(cmd: RecordingsCommand) -> anyhow::Result<()> {
             let (identity, proxy) = client_identity(&client)?;
             let list = list_recordings(
                 &proxy,
-                &identity.host_ca,
+                &identity.trust,
                 &identity.credentials,
                 user,
                 since_ms,

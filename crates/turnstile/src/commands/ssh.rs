@@ -46,7 +46,7 @@ pub async fn run(args: SshArgs) -> anyhow::Result<u32> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     creds.check_fresh(now)?;
-    let conn = connect_via_proxy(&proxy, &node, &login, &creds, &identity.host_ca).await?;
+    let conn = connect_via_proxy(&proxy, &node, &login, &creds, &identity.trust).await?;
 
     let command = (!args.command.is_empty()).then(|| args.command.join(" "));
     let want_pty = args.tty || (!args.no_tty && command.is_none() && stdin_is_tty());

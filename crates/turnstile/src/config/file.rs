@@ -96,6 +96,8 @@ pub struct AuthSection {
     pub disconnect_expired_cert: Option<bool>,
     /// How password logins resist guessing.
     pub password_login: Option<PasswordLoginSection>,
+    /// How long SSH host certificates live (hosts renew them at half-life).
+    pub host_cert_ttl: Option<WrittenDuration>,
 }
 
 /// Lockout of a (user, source address) pair and backoff per source.

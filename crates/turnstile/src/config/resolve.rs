@@ -120,6 +120,8 @@ pub struct AuthSettings {
     pub cluster_settings: FileSettings,
     /// How password logins resist guessing.
     pub login_policy: turnstile_auth::login_guard::LoginPolicy,
+    /// How long SSH host certificates live.
+    pub host_cert_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +364,17 @@ pub fn resolve(
             })
             .transpose()?;
         let login_policy = resolve_password_login(a.password_login.unwrap_or_default())?;
+        let host_cert_ttl = a
+            .host_cert_ttl
+            .map_or(turnstile_auth::authority::HOST_CERT_TTL, |d| d.0);
+        if host_cert_ttl < Duration::from_secs(4)
+            || host_cert_ttl > Duration::from_secs(30 * 86_400)
+        {
+            return Err(field_error(
+                "auth_service.host_cert_ttl",
+                "must be between 4s and 30d (default 24h; hosts renew at half-life)",
+            ));
+        }
         let upload_grace = a.upload_grace_period.map_or(DEFAULT_UPLOAD_GRACE, |d| d.0);
         if upload_grace.is_zero() {
             return Err(field_error(
@@ -425,6 +438,7 @@ pub fn resolve(
             audit_events,
             upload_grace,
             login_policy,
+            host_cert_ttl,
             cluster_settings: FileSettings {
                 session_control_timeout: timeout,
                 session_recording,

@@ -170,7 +170,7 @@ async fn signals_from_the_client_reach_the_remote_process() {
         "web1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();

@@ -11,7 +11,7 @@ use turnstile_auth::semaphores::LeaseRequest;
 use crate::support::TestCluster;
 
 /// An auth client speaking as the cluster's node.
-fn as_node(c: &TestCluster) -> AuthClient<AuthChannel> {
+pub(crate) fn as_node(c: &TestCluster) -> AuthClient<AuthChannel> {
     let data = c.data_dir();
     let tls = turnstile_ssh::identity::TlsIdentity::load(&data, SystemRole::Node)
         .unwrap()
@@ -97,7 +97,7 @@ async fn a_node_cannot_renew_or_release_another_hosts_lease_nor_hold_one_for_eve
 
 /// Sends `header` and an SSH version to the node; true if the node answers
 /// with its own version (it took the header), false if it hangs up.
-async fn node_takes(node_addr: &str, header: &[u8]) -> bool {
+pub(crate) async fn node_takes(node_addr: &str, header: &[u8]) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(node_addr).await.unwrap();
     stream.write_all(header).await.unwrap();

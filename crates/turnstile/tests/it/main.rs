@@ -7,6 +7,7 @@ mod cluster;
 mod compromised_node;
 mod forwarding;
 mod ha;
+mod host_identity;
 mod locks;
 mod object_stores;
 mod openssh;

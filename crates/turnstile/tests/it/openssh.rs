@@ -4,7 +4,7 @@
 
 use crate::support::{TestCluster, openssh, run, text};
 
-fn base_args(config: &str) -> Vec<&str> {
+pub(crate) fn base_args(config: &str) -> Vec<&str> {
     vec![
         "-F",
         config,

@@ -152,7 +152,12 @@ async fn the_anonymous_user_opens_few_channels_and_sends_small_frames() {
     use turnstile_ssh::client::{ClientError, open_proxy};
 
     let c = TestCluster::start().await;
-    let mut anon = open_proxy(&c.proxy_addr, &[]).await.unwrap();
+    let mut anon = open_proxy(
+        &c.proxy_addr,
+        &turnstile_ssh::client::Trust::first_contact(),
+    )
+    .await
+    .unwrap();
     anon.auth_anonymous().await.unwrap();
     for _ in 0..3 {
         assert!(matches!(

@@ -590,7 +590,7 @@ async fn proxy_mode_records_at_the_proxy_and_nodes_refuse_direct_sessions() {
         "web1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();
@@ -756,7 +756,7 @@ async fn a_hundred_thousand_resizes_cost_no_other_users_events_and_the_last_size
         "web1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();

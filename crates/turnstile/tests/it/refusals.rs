@@ -389,7 +389,7 @@ mod door {
         let text = refused(
             call_with_certificate(
                 &c.proxy_addr,
-                &identity.host_ca,
+                &identity.trust,
                 &identity.credentials,
                 &login_as(Some("bob")),
             )
@@ -401,7 +401,7 @@ mod door {
         );
 
         // A password connection may only log in: no ls, no tunnels, no shells.
-        let mut conn = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        let mut conn = open_proxy(&c.proxy_addr, &identity.trust).await.unwrap();
         conn.auth_password("alice", "long enough password")
             .await
             .unwrap();
@@ -421,7 +421,7 @@ mod door {
         ));
 
         // The anonymous connection only reads the cluster's trust material.
-        let mut anon = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        let mut anon = open_proxy(&c.proxy_addr, &identity.trust).await.unwrap();
         anon.auth_anonymous().await.unwrap();
         let text = refused(call(&anon, &login_as(None)).await);
         assert!(text.contains("log in with a password"), "{text}");
@@ -431,7 +431,7 @@ mod door {
         ));
 
         // A wrong password fails authentication itself.
-        let mut bad = open_proxy(&c.proxy_addr, &identity.host_ca).await.unwrap();
+        let mut bad = open_proxy(&c.proxy_addr, &identity.trust).await.unwrap();
         assert!(
             bad.auth_password("alice", "not the password")
                 .await

@@ -459,7 +459,7 @@ async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
         "web1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();
@@ -486,7 +486,7 @@ async fn limits_are_cluster_wide_and_a_crashed_nodes_slot_expires() {
         "db1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();
@@ -524,7 +524,7 @@ async fn a_node_restarted_after_kill_9_frees_its_slots_at_once_and_admins_free_t
         "db1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();
@@ -545,7 +545,7 @@ async fn a_node_restarted_after_kill_9_frees_its_slots_at_once_and_admins_free_t
         "web1",
         "root",
         &identity.credentials,
-        &identity.host_ca,
+        &identity.trust,
     )
     .await
     .unwrap();
@@ -674,7 +674,7 @@ async fn during_an_auth_outage_limited_sessions_last_until_their_lease_expires()
         "web1",
         "root",
         &carol.credentials,
-        &carol.host_ca,
+        &carol.trust,
     )
     .await
     .unwrap();

@@ -193,7 +193,10 @@ pub async fn run() -> anyhow::Result<()> {
             )
             .await?;
     }
-    let host_ca = vec![authority.host_ca().public_key().clone()];
+    let host_ca = turnstile_ssh::client::Trust {
+        host_ca: vec![authority.host_ca().public_key().clone()],
+        proxy_ca: vec![authority.proxy_ca().public_key().clone()],
+    };
     const CONNECTIONS: usize = 60;
     println!();
     println!(

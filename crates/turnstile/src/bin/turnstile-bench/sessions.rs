@@ -25,7 +25,7 @@ const LINE: usize = 511;
 enum Target {
     Turnstile {
         proxy: String,
-        host_ca: Vec<russh::keys::PublicKey>,
+        trust: turnstile_ssh::client::Trust,
     },
     Sshd {
         port: u16,
@@ -70,8 +70,8 @@ async fn connect(
     creds: &UserCredentials,
 ) -> anyhow::Result<Connection> {
     Ok(match target {
-        Target::Turnstile { proxy, host_ca } => Connection::ViaProxy(
-            turnstile_ssh::client::connect_via_proxy(proxy, "bench", login, creds, host_ca).await?,
+        Target::Turnstile { proxy, trust } => Connection::ViaProxy(
+            turnstile_ssh::client::connect_via_proxy(proxy, "bench", login, creds, trust).await?,
         ),
         Target::Sshd { port } => {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", *port)).await?;
@@ -390,7 +390,7 @@ pub async fn run() -> anyhow::Result<()> {
             .collect();
         let target = Target::Turnstile {
             proxy: cluster.proxy_addr.clone(),
-            host_ca: identity.host_ca.clone(),
+            trust: identity.trust.clone(),
         };
         let pids = [cluster.auth.pid(), cluster.proxy.pid(), cluster.node.pid()];
         let memory = move || pids.iter().map(|p| pss_mib(*p)).sum::<f64>();
