@@ -235,4 +235,33 @@ async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
     );
     let out = crate::support::client(&home, &["ssh", "web1", "echo", "profile works"], None).await;
     assert_eq!(crate::support::text(&out.stdout), "profile works\n");
+
+    // A profile that trusted the cluster before it had a proxy host CA (what
+    // an older client remembered): the user is asked once more.
+    let trusted = home.join("trusted_clusters.json");
+    let mut remembered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap();
+    for cluster in remembered["proxies"].as_object_mut().unwrap().values_mut() {
+        cluster.as_object_mut().unwrap().remove("proxy_ca");
+    }
+    std::fs::write(&trusted, serde_json::to_vec(&remembered).unwrap()).unwrap();
+    let (mut term, mut child) = Terminal::start(
+        &["login", "--proxy", &c.proxy_addr, "--user", "alice"],
+        &[("TURNSTILE_HOME", home.as_os_str())],
+        (24, 100),
+    );
+    term.expect("before it had a proxy host CA", Duration::from_secs(20))
+        .await;
+    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
+    term.send("y\r").await;
+    term.expect("Password for alice:", Duration::from_secs(10))
+        .await;
+    term.send("correct horse battery\r").await;
+    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
+        .await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
 }
