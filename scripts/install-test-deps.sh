@@ -10,6 +10,8 @@ command -v asciinema >/dev/null || need_apt+=(asciinema)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 # PostgreSQL for the audit log's tests (the tests start private servers).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+# A real browser for the web console's tests (driven by playwright-core).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -59,6 +61,14 @@ if [ ! -x "$tools/node/node_modules/.bin/azurite-blob" ] || [ ! -d "$tools/node/
   mkdir -p "$tools/node"
   npm install --silent --no-audit --no-fund --prefix "$tools/node" \
     azurite@3.35.0 @azure/storage-blob@12.28.0 >/dev/null
+fi
+
+# playwright-core drives the installed Chromium (it cannot download its own
+# browsers here); the web console's tests run their scripts with it.
+if [ ! -d "$tools/node/node_modules/playwright-core" ]; then
+  echo "==> playwright-core 1.65.1 into $tools/node"
+  mkdir -p "$tools/node"
+  npm install --silent --no-audit --no-fund --prefix "$tools/node" playwright-core@1.65.1 >/dev/null
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -535,6 +535,18 @@ impl ClusterView {
         }
     }
 
+    /// The nodes a holder of `roles` may see: the one rule `turnstile ls`
+    /// (the proxy's subsystem) and the web console both answer with.
+    pub async fn visible_nodes(&self, roles: &[String]) -> Result<Vec<NodeInfo>, ApiError> {
+        let roles = self.role_set(roles).await?;
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| roles.can_see_node(&n.labels))
+            .collect())
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
         self.ensure_loaded().await?;
         Ok(self.snapshot.read().await.nodes.clone())

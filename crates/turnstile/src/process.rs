@@ -54,6 +54,12 @@ pub struct Running {
     pub node_name: Option<String>,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the web console is served, if it is, and the SHA-256
+    /// fingerprint of its certificate (self-signed unless the config names
+    /// one).
+    pub web_addr: Option<SocketAddr>,
+    pub web_fingerprint: Option<String>,
+    pub web_self_signed: bool,
     pub host_id: String,
     pub ca_pin: Option<String>,
     pub cluster_name: Option<String>,
@@ -300,6 +306,17 @@ async fn launch_services(
         Some(p) => Some(bind(p.listen_addr, "proxy", "proxy_service.listen_addr").await?),
         None => None,
     };
+    let web_listener = match config.proxy.as_ref().and_then(|p| p.web.as_ref()) {
+        Some(w) => Some(
+            bind(
+                w.listen_addr,
+                "web console",
+                "proxy_service.web_listen_addr",
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let node_listener = match &config.node {
         Some(n) => Some(bind(n.listen_addr, "node", "ssh_service.listen_addr").await?),
         None => None,
@@ -324,6 +341,9 @@ async fn launch_services(
         node_addr: None,
         node_name: config.node.as_ref().map(|n| n.node_name.clone()),
         metrics_addr: None,
+        web_addr: None,
+        web_fingerprint: None,
+        web_self_signed: false,
         host_id: String::new(),
         ca_pin: None,
         cluster_name: None,
@@ -482,6 +502,36 @@ async fn launch_services(
                 &mut stages,
             )?,
         );
+        if let (Some(web), Some(listener)) = (&proxy.web, web_listener) {
+            let cert = match &web.cert_files {
+                Some((cert, key)) => turnstile_web::CertSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                None => turnstile_web::CertSource::SelfSigned {
+                    dir: data_dir.join("web"),
+                    name: host_part(&public),
+                },
+            };
+            let console = turnstile_web::WebConsole::new(
+                turnstile_web::WebConfig {
+                    cert,
+                    idle_timeout: web.idle_timeout,
+                },
+                view.clone(),
+            )?;
+            running.web_addr = Some(listener.local_addr()?);
+            running.web_fingerprint = Some(console.fingerprint().to_string());
+            running.web_self_signed = console.self_signed();
+            let token = shutdown.clone();
+            stages.front.push((
+                "web console",
+                tokio::spawn(async move {
+                    console.run(listener, token).await;
+                    Ok(())
+                }),
+            ));
+        }
         std::fs::write(data_dir.join(PROXY_ADDR_FILE), &public)?;
         running.proxy_addr = Some(bound);
         running.proxy_public_addr = Some(public);

@@ -113,6 +113,7 @@ mod certificates;
 mod nodes;
 mod roles;
 mod users;
+pub mod web_sessions;
 
 impl Authority {
     /// Loads the CAs from the backend, creating them on first start. Safe when

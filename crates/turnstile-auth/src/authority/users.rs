@@ -53,12 +53,29 @@ impl Authority {
         ttl: Duration,
         remote_addr: &str,
     ) -> Result<Option<IssuedUserCert>, ApiError> {
-        let event = |success: bool, error: Option<String>| AuditEvent::UserLogin {
-            user: user.to_string(),
-            method: "password".into(),
-            success,
-            error,
-            remote_addr: remote_addr.to_string(),
+        self.check_password(user, password, remote_addr, "password")
+            .await?;
+        let Some(public_key) = public_key else {
+            return Ok(None);
+        };
+        let issued = self.generate_user_cert(user, public_key, ttl).await?;
+        self.record(login_event(user, "password", remote_addr, true, None))
+            .await;
+        Ok(Some(issued))
+    }
+
+    /// Checks a password under the guessing rules (lockout, backoff, a
+    /// bounded number of verifications); audits every failure as
+    /// `user.login` with `method`.
+    pub(super) async fn check_password(
+        &self,
+        user: &str,
+        password: &str,
+        remote_addr: &str,
+        method: &str,
+    ) -> Result<(), ApiError> {
+        let event = |success: bool, error: Option<String>| {
+            login_event(user, method, remote_addr, success, error)
         };
         let guard = &self.login_guard;
         let source = crate::login_guard::source_of(remote_addr);
@@ -95,12 +112,7 @@ impl Authority {
             return Err(ApiError::access_denied("wrong user name or password"));
         }
         guard.succeeded(user, &source);
-        let Some(public_key) = public_key else {
-            return Ok(None);
-        };
-        let issued = self.generate_user_cert(user, public_key, ttl).await?;
-        self.record(event(true, None)).await;
-        Ok(Some(issued))
+        Ok(())
     }
 
     /// Adds a user or changes one's roles and logins, keeping what the
@@ -216,13 +228,31 @@ impl Authority {
             .collect()
     }
 
+    /// Removes a user, and ends the user's web sessions.
     pub async fn delete_user(&self, name: &str) -> Result<(), ApiError> {
         match self.backend.delete(&format!("users/{name}")).await {
-            Ok(()) => Ok(()),
+            Ok(()) => self.end_web_sessions_of(name).await,
             Err(BackendError::NotFound(_)) => {
                 Err(ApiError::not_found(format!("user {name:?} not found")))
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// A `user.login` event.
+pub(super) fn login_event(
+    user: &str,
+    method: &str,
+    remote_addr: &str,
+    success: bool,
+    error: Option<String>,
+) -> AuditEvent {
+    AuditEvent::UserLogin {
+        user: user.to_string(),
+        method: method.to_string(),
+        success,
+        error,
+        remote_addr: remote_addr.to_string(),
     }
 }

@@ -217,6 +217,21 @@ fn fail(e: ApiError) -> Status {
     e.into()
 }
 
+fn web_session_to_proto(
+    token: String,
+    s: crate::authority::web_sessions::WebSession,
+) -> proto::WebSession {
+    proto::WebSession {
+        token,
+        user: s.identity.user,
+        roles: s.identity.roles,
+        logins: s.identity.logins,
+        csrf_token: s.record.csrf_token,
+        expires_unix: s.record.expires_unix,
+        idle_timeout_seconds: s.record.idle_timeout_secs,
+    }
+}
+
 #[tonic::async_trait]
 impl proto::auth_server::Auth for AuthApi {
     async fn ping(&self, req: Request<proto::PingRequest>) -> RpcResult<proto::PingResponse> {
@@ -984,6 +999,50 @@ impl proto::auth_server::Auth for AuthApi {
             .await
             .map_err(fail)?;
         cert_response(issued)
+    }
+
+    async fn create_web_session(
+        &self,
+        req: Request<proto::CreateWebSessionRequest>,
+    ) -> RpcResult<proto::WebSession> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let (token, session) = self
+            .authority
+            .create_web_session(
+                &r.user,
+                &r.password,
+                &r.client_addr,
+                Duration::from_secs(r.idle_timeout_seconds),
+            )
+            .await
+            .map_err(fail)?;
+        ok(web_session_to_proto(token, session))
+    }
+
+    async fn get_web_session(
+        &self,
+        req: Request<proto::WebSessionRequest>,
+    ) -> RpcResult<proto::WebSession> {
+        require(&req, &[SystemRole::Proxy])?;
+        let session = self
+            .authority
+            .web_session(&req.into_inner().token)
+            .await
+            .map_err(fail)?;
+        ok(web_session_to_proto(String::new(), session))
+    }
+
+    async fn delete_web_session(
+        &self,
+        req: Request<proto::WebSessionRequest>,
+    ) -> RpcResult<proto::DeleteResponse> {
+        require(&req, &[SystemRole::Proxy])?;
+        self.authority
+            .delete_web_session(&req.into_inner().token)
+            .await
+            .map_err(fail)?;
+        ok(proto::DeleteResponse {})
     }
 
     type WatchChangesStream = ReceiverStream<Result<proto::ClusterChange, Status>>;

@@ -117,15 +117,10 @@ async fn answer(
             }
         }
         (DoorRequest::Ls, Principal::Certificate { identity, .. }) => {
-            let roles = match shared.view.role_set(&identity.roles).await {
-                Ok(r) => r,
-                Err(e) => return error(e.to_string()),
-            };
-            match shared.view.nodes().await {
+            match shared.view.visible_nodes(&identity.roles).await {
                 Ok(nodes) => DoorResponse::Ls {
                     nodes: nodes
                         .into_iter()
-                        .filter(|n| roles.can_see_node(&n.labels))
                         .map(|n| NodeEntry {
                             name: n.name,
                             addr: n.addr,

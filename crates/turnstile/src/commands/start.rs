@@ -17,6 +17,18 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// The web console's address as a user types it: the proxy's public host
+/// and the console's port.
+pub fn web_url(r: &Running) -> Option<String> {
+    let web = r.web_addr?;
+    let host = r
+        .proxy_public_addr
+        .as_deref()
+        .and_then(|p| p.rsplit_once(':').map(|(h, _)| h.to_string()))
+        .unwrap_or_else(|| web.ip().to_string());
+    Some(format!("https://{host}:{}/", web.port()))
+}
+
 /// The block printed when every service listens.
 pub fn ready_banner(r: &Running) -> String {
     let mut out = String::new();
@@ -40,6 +52,17 @@ pub fn ready_banner(r: &Running) -> String {
     if let Some(m) = r.metrics_addr {
         out.push_str(&format!("  metrics  http://{m}/metrics\n"));
     }
+    if let Some(url) = web_url(r) {
+        let which = if r.web_self_signed {
+            "self-signed certificate"
+        } else {
+            "certificate"
+        };
+        out.push_str(&format!(
+            "  web      {url}  ({which}, SHA-256 {})\n",
+            r.web_fingerprint.as_deref().unwrap_or("?")
+        ));
+    }
     out.push_str(&format!("  data     {}\n", r.data_dir.display()));
     if let Some(pin) = &r.ca_pin {
         out.push_str(&format!("  CA pin   {pin}\n"));
@@ -59,6 +82,11 @@ pub fn ready_banner(r: &Running) -> String {
         ));
         out.push_str(&format!("  turnstile ssh -i alice {user}@{node}\n"));
         out.push_str(&format!("  ssh -F alice.ssh_config {node}\n"));
+        if let Some(url) = web_url(r) {
+            out.push_str(&format!(
+                "  turnstile admin users passwd alice --password-stdin --data-dir {dir}   # then sign in at {url}\n"
+            ));
+        }
     }
     out.push_str("turnstile is ready\n");
     out

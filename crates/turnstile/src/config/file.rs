@@ -116,6 +116,12 @@ pub struct ProxySection {
     pub enabled: Option<bool>,
     pub listen_addr: Option<String>,
     pub public_addr: Option<String>,
+    /// The web console's HTTPS address (off unless set).
+    pub web_listen_addr: Option<String>,
+    pub https_cert_file: Option<PathBuf>,
+    pub https_key_file: Option<PathBuf>,
+    /// A web session ends after this long without a request.
+    pub web_idle_timeout: Option<WrittenDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

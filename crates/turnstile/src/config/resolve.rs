@@ -24,6 +24,7 @@ use super::file::FileConfig;
 pub const DEFAULT_DATA_DIR: &str = "./turnstile-data";
 pub const DEFAULT_AUTH_ADDR: &str = "127.0.0.1:3025";
 pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:3023";
+pub const DEFAULT_WEB_ADDR: &str = "127.0.0.1:3080";
 pub const DEFAULT_NODE_ADDR: &str = "127.0.0.1:3022";
 pub const DEFAULT_CLUSTER_NAME: &str = "main";
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
@@ -128,6 +129,16 @@ pub struct AuthSettings {
 pub struct ProxySettings {
     pub listen_addr: SocketAddr,
     pub public_addr: Option<String>,
+    /// The web console, when it is served.
+    pub web: Option<WebSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    pub listen_addr: SocketAddr,
+    /// The operator's certificate and key; none: self-signed.
+    pub cert_files: Option<(PathBuf, PathBuf)>,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +170,69 @@ fn parse_listen(field: &str, value: Option<&str>, default: &str) -> Result<Socke
             format!("{value:?} is not an IP address and port; write it like {default}"),
         )
     })
+}
+
+/// The web console: on at 127.0.0.1:3080 without a config file, off in a
+/// config file unless `web_listen_addr` is set.
+fn resolve_web(
+    p: &super::file::ProxySection,
+    from_file: bool,
+) -> Result<Option<WebSettings>, String> {
+    let addr = match (&p.web_listen_addr, from_file) {
+        (Some(a), _) => a.as_str(),
+        (None, false) => DEFAULT_WEB_ADDR,
+        (None, true) => {
+            for (field, set) in [
+                ("https_cert_file", p.https_cert_file.is_some()),
+                ("https_key_file", p.https_key_file.is_some()),
+                ("web_idle_timeout", p.web_idle_timeout.is_some()),
+            ] {
+                if set {
+                    return Err(field_error(
+                        &format!("proxy_service.{field}"),
+                        "is for the web console, which is off: set proxy_service.web_listen_addr too",
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+    };
+    let listen_addr = parse_listen(
+        "proxy_service.web_listen_addr",
+        Some(addr),
+        DEFAULT_WEB_ADDR,
+    )?;
+    let cert_files = match (&p.https_cert_file, &p.https_key_file) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(field_error(
+                "proxy_service.https_key_file",
+                "is missing: https_cert_file needs its key (or set neither for a self-signed certificate)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(field_error(
+                "proxy_service.https_cert_file",
+                "is missing: https_key_file needs its certificate (or set neither for a self-signed certificate)",
+            ));
+        }
+    };
+    let idle_timeout = p
+        .web_idle_timeout
+        .as_ref()
+        .map_or(turnstile_web::DEFAULT_IDLE_TIMEOUT, |d| d.0);
+    if idle_timeout < Duration::from_secs(5) || idle_timeout > Duration::from_secs(12 * 3600) {
+        return Err(field_error(
+            "proxy_service.web_idle_timeout",
+            "must be between 5s and 12h (default 30m)",
+        ));
+    }
+    Ok(Some(WebSettings {
+        listen_addr,
+        cert_files,
+        idle_timeout,
+    }))
 }
 
 fn check_public_addr(field: &str, value: Option<String>) -> Result<Option<String>, String> {
@@ -471,7 +545,8 @@ pub fn resolve(
                 p.listen_addr.as_deref(),
                 DEFAULT_PROXY_ADDR,
             )?,
-            public_addr: check_public_addr("proxy_service.public_addr", p.public_addr)?,
+            public_addr: check_public_addr("proxy_service.public_addr", p.public_addr.clone())?,
+            web: resolve_web(&p, from_file)?,
         })
     } else {
         None

@@ -19,3 +19,4 @@ mod refusals;
 mod session_control;
 mod shutdown;
 mod support;
+mod web_console;

@@ -25,6 +25,8 @@ pub struct TestCluster {
     pub proxy_addr: String,
     pub node_addr: String,
     pub node_name: String,
+    /// The web console's address, when the spec turns it on.
+    pub web_addr: Option<String>,
 }
 
 /// Work on a cluster's data dir before it starts.
@@ -42,6 +44,8 @@ pub struct ClusterSpec {
     pub global_extra: String,
     /// More `ssh_service` lines, indented two spaces.
     pub node_extra: String,
+    /// More `proxy_service` lines, indented two spaces.
+    pub proxy_extra: String,
     /// Runs on the data dir (not yet created by the cluster) before start.
     pub prepare: Option<Prepare>,
 }
@@ -55,6 +59,7 @@ impl Default for ClusterSpec {
             auth_extra: String::new(),
             global_extra: String::new(),
             node_extra: String::new(),
+            proxy_extra: String::new(),
             prepare: None,
         }
     }
@@ -78,7 +83,7 @@ impl TestCluster {
         let yaml = format!(
             "turnstile:\n  data_dir: {data}\n  storage:\n    type: {storage}\n{global_extra}\
 auth_service:\n  listen_addr: 127.0.0.1:0\n  cluster_name: test\n{auth_extra}\
-proxy_service:\n  listen_addr: 127.0.0.1:0\n\
+proxy_service:\n  listen_addr: 127.0.0.1:0\n{proxy_extra}\
 ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n{node_extra}  labels:\n{labels}",
             data = dir.path().join("data").display(),
             node = spec.node_name,
@@ -86,6 +91,7 @@ ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n{node_extra}  lab
             auth_extra = spec.auth_extra,
             global_extra = spec.global_extra,
             node_extra = spec.node_extra,
+            proxy_extra = spec.proxy_extra,
         );
         let config_path = dir.path().join("turnstile.yaml");
         std::fs::write(&config_path, yaml).unwrap();
@@ -95,6 +101,7 @@ ssh_service:\n  listen_addr: 127.0.0.1:0\n  node_name: {node}\n{node_extra}  lab
             proxy_addr: running.proxy_public_addr.clone().unwrap(),
             node_addr: running.node_addr.unwrap().to_string(),
             node_name: spec.node_name.clone(),
+            web_addr: running.web_addr.map(|a| a.to_string()),
             running: Some(running),
             dir,
         };

@@ -1,0 +1,223 @@
+//! The web console, as a browser and an attacker's page meet it: HTTPS with
+//! the proxy's self-signed certificate, sign-in with a password, a session
+//! cookie kept in the backend, CSRF and Origin checks, and the pages driven
+//! in a real Chromium.
+
+use std::path::PathBuf;
+
+use reqwest::header::{COOKIE, ORIGIN, SET_COOKIE};
+use serde_json::Value;
+
+use crate::support::{ClusterSpec, TestCluster, text};
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn console() -> TestCluster {
+    let c = TestCluster::start_with(ClusterSpec {
+        proxy_extra: "  web_listen_addr: 127.0.0.1:0\n  web_idle_timeout: 10m\n".into(),
+        ..Default::default()
+    })
+    .await;
+    c.add_user("alice", "access", "root").await;
+    c.set_password("alice", PASSWORD).await;
+    c
+}
+
+/// An HTTPS client that trusts the console's self-signed certificate and
+/// nothing else.
+fn client(c: &TestCluster) -> reqwest::Client {
+    let pem = std::fs::read(c.data_dir().join("web/web_cert.pem")).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .build()
+        .unwrap()
+}
+
+fn base(c: &TestCluster) -> String {
+    format!(
+        "https://{}",
+        c.web_addr.as_deref().expect("the web console")
+    )
+}
+
+async fn login(c: &TestCluster, http: &reqwest::Client, password: &str) -> reqwest::Response {
+    http.post(format!("{}/api/login", base(c)))
+        .header(ORIGIN, base(c))
+        .json(&serde_json::json!({ "user": "alice", "password": password }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The session cookie a response sets, as a `Cookie` header value.
+fn session_cookie(r: &reqwest::Response) -> String {
+    let set = r
+        .headers()
+        .get(SET_COOKIE)
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    for part in ["HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(set.contains(part), "{set}");
+    }
+    set.split(';').next().unwrap().to_string()
+}
+
+async fn me(c: &TestCluster, http: &reqwest::Client, cookie: &str) -> (u16, Value) {
+    let r = http
+        .get(format!("{}/api/me", base(c)))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_csrf_origin_and_the_end_of_sessions_over_https() {
+    let c = console().await;
+    let http = client(&c);
+
+    // The page: strict CSP, no inline script.
+    let page = http.get(base(&c)).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(!page.text().await.unwrap().contains("<script>"));
+
+    // A wrong password is refused like `turnstile login` refuses it.
+    let wrong = login(&c, &http, "wrong password").await;
+    assert_eq!(wrong.status().as_u16(), 401);
+    let body: Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "wrong user name or password");
+    // A sign-in posted from another site's page is refused.
+    let forged = http
+        .post(format!("{}/api/login", base(&c)))
+        .header(ORIGIN, "https://evil.example")
+        .json(&serde_json::json!({ "user": "alice", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 403);
+
+    let ok = login(&c, &http, PASSWORD).await;
+    assert_eq!(ok.status().as_u16(), 200);
+    let cookie = session_cookie(&ok);
+    let body: Value = ok.json().await.unwrap();
+    let csrf = body["csrf_token"].as_str().unwrap().to_string();
+    assert_eq!(body["user"], "alice");
+    let (status, who) = me(&c, &http, &cookie).await;
+    assert_eq!((status, who["user"].as_str()), (200, Some("alice")));
+    let nodes: Value = http
+        .get(format!("{}/api/nodes", base(&c)))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nodes["nodes"][0]["name"], "web1", "{nodes}");
+
+    // Signing out without the CSRF token is refused, and changes nothing.
+    let logout = |csrf: Option<&str>| {
+        let mut r = http
+            .post(format!("{}/api/logout", base(&c)))
+            .header(ORIGIN, base(&c))
+            .header(COOKIE, &cookie);
+        if let Some(t) = csrf {
+            r = r.header("x-csrf-token", t);
+        }
+        r.send()
+    };
+    let refused = logout(None).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("CSRF"), "{body}");
+    assert_eq!(me(&c, &http, &cookie).await.0, 200);
+    let refused = logout(Some("not-the-token")).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let done = logout(Some(&csrf)).await.unwrap();
+    assert_eq!(done.status().as_u16(), 200);
+    let (status, body) = me(&c, &http, &cookie).await;
+    assert_eq!(status, 401, "{body}");
+
+    // Removing the user ends a signed-in session.
+    let cookie = session_cookie(&login(&c, &http, PASSWORD).await);
+    assert_eq!(me(&c, &http, &cookie).await.0, 200);
+    c.admin_ok(&["users", "rm", "alice"]).await;
+    let (status, body) = me(&c, &http, &cookie).await;
+    assert_eq!(status, 401, "{body}");
+
+    // Every sign-in attempt is audited.
+    let events = crate::support::audit_events(&c.data_dir(), Some("user.login")).await;
+    let web: Vec<_> = events.iter().filter(|e| e["method"] == "web").collect();
+    assert_eq!(web.len(), 3, "{web:?}");
+    assert_eq!(web[0]["success"], false);
+}
+
+/// `node SCRIPT` with playwright-core from the test tools, pointed at the
+/// installed Chromium; returns its output, failing the test if it failed.
+pub(crate) async fn browser(script: &str, env: &[(&str, String)]) -> String {
+    let tools = std::env::var("TURNSTILE_TEST_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/turnstile-test-tools")
+        });
+    let modules = tools.join("node/node_modules");
+    assert!(
+        modules.join("playwright-core").exists()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "playwright-core or chromium is missing; run scripts/test.sh, which installs them"
+    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/web")
+        .join(script);
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(&path).env("NODE_PATH", &modules);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the browser script finished within two minutes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn screenshots() -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/web-console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_signs_in_finds_a_node_and_signs_out_in_a_real_browser() {
+    let c = console().await;
+    let out = browser(
+        "sign_in.cjs",
+        &[
+            ("CONSOLE_URL", base(&c)),
+            ("CONSOLE_USER", "alice".into()),
+            ("CONSOLE_PASSWORD", PASSWORD.into()),
+            ("CONSOLE_NODE", c.node_name.clone()),
+            ("SCREENSHOTS", screenshots().display().to_string()),
+        ],
+    )
+    .await;
+    assert!(out.contains("signed out"), "{out}");
+}
