@@ -407,6 +407,17 @@ impl ClusterView {
         })
     }
 
+    /// The CAs a client of this cluster trusts (the web console's terminals
+    /// connect through the proxy as `turnstile ssh` does).
+    pub async fn trust(&self) -> Result<crate::client::Trust, ApiError> {
+        self.ensure_loaded().await?;
+        let s = self.snapshot.read().await;
+        Ok(crate::client::Trust {
+            host_ca: s.host_ca.clone(),
+            proxy_ca: s.proxy_ca.clone(),
+        })
+    }
+
     /// The proxy host CA, which signs only proxies' own certificates.
     pub async fn proxy_ca_fingerprints(&self) -> Result<Vec<Fingerprint>, ApiError> {
         self.ensure_loaded().await?;

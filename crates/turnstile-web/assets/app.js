@@ -1,12 +1,12 @@
 // Turnstile's web console: one page, plain JavaScript, no inline script.
 "use strict";
 
-const state = { me: null, nodes: [] };
+const state = { me: null, nodes: [], term: null };
 
 const $ = (id) => document.getElementById(id);
 
 function show(view) {
-  for (const id of ["signin", "nodes"]) {
+  for (const id of ["signin", "nodes", "terminal"]) {
     $(id).hidden = id !== view;
   }
   const signedIn = state.me !== null;
@@ -52,6 +52,8 @@ async function api(method, path, body) {
 
 // A signed-out answer anywhere brings the sign-in form back, saying why.
 function signedOut(reason) {
+  closeTerminal();
+  if (location.hash.startsWith("#/terminal")) history.replaceState(null, "", location.pathname);
   state.me = null;
   state.nodes = [];
   $("password").value = "";
@@ -103,7 +105,26 @@ function renderNodes() {
       chip.textContent = `${k}=${v}`;
       labels.appendChild(chip);
     }
-    row.append(name, addr, labels);
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    const login = document.createElement("select");
+    login.setAttribute("aria-label", `Login on ${n.name}`);
+    for (const l of state.me.logins || []) {
+      const option = document.createElement("option");
+      option.value = l;
+      option.textContent = l;
+      login.appendChild(option);
+    }
+    const connect = document.createElement("button");
+    connect.type = "button";
+    connect.textContent = "Connect";
+    connect.className = "connect";
+    connect.disabled = login.options.length === 0;
+    connect.addEventListener("click", () => {
+      location.hash = `#/terminal/${encodeURIComponent(n.name)}/${encodeURIComponent(login.value)}`;
+    });
+    actions.append(login, connect);
+    row.append(name, addr, labels, actions);
     body.appendChild(row);
   }
   $("nodes-empty").hidden = shown.length > 0;
@@ -117,11 +138,116 @@ async function loadNodes() {
   }
 }
 
+// The open terminal: xterm.js over a WebSocket carrying an SSH session.
+function closeTerminal() {
+  const t = state.term;
+  state.term = null;
+  if (!t) return;
+  window.removeEventListener("resize", t.onWindowResize);
+  try { t.socket.close(); } catch (_) { /* already closed */ }
+  t.term.dispose();
+  $("term").replaceChildren();
+}
+
+function openTerminal(node, login) {
+  closeTerminal();
+  show("terminal");
+  $("term-title").textContent = `${login}@${node}`;
+  $("term-status").textContent = "connecting…";
+  $("term-error").textContent = "";
+  const term = new Terminal({
+    cursorBlink: true,
+    fontFamily: 'ui-monospace, SFMono-Regular, Menlo, Consolas, monospace',
+    fontSize: 14,
+    scrollback: 5000,
+    theme: { background: "#0f141c" },
+  });
+  const fit = new FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open($("term"));
+  fit.fit();
+  const params = new URLSearchParams({
+    node, login, cols: String(term.cols), rows: String(term.rows), csrf: state.me.csrf_token,
+  });
+  const socket = new WebSocket(`wss://${location.host}/api/terminal?${params}`);
+  socket.binaryType = "arraybuffer";
+  const t = { term, socket, node, login, ended: false, onWindowResize: () => fit.fit() };
+  state.term = t;
+  const encoder = new TextEncoder();
+  socket.addEventListener("message", (event) => {
+    if (typeof event.data !== "string") {
+      term.write(new Uint8Array(event.data));
+      return;
+    }
+    const msg = JSON.parse(event.data);
+    if (msg.type === "ready") {
+      $("term-status").textContent = "connected";
+      term.focus();
+    } else if (msg.type === "error") {
+      t.ended = true;
+      $("term-status").textContent = "closed";
+      $("term-error").textContent = msg.message;
+      term.write(`\r\n\x1b[31m${msg.message}\x1b[0m\r\n`);
+    } else if (msg.type === "exit") {
+      t.ended = true;
+      $("term-status").textContent = `session ended (exit status ${msg.status})`;
+    }
+  });
+  socket.addEventListener("close", () => {
+    if (!t.ended && state.term === t) $("term-status").textContent = "disconnected";
+  });
+  term.onData((data) => {
+    if (socket.readyState === WebSocket.OPEN) socket.send(encoder.encode(data));
+  });
+  term.onResize(({ cols, rows }) => {
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ resize: [cols, rows] }));
+  });
+  // Ctrl+Shift+C copies the selection, Ctrl+Shift+V pastes.
+  term.attachCustomKeyEventHandler((e) => {
+    if (e.type !== "keydown" || !e.ctrlKey || !e.shiftKey) return true;
+    if (e.code === "KeyC") {
+      const text = term.getSelection();
+      if (text && navigator.clipboard) navigator.clipboard.writeText(text);
+      return false;
+    }
+    if (e.code === "KeyV") {
+      if (navigator.clipboard) navigator.clipboard.readText().then((text) => term.paste(text));
+      return false;
+    }
+    return true;
+  });
+  window.addEventListener("resize", t.onWindowResize);
+}
+
+// What the terminal shows, as text (the canvas cannot be read from the DOM).
+window.turnstileTerminalText = () => {
+  const t = state.term;
+  if (!t) return "";
+  const buffer = t.term.buffer.active;
+  const lines = [];
+  for (let i = 0; i < buffer.length; i++) {
+    lines.push(buffer.getLine(i).translateToString(true));
+  }
+  return lines.join("\n");
+};
+
+// The terminal's size, [rows, cols].
+window.turnstileTerminalSize = () => (state.term ? [state.term.term.rows, state.term.term.cols] : []);
+
 function route() {
   if (!state.me) {
+    closeTerminal();
     show("signin");
     return;
   }
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  if (parts[0] === "terminal" && parts[1] && parts[2]) {
+    if (!state.term || state.term.node !== parts[1] || state.term.login !== parts[2]) {
+      openTerminal(parts[1], parts[2]);
+    }
+    return;
+  }
+  closeTerminal();
   show("nodes");
   loadNodes();
 }
@@ -149,6 +275,7 @@ async function start() {
     signedOut("Signed out.");
   });
   $("node-filter").addEventListener("input", renderNodes);
+  $("term-close").addEventListener("click", () => { location.hash = "#/nodes"; });
   window.addEventListener("hashchange", route);
   try {
     signedIn(await api("GET", "/api/me"));

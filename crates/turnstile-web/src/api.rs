@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,9 +18,11 @@ use crate::assets;
 use crate::session::{self, Refusal};
 
 /// What every response carries: no inline script, nothing from elsewhere,
-/// never framed.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// never framed. (Inline styles are allowed: xterm.js writes its own at run
+/// time; scripts never are.)
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data:; font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; \
+frame-ancestors 'none'";
 
 #[derive(Clone)]
 struct Ctx {
@@ -35,6 +38,7 @@ pub(crate) fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
         .route("/api/nodes", get(nodes))
+        .route("/api/terminal", get(terminal))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(Ctx { shared, peer })
@@ -174,4 +178,21 @@ async fn nodes(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, R
         .map(|n| json!({ "name": n.name, "addr": n.addr, "labels": n.labels, "id": n.id }))
         .collect();
     Ok(Json(json!({ "nodes": nodes })).into_response())
+}
+
+/// Opens a terminal: a WebSocket upgrade from this console's page (its
+/// `Origin`) by a signed-in user, carrying the session's CSRF token.
+async fn terminal(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<crate::terminal::TerminalQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, Refusal> {
+    session::same_origin(&headers)?;
+    let (token, session) = session::signed_in(&ctx.shared, &headers).await?;
+    session::csrf_value(&q.csrf, &session)?;
+    let shared = ctx.shared.clone();
+    Ok(upgrade
+        .max_message_size(1 << 20)
+        .on_upgrade(move |socket| crate::terminal::run(shared, token, session.user, q, socket)))
 }

@@ -20,6 +20,22 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/css; charset=utf-8",
         include_bytes!("../assets/app.css"),
     ),
+    // Vendored from npm (see assets/vendor/README.md).
+    (
+        "xterm.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vendor/xterm.js"),
+    ),
+    (
+        "xterm.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../assets/vendor/xterm.css"),
+    ),
+    (
+        "addon-fit.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/vendor/addon-fit.js"),
+    ),
 ];
 
 pub(crate) fn serve(name: &str) -> Response {

@@ -19,6 +19,7 @@ use turnstile_ssh::cluster_view::ClusterView;
 mod api;
 mod assets;
 mod session;
+mod terminal;
 pub mod tls;
 
 pub use tls::CertSource;
@@ -29,6 +30,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug, Clone)]
 pub struct WebConfig {
     pub cert: CertSource,
+    /// The proxy's own SSH door, which terminals connect through (an
+    /// address its host certificate names).
+    pub proxy_addr: String,
     /// A web session ends after this long without a request.
     pub idle_timeout: Duration,
 }
@@ -36,6 +40,7 @@ pub struct WebConfig {
 /// What every request handler shares.
 pub(crate) struct Shared {
     pub view: Arc<ClusterView>,
+    pub proxy_addr: String,
     pub idle_timeout: Duration,
 }
 
@@ -65,6 +70,7 @@ impl WebConsole {
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let shared = Arc::new(Shared {
             view: self.view,
+            proxy_addr: self.config.proxy_addr.clone(),
             idle_timeout: self.config.idle_timeout,
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config);

@@ -125,6 +125,11 @@ pub(crate) fn csrf(headers: &HeaderMap, session: &proto::WebSession) -> Result<(
         .get(CSRF_HEADER)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
+    csrf_value(sent, session)
+}
+
+/// Refuses `sent` unless it is the session's CSRF token.
+pub(crate) fn csrf_value(sent: &str, session: &proto::WebSession) -> Result<(), Refusal> {
     let expected = session.csrf_token.as_bytes();
     let matches = sent.len() == expected.len()
         && sent

@@ -516,6 +516,13 @@ async fn launch_services(
             let console = turnstile_web::WebConsole::new(
                 turnstile_web::WebConfig {
                     cert,
+                    // Terminals come in through this proxy's own door, by
+                    // an address its certificate names.
+                    proxy_addr: if bound.ip().is_unspecified() {
+                        format!("localhost:{}", bound.port())
+                    } else {
+                        bound.to_string()
+                    },
                     idle_timeout: web.idle_timeout,
                 },
                 view.clone(),

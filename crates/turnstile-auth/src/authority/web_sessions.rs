@@ -170,6 +170,21 @@ impl Authority {
         })
     }
 
+    /// An ordinary user certificate for `key`, for one web terminal of the
+    /// session `token`: valid no longer than the session (and the roles'
+    /// `max_session_ttl`, as for `login`).
+    pub async fn web_session_cert(
+        &self,
+        token: &str,
+        key: &PublicKey,
+    ) -> Result<IssuedUserCert, ApiError> {
+        let session = self.web_session(token).await?;
+        let left = session.record.expires_unix - self.now_unix();
+        let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1));
+        self.generate_user_cert(&session.identity.user, key, ttl)
+            .await
+    }
+
     /// Signs a session out.
     pub async fn delete_web_session(&self, token: &str) -> Result<(), ApiError> {
         self.forget(&key_of(token)).await

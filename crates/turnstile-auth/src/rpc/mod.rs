@@ -1045,6 +1045,21 @@ impl proto::auth_server::Auth for AuthApi {
         ok(proto::DeleteResponse {})
     }
 
+    async fn generate_web_session_cert(
+        &self,
+        req: Request<proto::WebSessionCertRequest>,
+    ) -> RpcResult<proto::GenerateUserCertResponse> {
+        require(&req, &[SystemRole::Proxy])?;
+        let r = req.into_inner();
+        let key = parse_public_key(&r.public_key)?;
+        let issued = self
+            .authority
+            .web_session_cert(&r.token, &key)
+            .await
+            .map_err(fail)?;
+        cert_response(issued)
+    }
+
     type WatchChangesStream = ReceiverStream<Result<proto::ClusterChange, Status>>;
 
     async fn watch_changes(

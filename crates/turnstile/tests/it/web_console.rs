@@ -86,10 +86,12 @@ async fn sign_in_csrf_origin_and_the_end_of_sessions_over_https() {
         .to_str()
         .unwrap()
         .to_string();
-    assert!(
-        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
-        "{csp}"
-    );
+    let scripts = csp
+        .split(';')
+        .find(|d| d.trim().starts_with("script-src"))
+        .unwrap_or_default();
+    assert_eq!(scripts.trim(), "script-src 'self'", "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert!(!page.text().await.unwrap().contains("<script>"));
 
     // A wrong password is refused like `turnstile login` refuses it.
@@ -220,4 +222,53 @@ async fn a_user_signs_in_finds_a_node_and_signs_out_in_a_real_browser() {
     )
     .await;
     assert!(out.contains("signed out"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_in_the_page_runs_a_real_session_on_the_node() {
+    let c = console().await;
+    let out = browser(
+        "terminal.cjs",
+        &[
+            ("CONSOLE_URL", base(&c)),
+            ("CONSOLE_USER", "alice".into()),
+            ("CONSOLE_PASSWORD", PASSWORD.into()),
+            ("CONSOLE_NODE", c.node_name.clone()),
+            ("SCREENSHOTS", screenshots().display().to_string()),
+        ],
+    )
+    .await;
+    assert!(out.contains("terminal works"), "{out}");
+    // The session was a real one: the node audited it for alice.
+    let starts = crate::support::audit_events(&c.data_dir(), Some("session.start")).await;
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(starts.iter().all(|e| e["user"] == "alice"), "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_terminal_over_max_connections_is_refused_with_the_limit_message() {
+    let c = console().await;
+    c.create_role(
+        "one-connection",
+        &crate::session_control::limited_role("one-connection", 1, 10),
+    )
+    .await;
+    c.admin_ok(&["users", "update", "alice", "--roles", "one-connection"])
+        .await;
+    let out = browser(
+        "terminal.cjs",
+        &[
+            ("CONSOLE_URL", base(&c)),
+            ("CONSOLE_USER", "alice".into()),
+            ("CONSOLE_PASSWORD", PASSWORD.into()),
+            ("CONSOLE_NODE", c.node_name.clone()),
+            ("TERMINAL_TEST", "limit".into()),
+            ("SCREENSHOTS", screenshots().display().to_string()),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("too many concurrent ssh connections for user \"alice\" (max=1)"),
+        "{out}"
+    );
 }
