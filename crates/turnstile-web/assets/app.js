@@ -1,12 +1,12 @@
 // Turnstile's web console: one page, plain JavaScript, no inline script.
 "use strict";
 
-const state = { me: null, nodes: [], term: null };
+const state = { me: null, nodes: [], term: null, player: null };
 
 const $ = (id) => document.getElementById(id);
 
 function show(view) {
-  for (const id of ["signin", "nodes", "terminal"]) {
+  for (const id of ["signin", "nodes", "terminal", "recordings", "player"]) {
     $(id).hidden = id !== view;
   }
   const signedIn = state.me !== null;
@@ -53,6 +53,7 @@ async function api(method, path, body) {
 // A signed-out answer anywhere brings the sign-in form back, saying why.
 function signedOut(reason) {
   closeTerminal();
+  closePlayer();
   if (location.hash.startsWith("#/terminal")) history.replaceState(null, "", location.pathname);
   state.me = null;
   state.nodes = [];
@@ -231,6 +232,206 @@ window.turnstileTerminalText = () => {
   return lines.join("\n");
 };
 
+// ---- Recordings ----
+
+function duration(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(s % 60).padStart(2, "0");
+  return h > 0 ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
+}
+
+async function loadRecordings() {
+  const params = new URLSearchParams();
+  const user = $("rec-user").value.trim();
+  const node = $("rec-node").value.trim();
+  const st = $("rec-state").value;
+  const since = $("rec-since").value;
+  if (user) params.set("user", user);
+  if (node) params.set("node", node);
+  if (st) params.set("state", st);
+  if (since) params.set("since_ms", String(new Date(since).getTime()));
+  const data = await guarded(() => api("GET", `/api/recordings?${params}`));
+  if (!data) return;
+  const body = $("rec-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const r of data.recordings) {
+    const row = document.createElement("tr");
+    row.dataset.sid = r.sid;
+    const cells = [
+      new Date(r.start_ms).toLocaleString(),
+      `${r.user} (${r.login})`,
+      r.node,
+      r.stop_ms > 0 ? duration(r.stop_ms - r.start_ms) : "—",
+    ];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      row.appendChild(td);
+    }
+    const stateCell = document.createElement("td");
+    const chip = document.createElement("span");
+    chip.className = `state ${r.status}`;
+    chip.textContent = r.status;
+    if (r.failure) chip.title = r.failure;
+    stateCell.appendChild(chip);
+    row.appendChild(stateCell);
+    row.addEventListener("click", () => { location.hash = `#/recordings/${r.sid}`; });
+    body.appendChild(row);
+  }
+  $("rec-empty").hidden = data.recordings.length > 0;
+}
+
+// The player: the recording's asciicast, replayed into xterm.js. Positions
+// are in play time (idle gaps cut to a second when "Skip idle" is on);
+// seeking back replays from the start, which xterm.js does at memory speed.
+const MAX_IDLE = 1.0;
+
+function closePlayer() {
+  const p = state.player;
+  state.player = null;
+  if (!p) return;
+  p.playing = false;
+  if (p.timer) clearInterval(p.timer);
+  p.term.dispose();
+  $("player-term").replaceChildren();
+  $("player-marks").replaceChildren();
+}
+
+function playTimes(p) {
+  const skip = $("player-skip").checked;
+  let last = 0;
+  let pt = 0;
+  for (const e of p.events) {
+    const gap = Math.max(0, e.t - last);
+    pt += skip ? Math.min(gap, MAX_IDLE) : gap;
+    last = e.t;
+    e.pt = pt;
+  }
+  p.duration = pt;
+}
+
+function drawMarks(p) {
+  const marks = $("player-marks");
+  marks.replaceChildren();
+  for (const e of p.events) {
+    if (e.kind !== "r" && e.kind !== "m") continue;
+    const m = document.createElement("div");
+    m.className = e.kind === "m" ? "mark command" : "mark resize";
+    m.style.left = `${p.duration > 0 ? (e.pt / p.duration) * 100 : 0}%`;
+    m.title = e.kind === "m" ? e.data : `resize ${e.data}`;
+    marks.appendChild(m);
+  }
+}
+
+// Brings the screen to play time `pos`.
+function renderTo(p, pos) {
+  if (pos < p.pos) {
+    p.term.reset();
+    p.term.resize(p.width, p.height);
+    p.next = 0;
+  }
+  let out = "";
+  while (p.next < p.events.length && p.events[p.next].pt <= pos) {
+    const e = p.events[p.next];
+    if (e.kind === "o") {
+      out += e.data;
+    } else if (e.kind === "r") {
+      if (out) { p.term.write(out); out = ""; }
+      const [c, r] = e.data.split("x").map(Number);
+      if (c > 0 && r > 0) p.term.resize(c, r);
+    }
+    p.next += 1;
+  }
+  if (out) p.term.write(out);
+  p.pos = pos;
+  $("player-seek").value = String(p.duration > 0 ? Math.round((pos / p.duration) * 1000) : 0);
+  $("player-time").textContent = `${duration(pos * 1000)} / ${duration(p.duration * 1000)}`;
+}
+
+function setPlaying(p, playing) {
+  p.playing = playing;
+  $("player-play").textContent = playing ? "Pause" : "Play";
+  if (p.timer) { clearInterval(p.timer); p.timer = null; }
+  if (!playing) return;
+  if (p.pos >= p.duration) renderTo(p, 0);
+  let last = performance.now();
+  p.timer = setInterval(() => {
+    const now = performance.now();
+    const speed = Number($("player-speed").value) || 1;
+    const pos = Math.min(p.duration, p.pos + ((now - last) / 1000) * speed);
+    last = now;
+    renderTo(p, pos);
+    if (pos >= p.duration) setPlaying(p, false);
+  }, 50);
+}
+
+async function openPlayer(sid) {
+  closeTerminal();
+  closePlayer();
+  show("player");
+  $("player-title").textContent = `Recording ${sid.slice(0, 8)}`;
+  $("player-status").textContent = "loading…";
+  $("player-error").textContent = "";
+  $("player-download").href = `/api/recordings/${encodeURIComponent(sid)}/asciicast?download=1`;
+  let text;
+  try {
+    const response = await fetch(`/api/recordings/${encodeURIComponent(sid)}/asciicast`, { credentials: "same-origin" });
+    if (!response.ok) {
+      let message = `${response.status}`;
+      try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
+      if (response.status === 401) { signedOut(message); return; }
+      $("player-error").textContent = message;
+      $("player-status").textContent = "";
+      return;
+    }
+    text = await response.text();
+  } catch (e) {
+    $("player-error").textContent = String(e);
+    return;
+  }
+  const lines = text.split("\n").filter((l) => l.length > 0);
+  const header = JSON.parse(lines[0] || "{}");
+  const events = lines.slice(1).map((l) => {
+    const [t, kind, data] = JSON.parse(l);
+    return { t, kind, data };
+  });
+  const width = header.width || 80;
+  const height = header.height || 24;
+  const term = new Terminal({
+    cols: width, rows: height, disableStdin: true, scrollback: 1000,
+    fontFamily: 'ui-monospace, SFMono-Regular, Menlo, Consolas, monospace', fontSize: 13,
+    theme: { background: "#0f141c" },
+  });
+  term.open($("player-term"));
+  const p = { sid, term, events, width, height, pos: 0, next: 0, duration: 0, playing: false, timer: null };
+  state.player = p;
+  playTimes(p);
+  drawMarks(p);
+  renderTo(p, 0);
+  $("player-status").textContent = "";
+  setPlaying(p, true);
+}
+
+// What the player's screen shows, as text.
+window.turnstilePlayerText = () => {
+  const p = state.player;
+  if (!p) return "";
+  const buffer = p.term.buffer.active;
+  const lines = [];
+  for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
+  return lines.join("\n");
+};
+// Resolves once the player's screen has taken everything written to it
+// (xterm.js parses writes asynchronously).
+window.turnstilePlayerFlush = () =>
+  new Promise((resolve) => (state.player ? state.player.term.write("", resolve) : resolve()));
+window.turnstilePlayerState = () => {
+  const p = state.player;
+  return p ? { pos: p.pos, duration: p.duration, playing: p.playing } : null;
+};
+
 // The terminal's size, [rows, cols].
 window.turnstileTerminalSize = () => (state.term ? [state.term.term.rows, state.term.term.cols] : []);
 
@@ -241,6 +442,18 @@ function route() {
     return;
   }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  if (parts[0] === "recordings") {
+    closeTerminal();
+    if (parts[1]) {
+      if (!state.player || state.player.sid !== parts[1]) openPlayer(parts[1]);
+      return;
+    }
+    closePlayer();
+    show("recordings");
+    loadRecordings();
+    return;
+  }
+  closePlayer();
   if (parts[0] === "terminal" && parts[1] && parts[2]) {
     if (!state.term || state.term.node !== parts[1] || state.term.login !== parts[2]) {
       openTerminal(parts[1], parts[2]);
@@ -276,6 +489,25 @@ async function start() {
   });
   $("node-filter").addEventListener("input", renderNodes);
   $("term-close").addEventListener("click", () => { location.hash = "#/nodes"; });
+  $("rec-filters").addEventListener("submit", (e) => { e.preventDefault(); loadRecordings(); });
+  $("player-close").addEventListener("click", () => { location.hash = "#/recordings"; });
+  $("player-play").addEventListener("click", () => {
+    if (state.player) setPlaying(state.player, !state.player.playing);
+  });
+  $("player-seek").addEventListener("input", () => {
+    const p = state.player;
+    if (!p) return;
+    renderTo(p, (Number($("player-seek").value) / 1000) * p.duration);
+  });
+  $("player-skip").addEventListener("change", () => {
+    const p = state.player;
+    if (!p) return;
+    const fraction = p.duration > 0 ? p.pos / p.duration : 0;
+    playTimes(p);
+    drawMarks(p);
+    p.pos = Infinity;
+    renderTo(p, fraction * p.duration);
+  });
   window.addEventListener("hashchange", route);
   try {
     signedIn(await api("GET", "/api/me"));

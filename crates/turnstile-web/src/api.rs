@@ -39,6 +39,8 @@ pub(crate) fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/api/me", get(me))
         .route("/api/nodes", get(nodes))
         .route("/api/terminal", get(terminal))
+        .route("/api/recordings", get(recordings))
+        .route("/api/recordings/{sid}/asciicast", get(recording))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(Ctx { shared, peer })
@@ -195,4 +197,43 @@ async fn terminal(
     Ok(upgrade
         .max_message_size(1 << 20)
         .on_upgrade(move |socket| crate::terminal::run(shared, token, session.user, q, socket)))
+}
+
+async fn recordings(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<crate::recordings::ListQuery>,
+) -> Result<Response, Refusal> {
+    let (token, _) = session::signed_in(&ctx.shared, &headers).await?;
+    Ok(Json(crate::recordings::list(&ctx.shared, &token, q).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct RecordingQuery {
+    /// `1` (or `true`): as a file to save.
+    #[serde(default)]
+    download: String,
+}
+
+/// A recording as asciicast v2: for the player, or as a file.
+async fn recording(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Path(sid): Path<String>,
+    Query(q): Query<RecordingQuery>,
+) -> Result<Response, Refusal> {
+    let (token, _) = session::signed_in(&ctx.shared, &headers).await?;
+    let cast = crate::recordings::asciicast(&ctx.shared, &token, &sid).await?;
+    let mut response = cast.into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-asciicast"),
+    );
+    if matches!(q.download.as_str(), "1" | "true")
+        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{sid}.cast\""))
+    {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
 }

@@ -192,12 +192,26 @@ impl AuthApi {
     }
 
     /// May the holder of `certificate` see recordings of `owner` (`verb`: list or read)?
-    async fn reader(&self, certificate: &str) -> Result<(String, RoleSet), Status> {
-        let (_, identity) = self
-            .authority
-            .verify_user_certificate(certificate)
-            .await
-            .map_err(fail)?;
+    /// Who reads recordings: the holder of a certificate, or of a web
+    /// console session; either way the same rules decide what they see.
+    async fn reader(
+        &self,
+        certificate: &str,
+        web_session: &str,
+    ) -> Result<(String, RoleSet), Status> {
+        let identity = if web_session.is_empty() {
+            self.authority
+                .verify_user_certificate(certificate)
+                .await
+                .map_err(fail)?
+                .1
+        } else {
+            self.authority
+                .web_session(web_session)
+                .await
+                .map_err(fail)?
+                .identity
+        };
         let roles = self
             .authority
             .role_set(&identity.roles)
@@ -1141,7 +1155,7 @@ impl proto::auth_server::Auth for AuthApi {
     ) -> RpcResult<proto::RecordingList> {
         require(&req, &[SystemRole::Proxy])?;
         let r = req.into_inner();
-        let (user, roles) = self.reader(&r.certificate).await?;
+        let (user, roles) = self.reader(&r.certificate, &r.web_session).await?;
         let all = crate::recordings::may_list_all(&roles);
         let recordings = self.recordings.list().await.map_err(fail)?;
         ok(proto::RecordingList {
@@ -1161,7 +1175,7 @@ impl proto::auth_server::Auth for AuthApi {
     ) -> RpcResult<proto::RecordingChunk> {
         require(&req, &[SystemRole::Proxy])?;
         let r = req.into_inner();
-        let (user, roles) = self.reader(&r.certificate).await?;
+        let (user, roles) = self.reader(&r.certificate, &r.web_session).await?;
         let not_found = || {
             Status::not_found(format!(
                 "no recording of session {}; a session that just started is listed once its node reports it, within a second",

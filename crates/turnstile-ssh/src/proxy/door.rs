@@ -146,6 +146,7 @@ async fn answer(
                     certificate: cert,
                     user: user.unwrap_or_default(),
                     since_ms,
+                    ..Default::default()
                 })
                 .await
             {
@@ -191,6 +192,7 @@ async fn answer(
                     sid,
                     offset,
                     length,
+                    ..Default::default()
                 })
                 .await
             {

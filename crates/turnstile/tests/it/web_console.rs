@@ -272,3 +272,70 @@ async fn a_second_terminal_over_max_connections_is_refused_with_the_limit_messag
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_is_found_played_and_seeked_in_the_page() {
+    let c = console().await;
+    let id = c.sign("alice").await;
+    let out = c
+        .ssh(
+            &id,
+            &[
+                "-t",
+                &c.node_name,
+                "for i in $(seq 1 20); do echo mark-$i; sleep 1; done",
+            ],
+        )
+        .await;
+    assert!(
+        text(&out.stdout).contains("mark-20"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The recording, once uploaded, as the console lists it.
+    let http = client(&c);
+    let cookie = session_cookie(&login(&c, &http, PASSWORD).await);
+    let found = std::sync::Mutex::new(String::new());
+    crate::support::poll_until(std::time::Duration::from_secs(20), || {
+        let http = &http;
+        let cookie = &cookie;
+        let c = &c;
+        let found = &found;
+        async move {
+            let list: Value = http
+                .get(format!("{}/api/recordings", base(c)))
+                .header(COOKIE, cookie)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match list["recordings"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["status"] == "complete"))
+            {
+                Some(r) => {
+                    *found.lock().unwrap() = r["sid"].as_str().unwrap().to_string();
+                    true
+                }
+                None => false,
+            }
+        }
+    })
+    .await
+    .expect("a complete recording");
+    let sid = found.into_inner().unwrap();
+    let out = browser(
+        "player.cjs",
+        &[
+            ("CONSOLE_URL", base(&c)),
+            ("CONSOLE_USER", "alice".into()),
+            ("CONSOLE_PASSWORD", PASSWORD.into()),
+            ("RECORDING_SID", sid),
+            ("SCREENSHOTS", screenshots().display().to_string()),
+        ],
+    )
+    .await;
+    assert!(out.contains("player works"), "{out}");
+}
