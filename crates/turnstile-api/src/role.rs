@@ -589,6 +589,12 @@ impl RoleSet {
             })
     }
 
+    /// May holders of these roles read the audit log (a rule allowing
+    /// `event` `list`)? The one rule the web console and auth both ask.
+    pub fn may_read_audit(&self) -> bool {
+        self.allows_rule("event", "list")
+    }
+
     /// Does a rule allow `verb` on `resource` (and no deny rule forbid it)?
     pub fn allows_rule(&self, resource: &str, verb: &str) -> bool {
         let matches = |rules: &Option<Vec<Rule>>| {

@@ -6,10 +6,11 @@ const state = { me: null, nodes: [], term: null, player: null };
 const $ = (id) => document.getElementById(id);
 
 function show(view) {
-  for (const id of ["signin", "nodes", "terminal", "recordings", "player"]) {
+  for (const id of ["signin", "nodes", "terminal", "recordings", "player", "audit"]) {
     $(id).hidden = id !== view;
   }
   const signedIn = state.me !== null;
+  $("nav-audit").hidden = !(signedIn && state.me.may_read_audit);
   $("nav").hidden = !signedIn;
   $("who").hidden = !signedIn;
   $("signout").hidden = !signedIn;
@@ -231,6 +232,70 @@ window.turnstileTerminalText = () => {
   }
   return lines.join("\n");
 };
+
+// ---- Audit log ----
+
+const AUDIT_SKIP = new Set(["time", "event", "user", "uid", "code"]);
+
+function auditParams() {
+  const params = new URLSearchParams();
+  const since = $("audit-since").value;
+  if (since) params.set("since_ms", String(new Date(since).getTime()));
+  for (const [key, id] of [["user", "audit-user"], ["event", "audit-event"], ["node", "audit-node"]]) {
+    const v = $(id).value.trim();
+    if (v) params.set(key, v);
+  }
+  return params;
+}
+
+async function loadAudit(after) {
+  const params = auditParams();
+  $("audit-export").href = `/api/audit/export?${params}`;
+  if (after) params.set("after", after);
+  params.set("limit", "50");
+  $("audit-error").textContent = "";
+  let data;
+  try {
+    data = await api("GET", `/api/audit?${params}`);
+  } catch (e) {
+    if (e.status === 401) { signedOut(e.message); return; }
+    $("audit-error").textContent = e.message;
+    return;
+  }
+  state.auditNext = data.next || "";
+  state.auditPage = after ? (state.auditPage || 1) + 1 : 1;
+  const body = $("audit-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const e of data.events) {
+    const row = document.createElement("tr");
+    row.dataset.event = e.event || "";
+    const when = document.createElement("td");
+    when.className = "when";
+    when.textContent = e.time ? new Date(e.time).toLocaleString() : "";
+    const event = document.createElement("td");
+    event.textContent = e.event || "";
+    const code = document.createElement("span");
+    code.className = "code";
+    code.textContent = e.code || "";
+    event.appendChild(code);
+    const user = document.createElement("td");
+    user.textContent = e.user || "";
+    const details = document.createElement("td");
+    details.className = "details";
+    const text = Object.entries(e)
+      .filter(([k]) => !AUDIT_SKIP.has(k))
+      .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+      .join("  ");
+    details.textContent = text.length > 300 ? `${text.slice(0, 300)}…` : text;
+    details.title = JSON.stringify(e, null, 2);
+    row.append(when, event, user, details);
+    body.appendChild(row);
+  }
+  $("audit-empty").hidden = data.events.length > 0;
+  $("audit-next").disabled = !state.auditNext;
+  $("audit-first").disabled = !after;
+  $("audit-count").textContent = `page ${state.auditPage} · ${data.events.length} events`;
+}
 
 // ---- Recordings ----
 
@@ -454,6 +519,12 @@ function route() {
     return;
   }
   closePlayer();
+  if (parts[0] === "audit") {
+    closeTerminal();
+    show("audit");
+    loadAudit("");
+    return;
+  }
   if (parts[0] === "terminal" && parts[1] && parts[2]) {
     if (!state.term || state.term.node !== parts[1] || state.term.login !== parts[2]) {
       openTerminal(parts[1], parts[2]);
@@ -490,6 +561,9 @@ async function start() {
   $("node-filter").addEventListener("input", renderNodes);
   $("term-close").addEventListener("click", () => { location.hash = "#/nodes"; });
   $("rec-filters").addEventListener("submit", (e) => { e.preventDefault(); loadRecordings(); });
+  $("audit-filters").addEventListener("submit", (e) => { e.preventDefault(); loadAudit(""); });
+  $("audit-first").addEventListener("click", () => loadAudit(""));
+  $("audit-next").addEventListener("click", () => { if (state.auditNext) loadAudit(state.auditNext); });
   $("player-close").addEventListener("click", () => { location.hash = "#/recordings"; });
   $("player-play").addEventListener("click", () => {
     if (state.player) setPlaying(state.player, !state.player.playing);

@@ -40,6 +40,8 @@ pub(crate) fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/api/nodes", get(nodes))
         .route("/api/terminal", get(terminal))
         .route("/api/recordings", get(recordings))
+        .route("/api/audit", get(audit))
+        .route("/api/audit/export", get(audit_export))
         .route("/api/recordings/{sid}/asciicast", get(recording))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secure_headers))
@@ -89,7 +91,14 @@ struct LoginForm {
     password: String,
 }
 
-fn me_json(session: &proto::WebSession) -> serde_json::Value {
+/// Who the user is, and what the page offers them (auth decides again on
+/// every request).
+async fn me_json(shared: &Shared, session: &proto::WebSession) -> serde_json::Value {
+    let may_read_audit = shared
+        .view
+        .role_set(&session.roles)
+        .await
+        .is_ok_and(|r| r.may_read_audit());
     json!({
         "user": session.user,
         "roles": session.roles,
@@ -97,6 +106,7 @@ fn me_json(session: &proto::WebSession) -> serde_json::Value {
         "csrf_token": session.csrf_token,
         "expires_unix": session.expires_unix,
         "idle_timeout_seconds": session.idle_timeout_seconds,
+        "may_read_audit": may_read_audit,
     })
 }
 
@@ -126,13 +136,13 @@ async fn login(
             &form.user,
         ))
         .await
-        .map_err(|s| Refusal::from_status(&s))?
+        .map_err(|s| Refusal::from_sign_in(&s))?
         .into_inner();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let mut response = Json(me_json(&session)).into_response();
+    let mut response = Json(me_json(&ctx.shared, &session).await).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&session::cookie(
@@ -164,7 +174,7 @@ async fn logout(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, 
 
 async fn me(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, Refusal> {
     let (_, session) = session::signed_in(&ctx.shared, &headers).await?;
-    Ok(Json(me_json(&session)).into_response())
+    Ok(Json(me_json(&ctx.shared, &session).await).into_response())
 }
 
 async fn nodes(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, Refusal> {
@@ -235,5 +245,35 @@ async fn recording(
     {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
+    Ok(response)
+}
+
+async fn audit(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<crate::audit::AuditQuery>,
+) -> Result<Response, Refusal> {
+    let (token, _) = session::signed_in(&ctx.shared, &headers).await?;
+    Ok(Json(crate::audit::page(&ctx.shared, &token, q).await?).into_response())
+}
+
+/// The whole search as JSON Lines, as a file.
+async fn audit_export(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<crate::audit::AuditQuery>,
+) -> Result<Response, Refusal> {
+    let (token, _) = session::signed_in(&ctx.shared, &headers).await?;
+    let lines = crate::audit::export(&ctx.shared, &token, q).await?;
+    let mut response = lines.into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"turnstile-audit.jsonl\""),
+    );
     Ok(response)
 }

@@ -18,6 +18,7 @@ use turnstile_ssh::cluster_view::ClusterView;
 
 mod api;
 mod assets;
+mod audit;
 mod recordings;
 mod session;
 mod terminal;

@@ -27,12 +27,22 @@ impl Refusal {
         }
     }
 
-    /// An answer of auth's, as the page should see it.
+    /// An answer of auth's about who the user is (a sign-in, a session):
+    /// a refusal is 401, and the page asks to sign in.
+    pub fn from_sign_in(s: &tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::NotFound => Self::new(StatusCode::UNAUTHORIZED, s.message()),
+            _ => Self::from_status(s),
+        }
+    }
+
+    /// An answer of auth's to a signed-in user's request, as the page should
+    /// see it (a refusal is 403: the user stays signed in).
     pub fn from_status(s: &tonic::Status) -> Self {
         let status = match s.code() {
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                StatusCode::UNAUTHORIZED
-            }
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => StatusCode::FORBIDDEN,
             tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             tonic::Code::NotFound => StatusCode::NOT_FOUND,
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
@@ -87,7 +97,7 @@ pub(crate) async fn signed_in(
             token: token.clone(),
         })
         .await
-        .map_err(|s| Refusal::from_status(&s))?
+        .map_err(|s| Refusal::from_sign_in(&s))?
         .into_inner();
     Ok((token, session))
 }

@@ -875,8 +875,27 @@ impl proto::auth_server::Auth for AuthApi {
         &self,
         req: Request<proto::SearchAuditEventsRequest>,
     ) -> RpcResult<proto::AuditEventList> {
-        require(&req, ADMIN)?;
+        let c = require(&req, &[SystemRole::Admin, SystemRole::Proxy])?;
         let r = req.into_inner();
+        if c.role == SystemRole::Proxy {
+            // Only on behalf of a web console user who may read it.
+            let session = self
+                .authority
+                .web_session(&r.web_session)
+                .await
+                .map_err(fail)?;
+            let roles = self
+                .authority
+                .role_set(&session.identity.roles)
+                .await
+                .map_err(fail)?;
+            if !roles.may_read_audit() {
+                return Err(Status::permission_denied(format!(
+                    "user {:?} may not read the audit log: that needs a role rule allowing event list",
+                    session.identity.user
+                )));
+            }
+        }
         let query = AuditQuery {
             event: Some(r.event).filter(|e| !e.is_empty()),
             user: Some(r.user).filter(|u| !u.is_empty()),

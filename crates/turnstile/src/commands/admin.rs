@@ -795,6 +795,7 @@ async fn audit_search(
                 since_unix_ms,
                 limit: u32::try_from(left.min(AUDIT_PAGE)).unwrap_or(0),
                 after: after.clone(),
+                ..Default::default()
             })
             .await
             .map_err(|s| rpc_error(admin, s))?

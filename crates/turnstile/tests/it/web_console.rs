@@ -339,3 +339,149 @@ async fn a_recording_is_found_played_and_seeked_in_the_page() {
     .await;
     assert!(out.contains("player works"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_read_by_those_its_rule_allows_with_filters_paging_and_export() {
+    let c = console().await;
+    let id = c.sign("alice").await;
+    let out = c.ssh(&id, &[&c.node_name, "true"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let http = client(&c);
+    assert_eq!(login(&c, &http, "wrong password").await.status(), 401);
+    let cookie = session_cookie(&login(&c, &http, PASSWORD).await);
+    let root = base(&c);
+    let get = |path: String| {
+        let http = &http;
+        let cookie = &cookie;
+        let root = &root;
+        async move {
+            let r = http
+                .get(format!("{root}{path}"))
+                .header(COOKIE, cookie)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    // Without a role rule allowing `event` `list`: refused, and told why.
+    let (_, me) = get("/api/me".into()).await;
+    assert!(me.contains("\"may_read_audit\":false"), "{me}");
+    let (status, body) = get("/api/audit".into()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("role rule allowing event list"), "{body}");
+
+    c.create_role(
+        "auditor",
+        "kind: role\nversion: v3\nmetadata:\n  name: auditor\nspec:\n  allow:\n    rules:\n    - resources: [event]\n      verbs: [list]\n",
+    )
+    .await;
+    c.admin_ok(&["users", "update", "alice", "--roles", "access,auditor"])
+        .await;
+    let (_, me) = get("/api/me".into()).await;
+    assert!(me.contains("\"may_read_audit\":true"), "{me}");
+
+    // Paging one event at a time walks every login, oldest first.
+    let mut after = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let (status, body) =
+            get(format!("/api/audit?event=user.login&limit=1&after={after}")).await;
+        assert_eq!(status, 200, "{body}");
+        let page: Value = serde_json::from_str(&body).unwrap();
+        let events = page["events"].as_array().unwrap();
+        assert!(events.len() <= 1);
+        seen.extend(events.iter().cloned());
+        after = page["next"].as_str().unwrap_or_default().to_string();
+        if after.is_empty() {
+            break;
+        }
+    }
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.iter().all(|e| e["event"] == "user.login"));
+    // The export holds the same, as JSON Lines.
+    let (status, lines) = get("/api/audit/export?event=user.login".into()).await;
+    assert_eq!(status, 200);
+    let exported: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported, seen);
+    // The node filter keeps what the node wrote.
+    let (_, body) = get(format!("/api/audit?node={}", c.node_name)).await;
+    let page: Value = serde_json::from_str(&body).unwrap();
+    let events = page["events"].as_array().unwrap();
+    let node_id = turnstile_ssh::identity::load_or_create_host_id(&c.data_dir()).unwrap();
+    assert!(
+        events.iter().any(|e| e["event"] == "session.start"),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e["server_id"] == node_id.as_str()));
+
+    let out = browser(
+        "audit.cjs",
+        &[
+            ("CONSOLE_URL", base(&c)),
+            ("CONSOLE_USER", "alice".into()),
+            ("CONSOLE_PASSWORD", PASSWORD.into()),
+            ("SCREENSHOTS", screenshots().display().to_string()),
+        ],
+    )
+    .await;
+    assert!(out.contains("audit works"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_upgrade_from_another_origin_or_without_the_token_is_refused() {
+    let c = console().await;
+    let http = client(&c);
+    let ok = login(&c, &http, PASSWORD).await;
+    let cookie = session_cookie(&ok);
+    let csrf = ok.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let upgrade = |origin: &str, csrf: &str| {
+        http.get(format!(
+            "{}/api/terminal?node={}&login=root&csrf={csrf}",
+            base(&c),
+            c.node_name
+        ))
+        .header(COOKIE, &cookie)
+        .header(ORIGIN, origin)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+    };
+    let r = upgrade("https://evil.example", &csrf).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = upgrade(&base(&c), "wrong").await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = upgrade(&base(&c), &csrf).await.unwrap();
+    assert_eq!(r.status().as_u16(), 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_ends_a_signed_in_web_session() {
+    let c = console().await;
+    let http = client(&c);
+    let cookie = session_cookie(&login(&c, &http, PASSWORD).await);
+    assert_eq!(me(&c, &http, &cookie).await.0, 200);
+    c.admin_ok(&["locks", "add", "--user", "alice", "--message", "incident 7"])
+        .await;
+    let (status, body) = me(&c, &http, &cookie).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("incident 7"),
+        "{body}"
+    );
+    // Removing the lock does not bring the session back.
+    let locks = c.admin_ok(&["locks", "ls", "--format", "json"]).await;
+    let lock: Value = serde_json::from_str(locks.lines().next().unwrap()).unwrap();
+    c.admin_ok(&["locks", "rm", lock["id"].as_str().unwrap()])
+        .await;
+    assert_eq!(me(&c, &http, &cookie).await.0, 401);
+}
