@@ -143,3 +143,66 @@ pub fn load(source: &CertSource) -> Result<Loaded, TlsError> {
         self_signed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_files_load_and_bad_ones_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["console.example".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["other.example".into()]).unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        let wrong_key = dir.path().join("w.pem");
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&wrong_key, other.signing_key.serialize_pem()).unwrap();
+        let loaded = load(&CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .unwrap();
+        assert_eq!(loaded.fingerprint, fingerprint(made.cert.der()));
+        assert!(!loaded.self_signed);
+
+        let err = load(&CertSource::Files {
+            cert: cert.clone(),
+            key: wrong_key,
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("do not go together"), "{err}");
+        let err = load(&CertSource::Files {
+            cert: dir.path().join("missing.pem"),
+            key,
+        })
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string().contains("proxy_service.https_cert_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_self_signed_certificate_is_kept_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = CertSource::SelfSigned {
+            dir: dir.path().to_path_buf(),
+            name: "127.0.0.1".into(),
+        };
+        let first = load(&source).unwrap().fingerprint;
+        assert_eq!(load(&source).unwrap().fingerprint, first);
+        let renamed = CertSource::SelfSigned {
+            dir: dir.path().to_path_buf(),
+            name: "proxy.example".into(),
+        };
+        assert_ne!(
+            load(&renamed).unwrap().fingerprint,
+            first,
+            "a new name, a new certificate"
+        );
+    }
+}

@@ -469,3 +469,73 @@ async fn a_password_set_through_one_server_survives_a_user_update_through_the_ot
         );
     }
 }
+
+mod web_session_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn web_sessions_end_when_idle_at_the_ttl_and_with_their_user() {
+        let (a, clock) = authority_at().await;
+        let mut short = Role::new("short");
+        short.spec.allow.logins = Some(vec!["deploy".into()]);
+        short.spec.options.max_session_ttl = Some(turnstile_api::duration::WrittenDuration(
+            Duration::from_secs(600),
+        ));
+        a.upsert_role(short, true).await.unwrap();
+        a.upsert_user(user("carol", &["short"], &["carol"]), true)
+            .await
+            .unwrap();
+        a.set_password("carol", "correct horse battery")
+            .await
+            .unwrap();
+        let idle = Duration::from_secs(120);
+        let err = a
+            .create_web_session("carol", "wrong password", "10.0.0.1:1", idle)
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "wrong user name or password");
+
+        // Activity keeps a session; two minutes without ends it.
+        let (token, s) = a
+            .create_web_session("carol", "correct horse battery", "10.0.0.1:1", idle)
+            .await
+            .unwrap();
+        assert_eq!(s.record.expires_unix - s.record.created_unix, 600);
+        clock.advance(Duration::from_secs(100));
+        a.web_session(&token).await.unwrap();
+        clock.advance(Duration::from_secs(100));
+        a.web_session(&token).await.unwrap();
+        clock.advance(Duration::from_secs(121));
+        let err = a.web_session(&token).await.unwrap_err();
+        assert!(err.message.contains("without activity"), "{err}");
+        assert!(a.web_session(&token).await.is_err(), "it stays ended");
+
+        // However active, a session ends at max_session_ttl; its terminal
+        // certificates end with it.
+        let (token, _) = a
+            .create_web_session("carol", "correct horse battery", "10.0.0.1:1", idle)
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            clock.advance(Duration::from_secs(100));
+            a.web_session(&token).await.unwrap();
+        }
+        let key = generate_ed25519();
+        let cert = a.web_session_cert(&token, key.public_key()).await.unwrap();
+        let left = cert.certificate.valid_before() as i64 - a.now_unix();
+        assert!((1..=100).contains(&left), "{left}");
+        clock.advance(Duration::from_secs(101));
+        let err = a.web_session(&token).await.unwrap_err();
+        assert!(err.message.contains("max_session_ttl"), "{err}");
+
+        // A token that was never issued, and one whose user is gone.
+        assert!(a.web_session("not-a-token").await.is_err());
+        let (token, _) = a
+            .create_web_session("carol", "correct horse battery", "10.0.0.1:1", idle)
+            .await
+            .unwrap();
+        a.delete_user("carol").await.unwrap();
+        let err = a.web_session(&token).await.unwrap_err();
+        assert!(err.message.contains("ended"), "{err}");
+    }
+}

@@ -889,8 +889,49 @@ mod tests {
         let c = resolve(FileConfig::default(), None, false).unwrap();
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.auth.unwrap().listen_addr.to_string(), DEFAULT_AUTH_ADDR);
-        assert_eq!(c.proxy.unwrap().listen_addr.to_string(), DEFAULT_PROXY_ADDR);
+        let proxy = c.proxy.unwrap();
+        assert_eq!(proxy.listen_addr.to_string(), DEFAULT_PROXY_ADDR);
+        let web = proxy.web.expect("the web console is on without a file");
+        assert_eq!(web.listen_addr.to_string(), DEFAULT_WEB_ADDR);
+        assert!(web.cert_files.is_none(), "self-signed");
         assert_eq!(c.node.unwrap().node_name, host_name());
+    }
+
+    #[test]
+    fn the_web_console_is_off_in_a_file_unless_its_address_is_set() {
+        let base = "turnstile:\n  data_dir: /tmp/x\nauth_service:\n  enabled: true\nproxy_service:\n  listen_addr: 127.0.0.1:0\n";
+        let c = resolve(parse(base).unwrap(), None, true).unwrap();
+        assert!(c.proxy.unwrap().web.is_none());
+        let on = format!("{base}  web_listen_addr: 127.0.0.1:0\n");
+        assert!(
+            resolve(parse(&on).unwrap(), None, true)
+                .unwrap()
+                .proxy
+                .unwrap()
+                .web
+                .is_some()
+        );
+        for (extra, field) in [
+            (
+                "  https_cert_file: /c.pem\n",
+                "proxy_service.https_cert_file",
+            ),
+            (
+                "  web_listen_addr: 127.0.0.1:0\n  https_cert_file: /c.pem\n",
+                "proxy_service.https_key_file",
+            ),
+            (
+                "  web_listen_addr: 127.0.0.1:0\n  web_idle_timeout: 1s\n",
+                "proxy_service.web_idle_timeout",
+            ),
+            (
+                "  web_listen_addr: nowhere\n",
+                "proxy_service.web_listen_addr",
+            ),
+        ] {
+            let err = resolve(parse(&format!("{base}{extra}")).unwrap(), None, true).unwrap_err();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
     }
 
     #[test]
