@@ -535,7 +535,12 @@ mod web_session_tests {
             .await
             .unwrap();
         a.delete_user("carol").await.unwrap();
+        // Made again under the name, the user does not inherit the session.
+        a.upsert_user(user("carol", &["short"], &["carol"]), true)
+            .await
+            .unwrap();
         let err = a.web_session(&token).await.unwrap_err();
-        assert!(err.message.contains("ended"), "{err}");
+        assert!(err.message.contains("your user was removed"), "{err}");
+        assert!(a.web_session(&token).await.is_err());
     }
 }

@@ -24,6 +24,10 @@ pub struct WebSessionRecord {
     pub last_seen_unix: i64,
     /// Sent back with every state-changing request.
     pub csrf_token: String,
+    /// Why the session was ended, kept a while so the user is told
+    /// (empty: live).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ended: String,
 }
 
 /// A live web session and who its user is now.
@@ -76,6 +80,7 @@ impl Authority {
             idle_timeout_secs: idle.as_secs(),
             last_seen_unix: now,
             csrf_token: random_token(),
+            ended: String::new(),
         };
         let token = random_token();
         self.backend
@@ -112,6 +117,10 @@ impl Authority {
             return Err(ended("your web session has ended"));
         };
         let session = stored.value;
+        if !session.ended.is_empty() {
+            self.forget(&key).await?;
+            return Err(ended(&session.ended));
+        }
         let idle_until = session
             .last_seen_unix
             .saturating_add(i64::try_from(session.idle_timeout_secs).unwrap_or(i64::MAX));
@@ -190,12 +199,21 @@ impl Authority {
         self.forget(&key_of(token)).await
     }
 
-    /// Ends every web session of `user` (the user was removed).
+    /// Ends every web session of `user` (the user was removed): each is
+    /// kept ended for an hour, so its next request is told why and a user
+    /// made again under the name does not inherit it.
     pub(super) async fn end_web_sessions_of(&self, user: &str) -> Result<(), ApiError> {
+        let until = self.clock.now() + Duration::from_secs(3600);
         for item in self.backend.range(PREFIX).await? {
             let session: WebSessionRecord = typed::decode(&item.key, &item.value)?;
             if session.user == user {
-                self.forget(&item.key).await?;
+                let tombstone = WebSessionRecord {
+                    ended: "your user was removed".into(),
+                    ..session
+                };
+                self.backend
+                    .put(&item.key, typed::encode(&tombstone), Some(until))
+                    .await?;
             }
         }
         Ok(())

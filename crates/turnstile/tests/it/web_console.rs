@@ -218,6 +218,8 @@ async fn a_user_signs_in_finds_a_node_and_signs_out_in_a_real_browser() {
             ("CONSOLE_PASSWORD", PASSWORD.into()),
             ("CONSOLE_NODE", c.node_name.clone()),
             ("SCREENSHOTS", screenshots().display().to_string()),
+            ("TURNSTILE_BIN", crate::support::BIN.into()),
+            ("TURNSTILE_DATA", c.data_dir().display().to_string()),
         ],
     )
     .await;

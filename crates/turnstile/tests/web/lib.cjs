@@ -22,6 +22,7 @@ async function newPage(browser, size) {
     ignoreHTTPSErrors: true,
     viewport: { width: size.width, height: size.height },
   });
+  await context.grantPermissions(["clipboard-read", "clipboard-write"]);
   const page = await context.newPage();
   page.on("pageerror", (e) => {
     console.error(`page error: ${e.message}`);

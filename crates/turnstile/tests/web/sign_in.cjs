@@ -1,6 +1,16 @@
 // Sign in (a wrong password first), find the node, sign out; at both sizes.
 "use strict";
+const { execFileSync } = require("node:child_process");
 const { SIZES, launch, newPage, snap, need, run } = require("./lib.cjs");
+
+async function signIn(page, url, user, password) {
+  await page.goto(url);
+  await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
+  await page.fill("#user", user);
+  await page.fill("#password", password);
+  await page.click("#signin-button");
+  await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
+}
 
 run(async () => {
   const url = need("CONSOLE_URL");
@@ -47,6 +57,35 @@ run(async () => {
     await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
     await page.context().close();
   }
+
+  // From the page: a state-changing request without the CSRF token is
+  // refused, and the same request with it succeeds.
+  const page = await newPage(browser, SIZES[0]);
+  await signIn(page, url, user, password);
+  const without = await page.evaluate(async () => {
+    const r = await fetch("/api/logout", { method: "POST" });
+    return { status: r.status, body: await r.json() };
+  });
+  if (without.status !== 403 || !/CSRF/.test(without.body.error)) {
+    throw new Error(`sign-out without the token: ${JSON.stringify(without)}`);
+  }
+  const stillIn = await page.evaluate(async () => (await fetch("/api/me")).status);
+  if (stillIn !== 200) throw new Error(`the refused request signed the user out (${stillIn})`);
+  const withToken = await page.evaluate(async () => {
+    const me = await (await fetch("/api/me")).json();
+    const r = await fetch("/api/logout", { method: "POST", headers: { "X-CSRF-Token": me.csrf_token } });
+    return r.status;
+  });
+  if (withToken !== 200) throw new Error(`sign-out with the token answered ${withToken}`);
+
+  // An operator removes a signed-in user: the page's next request finds the
+  // session gone and asks to sign in, saying why.
+  await signIn(page, url, user, password);
+  execFileSync(need("TURNSTILE_BIN"), ["admin", "users", "rm", user, "--data-dir", need("TURNSTILE_DATA")]);
+  await page.click('#nav a[data-view="recordings"]');
+  await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
+  const notice = await page.textContent("#notice");
+  if (!/removed/.test(notice)) throw new Error(`after users rm the page says: ${notice}`);
   await browser.close();
   console.log("signed out");
 });

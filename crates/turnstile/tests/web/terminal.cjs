@@ -55,6 +55,21 @@ run(async () => {
       await page.locator("#term-status", { hasText: "connected" }).waitFor({ timeout: 20000 });
       await typeLine(page, "echo hello-$((6*7))");
       await waitForText(page, /^hello-42$/m, 15000);
+      // Paste (Ctrl+Shift+V) types the clipboard; copy (Ctrl+Shift+C) takes
+      // the selection.
+      await page.evaluate(() => navigator.clipboard.writeText("echo pasted-$((2+3))"));
+      await page.locator("#term").click();
+      await page.keyboard.press("Control+Shift+V");
+      await page.keyboard.press("Enter");
+      await waitForText(page, /^pasted-5$/m, 15000);
+      const box = await page.locator("#term .xterm-screen").boundingBox();
+      await page.mouse.move(box.x + 2, box.y + 4);
+      await page.mouse.down();
+      await page.mouse.move(box.x + box.width - 4, box.y + box.height / 2, { steps: 5 });
+      await page.mouse.up();
+      await page.keyboard.press("Control+Shift+C");
+      const copied = await page.evaluate(() => navigator.clipboard.readText());
+      if (!/hello-42/.test(copied)) throw new Error(`copied: ${JSON.stringify(copied)}`);
       await snap(page, "terminal", size);
       // The session's size follows the page's.
       const before = await page.evaluate(() => window.turnstileTerminalSize().join(" "));
