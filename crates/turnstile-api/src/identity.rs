@@ -164,6 +164,11 @@ impl UserIdentity {
 /// to connect to a node on a user's behalf in a proxy recording mode.
 pub const EXT_VIA_PROXY: &str = "turnstile-via-proxy@turnstile";
 
+/// User certificate extension of a web console terminal's certificate: the
+/// browser's address, which auth signed in and the proxy audits instead of
+/// its own (the terminal comes in through the proxy's own door).
+pub const EXT_WEB_CLIENT: &str = "turnstile-web-client@turnstile";
+
 /// Host certificate extension naming the system role of the host (`proxy`
 /// for proxies), so nodes can trust what a proxy tells them.
 pub const EXT_HOST_ROLE: &str = "turnstile-role@turnstile";

@@ -204,9 +204,10 @@ async fn terminal(
     let (token, session) = session::signed_in(&ctx.shared, &headers).await?;
     session::csrf_value(&q.csrf, &session)?;
     let shared = ctx.shared.clone();
-    Ok(upgrade
-        .max_message_size(1 << 20)
-        .on_upgrade(move |socket| crate::terminal::run(shared, token, session.user, q, socket)))
+    let peer = ctx.peer;
+    Ok(upgrade.max_message_size(1 << 20).on_upgrade(move |socket| {
+        crate::terminal::run(shared, peer, token, session.user, q, socket)
+    }))
 }
 
 async fn recordings(

@@ -73,6 +73,7 @@ async fn fail(mut socket: WebSocket, message: String) {
 /// session does.
 pub(crate) async fn run(
     shared: Arc<Shared>,
+    client: std::net::SocketAddr,
     token: String,
     user: String,
     q: TerminalQuery,
@@ -89,6 +90,7 @@ pub(crate) async fn run(
         .generate_web_session_cert(proto::WebSessionCertRequest {
             token: token.clone(),
             public_key,
+            client_addr: client.to_string(),
         })
         .await
     {

@@ -212,6 +212,19 @@ impl Authority {
         public_key: &PublicKey,
         ttl: Duration,
     ) -> Result<IssuedUserCert, ApiError> {
+        self.generate_user_cert_with(user, public_key, ttl, &[])
+            .await
+    }
+
+    /// [`Self::generate_user_cert`] with `extra` extensions beside the
+    /// identity's.
+    pub(super) async fn generate_user_cert_with(
+        &self,
+        user: &str,
+        public_key: &PublicKey,
+        ttl: Duration,
+        extra: &[(String, String)],
+    ) -> Result<IssuedUserCert, ApiError> {
         self.refuse_if_locked(user).await?;
         let record = self.get_user(user).await?;
         let roles = self.role_set(&record.roles).await?;
@@ -225,14 +238,30 @@ impl Authority {
         };
         let now = self.clock.now();
         let valid_before = now + ttl;
-        let certificate = self.user_ca.sign_user(
-            public_key,
-            &identity,
-            roles.limits().permits(),
-            &principals,
-            now - CLOCK_SKEW,
-            valid_before,
-        )?;
+        let certificate = if extra.is_empty() {
+            self.user_ca.sign_user(
+                public_key,
+                &identity,
+                roles.limits().permits(),
+                &principals,
+                now - CLOCK_SKEW,
+                valid_before,
+            )?
+        } else {
+            let mut extensions: Vec<(String, String)> = identity
+                .extensions(roles.limits().permits())
+                .into_iter()
+                .collect();
+            extensions.extend(extra.iter().cloned());
+            self.user_ca.sign_user_with(
+                public_key,
+                &identity.user,
+                &principals,
+                &extensions,
+                now - CLOCK_SKEW,
+                valid_before,
+            )?
+        };
         Ok(IssuedUserCert {
             certificate,
             principals,

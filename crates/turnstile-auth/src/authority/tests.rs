@@ -521,7 +521,14 @@ mod web_session_tests {
             a.web_session(&token).await.unwrap();
         }
         let key = generate_ed25519();
-        let cert = a.web_session_cert(&token, key.public_key()).await.unwrap();
+        let cert = a
+            .web_session_cert(&token, key.public_key(), "203.0.113.5:4444")
+            .await
+            .unwrap();
+        assert_eq!(
+            cert.certificate.extensions()[turnstile_api::identity::EXT_WEB_CLIENT],
+            "203.0.113.5:4444"
+        );
         let left = cert.certificate.valid_before() as i64 - a.now_unix();
         assert!((1..=100).contains(&left), "{left}");
         clock.advance(Duration::from_secs(101));

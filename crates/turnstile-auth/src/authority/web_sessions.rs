@@ -186,12 +186,24 @@ impl Authority {
         &self,
         token: &str,
         key: &PublicKey,
+        client_addr: &str,
     ) -> Result<IssuedUserCert, ApiError> {
         let session = self.web_session(token).await?;
         let left = session.record.expires_unix - self.now_unix();
         let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1));
-        self.generate_user_cert(&session.identity.user, key, ttl)
-            .await
+        let client = client_addr.parse::<std::net::SocketAddr>().map_err(|_| {
+            ApiError::bad_parameter(format!("client_addr {client_addr:?} is not ip:port"))
+        })?;
+        self.generate_user_cert_with(
+            &session.identity.user,
+            key,
+            ttl,
+            &[(
+                turnstile_api::identity::EXT_WEB_CLIENT.to_string(),
+                client.to_string(),
+            )],
+        )
+        .await
     }
 
     /// Signs a session out.

@@ -1087,7 +1087,7 @@ impl proto::auth_server::Auth for AuthApi {
         let key = parse_public_key(&r.public_key)?;
         let issued = self
             .authority
-            .web_session_cert(&r.token, &key)
+            .web_session_cert(&r.token, &key, &r.client_addr)
             .await
             .map_err(fail)?;
         cert_response(issued)

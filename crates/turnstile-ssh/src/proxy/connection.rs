@@ -176,6 +176,17 @@ impl Handler for ProxyConnection {
         };
         match verify_user_cert(certificate, &fingerprints, self.shared.clock.unix_now()) {
             Ok(identity) => {
+                // A web console terminal comes in through this door from
+                // the proxy's own host; its certificate (whose key never
+                // leaves the proxy) names the browser, whom the audit names.
+                if self.info.client.ip().is_loopback()
+                    && let Some(browser) = certificate
+                        .extensions()
+                        .get(turnstile_api::identity::EXT_WEB_CLIENT)
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                {
+                    self.info.client = browser;
+                }
                 let standing = match self.shared.view.locks_fresh_enough().await {
                     Ok(()) => {
                         self.shared

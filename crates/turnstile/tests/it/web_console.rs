@@ -487,3 +487,59 @@ async fn a_lock_ends_a_signed_in_web_session() {
         .await;
     assert_eq!(me(&c, &http, &cookie).await.0, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_terminal_is_known_by_the_browsers_address() {
+    let c = console().await;
+    // The "browser" calls from 127.0.0.2; the proxy reaches its own door
+    // from 127.0.0.1.
+    let pem = std::fs::read(c.data_dir().join("web/web_cert.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let ok = login(&c, &http, PASSWORD).await;
+    let cookie = session_cookie(&ok);
+    let csrf = ok.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .get(format!(
+            "{}/api/terminal?node={}&login=root&csrf={csrf}",
+            base(&c),
+            c.node_name
+        ))
+        .header(COOKIE, &cookie)
+        .header(ORIGIN, base(&c))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 101);
+    let _socket = r.upgrade().await.unwrap();
+    // `admin sessions ls` shows the live connection under the browser's
+    // address, as the node heard it from the proxy.
+    let seen = std::sync::Mutex::new(String::new());
+    let listed = crate::support::poll_until(std::time::Duration::from_secs(15), || {
+        let c = &c;
+        let seen = &seen;
+        async move {
+            let out = c.admin_ok(&["sessions", "ls", "--format", "json"]).await;
+            *seen.lock().unwrap() = out.clone();
+            out.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|t| {
+                    t["addr.remote"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("127.0.0.2:"))
+                })
+        }
+    })
+    .await;
+    assert!(listed.is_ok(), "{}", seen.lock().unwrap());
+}
