@@ -390,9 +390,45 @@ function drawMarks(p) {
   }
 }
 
+// What goes to the screen is queued and written a slice at a time, each
+// after xterm.js took the one before (it drops data written faster than it
+// parses), resizes in their place among the writes.
+const SLICE = 1 << 20;
+
+function pump(p) {
+  const generation = p.generation;
+  p.pumping = true;
+  const step = () => {
+    if (generation !== p.generation) return; // a seek back replaced this queue
+    const item = p.queue.shift();
+    if (item === undefined) {
+      p.pumping = false;
+      const idle = p.idle;
+      p.idle = [];
+      for (const f of idle) f();
+      return;
+    }
+    if (typeof item === "string") {
+      if (item.length > SLICE) {
+        p.queue.unshift(item.slice(SLICE));
+        p.term.write(item.slice(0, SLICE), step);
+      } else {
+        p.term.write(item, step);
+      }
+    } else {
+      p.term.resize(item[0], item[1]);
+      step();
+    }
+  };
+  step();
+}
+
 // Brings the screen to play time `pos`.
 function renderTo(p, pos) {
   if (pos < p.pos) {
+    p.generation += 1;
+    p.queue = [];
+    p.pumping = false;
     p.term.reset();
     p.term.resize(p.width, p.height);
     p.next = 0;
@@ -403,13 +439,14 @@ function renderTo(p, pos) {
     if (e.kind === "o") {
       out += e.data;
     } else if (e.kind === "r") {
-      if (out) { p.term.write(out); out = ""; }
+      if (out) { p.queue.push(out); out = ""; }
       const [c, r] = e.data.split("x").map(Number);
-      if (c > 0 && r > 0) p.term.resize(c, r);
+      if (c > 0 && r > 0) p.queue.push([c, r]);
     }
     p.next += 1;
   }
-  if (out) p.term.write(out);
+  if (out) p.queue.push(out);
+  if (!p.pumping) pump(p);
   p.pos = pos;
   $("player-seek").value = String(p.duration > 0 ? Math.round((pos / p.duration) * 1000) : 0);
   $("player-time").textContent = `${duration(pos * 1000)} / ${duration(p.duration * 1000)}`;
@@ -456,6 +493,11 @@ async function openPlayer(sid) {
     $("player-error").textContent = String(e);
     return;
   }
+  startPlayer(sid, text);
+}
+
+// Plays asciicast `text` (also the benchmark's way in: scripts/bench.sh web-seek).
+function startPlayer(sid, text) {
   const lines = text.split("\n").filter((l) => l.length > 0);
   const header = JSON.parse(lines[0] || "{}");
   const events = lines.slice(1).map((l) => {
@@ -470,7 +512,10 @@ async function openPlayer(sid) {
     theme: { background: "#0f141c" },
   });
   term.open($("player-term"));
-  const p = { sid, term, events, width, height, pos: 0, next: 0, duration: 0, playing: false, timer: null };
+  const p = {
+    sid, term, events, width, height, pos: 0, next: 0, duration: 0, playing: false, timer: null,
+    queue: [], pumping: false, generation: 0, idle: [],
+  };
   state.player = p;
   playTimes(p);
   drawMarks(p);
@@ -490,8 +535,20 @@ window.turnstilePlayerText = () => {
 };
 // Resolves once the player's screen has taken everything written to it
 // (xterm.js parses writes asynchronously).
+window.turnstilePlayCast = (text) => {
+  closePlayer();
+  show("player");
+  startPlayer("bench", text);
+  setPlaying(state.player, false);
+};
 window.turnstilePlayerFlush = () =>
-  new Promise((resolve) => (state.player ? state.player.term.write("", resolve) : resolve()));
+  new Promise((resolve) => {
+    const p = state.player;
+    if (!p) return resolve();
+    if (!p.pumping) return p.term.write("", resolve);
+    p.idle.push(() => p.term.write("", resolve));
+    return undefined;
+  });
 window.turnstilePlayerState = () => {
   const p = state.player;
   return p ? { pos: p.pos, duration: p.duration, playing: p.playing } : null;
