@@ -254,14 +254,18 @@ async function loadAudit(after) {
   if (after) params.set("after", after);
   params.set("limit", "50");
   $("audit-error").textContent = "";
+  // Only the newest search's answer is shown, whatever order answers come in.
+  const asked = (state.auditAsked = (state.auditAsked || 0) + 1);
   let data;
   try {
     data = await api("GET", `/api/audit?${params}`);
   } catch (e) {
+    if (asked !== state.auditAsked) return;
     if (e.status === 401) { signedOut(e.message); return; }
     $("audit-error").textContent = e.message;
     return;
   }
+  if (asked !== state.auditAsked) return;
   state.auditNext = data.next || "";
   state.auditPage = after ? (state.auditPage || 1) + 1 : 1;
   const body = $("audit-table").querySelector("tbody");
@@ -317,8 +321,9 @@ async function loadRecordings() {
   if (node) params.set("node", node);
   if (st) params.set("state", st);
   if (since) params.set("since_ms", String(new Date(since).getTime()));
+  const asked = (state.recAsked = (state.recAsked || 0) + 1);
   const data = await guarded(() => api("GET", `/api/recordings?${params}`));
-  if (!data) return;
+  if (!data || asked !== state.recAsked) return;
   const body = $("rec-table").querySelector("tbody");
   body.replaceChildren();
   for (const r of data.recordings) {
