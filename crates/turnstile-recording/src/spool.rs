@@ -229,8 +229,11 @@ impl Spool {
         let target = corrupt.join(format!("{sid}.events"));
         let from = self.events_path(sid);
         fs::rename(&from, &target).map_err(io(&from))?;
+        // Written aside and renamed: whoever sees the note sees all of it.
         let note = corrupt.join(format!("{sid}.error"));
-        fs::write(&note, format!("{reason}\n")).map_err(io(&note))?;
+        let partial = corrupt.join(format!("{sid}.error.partial"));
+        fs::write(&partial, format!("{reason}\n")).map_err(io(&partial))?;
+        fs::rename(&partial, &note).map_err(io(&note))?;
         Ok(target)
     }
 }
