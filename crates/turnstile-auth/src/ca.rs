@@ -107,23 +107,46 @@ impl SshCa {
         valid_after: SystemTime,
         valid_before: SystemTime,
     ) -> Result<Certificate, ApiError> {
+        self.sign_user_adding(
+            subject,
+            identity,
+            permits,
+            principals,
+            &[],
+            valid_after,
+            valid_before,
+        )
+    }
+
+    /// [`Self::sign_user`] with `extra` extensions beside the identity's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign_user_adding(
+        &self,
+        subject: &PublicKey,
+        identity: &UserIdentity,
+        permits: Permits,
+        principals: &[String],
+        extra: &[(String, String)],
+        valid_after: SystemTime,
+        valid_before: SystemTime,
+    ) -> Result<Certificate, ApiError> {
         if principals.is_empty() {
             return Err(ApiError::bad_parameter(format!(
                 "user {:?} has no logins allowed by their roles; give them logins (admin users add --logins) or a role that allows some",
                 identity.user
             )));
         }
-        let mut b = Self::builder(subject, valid_after, valid_before)?;
-        let err = internal("build user certificate");
-        b.cert_type(CertType::User).map_err(|e| err(&e))?;
-        b.key_id(identity.user.clone()).map_err(|e| err(&e))?;
-        for p in principals {
-            b.valid_principal(p.clone()).map_err(|e| err(&e))?;
-        }
-        for (name, value) in identity.extensions(permits) {
-            b.extension(name, value).map_err(|e| err(&e))?;
-        }
-        b.sign(&self.key).map_err(|e| err(&e))
+        let mut extensions: Vec<(String, String)> =
+            identity.extensions(permits).into_iter().collect();
+        extensions.extend(extra.iter().cloned());
+        self.sign_user_with(
+            subject,
+            &identity.user,
+            principals,
+            &extensions,
+            valid_after,
+            valid_before,
+        )
     }
 
     /// Signs a user certificate with exactly these extensions.

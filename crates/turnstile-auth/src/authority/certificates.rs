@@ -238,30 +238,15 @@ impl Authority {
         };
         let now = self.clock.now();
         let valid_before = now + ttl;
-        let certificate = if extra.is_empty() {
-            self.user_ca.sign_user(
-                public_key,
-                &identity,
-                roles.limits().permits(),
-                &principals,
-                now - CLOCK_SKEW,
-                valid_before,
-            )?
-        } else {
-            let mut extensions: Vec<(String, String)> = identity
-                .extensions(roles.limits().permits())
-                .into_iter()
-                .collect();
-            extensions.extend(extra.iter().cloned());
-            self.user_ca.sign_user_with(
-                public_key,
-                &identity.user,
-                &principals,
-                &extensions,
-                now - CLOCK_SKEW,
-                valid_before,
-            )?
-        };
+        let certificate = self.user_ca.sign_user_adding(
+            public_key,
+            &identity,
+            roles.limits().permits(),
+            &principals,
+            extra,
+            now - CLOCK_SKEW,
+            valid_before,
+        )?;
         Ok(IssuedUserCert {
             certificate,
             principals,
