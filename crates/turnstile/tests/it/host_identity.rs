@@ -82,7 +82,8 @@ async fn a_node_gets_certificates_only_for_the_name_bound_to_it() {
         "a header signed with a node's certificate"
     );
     // ...and Turnstile's client refuses it where it expects the proxy.
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", crate::support::TEST_LOGIN)
+        .await;
     let id = c.sign("alice").await;
     let identity = turnstile::identity_file::read(&id).unwrap();
     let err = turnstile_ssh::client::open_proxy(&c.node_addr, &identity.trust)
@@ -97,7 +98,8 @@ async fn a_node_gets_certificates_only_for_the_name_bound_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssh_trusts_the_proxy_ca_only_for_the_proxy_and_the_host_ca_for_the_rest() {
     let c = TestCluster::start().await;
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", crate::support::TEST_LOGIN)
+        .await;
     let id = c.sign("alice").await;
     let known_hosts = std::fs::read_to_string(format!("{}.known_hosts", id.display())).unwrap();
     let proxy_name = format!("[127.0.0.1]:{}", c.proxy_addr.rsplit_once(':').unwrap().1);
@@ -161,7 +163,8 @@ async fn openssh_trusts_the_proxy_ca_only_for_the_proxy_and_the_host_ca_for_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_from_before_the_proxy_ca_are_told_to_renew() {
     let c = TestCluster::start().await;
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", crate::support::TEST_LOGIN)
+        .await;
     let id = c.sign("alice").await;
     // The known_hosts an older `admin sign` wrote: the host CA for every host.
     let path = format!("{}.known_hosts", id.display());
@@ -188,7 +191,8 @@ async fn host_certificates_are_renewed_at_half_life_and_a_rename_follows() {
         ..Default::default()
     })
     .await;
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", crate::support::TEST_LOGIN)
+        .await;
     let id = c.sign("alice").await;
     let data = c.data_dir();
     let cert_of = |role| {
@@ -254,7 +258,8 @@ async fn the_proxy_never_tunnels_to_an_address_that_is_not_the_nodes() {
         ..Default::default()
     })
     .await;
-    c.add_user("alice", "access", "root").await;
+    c.add_user("alice", "access", crate::support::TEST_LOGIN)
+        .await;
     let id = c.sign("alice").await;
     let data = c.data_dir();
     let node_id = load_or_create_host_id(&data).unwrap();

@@ -145,6 +145,30 @@ async fn interactive_shell_in_a_real_pty() {
     assert!(status.success(), "{status:?}: {}", term.seen);
 }
 
+/// `turnstile login` as alice on a terminal: the question says `asked`
+/// before "Trust it?", the user answers yes and types the password, and the
+/// login succeeds.
+async fn login_trusting_at_the_prompt(c: &TestCluster, home: &std::path::Path, asked: &str) {
+    let (mut term, mut child) = Terminal::start(
+        &["login", "--proxy", &c.proxy_addr, "--user", "alice"],
+        &[("TURNSTILE_HOME", home.as_os_str())],
+        (24, 100),
+    );
+    term.expect(asked, Duration::from_secs(20)).await;
+    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
+    term.send("y\r").await;
+    term.expect("Password for alice:", Duration::from_secs(10))
+        .await;
+    term.send("correct horse battery\r").await;
+    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
+        .await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
     let c = TestCluster::start().await;
@@ -192,27 +216,9 @@ async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
         crate::support::text(&out.stderr)
     );
 
-    let (mut term, mut child) = Terminal::start(
-        &["login", "--proxy", &c.proxy_addr, "--user", "alice"],
-        &[("TURNSTILE_HOME", home.as_os_str())],
-        (24, 100),
-    );
     // The pin operators were given, not a fingerprint in another form.
     let pin = turnstile_api::pin::ca_pin_of_pem(&c.authority().tls_ca().cert_pem).unwrap();
-    term.expect(&format!("Its CA pin is {pin} "), Duration::from_secs(20))
-        .await;
-    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
-    term.send("y\r").await;
-    term.expect("Password for alice:", Duration::from_secs(10))
-        .await;
-    term.send("correct horse battery\r").await;
-    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
-        .await;
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success());
+    login_trusting_at_the_prompt(&c, &home, &format!("Its CA pin is {pin} ")).await;
 
     // The answer is remembered: no pin, no terminal, no question.
     let out = crate::support::client(
@@ -245,23 +251,5 @@ async fn first_login_asks_to_trust_the_cluster_and_remembers_the_answer() {
         cluster.as_object_mut().unwrap().remove("proxy_ca");
     }
     std::fs::write(&trusted, serde_json::to_vec(&remembered).unwrap()).unwrap();
-    let (mut term, mut child) = Terminal::start(
-        &["login", "--proxy", &c.proxy_addr, "--user", "alice"],
-        &[("TURNSTILE_HOME", home.as_os_str())],
-        (24, 100),
-    );
-    term.expect("before it had a proxy host CA", Duration::from_secs(20))
-        .await;
-    term.expect("Trust it? [y/N]", Duration::from_secs(5)).await;
-    term.send("y\r").await;
-    term.expect("Password for alice:", Duration::from_secs(10))
-        .await;
-    term.send("correct horse battery\r").await;
-    term.expect("Logged in as \"alice\"", Duration::from_secs(20))
-        .await;
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success());
+    login_trusting_at_the_prompt(&c, &home, "before it had a proxy host CA").await;
 }

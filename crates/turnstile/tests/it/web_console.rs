@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use reqwest::header::{COOKIE, ORIGIN, SET_COOKIE};
 use serde_json::Value;
 
-use crate::support::{ClusterSpec, TestCluster, text};
+use crate::support::{ClusterSpec, TEST_LOGIN, TestCluster, text};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -18,19 +18,60 @@ async fn console() -> TestCluster {
         ..Default::default()
     })
     .await;
-    c.add_user("alice", "access", "root").await;
+    // Not root: root's shell start-up on this kind of machine runs
+    // `pyenv rehash`, and a session cut in the middle of it leaves a lock
+    // that hangs every later root login.
+    c.add_user("alice", "access", TEST_LOGIN).await;
     c.set_password("alice", PASSWORD).await;
     c
 }
 
 /// An HTTPS client that trusts the console's self-signed certificate and
-/// nothing else.
-fn client(c: &TestCluster) -> reqwest::Client {
+/// nothing else, calling from `from`.
+fn client_from(c: &TestCluster, from: std::net::IpAddr) -> reqwest::Client {
     let pem = std::fs::read(c.data_dir().join("web/web_cert.pem")).unwrap();
     reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .local_address(from)
         .build()
         .unwrap()
+}
+
+fn client(c: &TestCluster) -> reqwest::Client {
+    client_from(c, std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Signs alice in: her session cookie and the session's CSRF token.
+async fn signed_in(c: &TestCluster, http: &reqwest::Client) -> (String, String) {
+    let ok = login(c, http, PASSWORD).await;
+    let cookie = session_cookie(&ok);
+    let csrf = ok.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cookie, csrf)
+}
+
+/// A WebSocket upgrade of `/api/terminal` for alice on the node, from a
+/// page of `origin`, carrying `csrf`.
+fn terminal_upgrade(
+    c: &TestCluster,
+    http: &reqwest::Client,
+    cookie: &str,
+    origin: &str,
+    csrf: &str,
+) -> reqwest::RequestBuilder {
+    http.get(format!(
+        "{}/api/terminal?node={}&login={TEST_LOGIN}&csrf={csrf}",
+        base(c),
+        c.node_name
+    ))
+    .header(COOKIE, cookie)
+    .header(ORIGIN, origin)
+    .header("connection", "Upgrade")
+    .header("upgrade", "websocket")
+    .header("sec-websocket-version", "13")
+    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
 }
 
 fn base(c: &TestCluster) -> String {
@@ -166,8 +207,11 @@ async fn sign_in_csrf_origin_and_the_end_of_sessions_over_https() {
 }
 
 /// `node SCRIPT` with playwright-core from the test tools, pointed at the
-/// installed Chromium; returns its output, failing the test if it failed.
-pub(crate) async fn browser(script: &str, env: &[(&str, String)]) -> String {
+/// installed Chromium, given the console of `c` (its address, alice's
+/// password, the node, the binary and data dir for `admin`, where
+/// screenshots go) and `extra`; returns its output, failing the test if it
+/// failed.
+pub(crate) async fn browser(c: &TestCluster, script: &str, extra: &[(&str, String)]) -> String {
     let tools = std::env::var("TURNSTILE_TEST_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
@@ -183,8 +227,16 @@ pub(crate) async fn browser(script: &str, env: &[(&str, String)]) -> String {
         .join("tests/web")
         .join(script);
     let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(&path).env("NODE_PATH", &modules);
-    for (k, v) in env {
+    cmd.arg(&path)
+        .env("NODE_PATH", &modules)
+        .env("CONSOLE_URL", base(c))
+        .env("CONSOLE_USER", "alice")
+        .env("CONSOLE_PASSWORD", PASSWORD)
+        .env("CONSOLE_NODE", &c.node_name)
+        .env("SCREENSHOTS", screenshots())
+        .env("TURNSTILE_BIN", crate::support::BIN)
+        .env("TURNSTILE_DATA", c.data_dir());
+    for (k, v) in extra {
         cmd.env(k, v);
     }
     let out = tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
@@ -210,36 +262,14 @@ fn screenshots() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_signs_in_finds_a_node_and_signs_out_in_a_real_browser() {
     let c = console().await;
-    let out = browser(
-        "sign_in.cjs",
-        &[
-            ("CONSOLE_URL", base(&c)),
-            ("CONSOLE_USER", "alice".into()),
-            ("CONSOLE_PASSWORD", PASSWORD.into()),
-            ("CONSOLE_NODE", c.node_name.clone()),
-            ("SCREENSHOTS", screenshots().display().to_string()),
-            ("TURNSTILE_BIN", crate::support::BIN.into()),
-            ("TURNSTILE_DATA", c.data_dir().display().to_string()),
-        ],
-    )
-    .await;
+    let out = browser(&c, "sign_in.cjs", &[]).await;
     assert!(out.contains("signed out"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_in_the_page_runs_a_real_session_on_the_node() {
     let c = console().await;
-    let out = browser(
-        "terminal.cjs",
-        &[
-            ("CONSOLE_URL", base(&c)),
-            ("CONSOLE_USER", "alice".into()),
-            ("CONSOLE_PASSWORD", PASSWORD.into()),
-            ("CONSOLE_NODE", c.node_name.clone()),
-            ("SCREENSHOTS", screenshots().display().to_string()),
-        ],
-    )
-    .await;
+    let out = browser(&c, "terminal.cjs", &[]).await;
     assert!(out.contains("terminal works"), "{out}");
     // The session was a real one: the node audited it for alice.
     let starts = crate::support::audit_events(&c.data_dir(), Some("session.start")).await;
@@ -257,18 +287,7 @@ async fn a_second_terminal_over_max_connections_is_refused_with_the_limit_messag
     .await;
     c.admin_ok(&["users", "update", "alice", "--roles", "one-connection"])
         .await;
-    let out = browser(
-        "terminal.cjs",
-        &[
-            ("CONSOLE_URL", base(&c)),
-            ("CONSOLE_USER", "alice".into()),
-            ("CONSOLE_PASSWORD", PASSWORD.into()),
-            ("CONSOLE_NODE", c.node_name.clone()),
-            ("TERMINAL_TEST", "limit".into()),
-            ("SCREENSHOTS", screenshots().display().to_string()),
-        ],
-    )
-    .await;
+    let out = browser(&c, "terminal.cjs", &[("TERMINAL_TEST", "limit".into())]).await;
     assert!(
         out.contains("too many concurrent ssh connections for user \"alice\" (max=1)"),
         "{out}"
@@ -328,17 +347,7 @@ async fn a_recording_is_found_played_and_seeked_in_the_page() {
     .await
     .expect("a complete recording");
     let sid = found.into_inner().unwrap();
-    let out = browser(
-        "player.cjs",
-        &[
-            ("CONSOLE_URL", base(&c)),
-            ("CONSOLE_USER", "alice".into()),
-            ("CONSOLE_PASSWORD", PASSWORD.into()),
-            ("RECORDING_SID", sid),
-            ("SCREENSHOTS", screenshots().display().to_string()),
-        ],
-    )
-    .await;
+    let out = browser(&c, "player.cjs", &[("RECORDING_SID", sid)]).await;
     assert!(out.contains("player works"), "{out}");
 }
 
@@ -421,16 +430,7 @@ async fn the_audit_log_is_read_by_those_its_rule_allows_with_filters_paging_and_
     );
     assert!(events.iter().all(|e| e["server_id"] == node_id.as_str()));
 
-    let out = browser(
-        "audit.cjs",
-        &[
-            ("CONSOLE_URL", base(&c)),
-            ("CONSOLE_USER", "alice".into()),
-            ("CONSOLE_PASSWORD", PASSWORD.into()),
-            ("SCREENSHOTS", screenshots().display().to_string()),
-        ],
-    )
-    .await;
+    let out = browser(&c, "audit.cjs", &[]).await;
     assert!(out.contains("audit works"), "{out}");
 }
 
@@ -438,26 +438,9 @@ async fn the_audit_log_is_read_by_those_its_rule_allows_with_filters_paging_and_
 async fn a_terminal_upgrade_from_another_origin_or_without_the_token_is_refused() {
     let c = console().await;
     let http = client(&c);
-    let ok = login(&c, &http, PASSWORD).await;
-    let cookie = session_cookie(&ok);
-    let csrf = ok.json::<Value>().await.unwrap()["csrf_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let upgrade = |origin: &str, csrf: &str| {
-        http.get(format!(
-            "{}/api/terminal?node={}&login=root&csrf={csrf}",
-            base(&c),
-            c.node_name
-        ))
-        .header(COOKIE, &cookie)
-        .header(ORIGIN, origin)
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-    };
+    let (cookie, csrf) = signed_in(&c, &http).await;
+    let upgrade =
+        |origin: &str, csrf: &str| terminal_upgrade(&c, &http, &cookie, origin, csrf).send();
     let r = upgrade("https://evil.example", &csrf).await.unwrap();
     assert_eq!(r.status().as_u16(), 403);
     let r = upgrade(&base(&c), "wrong").await.unwrap();
@@ -493,30 +476,9 @@ async fn a_web_terminal_is_known_by_the_browsers_address() {
     let c = console().await;
     // The "browser" calls from 127.0.0.2; the proxy reaches its own door
     // from 127.0.0.1.
-    let pem = std::fs::read(c.data_dir().join("web/web_cert.pem")).unwrap();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
-    let ok = login(&c, &http, PASSWORD).await;
-    let cookie = session_cookie(&ok);
-    let csrf = ok.json::<Value>().await.unwrap()["csrf_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = http
-        .get(format!(
-            "{}/api/terminal?node={}&login=root&csrf={csrf}",
-            base(&c),
-            c.node_name
-        ))
-        .header(COOKIE, &cookie)
-        .header(ORIGIN, base(&c))
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    let http = client_from(&c, std::net::IpAddr::from([127, 0, 0, 2]));
+    let (cookie, csrf) = signed_in(&c, &http).await;
+    let r = terminal_upgrade(&c, &http, &cookie, &base(&c), &csrf)
         .send()
         .await
         .unwrap();

@@ -1,6 +1,6 @@
 // The audit log page: search for logins, see them, export; at both sizes.
 "use strict";
-const { SIZES, launch, newPage, snap, need, run } = require("./lib.cjs");
+const { SIZES, launch, newPage, snap, signIn, need, run } = require("./lib.cjs");
 
 run(async () => {
   const url = need("CONSOLE_URL");
@@ -9,12 +9,7 @@ run(async () => {
   const browser = await launch();
   for (const size of SIZES) {
     const page = await newPage(browser, size);
-    await page.goto(url);
-    await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
-    await page.fill("#user", user);
-    await page.fill("#password", password);
-    await page.click("#signin-button");
-    await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
+    await signIn(page, url, user, password);
     await page.locator("#nav-audit").waitFor({ state: "visible", timeout: 5000 });
     await page.click("#nav-audit");
     await page.locator("#audit").waitFor({ state: "visible", timeout: 10000 });

@@ -48,6 +48,16 @@ async function snap(page, name, size) {
   }
 }
 
+// Signs in through the page's form; resolves on the nodes page.
+async function signIn(page, url, user, password) {
+  await page.goto(url);
+  await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
+  await page.fill("#user", user);
+  await page.fill("#password", password);
+  await page.click("#signin-button");
+  await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
+}
+
 function need(name) {
   const v = process.env[name];
   if (!v) throw new Error(`${name} is not set`);
@@ -63,4 +73,4 @@ async function run(main) {
   }
 }
 
-module.exports = { SIZES, launch, newPage, snap, need, run };
+module.exports = { SIZES, launch, newPage, snap, signIn, need, run };

@@ -1,7 +1,19 @@
 // Find a recording in the list, play it, pause, seek to the middle: the
 // screen shows the middle of the session and not its end. Download it.
 "use strict";
-const { SIZES, launch, newPage, snap, need, run } = require("./lib.cjs");
+const { SIZES, launch, newPage, snap, signIn, need, run } = require("./lib.cjs");
+
+// Moves the player's position slider to `permille` as a user drags it, and
+// returns the screen once xterm.js has taken what the seek wrote.
+async function seekTo(page, permille) {
+  await page.evaluate((value) => {
+    const seek = document.getElementById("player-seek");
+    seek.value = String(value);
+    seek.dispatchEvent(new Event("input", { bubbles: true }));
+  }, permille);
+  await page.evaluate(() => window.turnstilePlayerFlush());
+  return page.evaluate(() => window.turnstilePlayerText());
+}
 
 run(async () => {
   const url = need("CONSOLE_URL");
@@ -11,12 +23,7 @@ run(async () => {
   const browser = await launch();
   for (const size of SIZES) {
     const page = await newPage(browser, size);
-    await page.goto(url);
-    await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
-    await page.fill("#user", user);
-    await page.fill("#password", password);
-    await page.click("#signin-button");
-    await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
+    await signIn(page, url, user, password);
 
     await page.click('#nav a[data-view="recordings"]');
     const row = page.locator(`#rec-table tr[data-sid="${sid}"]`);
@@ -39,26 +46,14 @@ run(async () => {
     // Playing: pause, then seek to 55% of the session.
     await page.click("#player-play");
     await page.waitForFunction(() => !window.turnstilePlayerState().playing);
-    await page.evaluate(() => {
-      const seek = document.getElementById("player-seek");
-      seek.value = "550";
-      seek.dispatchEvent(new Event("input", { bubbles: true }));
-    });
-    await page.evaluate(() => window.turnstilePlayerFlush());
-    const text = await page.evaluate(() => window.turnstilePlayerText());
+    const text = await seekTo(page, 550);
     const state = await page.evaluate(() => window.turnstilePlayerState());
     if (!/^mark-10$/m.test(text) || /^mark-20$/m.test(text)) {
       throw new Error(`at ${state.pos}s of ${state.duration}s the screen shows:\n${text}`);
     }
     await snap(page, "player", size);
     // Seeking back shows less.
-    await page.evaluate(() => {
-      const seek = document.getElementById("player-seek");
-      seek.value = "100";
-      seek.dispatchEvent(new Event("input", { bubbles: true }));
-    });
-    await page.evaluate(() => window.turnstilePlayerFlush());
-    const early = await page.evaluate(() => window.turnstilePlayerText());
+    const early = await seekTo(page, 100);
     if (/^mark-10$/m.test(early)) throw new Error(`seeking back still shows mark-10:\n${early}`);
 
     const href = await page.getAttribute("#player-download", "href");

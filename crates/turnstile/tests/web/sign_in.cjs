@@ -1,16 +1,7 @@
 // Sign in (a wrong password first), find the node, sign out; at both sizes.
 "use strict";
 const { execFileSync } = require("node:child_process");
-const { SIZES, launch, newPage, snap, need, run } = require("./lib.cjs");
-
-async function signIn(page, url, user, password) {
-  await page.goto(url);
-  await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
-  await page.fill("#user", user);
-  await page.fill("#password", password);
-  await page.click("#signin-button");
-  await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
-}
+const { SIZES, launch, newPage, snap, signIn, need, run } = require("./lib.cjs");
 
 run(async () => {
   const url = need("CONSOLE_URL");

@@ -2,16 +2,7 @@
 // window and see the session's size follow; a second terminal over a
 // max_connections of 1 is refused with the limit's message.
 "use strict";
-const { SIZES, launch, newPage, snap, need, run } = require("./lib.cjs");
-
-async function signIn(page, url, user, password) {
-  await page.goto(url);
-  await page.locator("#signin").waitFor({ state: "visible", timeout: 10000 });
-  await page.fill("#user", user);
-  await page.fill("#password", password);
-  await page.click("#signin-button");
-  await page.locator("#nodes").waitFor({ state: "visible", timeout: 15000 });
-}
+const { SIZES, launch, newPage, snap, signIn, need, run } = require("./lib.cjs");
 
 async function openTerminal(page, node) {
   await page.locator(`#node-table tr[data-node="${node}"] button.connect`).click();
